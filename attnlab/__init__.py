@@ -1,0 +1,47 @@
+"""attnlab: see where an image-captioning transformer looks when it writes each word.
+
+>>> import attnlab
+>>> model = attnlab.load_model()              # the bundled shapes model, offline
+>>> trace = attnlab.caption(model, "image.png")
+>>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
+
+Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
+:func:`capture_attention`, :func:`explore` and the :mod:`attnlab.plot` views.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .capture import AttentionCapture, capture_attention
+from .decode import caption
+from .errors import AttnlabError
+from .hub import load_model, save_checkpoint
+from .trace import CaptionTrace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionCapture",
+    "AttnlabError",
+    "CaptionTrace",
+    "capture_attention",
+    "caption",
+    "explore",
+    "load_model",
+    "plot",
+    "save_checkpoint",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # matplotlib and ipywidgets load only when a view is asked for
+    if name == "plot":
+        from . import plot
+
+        return plot
+    if name == "explore":
+        from .explorer import explore
+
+        return explore
+    raise AttributeError(f"module 'attnlab' has no attribute {name!r}")

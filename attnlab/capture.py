@@ -1,0 +1,157 @@
+"""Scoped capture of per-head attention weights from any PyTorch model.
+
+``with capture_attention(model) as cap: model(x)`` records, for every
+``torch.nn.MultiheadAttention`` and every timm attention block whose qualified
+name matches ``include``, the weights of each call as ``(N, heads, L, S)``:
+``cap.weights[name]`` is a list with one tensor per call.
+
+How it sees what plain hooks miss:
+* ``nn.MultiheadAttention`` called with ``need_weights=False`` or with the
+  default head-averaged weights: a forward pre-hook asks for per-head weights,
+  a forward hook stores them and hands the caller exactly what it asked for.
+* ``nn.TransformerEncoderLayer`` in eval mode runs a fused kernel that never
+  calls its attention module: the fast path is switched off while capturing
+  (``torch.backends.mha.set_fastpath_enabled``) and switched back on exit.
+* timm blocks built with fused attention (``F.scaled_dot_product_attention``):
+  ``fused_attn`` is set to False inside the block, and a hook on its
+  ``attn_drop`` reads the softmax weights.
+Everything is undone when the ``with`` block ends, also on exceptions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import AttnlabError
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+@dataclass
+class AttentionCapture:
+    """What a :func:`capture_attention` block recorded.
+
+    ``weights[name]``: one tensor ``(N, heads, L, S)`` per call of the module
+    ``name`` (``L`` queries, ``S`` keys; unbatched calls get ``N = 1``).
+    """
+
+    weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of the captured modules, in model order."""
+        return list(self.weights)
+
+    def __getitem__(self, name: str) -> list[torch.Tensor]:
+        return self.weights[name]
+
+    def last(self, name: str) -> torch.Tensor:
+        """The weights of the most recent call of ``name``: ``(N, heads, L, S)``."""
+        calls = self.weights[name]
+        if not calls:
+            raise AttnlabError(f"{name} was not called inside the capture block")
+        return calls[-1]
+
+    def clear(self) -> None:
+        for calls in self.weights.values():
+            calls.clear()
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    return hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module)
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module :func:`capture_attention` can capture: qualified name -> module."""
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) or _is_timm_attention(m)
+    }
+
+
+def _match(name: str, include: Sequence[str] | None) -> bool:
+    return include is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
+
+
+def _hook_mha(stack: ExitStack, name: str, module: nn.MultiheadAttention, store: list[torch.Tensor], detach: bool) -> None:
+    asked: list[tuple[bool, bool]] = []  # what each pending caller asked for: (need_weights, average)
+
+    def pre_hook(mod, args, kwargs):
+        bound = _MHA_SIGNATURE.bind(mod, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        call.pop("self")
+        asked.append((bool(call["need_weights"]), bool(call["average_attn_weights"])))
+        call["need_weights"] = True
+        call["average_attn_weights"] = False
+        query, key, value = call.pop("query"), call.pop("key"), call.pop("value")
+        return (query, key, value), call
+
+    def hook(mod, args, kwargs, output):
+        need_weights, average = asked.pop()
+        out, weights = output
+        per_head = weights if weights.dim() == 4 else weights.unsqueeze(0)  # (N, heads, L, S)
+        store.append(per_head.detach() if detach else per_head)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(dim=-3) if average else weights
+
+    stack.callback(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+    stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
+
+
+def _hook_timm(stack: ExitStack, module: nn.Module, store: list[torch.Tensor], detach: bool) -> None:
+    old = module.fused_attn
+    module.fused_attn = False
+    stack.callback(setattr, module, "fused_attn", old)
+
+    def hook(mod, args):
+        weights = args[0]  # (B, heads, N, N) softmax output, before dropout
+        store.append(weights.detach() if detach else weights)
+
+    stack.callback(module.attn_drop.register_forward_pre_hook(hook).remove)
+
+
+@contextmanager
+def capture_attention(
+    model: nn.Module, include: str | Sequence[str] | None = None, *, detach: bool = True
+) -> Iterator[AttentionCapture]:
+    """Record per-head attention weights inside a ``with`` block.
+
+    Args:
+        model: any ``nn.Module``.
+        include: glob pattern(s) over qualified module names, e.g.
+            ``"transformer.decoder.layers.*.multihead_attn"``; ``None`` = all.
+        detach: store detached tensors (default); ``False`` keeps the graph so
+            gradients can flow through the weights.
+
+    Yields an :class:`AttentionCapture`. Raises :class:`AttnlabError` when no
+    attention module matches ``include`` (the message lists some that exist).
+    """
+    patterns = [include] if isinstance(include, str) else include
+    found = attention_modules(model)
+    chosen = {n: m for n, m in found.items() if _match(n, patterns)}
+    if not chosen:
+        if not found:
+            raise AttnlabError(
+                f"{type(model).__name__} has no nn.MultiheadAttention or timm attention module to capture"
+            )
+        examples = ", ".join(list(found)[:4])
+        raise AttnlabError(f"no attention module matches {include!r}; modules that exist: {examples}, ...")
+    cap = AttentionCapture({name: [] for name in chosen})
+    with ExitStack() as stack:
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        stack.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
+        for name, module in chosen.items():
+            if isinstance(module, nn.MultiheadAttention):
+                _hook_mha(stack, name, module, cap.weights[name], detach)
+            else:
+                _hook_timm(stack, module, cap.weights[name], detach)
+        yield cap

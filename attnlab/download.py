@@ -1,0 +1,61 @@
+"""Cached downloads with a progress bar; nothing is left behind when one fails."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import AttnlabError
+
+
+def cache_dir() -> Path:
+    """Where downloads go: ``$ATTNLAB_CACHE``, else ``<torch.hub dir>/attnlab``."""
+    env = os.environ.get("ATTNLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "attnlab"
+
+
+def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 30.0) -> Path:
+    """Fetch ``url`` to ``dest`` unless ``dest`` exists; return ``dest``.
+
+    The bytes go to a temporary file beside ``dest`` that is renamed only when
+    complete, so an interrupted download never looks like a cached file.
+    """
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+            if total is not None and out.tell() != total:
+                raise AttnlabError(f"the download of {url} stopped early ({out.tell()} of {total} bytes): try again")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise AttnlabError(
+            f"could not download {url} ({reason}); without network, download it on another machine and put it at {dest}"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+

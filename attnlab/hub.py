@@ -1,0 +1,227 @@
+"""``load_model``: the bundled shapes model, published CATR checkpoints, your own.
+
+Names:
+* ``None`` or ``"shapes"``: the small model shipped inside attnlab (offline).
+* ``"catr-v1" | "catr-v2" | "catr-v3"``: CATR's published checkpoints, downloaded
+  once into :func:`attnlab.download.cache_dir` with the ``bert-base-uncased``
+  vocabulary, and read from there afterwards (offline too).
+* ``"catr"`` with ``checkpoint=PATH``: a CATR checkpoint of your own
+  (``{'model': state_dict}`` or a bare state dict), ``vocab=PATH`` optional.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .download import cache_dir, download
+from .errors import AttnlabError
+from .fileio import atomic_write
+from .models.catr import CATR, CATRConfig
+from .tokenizer import Vocab
+
+CHECKPOINT_URLS = {
+    "catr-v1": "https://github.com/saahiluppal/catr/releases/download/0.1/weights_9348032.pth",
+    "catr-v2": "https://github.com/saahiluppal/catr/releases/download/0.2/weight389123791.pth",
+    "catr-v3": "https://github.com/saahiluppal/catr/releases/download/0.2/weight493084032.pth",
+}
+VOCAB_URL = "https://huggingface.co/google-bert/bert-base-uncased/resolve/main/vocab.txt"
+VOCAB_FILE = "bert-base-uncased-vocab.txt"
+BUNDLED = Path(__file__).parent / "weights" / "shapes.pt"
+ATTNLAB_FORMAT = "attnlab-catr"
+NAMES = ("shapes", "catr", *CHECKPOINT_URLS)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` a checkpoint safely (tensors only); clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttnlabError(f"no checkpoint file at {path}: check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise AttnlabError(
+                f"{path} holds Python objects besides tensors; re-save it as torch.save({{'model': model.state_dict()}})"
+            ) from None
+        raise AttnlabError(f"{path} is not a PyTorch checkpoint: pass a .pth/.pt file saved with torch.save") from None
+    except Exception as exc:  # torch.load fails on garbage with any exception type
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
+        raise AttnlabError(f"{path} is not a PyTorch checkpoint or is truncated ({first}): pass a file saved with torch.save") from None
+    if not isinstance(obj, dict):
+        raise AttnlabError(f"{path} holds a {type(obj).__name__}, not a state dict: save {{'model': model.state_dict()}}")
+    return obj
+
+
+def state_dict_of(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: ``obj['model']`` or ``obj`` itself."""
+    sd = obj.get("model", obj)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AttnlabError("the checkpoint holds no state dict of tensors (expected {'model': state_dict} or a state dict)")
+    return sd
+
+
+def describe_state_dict(sd: dict[str, torch.Tensor]) -> str:
+    """A short guess of which model a state dict belongs to, from its keys and shapes."""
+    keys = set(sd)
+    if "transformer.decoder.layers.0.multihead_attn.in_proj_weight" in keys and "mlp.layers.2.weight" in keys:
+        vocab = sd["mlp.layers.2.weight"].shape[0]
+        enc = len({k.split(".")[3] for k in keys if k.startswith("transformer.encoder.layers.")})
+        dec = len({k.split(".")[3] for k in keys if k.startswith("transformer.decoder.layers.")})
+        backbone = "ResNet" if "backbone.0.body.layer1.0.conv1.weight" in keys else "small-CNN"
+        return f"a CATR-style captioner ({backbone} backbone, {enc} encoder / {dec} decoder layers, vocabulary {vocab})"
+    if "class_embed.weight" in keys and "query_embed.weight" in keys:
+        return "a DETR object detector, not a captioner"
+    if "fc.weight" in keys and "conv1.weight" in keys:
+        return "a torchvision ResNet classifier, not a captioner"
+    if any(k.startswith("patch_embed.") for k in keys):
+        return "a vision transformer (timm), not a captioner"
+    if any("word_embeddings" in k for k in keys) and not any(k.startswith("backbone.") for k in keys):
+        return "a text model (BERT-like), not a captioner"
+    first = ", ".join(list(sd)[:3])
+    return f"an unknown model (first keys: {first})"
+
+
+def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> CATRConfig:
+    """CATR configuration read off a state dict's shapes (heads cannot be: 8, CATR's).
+
+    Lets a student's own CATR variant (another vocabulary, fewer layers) load.
+    Falls back to CATR's values for anything missing.
+    """
+    c = CATRConfig()
+    try:
+        word = sd["transformer.embeddings.word_embeddings.weight"]  # (V, E)
+        c.vocab_size, c.d_model = int(word.shape[0]), int(word.shape[1])
+        c.max_positions = int(sd["transformer.embeddings.position_embeddings.weight"].shape[0])
+        c.dim_feedforward = int(sd["transformer.encoder.layers.0.linear1.weight"].shape[0])
+        c.mlp_hidden = int(sd["mlp.layers.0.weight"].shape[0])
+    except KeyError:
+        return CATRConfig()
+    c.enc_layers = _count_layers(sd, "transformer.encoder.layers.") or c.enc_layers
+    c.dec_layers = _count_layers(sd, "transformer.decoder.layers.") or c.dec_layers
+    if "backbone.0.body.stage0.conv1.weight" in sd:
+        c.backbone = "small"
+    return c
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one clear line when ``sd`` does not fit ``model`` exactly."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f"{k} {list(given[k])} vs {list(expected[k])}" for k in expected if k in given and given[k] != expected[k]]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            more = f", +{len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
+    raise AttnlabError(
+        f"{source} does not fit this model: {'; '.join(parts)}; the file looks like {describe_state_dict(sd)}"
+    )
+
+
+def _to_device(model: CATR, device: str | torch.device) -> CATR:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AttnlabError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AttnlabError("CUDA is not available on this machine: use device='cpu'")
+    return model.to(dev).eval()
+
+
+def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, name: str = "catr") -> CATR:
+    """A model from a checkpoint file: attnlab's own format or CATR's."""
+    obj = read_checkpoint(path)
+    sd = state_dict_of(obj)
+    if obj.get("format") == ATTNLAB_FORMAT:
+        config = CATRConfig.from_dict(obj["config"])
+        vocabulary = Vocab(obj["vocab"], wordpiece=bool(obj.get("wordpiece", False))) if obj.get("vocab") else None
+        name = obj.get("name", name)
+    else:
+        if not any(k.startswith("transformer.") for k in sd):
+            raise AttnlabError(f"{path} is not a CATR checkpoint; the file looks like {describe_state_dict(sd)}")
+        config = infer_config(sd)
+        vocabulary = None
+    model = CATR(config)
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd, strict=False)  # num_batches_tracked entries are dropped by FrozenBatchNorm2d
+    if vocab is not None:
+        vocabulary = Vocab.from_file(vocab)
+        if len(vocabulary) != config.vocab_size:
+            raise AttnlabError(
+                f"vocabulary {vocab} has {len(vocabulary)} tokens but the model predicts {config.vocab_size}: pass the model's own vocab.txt"
+            )
+    if vocabulary is None:
+        warnings.warn(
+            f"no vocabulary for {path}: words are shown as [id]; pass vocab=PATH to a vocab.txt", stacklevel=3
+        )
+    model.vocab = vocabulary
+    model.name = name
+    return model
+
+
+def save_checkpoint(model: CATR, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` in attnlab's format (config and vocabulary travel with the weights)."""
+    vocab = model.vocab
+    obj = {
+        "format": ATTNLAB_FORMAT,
+        "version": 1,
+        "name": model.name,
+        "config": model.config.to_dict(),
+        "vocab": None if vocab is None or not vocab.tokens else vocab.tokens,
+        "wordpiece": bool(vocab.wordpiece) if vocab is not None else False,
+        "model": model.state_dict(),
+        "meta": meta or {},
+    }
+    return atomic_write(Path(path), lambda fh: torch.save(obj, fh))
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    vocab: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> CATR:
+    """Load a captioning model in eval mode.
+
+    Args:
+        name: ``None``/``"shapes"`` (bundled, offline), ``"catr-v1"``,
+            ``"catr-v2"``, ``"catr-v3"`` (downloaded once, then cached) or
+            ``"catr"`` with ``checkpoint``.
+        checkpoint: path of a checkpoint to load instead of a named one.
+        vocab: path of a ``vocab.txt`` for ``checkpoint`` (else words show as ``[id]``).
+        device: ``"cpu"``, ``"cuda"``, ...
+    """
+    if checkpoint is not None:
+        if name not in (None, "catr", "shapes"):
+            raise AttnlabError(f"give either a model name or checkpoint=PATH, not both ({name!r})")
+        return _to_device(build_from_checkpoint(checkpoint, vocab, name or "catr"), device)
+    if name is None or name == "shapes":
+        if not BUNDLED.is_file():
+            raise AttnlabError(f"the bundled shapes model is missing ({BUNDLED}): reinstall attnlab")
+        return _to_device(build_from_checkpoint(BUNDLED, vocab), device)
+    if name in CHECKPOINT_URLS:
+        root = cache_dir()
+        ckpt = download(CHECKPOINT_URLS[name], root / f"{name}.pth")
+        vocab_path = Path(vocab) if vocab is not None else download(VOCAB_URL, root / VOCAB_FILE)
+        model = build_from_checkpoint(ckpt, vocab_path, name)
+        return _to_device(model, device)
+    if name == "catr":
+        raise AttnlabError("model 'catr' needs checkpoint=PATH (or the CLI's --checkpoint PATH)")
+    raise AttnlabError(f"unknown model {name!r}: choose one of {', '.join(NAMES)}")

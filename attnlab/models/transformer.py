@@ -1,0 +1,317 @@
+"""DETR-style pre-norm transformer of CATR, with an incremental (cached) decoder.
+
+Sequence-first layout as in DETR and CATR: ``(L, N, E)`` with ``L`` positions,
+``N`` images and ``E = d_model``. The full forward passes run through the
+``torch.nn.MultiheadAttention`` modules (``self_attn``, ``multihead_attn``), so
+any hook on them sees what the published model computes. :class:`DecoderCache`
+and :meth:`TransformerDecoderLayer.step` run one new position at a time with
+the same weights, reusing keys and values: the fast path of ``attnlab.caption``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    return x if pos is None else x + pos
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(length, length)`` float mask: 0 on and below the diagonal, -inf above."""
+    return torch.full((length, length), float("-inf"), device=device).triu(1)
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Pre-norm encoder layer: ``x + attn(norm1(x))``, then ``x + ffn(norm2(x))``."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, src: torch.Tensor, key_padding_mask: torch.Tensor | None, pos: torch.Tensor | None) -> torch.Tensor:
+        """src, pos ``(S, N, E)``; key_padding_mask ``(N, S)`` (True = padding)."""
+        h = self.norm1(src)
+        q = k = _with_pos(h, pos)
+        src = src + self.dropout1(self.self_attn(q, k, h, key_padding_mask=key_padding_mask)[0])
+        h = self.norm2(src)
+        return src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(h)))))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, layer: TransformerEncoderLayer, num_layers: int, d_model: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, src: torch.Tensor, key_padding_mask: torch.Tensor | None, pos: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            src = layer(src, key_padding_mask, pos)
+        return self.norm(src)  # (S, N, E)
+
+
+@dataclass
+class LayerCache:
+    """What one decoder layer keeps between incremental steps (batch-first, split heads)."""
+
+    self_k: torch.Tensor | None = None  # (N, heads, t, Dh) keys of the positions so far
+    self_v: torch.Tensor | None = None  # (N, heads, t, Dh)
+    cross_k: torch.Tensor | None = None  # (N, heads, S, Dh) projected image keys (memory + pos)
+    cross_v: torch.Tensor | None = None  # (N, heads, S, Dh) projected image values
+
+
+@dataclass
+class DecoderCache:
+    """State of an incremental decode: one :class:`LayerCache` per layer, the image mask."""
+
+    layers: list[LayerCache]
+    memory_bias: torch.Tensor | None  # (N, 1, 1, S) additive: -inf on padded patches, 0 elsewhere
+    position: int = 0  # the next position to decode
+    record: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """``(N, L, E)`` -> ``(N, heads, L, Dh)``: a linear map, then split into heads."""
+    y = F.linear(x, weight, bias)  # (N, L, E)
+    n, length, e = y.shape
+    return y.view(n, length, heads, e // heads).transpose(1, 2)  # (N, heads, L, Dh)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, want_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention. q ``(N, h, L, Dh)``, k/v ``(N, h, S, Dh)``.
+
+    Returns the output ``(N, h, L, Dh)`` and, if asked, the weights ``(N, h, L, S)``.
+    """
+    if not want_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, h, L, S)
+    if bias is not None:
+        scores = scores + bias
+    weights = scores.softmax(dim=-1)  # (N, h, L, S)
+    return weights @ v, weights
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Pre-norm decoder layer: masked self-attention, cross-attention to the image, FFN."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        tgt_mask: torch.Tensor | None,
+        tgt_key_padding_mask: torch.Tensor | None,
+        memory_key_padding_mask: torch.Tensor | None,
+        pos: torch.Tensor | None,
+        query_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """tgt, query_pos ``(T, N, E)``; memory, pos ``(S, N, E)``; masks as in nn.MultiheadAttention."""
+        h = self.norm1(tgt)
+        q = k = _with_pos(h, query_pos)
+        out = self.self_attn(q, k, h, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
+        tgt = tgt + self.dropout1(out)
+        h = self.norm2(tgt)
+        out = self.multihead_attn(
+            _with_pos(h, query_pos), _with_pos(memory, pos), memory, key_padding_mask=memory_key_padding_mask
+        )[0]
+        tgt = tgt + self.dropout2(out)
+        h = self.norm3(tgt)
+        return tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(h)))))
+
+    # ----------------------------------------------------------- incremental
+    def prepare(self, memory: torch.Tensor, pos: torch.Tensor) -> LayerCache:
+        """Project the image once: memory, pos ``(S, N, E)`` -> cached keys/values."""
+        mha = self.multihead_attn
+        e = mha.embed_dim
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        mem = memory.transpose(0, 1)  # (N, S, E)
+        key_in = (memory + pos).transpose(0, 1)  # (N, S, E)
+        return LayerCache(
+            cross_k=_project(key_in, w[e : 2 * e], b[e : 2 * e], mha.num_heads),  # (N, h, S, Dh)
+            cross_v=_project(mem, w[2 * e :], b[2 * e :], mha.num_heads),  # (N, h, S, Dh)
+        )
+
+    def step(
+        self,
+        x: torch.Tensor,
+        query_pos: torch.Tensor,
+        cache: LayerCache,
+        memory_bias: torch.Tensor | None,
+        want_weights: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Decode the next position(s) given the cached ones.
+
+        x, query_pos ``(N, L, E)`` batch-first, ``L`` new positions (usually 1).
+        Returns the output ``(N, L, E)``, and with ``want_weights`` the cross-attention
+        ``(N, heads, L, S)`` and self-attention ``(N, heads, L, t)`` weights.
+        """
+        sa, ca = self.self_attn, self.multihead_attn
+        e, heads = sa.embed_dim, sa.num_heads
+        n, length, _ = x.shape
+
+        h = self.norm1(x)  # (N, L, E)
+        qk_in = h + query_pos
+        q = _project(qk_in, sa.in_proj_weight[:e], sa.in_proj_bias[:e], heads)  # (N, h, L, Dh)
+        k = _project(qk_in, sa.in_proj_weight[e : 2 * e], sa.in_proj_bias[e : 2 * e], heads)
+        v = _project(h, sa.in_proj_weight[2 * e :], sa.in_proj_bias[2 * e :], heads)
+        cache.self_k = k if cache.self_k is None else torch.cat((cache.self_k, k), dim=2)  # (N, h, t, Dh)
+        cache.self_v = v if cache.self_v is None else torch.cat((cache.self_v, v), dim=2)
+        t = cache.self_k.shape[2]
+        # new positions t-L .. t-1 see every earlier position and themselves
+        self_bias = None
+        if length > 1:
+            self_bias = causal_mask(t, x.device)[t - length :]  # (L, t)
+        out, self_w = _attend(q, cache.self_k, cache.self_v, self_bias, want_weights)  # (N, h, L, Dh)
+        out = out.transpose(1, 2).reshape(n, length, e)  # (N, L, E)
+        x = x + F.linear(out, sa.out_proj.weight, sa.out_proj.bias)
+
+        h = self.norm2(x)
+        q = _project(h + query_pos, ca.in_proj_weight[:e], ca.in_proj_bias[:e], heads)  # (N, h, L, Dh)
+        out, cross_w = _attend(q, cache.cross_k, cache.cross_v, memory_bias, want_weights)
+        out = out.transpose(1, 2).reshape(n, length, e)  # (N, L, E)
+        x = x + F.linear(out, ca.out_proj.weight, ca.out_proj.bias)
+
+        h = self.norm3(x)
+        x = x + self.linear2(F.relu(self.linear1(h)))
+        return x, cross_w, self_w
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, layer: TransformerDecoderLayer, num_layers: int, d_model: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, **kwargs) -> torch.Tensor:
+        for layer in self.layers:
+            tgt = layer(tgt, memory, **kwargs)
+        return self.norm(tgt)  # (T, N, E)
+
+
+class DecoderEmbeddings(nn.Module):
+    """Word embedding + learned position embedding, LayerNorm, dropout (CATR's)."""
+
+    def __init__(self, vocab_size: int, d_model: int, max_positions: int, pad_token_id: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, d_model, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_positions, d_model)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """ids ``(N, L)`` at positions ``start .. start+L-1`` -> ``(N, L, E)``."""
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)  # (L,)
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)  # (N, L, E)
+        return self.dropout(self.LayerNorm(x))
+
+
+class Transformer(nn.Module):
+    """Encoder over image patches + caption decoder; ``embeddings`` live here as in CATR."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        max_positions: int = 128,
+        pad_token_id: int = 0,
+        layer_norm_eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        self.encoder = TransformerEncoder(
+            TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout), num_encoder_layers, d_model
+        )
+        self.embeddings = DecoderEmbeddings(vocab_size, d_model, max_positions, pad_token_id, layer_norm_eps, dropout)
+        self.decoder = TransformerDecoder(
+            TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout), num_decoder_layers, d_model
+        )
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        self.d_model = d_model
+        self.nhead = nhead
+
+    def encode(self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """src, pos ``(S, N, E)``; mask ``(N, S)`` -> memory ``(S, N, E)``."""
+        return self.encoder(src, mask, pos)
+
+    def decode(
+        self, memory: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor, tgt_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The full (teacher-forced) decoder: tgt ids ``(N, T)``, tgt_mask ``(N, T)`` -> ``(T, N, E)``."""
+        n, length = tgt.shape
+        x = self.embeddings(tgt).transpose(0, 1)  # (T, N, E)
+        query_pos = self.embeddings.position_embeddings.weight[:length, None, :].expand(length, n, -1)  # (T, N, E)
+        return self.decoder(
+            x,
+            memory,
+            tgt_mask=causal_mask(length, tgt.device),
+            tgt_key_padding_mask=tgt_mask,
+            memory_key_padding_mask=mask,
+            pos=pos,
+            query_pos=query_pos,
+        )
+
+    def forward(self, src, mask, pos, tgt, tgt_mask):  # noqa: D401 - same signature as CATR
+        """src, pos ``(S, N, E)``; mask ``(N, S)``; tgt, tgt_mask ``(N, T)`` -> ``(T, N, E)``."""
+        return self.decode(self.encode(src, mask, pos), mask, pos, tgt, tgt_mask)
+
+    # ----------------------------------------------------------- incremental
+    def start_decoding(self, memory: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> DecoderCache:
+        """Prepare an incremental decode over memory ``(S, N, E)`` with mask ``(N, S)``."""
+        bias = None
+        if bool(mask.any()):
+            bias = torch.zeros(mask.shape, dtype=memory.dtype, device=memory.device)
+            bias = bias.masked_fill(mask, float("-inf"))[:, None, None, :]  # (N, 1, 1, S)
+        return DecoderCache([layer.prepare(memory, pos) for layer in self.decoder.layers], bias)
+
+    def decode_step(
+        self, ids: torch.Tensor, cache: DecoderCache, want_weights: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Feed ids ``(N, L)`` at the next ``L`` positions; returns hidden ``(N, L, E)``.
+
+        With ``want_weights`` also the per-layer cross-attention ``(N, heads, L, S)``
+        and self-attention ``(N, heads, L, t)`` weights.
+        """
+        start, length = cache.position, ids.shape[1]
+        x = self.embeddings(ids, start)  # (N, L, E)
+        query_pos = self.embeddings.position_embeddings.weight[start : start + length][None]  # (1, L, E)
+        cross, selfs = [], []
+        for layer, lc in zip(self.decoder.layers, cache.layers):
+            x, cw, sw = layer.step(x, query_pos, lc, cache.memory_bias, want_weights)
+            if want_weights:
+                cross.append(cw)
+                selfs.append(sw)
+        cache.position += length
+        return self.decoder.norm(x), cross, selfs

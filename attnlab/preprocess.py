@@ -1,0 +1,165 @@
+"""Images in, model inputs out: reading, checking, resizing, normalising, padding.
+
+Every way an image can be wrong ends in an :class:`AttnlabError` with one line
+saying what to do. The resize follows CATR: long side to ``image_size`` (299),
+short side ``int(short * image_size / long)`` (at least 1 px), PIL's default
+filter, then ``(x - mean) / std`` per channel.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import AttnlabError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+# PIL refuses images over 2 * MAX_IMAGE_PIXELS (~179 MP) as decompression bombs.
+MAX_PIXELS = 250_000_000
+
+
+def _open_path(path: Path) -> Image.Image:
+    if not path.exists():
+        raise AttnlabError(f"no image file at {path}: check the path")
+    if path.is_dir():
+        raise AttnlabError(f"{path} is a directory, not an image: pass an image file")
+    if path.stat().st_size == 0:
+        raise AttnlabError(f"{path} is empty (0 bytes): pass a PNG, JPEG or other image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if img.width * img.height > MAX_PIXELS:
+                raise AttnlabError(
+                    f"{path} has {img.width}x{img.height} pixels, more than attnlab reads ({MAX_PIXELS:,}): downscale it first"
+                )
+            img.load()
+    except AttnlabError:
+        raise
+    except UnidentifiedImageError:
+        raise AttnlabError(f"{path} is not an image PIL can read: pass a PNG, JPEG, GIF, BMP, TIFF or WebP file") from None
+    except Image.DecompressionBombError:
+        raise AttnlabError(f"{path} is too large to decode safely: downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise AttnlabError(f"{path} is truncated or corrupt ({exc}): re-save or re-download the image") from None
+    return img
+
+
+def _from_array(arr: np.ndarray) -> Image.Image:
+    """``(H, W)``, ``(H, W, 1|3|4)`` uint8/uint16/bool or float in [0, 1] -> PIL image."""
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise AttnlabError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), not {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise AttnlabError(f"the image array is empty: shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint16:
+        arr = (arr.astype(np.float64) / 257.0).round().astype(np.uint8)  # 0..65535 -> 0..255
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise AttnlabError("the image array has NaN or infinite values")
+        if arr.min() < 0 or arr.max() > 1:
+            raise AttnlabError("a float image array must hold values in [0, 1]: scale it or pass uint8")
+        arr = (arr * 255).round().astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise AttnlabError(f"image arrays must be uint8, uint16, bool or float in [0, 1], not {arr.dtype}")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _from_tensor(t: torch.Tensor) -> Image.Image:
+    """``(3, H, W)``/``(1, H, W)``/``(H, W)`` tensor (torchvision layout) -> PIL image."""
+    t = t.detach().cpu()
+    if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+        t = t.permute(1, 2, 0)  # (H, W, C)
+    elif t.ndim != 2:
+        raise AttnlabError(f"an image tensor must be (C, H, W) with C in 1, 3, 4 or (H, W), not {tuple(t.shape)}")
+    return _from_array(t.numpy())
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: first frame, EXIF orientation applied, alpha over white, 16 bit scaled."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)  # (H, W)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Read a path, PIL image, array or tensor as an upright RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        img = _open_path(Path(image))
+    elif isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, np.ndarray):
+        img = _from_array(image)
+    elif isinstance(image, torch.Tensor):
+        img = _from_tensor(image)
+    else:
+        raise AttnlabError(f"cannot use a {type(image).__name__} as an image: pass a path, PIL image, array or tensor")
+    try:
+        return _to_rgb(img)
+    except AttnlabError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise AttnlabError(f"cannot convert the image to RGB ({exc}): re-save it as PNG or JPEG") from None
+
+
+def resized_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """CATR's resize: ``(width, height)`` with the long side ``long_side``."""
+    if width >= height:
+        return long_side, max(1, int(height * long_side / width))
+    return max(1, int(width * long_side / height)), long_side
+
+
+@dataclass
+class Batch:
+    """Normalised images, zero-padded to the largest, with their padding mask."""
+
+    pixels: torch.Tensor  # (N, 3, H, W) float32
+    mask: torch.Tensor  # (N, H, W) bool, True = padding
+    images: list[np.ndarray]  # N resized RGB images, (h_i, w_i, 3) uint8
+
+
+def prepare(
+    images: list[ImageInput],
+    image_size: int,
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+) -> Batch:
+    """Load, resize and normalise ``images`` into one padded :class:`Batch`."""
+    resized = []
+    for image in images:
+        img = load_image(image)
+        resized.append(np.asarray(img.resize(resized_size(img.width, img.height, image_size))))  # (h, w, 3)
+    height = max(r.shape[0] for r in resized)
+    width = max(r.shape[1] for r in resized)
+    pixels = torch.zeros(len(resized), 3, height, width)  # (N, 3, H, W)
+    mask = torch.ones(len(resized), height, width, dtype=torch.bool)  # (N, H, W)
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    for i, r in enumerate(resized):
+        x = torch.from_numpy(np.array(r)).permute(2, 0, 1).float() / 255.0  # (3, h, w) in [0, 1]
+        pixels[i, :, : r.shape[0], : r.shape[1]] = (x - m) / s
+        mask[i, : r.shape[0], : r.shape[1]] = False
+    return Batch(pixels, mask, resized)
