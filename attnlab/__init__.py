@@ -11,6 +11,7 @@ Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from .capture import AttentionCapture, capture_attention
@@ -36,12 +37,9 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # matplotlib and ipywidgets load only when a view is asked for
+    # (``from . import plot`` here would call this function again: import by name)
     if name == "plot":
-        from . import plot
-
-        return plot
+        return importlib.import_module(f"{__name__}.plot")
     if name == "explore":
-        from .explorer import explore
-
-        return explore
+        return importlib.import_module(f"{__name__}.explorer").explore
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")

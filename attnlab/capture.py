@@ -43,6 +43,11 @@ class AttentionCapture:
     """
 
     weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    shapes: dict[str, list[dict[str, tuple[int, ...]]]] = field(default_factory=dict)
+    """``shapes[name]``: per call of an ``nn.MultiheadAttention``, the shapes the
+    caller passed and got back: ``query``, ``key``, ``value``, ``output`` and
+    ``weights`` (the weights as the caller received them; ``None`` if it asked
+    for none). The bookkeeping of the notebooks reads these."""
 
     @property
     def names(self) -> list[str]:
@@ -60,7 +65,7 @@ class AttentionCapture:
         return calls[-1]
 
     def clear(self) -> None:
-        for calls in self.weights.values():
+        for calls in (*self.weights.values(), *self.shapes.values()):
             calls.clear()
 
 
@@ -79,7 +84,13 @@ def _match(name: str, include: Sequence[str] | None) -> bool:
     return include is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
 
 
-def _hook_mha(stack: ExitStack, name: str, module: nn.MultiheadAttention, store: list[torch.Tensor], detach: bool) -> None:
+def _hook_mha(
+    stack: ExitStack,
+    module: nn.MultiheadAttention,
+    store: list[torch.Tensor],
+    shapes: list[dict[str, tuple[int, ...] | None]],
+    detach: bool,
+) -> None:
     asked: list[tuple[bool, bool]] = []  # what each pending caller asked for: (need_weights, average)
 
     def pre_hook(mod, args, kwargs):
@@ -98,12 +109,24 @@ def _hook_mha(stack: ExitStack, name: str, module: nn.MultiheadAttention, store:
         out, weights = output
         per_head = weights if weights.dim() == 4 else weights.unsqueeze(0)  # (N, heads, L, S)
         store.append(per_head.detach() if detach else per_head)
-        if not need_weights:
-            return out, None
-        return out, weights.mean(dim=-3) if average else weights
+        given = None if not need_weights else (weights.mean(dim=-3) if average else weights)
+        query, key, value = args
+        shapes.append(
+            {
+                "query": tuple(query.shape),
+                "key": tuple(key.shape),
+                "value": tuple(value.shape),
+                "output": tuple(out.shape),
+                "weights": None if given is None else tuple(given.shape),
+            }
+        )
+        return out, given
 
     stack.callback(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
-    stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
+    # prepend: forward hooks run in the reverse order of the pre-hooks, so in nested
+    # captures the inner one sees the per-head output its pre-hook asked for and the
+    # outer one (whose pre-hook saw the caller's arguments) restores what the caller asked
+    stack.callback(module.register_forward_hook(hook, with_kwargs=True, prepend=True).remove)
 
 
 def _hook_timm(stack: ExitStack, module: nn.Module, store: list[torch.Tensor], detach: bool) -> None:
@@ -144,14 +167,14 @@ def capture_attention(
             )
         examples = ", ".join(list(found)[:4])
         raise AttnlabError(f"no attention module matches {include!r}; modules that exist: {examples}, ...")
-    cap = AttentionCapture({name: [] for name in chosen})
+    cap = AttentionCapture({name: [] for name in chosen}, {name: [] for name in chosen})
     with ExitStack() as stack:
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         stack.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
         for name, module in chosen.items():
             if isinstance(module, nn.MultiheadAttention):
-                _hook_mha(stack, name, module, cap.weights[name], detach)
+                _hook_mha(stack, module, cap.weights[name], cap.shapes[name], detach)
             else:
                 _hook_timm(stack, module, cap.weights[name], detach)
         yield cap

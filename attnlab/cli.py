@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,23 +26,41 @@ def write_outputs(trace, out_dir: Path, stem: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import plot
+    # "from . import plot" would go through attnlab.__getattr__("plot"), which does the same
+    # import again and recurses until RecursionError while attnlab.plot is not yet imported
+    from .plot import save_figure, word_grid
 
     npz = out_dir / f"{stem}.npz"
     png = out_dir / f"{stem}.png"
     written: list[Path] = []
     try:
         written.append(trace.save(npz))
-        fig = plot.word_grid(trace)
+        fig = word_grid(trace)
         try:
-            written.append(plot.save_figure(fig, png))
+            written.append(save_figure(fig, png))
         finally:
             plt.close(fig)
-    except BaseException:
+    except BaseException as exc:
         for p in written:
             p.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, read-only folder, ...: one line, not a traceback
+            reason = exc.strerror or type(exc).__name__
+            raise AttnlabError(f"cannot write {npz.name} and {png.name} in {out_dir} ({reason}): choose a folder you can write to") from None
         raise
     return written
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail before any work when ``--out`` cannot become a folder (nothing is created here)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AttnlabError(f"--out {out_dir} is a file: give a folder")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AttnlabError(f"--out {out_dir} cannot be a folder: {existing} is a file; give another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AttnlabError(f"--out {out_dir}: {existing} is not writable; give a folder you can write to")
 
 
 def _unique_stems(paths: Sequence[str]) -> list[str]:
@@ -61,10 +80,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     if args.model and args.checkpoint:
         raise AttnlabError("give --model or --checkpoint, not both")
-    model = load_model(args.model, checkpoint=args.checkpoint, vocab=args.vocab, device=args.device)
     out_dir = Path(args.out) if args.out else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise AttnlabError(f"--out {out_dir} is a file: give a folder")
+    if out_dir is not None:
+        _check_out_dir(out_dir)  # before the (slow) model load
+    model = load_model(args.model, checkpoint=args.checkpoint, vocab=args.vocab, device=args.device)
     failures = 0
     results = []
     for image, stem in zip(args.images, _unique_stems(args.images)):
@@ -109,12 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_caption)
 
-    try:  # the shapes commands (demo, train, evaluate) live with the shapes world
-        from .shapes.cli import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    from .shapes.cli import add_commands  # demo, train, evaluate live with the shapes world
+
+    add_commands(sub)
     return parser
 
 

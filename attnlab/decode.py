@@ -47,7 +47,15 @@ def model_vocab(model: CATR) -> Vocab:
 def _check_tokens(tokens, n_images: int, limit: int, vocab_size: int) -> list[list[int]] | None:
     if tokens is None:
         return None
-    per_image = tokens if tokens and isinstance(tokens[0], (list, tuple, np.ndarray, torch.Tensor)) else [tokens] * n_images
+    if isinstance(tokens, (np.ndarray, torch.Tensor)):  # e.g. a trace's token_ids; 2-D: one row per image
+        tokens = tokens.tolist()
+        if not isinstance(tokens, list):  # a 0-d array holds one id
+            tokens = [tokens]
+    nested = len(tokens) > 0 and (
+        isinstance(tokens[0], (list, tuple))
+        or (isinstance(tokens[0], (np.ndarray, torch.Tensor)) and tokens[0].ndim >= 1)
+    )
+    per_image = list(tokens) if nested else [tokens] * n_images
     if len(per_image) != n_images:
         raise AttnlabError(f"tokens gives {len(per_image)} captions for {n_images} images")
     out = []
@@ -133,7 +141,10 @@ def _template(model: CATR, batch: Batch, forced, max_len: int, record: Record):
         with capture_attention(model, patterns) as cap:
             logits_all = model(batch.pixels, template, template_mask, mask=batch.mask)  # (N, 128, V)
         logits = logits_all[:, i]  # (N, V)
-        nxt = logits.argmax(dim=-1) if forced is None else torch.tensor([f[i] if i < len(f) else c.pad_token_id for f in forced])
+        if forced is None:
+            nxt = logits.argmax(dim=-1)  # (N,)
+        else:
+            nxt = torch.tensor([f[i] if i < len(f) else c.pad_token_id for f in forced], device=logits.device)
         rec.logits.append(logits)
         rec.tokens.append(nxt)
         names = cap.names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import tempfile
@@ -49,8 +50,9 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 30
             if total is not None and out.tell() != total:
                 raise AttnlabError(f"the download of {url} stopped early ({out.tell()} of {total} bytes): try again")
         os.replace(tmp, dest)
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
+    # http.client.HTTPException (IncompleteRead of a cut chunked body, BadStatusLine) is no OSError
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as exc:
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split()) or type(exc).__name__  # one line
         raise AttnlabError(
             f"could not download {url} ({reason}); without network, download it on another machine and put it at {dest}"
         ) from None

@@ -45,7 +45,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch >= 2.6 words every weights-only failure "Weights only load failed", garbage
+        # bytes ("Unsupported operand") included: only "Unsupported global" means Python objects
+        if "Unsupported global" in str(exc):
             raise AttnlabError(
                 f"{path} holds Python objects besides tensors; re-save it as torch.save({{'model': model.state_dict()}})"
             ) from None
@@ -58,11 +60,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def state_dict_of(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+def state_dict_of(obj: dict[str, Any], source: str = "the checkpoint") -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint: ``obj['model']`` or ``obj`` itself."""
     sd = obj.get("model", obj)
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise AttnlabError("the checkpoint holds no state dict of tensors (expected {'model': state_dict} or a state dict)")
+        raise AttnlabError(f"{source} holds no state dict of tensors (expected {{'model': state_dict}} or a state dict)")
     return sd
 
 
@@ -112,12 +114,30 @@ def infer_config(sd: dict[str, torch.Tensor]) -> CATRConfig:
     c.dec_layers = _count_layers(sd, "transformer.decoder.layers.") or c.dec_layers
     if "backbone.0.body.stage0.conv1.weight" in sd:
         c.backbone = "small"
+        stages = _count_layers(sd, "backbone.0.body.stage")
+        try:  # one width per stage, read off its first convolution (out, in, 3, 3)
+            c.backbone_channels = tuple(int(sd[f"backbone.0.body.stage{i}.conv1.weight"].shape[0]) for i in range(stages))
+        except KeyError:
+            pass  # a stage is missing: check_state_dict names it
     return c
+
+
+def _special_ids_from_vocab(config: CATRConfig, vocab: Vocab) -> None:
+    """Start/end/pad ids from a BERT-style vocabulary's ``[CLS]``/``[SEP]``/``[PAD]``.
+
+    CATR's own vocabulary gives 101/102/0 (its defaults); a variant trained on
+    another vocabulary has them elsewhere, and the ids cannot be read off the weights.
+    """
+    for token, attr in (("[CLS]", "start_token_id"), ("[SEP]", "end_token_id"), ("[PAD]", "pad_token_id")):
+        if token in vocab._ids:
+            setattr(config, attr, vocab.id_of(token))
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Raise one clear line when ``sd`` does not fit ``model`` exactly."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # batch-norm step counters are bookkeeping, not weights: ignored on both sides
+    # (CATR's FrozenBatchNorm2d has none, the small backbone's BatchNorm2d has them)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     given = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
@@ -147,7 +167,8 @@ def _to_device(model: CATR, device: str | torch.device) -> CATR:
 def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, name: str = "catr") -> CATR:
     """A model from a checkpoint file: attnlab's own format or CATR's."""
     obj = read_checkpoint(path)
-    sd = state_dict_of(obj)
+    sd = state_dict_of(obj, str(path))
+    given_vocab = Vocab.from_file(vocab) if vocab is not None else None
     if obj.get("format") == ATTNLAB_FORMAT:
         config = CATRConfig.from_dict(obj["config"])
         vocabulary = Vocab(obj["vocab"], wordpiece=bool(obj.get("wordpiece", False))) if obj.get("vocab") else None
@@ -157,15 +178,24 @@ def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, nam
             raise AttnlabError(f"{path} is not a CATR checkpoint; the file looks like {describe_state_dict(sd)}")
         config = infer_config(sd)
         vocabulary = None
+    if given_vocab is not None:
+        if len(given_vocab) != config.vocab_size:
+            raise AttnlabError(
+                f"vocabulary {vocab} has {len(given_vocab)} tokens but the model predicts {config.vocab_size}: pass the model's own vocab.txt"
+            )
+        vocabulary = given_vocab
+        if obj.get("format") != ATTNLAB_FORMAT:
+            _special_ids_from_vocab(config, given_vocab)
+    specials = {"start": config.start_token_id, "end": config.end_token_id, "pad": config.pad_token_id}
+    if max(specials.values()) >= config.vocab_size:
+        ids = ", ".join(f"{k} {v}" for k, v in specials.items())
+        raise AttnlabError(
+            f"{path} predicts {config.vocab_size} tokens, too few for the special token ids ({ids}): "
+            "pass vocab=PATH (CLI: --vocab PATH) to its vocab.txt holding [CLS], [SEP] and [PAD]"
+        )
     model = CATR(config)
     check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, strict=False)  # num_batches_tracked entries are dropped by FrozenBatchNorm2d
-    if vocab is not None:
-        vocabulary = Vocab.from_file(vocab)
-        if len(vocabulary) != config.vocab_size:
-            raise AttnlabError(
-                f"vocabulary {vocab} has {len(vocabulary)} tokens but the model predicts {config.vocab_size}: pass the model's own vocab.txt"
-            )
     if vocabulary is None:
         warnings.warn(
             f"no vocabulary for {path}: words are shown as [id]; pass vocab=PATH to a vocab.txt", stacklevel=3

@@ -725,15 +725,18 @@ def save_gif(
     ax = fig.add_subplot()
     _, heat = _draw_map(ax, trace.image, maps[0], cm, a)
     fig.colorbar(heat, ax=ax, label="attention weight", shrink=0.9)
-    title = ax.set_title("")
-    canvas.draw()
-    fig.set_layout_engine("none")  # keep the first layout: frames must not jump
+    def label(i: int, t: int) -> str:
+        return f"{i + 1}/{len(steps)}  {_word_label(trace, t, True, probs)}"
+
+    title = ax.set_title(label(0, steps[0]))
+    canvas.draw()  # lay out once, with a title in place
+    fig.set_layout_engine("none")  # then keep that layout: frames must not jump
     frames = []
     for i, (t, amap) in enumerate(zip(steps, maps)):
         vmax = float(amap.max())
         heat.set_data(amap)
         heat.set_clim(0.0, vmax if vmax > 0 else 1.0)
-        title.set_text(f"{i + 1}/{len(steps)}  {_word_label(trace, t, True, probs)}")
+        title.set_text(label(i, t))
         canvas.draw()
         rgba = np.asarray(canvas.buffer_rgba())  # (fig_h_px, fig_w_px, 4)
         frames.append(Image.fromarray(rgba[..., :3].copy()))

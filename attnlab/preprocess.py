@@ -83,6 +83,8 @@ def _from_tensor(t: torch.Tensor) -> Image.Image:
         t = t.permute(1, 2, 0)  # (H, W, C)
     elif t.ndim != 2:
         raise AttnlabError(f"an image tensor must be (C, H, W) with C in 1, 3, 4 or (H, W), not {tuple(t.shape)}")
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()  # bfloat16 and float8 have no NumPy dtype
     return _from_array(t.numpy())
 
 

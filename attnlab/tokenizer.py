@@ -6,21 +6,33 @@ Decoding only; attnlab never needs ``transformers``.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from .errors import AttnlabError
 
-SPECIAL_TOKENS = frozenset({"[PAD]", "[CLS]", "[SEP]", "[MASK]"})
-_SPACE_BEFORE_PUNCT = re.compile(r" ([.,!?;:)'])")
+# what BertTokenizer.decode(..., skip_special_tokens=True) (CATR's predict.py) drops
+SPECIAL_TOKENS = frozenset({"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"})
+# BertTokenizer's clean_up_tokenization (clean_up_tokenization_spaces=True), in its order
+_CLEAN_UP = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """Drop the spaces WordPiece decoding leaves before punctuation and contractions."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
 
 
 class Vocab:
     """An id -> token table.
 
     ``wordpiece=True``: tokens starting with ``##`` continue the previous word
-    and a space before punctuation is dropped (as ``BertTokenizer.decode``
-    does); otherwise tokens are joined with single spaces.
+    and the spaces before ``. ? ! ,`` and in ``' n't 'm 's 've 're`` are dropped,
+    exactly as ``BertTokenizer.decode(ids, skip_special_tokens=True)`` does (CATR's
+    decoding); otherwise tokens are joined with single spaces.
     """
 
     def __init__(self, tokens: list[str], wordpiece: bool = True) -> None:
@@ -41,7 +53,11 @@ class Vocab:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise AttnlabError(f"cannot read vocabulary {path} ({exc.__class__.__name__}): it must be a UTF-8 vocab.txt") from None
-        tokens = text.splitlines()
+        # line breaks are \n, \r\n or \r only, as in BertTokenizer's load_vocab: str.splitlines()
+        # would also split inside tokens holding \x0c, \x1c-\x1e, \x85 or \u2028 and shift every later id
+        tokens = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if tokens and tokens[-1] == "":
+            tokens.pop()  # the final newline ends the last token; it starts none
         if not tokens:
             raise AttnlabError(f"vocabulary {path} is empty: it must be a vocab.txt with one token per line")
         return cls(tokens, wordpiece=wordpiece)
@@ -75,7 +91,7 @@ class Vocab:
             else:
                 words.append(tok)
         text = " ".join(words)
-        return _SPACE_BEFORE_PUNCT.sub(r"\1", text) if self.wordpiece else text
+        return clean_up_tokenization(text) if self.wordpiece else text
 
 
 class IdVocab(Vocab):

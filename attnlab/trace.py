@@ -153,22 +153,25 @@ class CaptionTrace:
             header = json.loads(str(arrays.pop("header")))
         except Exception as exc:  # zipfile, json and numpy all raise their own types
             raise AttnlabError(f"{path} is not an attnlab trace file ({type(exc).__name__}); save one with CaptionTrace.save") from None
-        if header.get("format") != TRACE_FORMAT:
+        if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
             raise AttnlabError(f"{path} is not an attnlab trace file")
         if header.get("version", 0) > TRACE_VERSION:
             raise AttnlabError(
                 f"{path} was written by a newer attnlab (trace version {header['version']}); upgrade attnlab"
             )
-        return cls(
-            token_ids=arrays["token_ids"],
-            words=header["words"],
-            logits=arrays["logits"],
-            cross_attention=arrays.get("cross_attention"),
-            grid=tuple(header["grid"]),
-            image=arrays["image"],
-            model_name=header["model_name"],
-            caption=header["caption"],
-            encoder_self_attention=arrays.get("encoder_self_attention"),
-            decoder_self_attention=arrays.get("decoder_self_attention"),
-            meta=header.get("meta", {}),
-        )
+        try:
+            return cls(
+                token_ids=arrays["token_ids"],
+                words=header["words"],
+                logits=arrays["logits"],
+                cross_attention=arrays.get("cross_attention"),
+                grid=tuple(header["grid"]),
+                image=arrays["image"],
+                model_name=header["model_name"],
+                caption=header["caption"],
+                encoder_self_attention=arrays.get("encoder_self_attention"),
+                decoder_self_attention=arrays.get("decoder_self_attention"),
+                meta=header.get("meta", {}),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise AttnlabError(f"{path} is a damaged attnlab trace ({type(exc).__name__}: {exc}); save it again") from None

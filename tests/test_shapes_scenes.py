@@ -25,7 +25,9 @@ from attnlab.shapes import (
     encode_caption,
     make_scene,
     make_scenes,
+    object_mask,
     scene_seed,
+    shape_mask,
 )
 
 N_SEEDS = 300
@@ -197,6 +199,27 @@ def test_mask_is_the_closed_shape(scenes: list[Scene]) -> None:
     assert set(checked) == set(SPEC_SHAPES)
 
 
+def test_public_mask_helpers(scenes: list[Scene]) -> None:
+    for s in scenes[:50]:
+        for o in s.objects:
+            assert np.array_equal(object_mask(o.shape, o.center, o.radius), o.mask)
+    # shape_mask on points (offsets from the centre), radius 10: the tips of the
+    # triangle and star lie 11.5 above the centre, the square's corner at (8.5, 8.5)
+    x = np.array([0.0, 0.0, 8.4, 9.9, 0.0])
+    y = np.array([-11.4, -11.6, 8.4, 3.7, 9.9])
+    expected = {
+        "circle": [False, False, False, False, True],
+        "square": [False, False, True, False, False],
+        "triangle": [True, False, False, False, False],
+        "star": [True, False, False, False, False],
+        "cross": [False, False, False, True, True],
+    }
+    for shape, want in expected.items():
+        assert shape_mask(shape, x, y, 10.0).tolist() == want, shape
+    with pytest.raises(AttnlabError):
+        shape_mask("hexagon", x, y, 10.0)
+
+
 def test_mask_area_matches_analytic_area(scenes: list[Scene]) -> None:
     # Each pixel stands for the unit square around its centre. For an axis-aligned
     # rectangle the counts along x and y are each within 1 of the side lengths,
@@ -339,7 +362,8 @@ def test_same_seed_same_scene() -> None:
         assert a.caption == b.caption and a.word_objects == b.word_objects
         assert len(a.objects) == len(b.objects)
         for oa, ob in zip(a.objects, b.objects):
-            assert (oa.shape, oa.color, oa.size, oa.radius, oa.center) == (ob.shape, ob.color, ob.size, ob.radius, ob.center)
+            fields = ("shape", "color", "size", "radius", "center")
+            assert [getattr(oa, f) for f in fields] == [getattr(ob, f) for f in fields]
             assert np.array_equal(oa.mask, ob.mask)
 
 

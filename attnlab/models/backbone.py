@@ -66,10 +66,9 @@ def resnet101_body(dilation: bool = True) -> nn.Sequential:
 
 
 def small_cnn_body(channels: tuple[int, ...] = (32, 64, 128, 192)) -> nn.Sequential:
-    """A small from-scratch CNN of stride 8: 128 px -> a 16 x 16 grid.
-
-    Stages ``stage0..stageK`` of (conv 3x3, batch norm, ReLU) pairs; every stage
-    but the last halves the resolution. Used by the bundled shapes model.
+    """A small from-scratch CNN: stages ``stage0..stageK`` of two (conv 3x3, batch
+    norm, ReLU); every stage but the last halves the resolution, so four stages
+    give stride 8 (128 px -> a 16 x 16 grid). Used by the bundled shapes model.
     """
     layers: "OrderedDict[str, nn.Module]" = OrderedDict()
     c_in = 3
@@ -131,13 +130,14 @@ class Joiner(nn.Sequential):
         return features, feat_mask, pos
 
 
-def build_backbone(kind: str, d_model: int) -> Joiner:
-    """``kind``: ``"resnet101"`` (CATR: dilated, 2048 channels) or ``"small"`` (shapes model)."""
+def build_backbone(kind: str, d_model: int, channels: tuple[int, ...] = (32, 64, 128, 192)) -> Joiner:
+    """``kind``: ``"resnet101"`` (CATR: dilated, 2048 channels) or ``"small"`` (the shapes
+    model: ``small_cnn_body(channels)``)."""
     if kind == "resnet101":
         body, channels = resnet101_body(dilation=True), 2048
     elif kind == "small":
-        body = small_cnn_body()
-        channels = 192
+        body = small_cnn_body(tuple(channels))
+        channels = channels[-1]
     else:
         raise ValueError(f"unknown backbone {kind!r}: use 'resnet101' or 'small'")
     return Joiner(Backbone(body, channels), PositionEmbeddingSine(d_model // 2, normalize=True))

@@ -24,6 +24,7 @@ class CATRConfig:
     """Architecture and pre-processing of a CATR-style captioner (defaults: CATR v1-v3)."""
 
     backbone: str = "resnet101"
+    backbone_channels: tuple[int, ...] = (32, 64, 128, 192)  # "small" backbone only: one stage each
     d_model: int = 256
     nheads: int = 8
     enc_layers: int = 6
@@ -78,7 +79,7 @@ class CATR(nn.Module):
     def __init__(self, config: CATRConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone: Joiner = build_backbone(config.backbone, config.d_model)
+        self.backbone: Joiner = build_backbone(config.backbone, config.d_model, config.backbone_channels)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
         self.transformer = Transformer(
             vocab_size=config.vocab_size,

@@ -23,8 +23,10 @@ def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
 
 
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(length, length)`` float mask: 0 on and below the diagonal, -inf above."""
-    return torch.full((length, length), float("-inf"), device=device).triu(1)
+    """``(length, length)`` bool mask: True above the diagonal (a position may not
+    attend to later ones). Same effect as CATR's float mask of -inf; bool matches
+    the bool key padding mask, which keeps PyTorch on its fused kernels."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -45,7 +47,7 @@ class TransformerEncoderLayer(nn.Module):
         """src, pos ``(S, N, E)``; key_padding_mask ``(N, S)`` (True = padding)."""
         h = self.norm1(src)
         q = k = _with_pos(h, pos)
-        src = src + self.dropout1(self.self_attn(q, k, h, key_padding_mask=key_padding_mask)[0])
+        src = src + self.dropout1(self.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=False)[0])
         h = self.norm2(src)
         return src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(h)))))
 
@@ -135,6 +137,8 @@ class TransformerDecoderLayer(nn.Module):
         """tgt, query_pos ``(T, N, E)``; memory, pos ``(S, N, E)``; masks as in nn.MultiheadAttention."""
         h = self.norm1(tgt)
         q = k = _with_pos(h, query_pos)
+        # called as CATR calls it (weights returned, head-averaged), so a hook sees the
+        # original bookkeeping: weights (N, T, S); the encoder skips them for speed
         out = self.self_attn(q, k, h, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
         tgt = tgt + self.dropout1(out)
         h = self.norm2(tgt)
@@ -187,7 +191,7 @@ class TransformerDecoderLayer(nn.Module):
         # new positions t-L .. t-1 see every earlier position and themselves
         self_bias = None
         if length > 1:
-            self_bias = causal_mask(t, x.device)[t - length :]  # (L, t)
+            self_bias = torch.zeros(length, t, device=x.device).masked_fill(causal_mask(t, x.device)[t - length :], float("-inf"))  # (L, t)
         out, self_w = _attend(q, cache.self_k, cache.self_v, self_bias, want_weights)  # (N, h, L, Dh)
         out = out.transpose(1, 2).reshape(n, length, e)  # (N, L, E)
         x = x + F.linear(out, sa.out_proj.weight, sa.out_proj.bias)

@@ -1,0 +1,83 @@
+"""Command-line parts that belong to the shapes world: ``demo``, ``train``, ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import AttnlabError
+
+DEFAULT_DEMO_DIR = "attnlab-demo"
+
+
+def sample_images() -> list[Path]:
+    """The sample images of a source checkout (``data/samples``), sorted by name."""
+    folder = Path(__file__).resolve().parents[2] / "data" / "samples"
+    return sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if folder.is_dir() else []
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..cli import write_outputs
+    from ..decode import caption
+    from ..hub import load_model
+    from .scenes import make_scenes
+
+    model = load_model(args.model)
+    out = Path(args.out)
+    inputs: list[tuple[str, object]] = [(p.stem, str(p)) for p in sample_images()]
+    if not inputs:  # an installed wheel has no data/ folder: draw fresh scenes instead
+        inputs = [(f"scene-{i}", s.image) for i, s in enumerate(make_scenes(4, seed=7, split="eval"))]
+    print(f"attnlab demo: model {model.name!r}, {len(inputs)} images -> {out}/")
+    for stem, image in inputs:
+        trace = caption(model, image)
+        write_outputs(trace, out, stem)
+        print(f"  {stem}: {trace.caption}")
+    print(f"wrote <name>.png (word grid) and <name>.npz (trace) per image into {out}/")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+    result = train(args.out, minutes=args.minutes, cfg=cfg, resume=args.resume)
+    print(
+        f"trained {result['steps']} steps in {result['seconds'] / 60:.1f} min; "
+        f"last batch: loss {result['loss']:.4f}, token accuracy {result['token_accuracy']:.3f}; wrote {result['out']}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..hub import load_model
+    from .evaluate import evaluate, format_report
+
+    if args.n < 1:
+        raise AttnlabError("--n must be at least 1")
+    model = load_model(None if args.checkpoint else "shapes", checkpoint=args.checkpoint)
+    print(format_report(evaluate(model, n=args.n, seed=args.seed)))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="caption the sample images with the bundled model and write the figures (offline)")
+    p.add_argument("--out", default=DEFAULT_DEMO_DIR, metavar="DIR", help=f"output folder (default {DEFAULT_DEMO_DIR})")
+    p.add_argument("--model", default=None, help="model name (default: the bundled shapes model)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train the shapes captioner on generated scenes")
+    p.add_argument("world", choices=("shapes",))
+    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes (at a step boundary)")
+    p.add_argument("--steps", type=int, default=3000, help="length of the schedule (default 3000)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default="shapes.pt", metavar="PATH")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from PATH.train")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="caption accuracy and pointing game on held-out scenes")
+    p.add_argument("world", choices=("shapes",))
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="eval-split seed (held out from training)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="evaluate this checkpoint instead of the bundled one")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,154 @@
+"""``attnlab train shapes``: train the shapes captioner on freshly generated scenes.
+
+Batch ``k`` holds the training scenes ``k * B .. k * B + B - 1`` (see
+:func:`attnlab.shapes.scene_seed`), so a run is a pure function of its seed
+and number of steps: stopping, resuming and running again give the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import AttnlabError
+from ..fileio import atomic_write
+from ..hub import read_checkpoint, save_checkpoint
+from .model import build_shapes_model
+from .scenes import MAX_CAPTION_WORDS, PAD_ID, SEED_STRIDE, CLS_ID, SEP_ID, encode_caption, make_scene, scene_seed
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000  # the learning-rate schedule's length; --minutes may stop earlier
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    seed: int = 0
+
+
+def scene_batch(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training batch ``step``: images ``(B, 3, 128, 128)`` normalised to [-1, 1] and
+    token ids ``(B, 16)``: start, caption words, end, padding."""
+    images = np.empty((batch_size, 128, 128, 3), dtype=np.uint8)  # (B, H, W, 3)
+    ids = np.full((batch_size, MAX_CAPTION_WORDS + 2), PAD_ID, dtype=np.int64)  # (B, T)
+    for j in range(batch_size):
+        index = step * batch_size + j
+        scene = make_scene(scene_seed(seed + index // SEED_STRIDE, index % SEED_STRIDE, "train"))
+        images[j] = scene.image
+        words = [CLS_ID, *encode_caption(scene.caption), SEP_ID]
+        ids[j, : len(words)] = words
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)  # (B, 3, H, W)
+    return pixels, torch.from_numpy(ids)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 5% at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train_step(model, optimizer, pixels: torch.Tensor, ids: torch.Tensor, clip: float) -> tuple[float, float]:
+    """One optimisation step; returns (loss, token accuracy) of the batch."""
+    inputs, labels = ids[:, :-1], ids[:, 1:]  # (B, T-1) each: predict token t+1 from tokens <= t
+    logits = model(pixels, inputs, inputs == PAD_ID)  # (B, T-1, V)
+    valid = labels != PAD_ID  # (B, T-1)
+    loss = F.cross_entropy(logits[valid], labels[valid])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    acc = (logits[valid].argmax(-1) == labels[valid]).float().mean()
+    return loss.item(), acc.item()
+
+
+def _state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".train")
+
+
+def train(
+    out: str | Path,
+    *,
+    minutes: float | None = None,
+    cfg: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    save_every: int = 250,
+) -> dict:
+    """Train (or resume) the shapes model; writes ``out`` (the model, attnlab format)
+    and ``out.train`` (optimizer state, to resume). Returns a summary dict."""
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    model = build_shapes_model(cfg.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        fused=True,  # one kernel for all parameters: 5x faster than the loop on CPU
+    )
+    step, elapsed = 0, 0.0
+    if resume:
+        state_file = _state_path(out)
+        if not state_file.is_file():
+            raise AttnlabError(f"nothing to resume: {state_file} does not exist (train without --resume first)")
+        state = read_checkpoint(state_file)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        if state["config"] != vars(cfg):
+            raise AttnlabError(f"{state_file} was trained with other settings ({state['config']}): resume with the same ones")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="train shapes")
+    start = time.perf_counter() - elapsed
+    loss = acc = float("nan")
+
+    def save() -> None:
+        meta = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "train_config": vars(cfg)}
+        save_checkpoint(model, out, meta=meta)
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "elapsed": time.perf_counter() - start,
+            "config": vars(cfg),
+        }
+        atomic_write(_state_path(out), lambda fh: torch.save(state, fh))
+
+    t_last, n_last = time.perf_counter(), 0
+    while step < cfg.steps:
+        if minutes is not None and time.perf_counter() - start >= minutes * 60:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        pixels, ids = scene_batch(step, cfg.batch_size, cfg.seed)
+        loss, acc = train_step(model, optimizer, pixels, ids, cfg.clip)
+        step += 1
+        n_last += cfg.batch_size
+        if bar is not None:
+            now = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", samples_s=f"{n_last / max(now - t_last, 1e-9):.0f}")
+            if now - t_last > 10:
+                t_last, n_last = now, 0
+        if step % save_every == 0:
+            save()
+    save()
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return {"steps": step, "seconds": time.perf_counter() - start, "loss": loss, "token_accuracy": acc, "out": str(out)}
