@@ -198,7 +198,8 @@ def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, nam
     model.load_state_dict(sd, strict=False)  # num_batches_tracked entries are dropped by FrozenBatchNorm2d
     if vocabulary is None:
         warnings.warn(
-            f"no vocabulary for {path}: words are shown as [id]; pass vocab=PATH to a vocab.txt", stacklevel=3
+            f"no vocabulary for {path}: words are shown as [id]; pass vocab=PATH (CLI: --vocab PATH) to its vocab.txt",
+            stacklevel=3,
         )
     model.vocab = vocabulary
     model.name = name
@@ -239,7 +240,7 @@ def load_model(
         device: ``"cpu"``, ``"cuda"``, ...
     """
     if checkpoint is not None:
-        if name not in (None, "catr", "shapes"):
+        if name not in (None, "catr"):
             raise AttnlabError(f"give either a model name or checkpoint=PATH, not both ({name!r})")
         return _to_device(build_from_checkpoint(checkpoint, vocab, name or "catr"), device)
     if name is None or name == "shapes":

@@ -83,12 +83,17 @@ def train(
     resume: bool = False,
     progress: bool = True,
     save_every: int = 250,
+    stop_after: int | None = None,
 ) -> dict:
     """Train (or resume) the shapes model; writes ``out`` (the model, attnlab format)
-    and ``out.train`` (optimizer state, to resume). Returns a summary dict."""
+    and ``out.train`` (optimizer state, to resume). Returns a summary dict.
+
+    ``minutes`` stops at the first step boundary after that much time, and
+    ``stop_after`` after that many steps; either way the schedule stays the one of
+    ``cfg.steps``, so a later ``resume=True`` continues exactly where it stopped.
+    """
     cfg = cfg or TrainConfig()
     out = Path(out)
-    torch.manual_seed(cfg.seed)
     model = build_shapes_model(cfg.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
@@ -132,6 +137,8 @@ def train(
     t_last, n_last = time.perf_counter(), 0
     while step < cfg.steps:
         if minutes is not None and time.perf_counter() - start >= minutes * 60:
+            break
+        if stop_after is not None and step >= stop_after:
             break
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
