@@ -79,6 +79,20 @@ def _valid_grid(feat_mask: torch.Tensor, grid: tuple[int, int]) -> list[tuple[in
     return [(int(r), int(c)) for r, c in zip(rows, cols)]
 
 
+def _next_tokens(logits: torch.Tensor, forced: list[list[int]] | None, i: int, pad: int) -> torch.Tensor:
+    """Step ``i``'s tokens ``(N,)``: greedy argmax of logits ``(N, V)``, or the forced ones."""
+    if forced is None:
+        return logits.argmax(dim=-1)
+    return torch.tensor([f[i] if i < len(f) else pad for f in forced], device=logits.device)
+
+
+def _finished(done: torch.Tensor, forced: list[list[int]] | None, i: int) -> bool:
+    """Greedy: every caption has emitted its end token. Forced: the longest caption is done."""
+    if forced is None:
+        return bool(done.all())
+    return i + 1 >= max(len(f) for f in forced)
+
+
 class _Recorder:
     """Per-step outputs of a batched decode, assembled into traces at the end."""
 
@@ -106,10 +120,7 @@ def _incremental(model: CATR, batch: Batch, forced, max_len: int, record: Record
     for i in range(max_len):
         hidden, cross, selfs = model.transformer.decode_step(ids, cache, want_weights=record != "none")
         logits = model.mlp(hidden[:, -1])  # (N, V)
-        if forced is not None:
-            nxt = torch.tensor([f[i] if i < len(f) else c.pad_token_id for f in forced], device=logits.device)
-        else:
-            nxt = logits.argmax(dim=-1)  # (N,)
+        nxt = _next_tokens(logits, forced, i, c.pad_token_id)  # (N,)
         rec.logits.append(logits)
         rec.tokens.append(nxt)
         if record != "none":
@@ -117,9 +128,7 @@ def _incremental(model: CATR, batch: Batch, forced, max_len: int, record: Record
         if record == "all":
             rec.dec_self.append([s[:, :, 0] for s in selfs])  # per layer (N, heads, i+1)
         done |= nxt == c.end_token_id
-        if forced is None and bool(done.all()):
-            break
-        if forced is not None and i + 1 >= max(len(f) for f in forced):
+        if _finished(done, forced, i):
             break
         ids = nxt[:, None]  # (N, 1)
     return rec, feat_mask, grid
@@ -136,15 +145,19 @@ def _template(model: CATR, batch: Batch, forced, max_len: int, record: Record):
     template_mask[:, 0] = False
     done = torch.zeros(n, dtype=torch.bool, device=batch.pixels.device)
     patterns = {"none": [CROSS], "cross": [CROSS], "all": [CROSS, DEC_SELF, ENC_SELF]}[record]
-    feat_mask = grid = None
+    patch_mask: list[torch.Tensor] = []  # the backbone's (N, h, w) patch mask, read by a hook
     for i in range(max_len):
-        with capture_attention(model, patterns) as cap:
-            logits_all = model(batch.pixels, template, template_mask, mask=batch.mask)  # (N, 128, V)
+        hook = None
+        if i == 0:
+            hook = model.backbone[0].register_forward_hook(lambda mod, args, out: patch_mask.append(out[1]))
+        try:
+            with capture_attention(model, patterns) as cap:
+                logits_all = model(batch.pixels, template, template_mask, mask=batch.mask)  # (N, 128, V)
+        finally:
+            if hook is not None:
+                hook.remove()
         logits = logits_all[:, i]  # (N, V)
-        if forced is None:
-            nxt = logits.argmax(dim=-1)  # (N,)
-        else:
-            nxt = torch.tensor([f[i] if i < len(f) else c.pad_token_id for f in forced], device=logits.device)
+        nxt = _next_tokens(logits, forced, i, c.pad_token_id)  # (N,)
         rec.logits.append(logits)
         rec.tokens.append(nxt)
         names = cap.names
@@ -155,27 +168,14 @@ def _template(model: CATR, batch: Batch, forced, max_len: int, record: Record):
             rec.dec_self.append([cap.last(m)[:, :, i, : i + 1] for m in names if m.startswith("transformer.decoder") and m.endswith("self_attn")])
             if rec.enc_self is None:
                 rec.enc_self = torch.stack([cap.last(m) for m in names if m.startswith("transformer.encoder")])
-        if feat_mask is None:
-            key_len = cap.last(names[0]).shape[-1]
-            feat_mask, grid = _feature_mask(model, batch, key_len)
         done |= nxt == c.end_token_id
-        if forced is None and bool(done.all()):
-            break
-        if forced is not None and i + 1 >= max(len(f) for f in forced):
+        if _finished(done, forced, i):
             break
         if i + 1 < length:
             template[:, i + 1] = nxt
             template_mask[:, i + 1] = False
-    return rec, feat_mask, grid
-
-
-def _feature_mask(model: CATR, batch: Batch, key_len: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The patch mask ``(N, S)`` and grid of the batch, as the backbone computes them."""
-    body = model._inference_body.get(batch.pixels) or model.backbone[0].body
-    features, feat_mask = model.backbone[0](batch.pixels, batch.mask, body)  # (N, C, h, w), (N, h, w)
-    grid = (int(features.shape[-2]), int(features.shape[-1]))
-    assert grid[0] * grid[1] == key_len
-    return feat_mask.flatten(1), grid
+    grid = (int(patch_mask[0].shape[1]), int(patch_mask[0].shape[2]))
+    return rec, patch_mask[0].flatten(1), grid
 
 
 def _assemble(model: CATR, batch: Batch, rec: _Recorder, feat_mask, grid, forced, record: Record) -> list[CaptionTrace]:

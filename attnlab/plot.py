@@ -27,13 +27,13 @@ import functools
 import math
 import numbers
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import AttnlabError
+from .fileio import atomic_write
 
 END_TOKEN = "[SEP]"
 UPSAMPLE_MODES = ("bilinear", "bicubic")
@@ -650,22 +650,6 @@ def head_stats(trace: Any, *, words: Sequence[int] | None = None, figsize=None, 
 # ======================================================================
 # export
 # ======================================================================
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(fh)`` on a temp file beside ``path`` then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "xb") rather than mkstemp: the file gets the usual umask permissions, not 0600
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_figure(fig, path: str | os.PathLike, *, dpi: float | None = None) -> Path:
     """Write ``fig`` as PNG or SVG (chosen by the suffix), atomically; returns the path."""
     from matplotlib.figure import Figure
@@ -679,7 +663,7 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: float | None = None) -> Pa
     if path.is_dir():
         raise AttnlabError(f"{path} is a folder: give a file name ending in .png or .svg")
     kwargs = {} if dpi is None else {"dpi": dpi}
-    return _atomic_write(path, lambda fh: fig.savefig(fh, format=suffix[1:], **kwargs))
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=suffix[1:], **kwargs))
 
 
 def save_gif(
@@ -742,7 +726,7 @@ def save_gif(
         frames.append(Image.fromarray(rgba[..., :3].copy()))
 
     duration = int(round(1000.0 / float(fps)))
-    return _atomic_write(
+    return atomic_write(
         path,
         lambda fh: frames[0].save(
             fh, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0

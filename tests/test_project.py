@@ -1,0 +1,49 @@
+"""The project's own promises: dependencies listed twice agree, README commands are CI's."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_lists_every_runtime_dependency():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {_name(r) for r in project["dependencies"]}
+    env = (ROOT / "environment.yml").read_text()
+    listed = {_name(m) for m in re.findall(r"^\s*-\s+([A-Za-z0-9_.\-\[\]]+[^\n#]*)$", env, flags=re.M)}
+    missing = runtime - listed
+    assert not missing, f"environment.yml lacks {sorted(missing)}"
+    assert "python=3.11" in env and "-e ." in env
+
+
+def _readme_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert "attnlab demo" in main_job and "pip install" in main_job
+    assert "pytest" in tests and '".[dev]"' in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    # .ci/run performs the README's test command step by step
+    for step in [s.strip() for s in tests.split("&&")]:
+        assert step in ci, f".ci/run does not run: {step}"
+
+
+def test_console_script_points_at_main():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["attnlab"] == "attnlab.cli:main"
+    from attnlab.cli import main
+
+    assert callable(main)
