@@ -79,6 +79,22 @@ def _valid_grid(feat_mask: torch.Tensor, grid: tuple[int, int]) -> list[tuple[in
     return [(int(r), int(c)) for r, c in zip(rows, cols)]
 
 
+def make_template(config, prefixes: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original write-up's decoder input: one 128-position row per caption.
+
+    Row ``n`` holds the start token, then ``prefixes[n]``, then zeros; the mask
+    is True on the empty positions. Returns ids and mask, both ``(N, max_positions)``.
+    """
+    length = config.max_positions
+    template = torch.zeros(len(prefixes), length, dtype=torch.long)  # (N, L)
+    mask = torch.ones(len(prefixes), length, dtype=torch.bool)  # (N, L): True = empty
+    for n, prefix in enumerate(prefixes):
+        ids = [config.start_token_id, *prefix][:length]
+        template[n, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[n, : len(ids)] = False
+    return template, mask
+
+
 def _next_tokens(logits: torch.Tensor, forced: list[list[int]] | None, i: int, pad: int) -> torch.Tensor:
     """Step ``i``'s tokens ``(N,)``: greedy argmax of logits ``(N, V)``, or the forced ones."""
     if forced is None:
@@ -139,10 +155,8 @@ def _template(model: CATR, batch: Batch, forced, max_len: int, record: Record):
     rec = _Recorder()
     n = batch.pixels.shape[0]
     length = c.max_positions
-    template = torch.zeros(n, length, dtype=torch.long, device=batch.pixels.device)  # (N, 128)
-    template_mask = torch.ones(n, length, dtype=torch.bool, device=batch.pixels.device)  # (N, 128) True = empty
-    template[:, 0] = c.start_token_id
-    template_mask[:, 0] = False
+    template, template_mask = make_template(c, [[] for _ in range(n)])  # (N, 128) each
+    template, template_mask = template.to(batch.pixels.device), template_mask.to(batch.pixels.device)
     done = torch.zeros(n, dtype=torch.bool, device=batch.pixels.device)
     patterns = {"none": [CROSS], "cross": [CROSS], "all": [CROSS, DEC_SELF, ENC_SELF]}[record]
     patch_mask: list[torch.Tensor] = []  # the backbone's (N, h, w) patch mask, read by a hook

@@ -336,12 +336,16 @@ class AttentionExplorer(widgets.VBox):
         start = time.perf_counter()
         grid = self.view == VIEW_GRID
         self.head_dropdown.disabled = grid  # the grid shows every head
+        key = VIEW_GRID if grid else VIEW_AVERAGED
         if grid:
             self._update_grid()
-            png = self._png(VIEW_GRID)
         else:
             self._update_averaged()
-            png = self._png(VIEW_AVERAGED)
+        png = self._png(key)
+        # show the PNG at its own pixel size: the browser would otherwise stretch it to the cell width
+        width = f"{self._canvases[key].get_width_height()[0]}px"
+        if self.image.layout.width != width:
+            self.image.layout.width = width
         self.word_label.value = self._word_text()
         self.image.value = png
         self.last_render_s = time.perf_counter() - start

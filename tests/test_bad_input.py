@@ -25,13 +25,7 @@ from attnlab.preprocess import load_image, resized_size
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is small and shared: one intra-op thread keeps each caption ~0.2 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

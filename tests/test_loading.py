@@ -35,12 +35,7 @@ assert len(TOKENS) == 120 and ID["[CLS]"] == 101 and ID["a"] == 104
 TOKENS40 = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"] + [f"w{i}" for i in range(36)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def small_config(**kw) -> CATRConfig:

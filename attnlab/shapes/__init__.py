@@ -28,7 +28,12 @@ from .scenes import (
     shape_mask,
 )
 
+from .evaluate import evaluate, patch_overlap, pointing
+
 __all__ = [
+    "evaluate",
+    "patch_overlap",
+    "pointing",
     "BOUND_RADIUS",
     "CLS_ID",
     "COLORS",

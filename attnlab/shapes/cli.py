@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import AttnlabError
+from .train import TrainConfig
 
 DEFAULT_DEMO_DIR = "attnlab-demo"
 
@@ -37,10 +38,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .train import train
 
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size)
-    result = train(args.out, minutes=args.minutes, cfg=cfg, resume=args.resume)
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup)
+    result = train(args.out, minutes=args.minutes, cfg=cfg, resume=args.resume, init=args.init)
     print(
         f"trained {result['steps']} steps in {result['seconds'] / 60:.1f} min; "
         f"last batch: loss {result['loss']:.4f}, token accuracy {result['token_accuracy']:.3f}; wrote {result['out']}"
@@ -73,6 +74,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="shapes.pt", metavar="PATH")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from PATH.train")
+    p.add_argument("--init", default=None, metavar="CKPT", help="fine-tune from this shapes checkpoint (new schedule)")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"peak learning rate (default {TrainConfig.lr})")
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="warm-up steps")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="caption accuracy and pointing game on held-out scenes")

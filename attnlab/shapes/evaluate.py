@@ -10,12 +10,11 @@ is the share of patches that overlap the object, averaged over the same words.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from ..decode import caption
 from ..models.catr import CATR
+from ..trace import CaptionTrace
 from .scenes import COLORS, SEP_ID, SHAPES, SIZES, Scene, encode_caption, make_scenes
 
 CATEGORIES = {"size": set(SIZES), "color": set(COLORS), "shape": set(SHAPES)}
@@ -38,13 +37,25 @@ def patch_overlap(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return out
 
 
-@dataclass
-class PointingTally:
-    """Hits per category, per decoder layer (+ the mean over layers as the last row)."""
+def pointing(trace: CaptionTrace, scene: Scene) -> list[tuple[int, str, np.ndarray, float]]:
+    """The pointing game on one teacher-forced trace of ``scene``'s true caption.
 
-    hits: dict[str, list[int]] = field(default_factory=dict)
-    baseline: dict[str, float] = field(default_factory=dict)
-    count: dict[str, int] = field(default_factory=dict)
+    For every size, colour and shape word returns ``(step, category, hits, chance)``:
+    ``hits`` ``(layers, heads + 1)`` bool says whether each head's map (and, in the
+    last column, the head mean) peaks on a patch overlapping the named object;
+    ``chance`` is the share of patches that overlap it (a random patch's hit rate).
+    """
+    ca = trace.cross_attention  # (layers, heads, steps, gh, gw)
+    maps = np.concatenate([ca, ca.mean(axis=1, keepdims=True)], axis=1)  # (layers, heads + 1, steps, gh, gw)
+    out = []
+    for step, (word, obj) in enumerate(zip(scene.words, scene.word_objects)):
+        category = next((k for k, words in CATEGORIES.items() if word in words), None)
+        if category is None or obj is None:
+            continue
+        overlap = patch_overlap(scene.objects[obj].mask, trace.grid).reshape(-1)  # (S,)
+        peaks = maps[:, :, step].reshape(*maps.shape[:2], -1).argmax(axis=-1)  # (layers, heads + 1)
+        out.append((step, category, overlap[peaks], float(overlap.mean())))
+    return out
 
 
 def evaluate(model: CATR, n: int = 500, seed: int = 0, batch_size: int = 50) -> dict:
@@ -74,20 +85,15 @@ def evaluate(model: CATR, n: int = 500, seed: int = 0, batch_size: int = 50) -> 
             exact += pred == t
             word_hits += sum(1 for i, tok in enumerate(t) if i < len(pred) and pred[i] == tok)
             word_total += len(t)
-            maps = f.mean_heads()  # (layers, steps, gh, gw)
-            maps = np.concatenate([maps, maps.mean(axis=0, keepdims=True)])  # (layers + 1, steps, gh, gw)
-            for step, (word, obj) in enumerate(zip(scene.words, scene.word_objects)):
-                cat = next((k for k, words in CATEGORIES.items() if word in words), None)
-                if cat is None or obj is None:
-                    continue
-                overlap = patch_overlap(scene.objects[obj].mask, f.grid)  # (gh, gw)
-                peaks = maps[:, step].reshape(maps.shape[0], -1).argmax(axis=1)  # (layers + 1,)
-                hit = overlap.reshape(-1)[peaks]  # (layers + 1,)
+            mean_of_layers = f.mean_heads().mean(axis=0)  # (steps, gh, gw): heads and layers averaged
+            for step, cat, hit, chance in pointing(f, scene):
+                overlap = patch_overlap(scene.objects[scene.word_objects[step]].mask, f.grid).reshape(-1)  # (S,)
+                hit = np.append(hit[:, -1], overlap[mean_of_layers[step].argmax()])  # (layers + 1,): head means
                 for k in (cat, "all"):
                     hits[k] += hit
-                    base[k] += overlap.mean()
+                    base[k] += chance
                     count[k] += 1
-    pointing = {
+    rates = {
         k: {
             "layers": (hits[k][:layers] / max(count[k], 1)).tolist(),
             "mean_of_layers": float(hits[k][layers] / max(count[k], 1)),
@@ -96,7 +102,7 @@ def evaluate(model: CATR, n: int = 500, seed: int = 0, batch_size: int = 50) -> 
         }
         for k in hits
     }
-    return {"scenes": n, "seed": seed, "exact": exact / n, "word_accuracy": word_hits / word_total, "pointing": pointing}
+    return {"scenes": n, "seed": seed, "exact": exact / n, "word_accuracy": word_hits / word_total, "pointing": rates}
 
 
 def format_report(result: dict) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import AttnlabError
 from ..fileio import atomic_write
-from ..hub import read_checkpoint, save_checkpoint
+from ..hub import check_state_dict, read_checkpoint, save_checkpoint
 from .model import build_shapes_model
 from .scenes import MAX_CAPTION_WORDS, PAD_ID, SEED_STRIDE, CLS_ID, SEP_ID, encode_caption, make_scene, scene_seed
 
@@ -84,6 +84,7 @@ def train(
     progress: bool = True,
     save_every: int = 250,
     stop_after: int | None = None,
+    init: str | Path | None = None,
 ) -> dict:
     """Train (or resume) the shapes model; writes ``out`` (the model, attnlab format)
     and ``out.train`` (optimizer state, to resume). Returns a summary dict.
@@ -91,10 +92,18 @@ def train(
     ``minutes`` stops at the first step boundary after that much time, and
     ``stop_after`` after that many steps; either way the schedule stays the one of
     ``cfg.steps``, so a later ``resume=True`` continues exactly where it stopped.
+    ``init``: start from the weights of a shapes checkpoint (fine-tuning with a new
+    schedule) instead of random ones; its record is kept in the new file's meta.
     """
     cfg = cfg or TrainConfig()
     out = Path(out)
     model = build_shapes_model(cfg.seed)
+    lineage = []
+    if init is not None:
+        start_from = read_checkpoint(init)
+        check_state_dict(model, start_from["model"], str(init))
+        model.load_state_dict(start_from["model"])
+        lineage = [*start_from.get("meta", {}).get("lineage", []), {k: v for k, v in start_from.get("meta", {}).items() if k != "lineage"}]
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
@@ -123,7 +132,13 @@ def train(
     loss = acc = float("nan")
 
     def save() -> None:
-        meta = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "train_config": vars(cfg)}
+        meta = {
+            "steps": step,
+            "seconds": round(time.perf_counter() - start, 1),
+            "train_config": vars(cfg),
+            "init": None if init is None else str(init),
+            "lineage": lineage,  # the meta of the checkpoints this one was fine-tuned from
+        }
         save_checkpoint(model, out, meta=meta)
         state = {
             "model": model.state_dict(),
