@@ -104,9 +104,7 @@ class Backbone(nn.Module):
         Returns features ``(N, C, h, w)`` and their mask ``(N, h, w)``. ``body``
         replaces ``self.body`` (the inference copy with folded batch norms).
         """
-        if body is not None:
-            images = images.contiguous(memory_format=torch.channels_last)
-        features = (body or self.body)(images).contiguous()  # (N, C, h, w)
+        features = (body or self.body)(images)  # (N, C, h, w)
         feat_mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].to(torch.bool)  # (N, h, w)
         return features, feat_mask
 

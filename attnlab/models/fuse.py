@@ -80,8 +80,7 @@ class InferenceBody:
         key = self._state_key()
         if key != self._key:
             with torch.no_grad():
-                # channels-last lets the CPU and GPU convolution kernels skip layout copies
-                self._fused = fold_batch_norms(self._body).to(memory_format=torch.channels_last)
+                self._fused = fold_batch_norms(self._body)
             self._key = key
         return self._fused
 
