@@ -215,8 +215,8 @@ def _assemble(model: CATR, batch: Batch, rec: _Recorder, feat_mask, grid, forced
             e = rec.enc_self[:, b].float().cpu()  # (layers, heads, S, S)
             e = e.reshape(*e.shape[:2], *grid, *grid)[:, :, :gh, :gw, :gh, :gw]  # (layers, heads, gh, gw, gh, gw)
             enc = np.ascontiguousarray(e.reshape(*e.shape[:2], gh * gw, gh * gw).numpy())
-            layers, heads = rec.dec_self[0][0].shape[0], rec.dec_self[0][0].shape[1]
-            dec = np.zeros((len(rec.dec_self[0]), rec.dec_self[0][0].shape[1], steps, steps), dtype=np.float32)
+            layers, heads = len(rec.dec_self[0]), rec.dec_self[0][0].shape[1]
+            dec = np.zeros((layers, heads, steps, steps), dtype=np.float32)  # row t: step t over steps 0..t
             for t in range(steps):
                 for layer, row in enumerate(rec.dec_self[t]):
                     dec[layer, :, t, : t + 1] = row[b].float().cpu().numpy()  # (heads, t+1)

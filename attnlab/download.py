@@ -62,33 +62,3 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 30
             f"could not download {url} ({reason}); without network, download it on another machine and put it at {dest}"
         ) from None
     return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
-            if bar is not None:
-                bar.close()
-            if total is not None and out.tell() != total:
-                raise AttnlabError(f"the download of {url} stopped early ({out.tell()} of {total} bytes): try again")
-        os.replace(tmp, dest)
-    # http.client.HTTPException (IncompleteRead of a cut chunked body, BadStatusLine) is no OSError
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as exc:
-        reason = " ".join(str(getattr(exc, "reason", None) or exc).split()) or type(exc).__name__  # one line
-        raise AttnlabError(
-            f"could not download {url} ({reason}); without network, download it on another machine and put it at {dest}"
-        ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
-

@@ -85,7 +85,7 @@ def _tiny_cfg(steps: int) -> TrainConfig:
 def test_training_reduces_the_loss_and_is_deterministic(tmp_path):
     cfg = _tiny_cfg(12)
     a = train(tmp_path / "a.pt", cfg=cfg, progress=False, save_every=100)
-    b = train(tmp_path / "b.pt", cfg=cfg, progress=False, save_every=100)
+    train(tmp_path / "b.pt", cfg=cfg, progress=False, save_every=100)
     first = train(tmp_path / "c.pt", cfg=_tiny_cfg(1), progress=False)
     assert a["loss"] < first["loss"] - 0.3  # 12 steps learn the frequent words
     sa = torch.load(tmp_path / "a.pt", weights_only=True)["model"]
