@@ -129,7 +129,7 @@ def _special_ids_from_vocab(config: CATRConfig, vocab: Vocab) -> None:
     another vocabulary has them elsewhere, and the ids cannot be read off the weights.
     """
     for token, attr in (("[CLS]", "start_token_id"), ("[SEP]", "end_token_id"), ("[PAD]", "pad_token_id")):
-        if token in vocab._ids:
+        if token in vocab:
             setattr(config, attr, vocab.id_of(token))
 
 

@@ -62,6 +62,9 @@ class Vocab:
             raise AttnlabError(f"vocabulary {path} is empty: it must be a vocab.txt with one token per line")
         return cls(tokens, wordpiece=wordpiece)
 
+    def __contains__(self, token: object) -> bool:
+        return token in self._ids
+
     def id_of(self, token: str) -> int:
         return self._ids[token]
 
