@@ -15,7 +15,6 @@ Both give the same tokens and the same attention rows (tests check to 1e-5).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -208,7 +207,8 @@ def _assemble(model: CATR, batch: Batch, rec: _Recorder, feat_mask, grid, forced
         ids = ids[:steps]
         ca = None
         if cross is not None:
-            ca = cross[:, b, :, :steps].reshape(*cross.shape[:1], cross.shape[2], steps, *grid)[..., :gh, :gw]  # (layers, heads, steps, gh, gw)
+            layers, _, heads = cross.shape[:3]
+            ca = cross[:, b, :, :steps].reshape(layers, heads, steps, *grid)[..., :gh, :gw]  # (layers, heads, steps, gh, gw)
             ca = np.ascontiguousarray(ca.numpy())
         enc = dec = None
         if record == "all":
@@ -219,7 +219,7 @@ def _assemble(model: CATR, batch: Batch, rec: _Recorder, feat_mask, grid, forced
             dec = np.zeros((layers, heads, steps, steps), dtype=np.float32)  # row t: step t over steps 0..t
             for t in range(steps):
                 for layer, row in enumerate(rec.dec_self[t]):
-                    dec[layer, :, t, : t + 1] = row[b].float().cpu().numpy()  # (heads, t+1)
+                    dec[layer, :, t, : t + 1] = row[b].float().cpu().numpy()  # row: (N, heads, t+1)
         traces.append(
             CaptionTrace(
                 token_ids=np.array(ids, dtype=np.int64),
@@ -285,8 +285,7 @@ def caption(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask.*")
+        with torch.inference_mode():
             run = _incremental if mode == "incremental" else _template
             rec, feat_mask, grid = run(model, batch, forced, max_len, record)
             traces = _assemble(model, batch, rec, feat_mask, grid, forced, record)

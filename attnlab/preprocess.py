@@ -134,6 +134,19 @@ def resized_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     return max(1, int(width * long_side / height)), long_side
 
 
+def normalize(
+    images: np.ndarray,
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+) -> torch.Tensor:
+    """uint8 RGB ``(N, h, w, 3)`` -> float32 ``(N, 3, h, w)``: ``(x / 255 - mean) / std`` per channel.
+
+    The one place pixels become model input, for captioning and for training alike.
+    """
+    x = torch.tensor(images).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, h, w) in [0, 1] (a copy: arrays may be read-only)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
 @dataclass
 class Batch:
     """Normalised images, zero-padded to the largest, with their padding mask."""
@@ -158,10 +171,7 @@ def prepare(
     width = max(r.shape[1] for r in resized)
     pixels = torch.zeros(len(resized), 3, height, width)  # (N, 3, H, W)
     mask = torch.ones(len(resized), height, width, dtype=torch.bool)  # (N, H, W)
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
     for i, r in enumerate(resized):
-        x = torch.from_numpy(np.array(r)).permute(2, 0, 1).float() / 255.0  # (3, h, w) in [0, 1]
-        pixels[i, :, : r.shape[0], : r.shape[1]] = (x - m) / s
+        pixels[i, :, : r.shape[0], : r.shape[1]] = normalize(r[None], mean, std)[0]  # (3, h, w); padding stays 0
         mask[i, : r.shape[0], : r.shape[1]] = False
     return Batch(pixels, mask, resized)

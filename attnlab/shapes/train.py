@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..errors import AttnlabError
 from ..fileio import atomic_write
 from ..hub import check_state_dict, read_checkpoint, save_checkpoint
+from ..preprocess import normalize
 from .model import build_shapes_model
 from .scenes import MAX_CAPTION_WORDS, PAD_ID, SEED_STRIDE, CLS_ID, SEP_ID, encode_caption, make_scene, scene_seed
 
@@ -45,8 +46,7 @@ def scene_batch(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, to
         images[j] = scene.image
         words = [CLS_ID, *encode_caption(scene.caption), SEP_ID]
         ids[j, : len(words)] = words
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)  # (B, 3, H, W)
-    return pixels, torch.from_numpy(ids)
+    return normalize(images), torch.from_numpy(ids)  # (B, 3, H, W) with the mean/std of shapes_config()
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
