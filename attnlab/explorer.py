@@ -35,7 +35,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-import attnlab.plot as _plot  # not `from . import plot`: the package's lazy __getattr__ must not be hit
+from . import plot as _plot
 from .errors import AttnlabError
 
 VIEW_AVERAGED = "averaged"

@@ -66,6 +66,7 @@ class Vocab:
         return token in self._ids
 
     def id_of(self, token: str) -> int:
+        """The id of ``token`` (KeyError when it is not in the table)."""
         return self._ids[token]
 
     def token(self, token_id: int) -> str:

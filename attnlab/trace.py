@@ -76,10 +76,12 @@ class CaptionTrace:
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers in ``cross_attention`` (0 when nothing was recorded)."""
         return 0 if self.cross_attention is None else self.cross_attention.shape[0]
 
     @property
     def num_heads(self) -> int:
+        """Attention heads per layer in ``cross_attention`` (0 when nothing was recorded)."""
         return 0 if self.cross_attention is None else self.cross_attention.shape[1]
 
     def _require_attention(self) -> np.ndarray:

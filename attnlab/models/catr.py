@@ -43,10 +43,12 @@ class CATRConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values, as stored in attnlab checkpoints."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CATRConfig":
+        """The inverse of :meth:`to_dict`; unknown keys are ignored, missing ones take defaults."""
         known = {f.name for f in fields(cls)}
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**values)

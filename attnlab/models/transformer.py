@@ -59,6 +59,7 @@ class TransformerEncoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, src: torch.Tensor, key_padding_mask: torch.Tensor | None, pos: torch.Tensor | None) -> torch.Tensor:
+        """src, pos ``(S, N, E)``; key_padding_mask ``(N, S)`` -> memory ``(S, N, E)`` (after the final norm)."""
         for layer in self.layers:
             src = layer(src, key_padding_mask, pos)
         return self.norm(src)  # (S, N, E)
@@ -214,6 +215,7 @@ class TransformerDecoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, **kwargs) -> torch.Tensor:
+        """tgt ``(T, N, E)``, memory ``(S, N, E)``, masks and positions as in the layers -> ``(T, N, E)``."""
         for layer in self.layers:
             tgt = layer(tgt, memory, **kwargs)
         return self.norm(tgt)  # (T, N, E)
