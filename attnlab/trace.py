@@ -4,7 +4,7 @@ The file format (``.npz``, one ``.npy`` member per array plus a JSON ``header``)
 carries one integer :data:`TRACE_VERSION`. Reading is defensive: only the
 members listed in :data:`MEMBERS` are read, each member's shape, dtype and size
 are taken from its zip and ``.npy`` headers and checked against the others and
-against :data:`LIMITS` and :data:`MAX_TRACE_BYTES` *before* anything is
+against :data:`LIMITS` and a memory budget (:data:`MAX_TRACE_BYTES`) *before* anything is
 decompressed, and damaged values (a string version, an infinite grid, token ids
 beyond the vocabulary, NaN attention, ...) are refused with one line.
 
@@ -63,7 +63,7 @@ LIMITS = {
     "prefix_tokens": 4096,
     "image": 16384,  # pixels per side of the stored image
 }
-MAX_TRACE_BYTES = 4 * 1024**3  # all arrays together, uncompressed
+MAX_TRACE_BYTES = 1024**3  # all arrays together, uncompressed (CaptionTrace.load(max_bytes=...) to allow more)
 MAX_HEADER_BYTES = 16 * 1024**2  # the JSON header (words, caption, meta)
 _NPY_HEADER_MAX = 10_000  # numpy's own limit for a .npy header
 
@@ -232,18 +232,20 @@ class CaptionTrace:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CaptionTrace":
+    def load(cls, path: str | os.PathLike, *, max_bytes: int = MAX_TRACE_BYTES) -> "CaptionTrace":
         """Read a trace written by :meth:`save` (any version up to :data:`TRACE_VERSION`).
 
         Refuses with one line (:class:`AttnlabError`) a file that is not a trace,
         comes from a newer attnlab, holds unknown or oversized members, or whose
         values are damaged; nothing big is decompressed before the checks pass.
+        ``max_bytes``: the most its arrays may take in memory together (default
+        1 GiB; raise it for a trusted ``record="all"`` trace of a big model).
         """
         path = Path(path)
         with _open_trace(path) as zf:
             header, version, members = _read_header(path, zf)
             shapes = {name: _peek(path, zf, info) for name, info in members.items() if name != "header"}
-            _check_shapes(path, header, version, shapes)
+            _check_shapes(path, header, version, shapes, max_bytes)
             arrays = {name: _read_member(path, zf, members[name]) for name in shapes}
         header, arrays = _upgrade(header, arrays, version)
         _check_values(path, arrays)
@@ -429,7 +431,7 @@ def _read_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.n
         raise _damaged(path, f"member {info.filename}: {type(exc).__name__}: {exc}") from None
 
 
-def _check_shapes(path: Path, header: dict[str, Any], version: int, shapes: dict[str, tuple]) -> None:
+def _check_shapes(path: Path, header: dict[str, Any], version: int, shapes: dict[str, tuple], max_bytes: int) -> None:
     """Every declared shape against the header and the others, before any array is read."""
     steps = len(header["words"])
     rows, cols = header["grid"]
@@ -469,8 +471,11 @@ def _check_shapes(path: Path, header: dict[str, Any], version: int, shapes: dict
     if dec is not None:
         need("decoder_self_attention", len(dec) == 4 and lh(dec) and dec[2:] == (steps, steps), f"(layers, heads, {steps}, {steps}), {layers_heads}")
     total = sum(nbytes for _, _, nbytes in shapes.values())
-    if total > MAX_TRACE_BYTES:
-        raise _damaged(path, f"its arrays would take {total / 1024**2:,.0f} MiB, more than attnlab reads ({MAX_TRACE_BYTES / 1024**2:,.0f} MiB)")
+    if total > max_bytes:
+        raise AttnlabError(
+            f"{path} was refused: its arrays would take {total / 1024**2:,.0f} MiB, more than max_bytes "
+            f"({max_bytes / 1024**2:,.0f} MiB); if you trust the file, load it with CaptionTrace.load(path, max_bytes=...)"
+        )
 
 
 def _check_values(path: Path, arrays: dict[str, np.ndarray]) -> None:
