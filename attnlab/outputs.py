@@ -218,7 +218,7 @@ def _conflict(path: Path, plan: Planned, inputs: _Inputs, overwrite: bool) -> st
         return None
     recorded = None if stat.S_ISLNK(mode) else _recorded_source(path, path.name.endswith(FIGURE_SUFFIX))
     if recorded is None:
-        return f"{path} exists and attnlab did not write it: pass --overwrite to replace it, or give another --out folder"
+        return f"{path} exists and attnlab did not write it for this image (it records no input): pass --overwrite to replace it, or give another --out folder"
     source, sha = recorded
     if source != plan.source.label:
         return f"{path} holds attnlab's output for another image ({source}): pass --overwrite to replace it, or give another --out folder"

@@ -551,9 +551,9 @@ def test_a_folder_in_the_way_keeps_the_older_trace(tmp_path, capsys):
     x = photo(tmp_path / "x.png")
     pd = tmp_path / "pd"
     assert caption_cli(capsys, str(x), "--out", str(pd))[0] == 0
-    (pd / "x.attn.png").unlink()
-    (pd / "x.attn.png").mkdir()  # a folder where the figure goes
-    (pd / "x.png").mkdir()  # and where attnlab 0.1 put it
+    for figure in ("x.attn.png", "x.png"):  # folders where the figure goes (and where attnlab 0.1 put it)
+        (pd / figure).unlink(missing_ok=True)
+        (pd / figure).mkdir()
     before = hashes(pd)
     rc, out, err = caption_cli(capsys, str(x), "--out", str(pd))
     line = error_line(err)
