@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import http.server
 import threading
+from pathlib import Path
+
+import pytest
 
 
 class Server:
@@ -71,3 +74,25 @@ def send(handler, body: bytes, *, content_type: str = "application/octet-stream"
     handler.end_headers()
     handler.wfile.write(body)
     handler.close_connection = True
+
+
+@pytest.fixture
+def serve():
+    """``serve(routes)`` starts a :class:`Server`; every one is stopped after the test."""
+    servers: list[Server] = []
+
+    def start(routes):
+        servers.append(Server(routes))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty download cache of the test's own (``$ATTNLAB_CACHE``)."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("ATTNLAB_CACHE", str(root))
+    return root

@@ -37,6 +37,7 @@ import attnlab
 from attnlab.errors import AttnlabError
 from attnlab.models import CATR, CATRConfig
 from attnlab.preprocess import load_image, resized_size
+from local_http import cache, serve  # noqa: F401 (fixtures)
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -844,28 +845,6 @@ def published(model) -> tuple[bytes, bytes]:
     return buf.getvalue(), ("\n".join(DOWNLOAD_VOCAB) + "\n").encode()
 
 
-@pytest.fixture
-def server():
-    from local_http import Server
-
-    servers = []
-
-    def start(routes):
-        servers.append(Server(routes))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ATTNLAB_CACHE", str(root))
-    return root
-
-
 def _point_at(monkeypatch, server, ckpt="/w.pth", vocab="/vocab.txt") -> None:
     from attnlab import hub
 
@@ -890,7 +869,7 @@ HTML = b"<!DOCTYPE html><html><body>Sign in to the campus network</body></html>\
     ],
     ids=["html-page", "html-as-octet-stream", "cut-without-content-length", "html-vocabulary"],
 )
-def test_bad_download_never_enters_the_cache(server, cache, monkeypatch, published, ckpt_route, vocab_route, needle, kept):
+def test_bad_download_never_enters_the_cache(serve, cache, monkeypatch, published, ckpt_route, vocab_route, needle, kept):
     from local_http import send
 
     ckpt, vocab = published
@@ -900,7 +879,7 @@ def test_bad_download_never_enters_the_cache(server, cache, monkeypatch, publish
         "cut-without-length": lambda h: send(h, ckpt[: len(ckpt) // 2], length=False),
         "html-vocab": lambda h: send(h, HTML, content_type="text/plain"),
     }
-    srv = server({"/w.pth": routes.get(ckpt_route, ckpt), "/vocab.txt": routes.get(vocab_route, vocab)})
+    srv = serve({"/w.pth": routes.get(ckpt_route, ckpt), "/vocab.txt": routes.get(vocab_route, vocab)})
     _point_at(monkeypatch, srv)
     message = assert_error(lambda: attnlab.load_model("catr-v3"), needle)
     assert "nothing was kept" in message
@@ -910,11 +889,11 @@ def test_bad_download_never_enters_the_cache(server, cache, monkeypatch, publish
     assert len(srv.requests) > requests
 
 
-def test_a_bad_cached_file_is_set_aside_and_fetched_again(server, cache, monkeypatch, published):
+def test_a_bad_cached_file_is_set_aside_and_fetched_again(serve, cache, monkeypatch, published):
     ckpt, vocab = published
     cache.mkdir()
     (cache / "catr-v3.pth").write_bytes(HTML)  # what attnlab 0.1 cached from a captive portal
-    srv = server({"/w.pth": ckpt, "/vocab.txt": vocab})
+    srv = serve({"/w.pth": ckpt, "/vocab.txt": vocab})
     _point_at(monkeypatch, srv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -948,7 +927,7 @@ def test_a_bad_cached_file_offline_names_both_files(cache, monkeypatch, publishe
     assert (cache / "catr-v3.pth.bad").read_bytes() == HTML and not (cache / "catr-v3.pth").exists()
 
 
-def test_download_deadline_and_stall_bar(server, tmp_path, monkeypatch, capsys):
+def test_download_deadline_and_stall_bar(serve, tmp_path, monkeypatch, capsys):
     import time
 
     from attnlab import download as dl
@@ -971,7 +950,7 @@ def test_download_deadline_and_stall_bar(server, tmp_path, monkeypatch, capsys):
         time.sleep(1.5)
         h.wfile.write(b"s" * 1000)
 
-    srv = server({"/slow": trickle, "/stall": stall})
+    srv = serve({"/slow": trickle, "/stall": stall})
     start = time.monotonic()
     message = assert_error(lambda: dl.download(srv.url("/slow"), tmp_path / "slow.bin", deadline=0.5, progress=False), "longer than 0.5 s")
     assert time.monotonic() - start < 3 and srv.url("/slow") in message
@@ -984,10 +963,10 @@ def test_download_deadline_and_stall_bar(server, tmp_path, monkeypatch, capsys):
     assert "stalled" in capsys.readouterr().err
 
 
-def test_full_cache_disk_is_not_called_no_network(server, tmp_path, monkeypatch, published):
+def test_full_cache_disk_is_not_called_no_network(serve, tmp_path, monkeypatch, published):
     from attnlab import download as dl
 
-    srv = server({"/w.pth": published[0]})
+    srv = serve({"/w.pth": published[0]})
 
     def dev_full(path):  # writes fail as on a full disk (ENOSPC)
         return os.open("/dev/full", os.O_WRONLY), tmp_path / "never.tmp"
@@ -1002,7 +981,7 @@ def _dead_pid() -> int:
     return int(proc.stdout)
 
 
-def test_stale_temporary_files_are_removed_live_ones_kept(server, cache, monkeypatch, published, tmp_path):
+def test_stale_temporary_files_are_removed_live_ones_kept(serve, cache, monkeypatch, published, tmp_path):
     import time
 
     from attnlab.fileio import _host, remove_stale_temps
@@ -1015,7 +994,8 @@ def test_stale_temporary_files_are_removed_live_ones_kept(server, cache, monkeyp
             "old": folder / ".catr-v3.pth.ijkl9012.tmp",  # attnlab 0.1's name, 7 hours old
             "fresh": folder / ".catr-v3.pth.mnop3456.tmp",  # attnlab 0.1's name, just written
             "other-host": folder / f".x.npz.qrst7890.pid{_dead_pid()}.elsewhere.tmp",
-            "users": folder / ".notes.tmp",  # not a name attnlab makes
+            "figure": folder / f".x.attn.png.uvwx1234.pid{_dead_pid()}.{_host()}.tmp.png",  # a killed caption --out
+            "users": folder / ".holiday.abcd1234.tmp",  # not a name attnlab makes
         }
         for p in files.values():
             p.write_bytes(b"partial")
@@ -1025,7 +1005,7 @@ def test_stale_temporary_files_are_removed_live_ones_kept(server, cache, monkeyp
         return files
 
     files = make(cache)
-    srv = server({"/w.pth": published[0], "/vocab.txt": published[1]})
+    srv = serve({"/w.pth": published[0], "/vocab.txt": published[1]})
     _point_at(monkeypatch, srv)
     attnlab.load_model("catr-v3")  # the cache on the next run
     left = {k for k, p in files.items() if p.exists()}

@@ -23,7 +23,7 @@ from attnlab import hub
 from attnlab.errors import AttnlabError
 from attnlab.models import CATR, CATRConfig
 from attnlab.tokenizer import Vocab
-from local_http import Server
+from local_http import cache, serve  # noqa: F401 (fixtures)
 
 # A BERT-shaped vocabulary of 120 tokens: [PAD]=0, [unused*], [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103.
 WORDS = ["a", "young", "girl", "##s", ".", "play", "##ing", "with", "kite", "'", "s", ",", "dog", "the", "##ball", "?"]
@@ -375,26 +375,6 @@ def test_cuda_unavailable(tmp_path):
 
 
 # ====================================================================== downloads
-@pytest.fixture
-def serve():
-    servers: list[Server] = []
-
-    def start(routes):
-        servers.append(Server(routes))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ATTNLAB_CACHE", str(root))
-    return root
-
-
 @pytest.fixture(scope="module")
 def published() -> tuple[dict[str, torch.Tensor], bytes, bytes]:
     """A reduced checkpoint in CATR's published layout, and the vocabulary, as bytes."""
