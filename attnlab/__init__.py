@@ -16,17 +16,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .adapters import wrap
 from .capture import AttentionCapture, capture_attention
 from .captioner import Captioner, CaptionerSpec, Encoded, StepOutput
 from .decode import caption
 from .errors import AttnlabError
 from .hub import load_model, save_checkpoint
+from .tap import AttentionTap
 from .trace import CaptionTrace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCapture",
+    "AttentionTap",
     "AttnlabError",
     "CaptionTrace",
     "Captioner",
@@ -39,6 +42,7 @@ __all__ = [
     "load_model",
     "plot",
     "save_checkpoint",
+    "wrap",
 ]
 
 

@@ -15,6 +15,11 @@ How it sees what plain hooks miss:
 * timm blocks built with fused attention (``F.scaled_dot_product_attention``):
   ``fused_attn`` is set to False inside the block, and a hook on its
   ``attn_drop`` reads the softmax weights.
+* Hand-written attention (plain tensor code): name the ``nn.Dropout`` applied
+  to the softmax output (``include="h.*.attn.attn_dropout"``: the last part of
+  the pattern must be literal) or insert an :class:`~attnlab.tap.AttentionTap`
+  (``att = self.tap(att)``); the input is recorded, per-head ``(N, heads, L, S)``,
+  single-head ``(N, L, S)`` or merged ``(N * heads, L, S)`` (``AttentionTap(num_heads=h)``).
 Everything is undone when the ``with`` block ends, also on exceptions.
 """
 
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import AttnlabError
+from .tap import AttentionTap
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -75,14 +81,45 @@ def _is_timm_attention(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module :func:`capture_attention` can capture: qualified name -> module."""
+    """Every module :func:`capture_attention` captures by default: qualified name -> module
+    (``nn.MultiheadAttention``, timm attention blocks, :class:`~attnlab.tap.AttentionTap`)."""
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) or _is_timm_attention(m)
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.MultiheadAttention, AttentionTap)) or _is_timm_attention(m)
     }
 
 
 def _match(name: str, include: Sequence[str] | None) -> bool:
     return include is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
+
+
+def _named_dropouts(model: nn.Module, include: Sequence[str] | None) -> dict[str, nn.Module]:
+    """``nn.Dropout`` modules named by a pattern whose last component has no wildcard,
+    e.g. ``"h.*.attn.attn_dropout"``: the dropout after a hand-written softmax, whose
+    input is the attention weights. (Broad patterns never pick up dropouts.)"""
+    if include is None:
+        return {}
+    exact_tail = [p for p in include if not any(ch in p.rsplit(".", 1)[-1] for ch in "*?[")]
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Dropout) and any(fnmatch.fnmatchcase(name, p) for p in exact_tail)
+    }
+
+
+def _hook_input(stack: ExitStack, module: nn.Module, store: list[torch.Tensor], detach: bool, heads: int | None) -> None:
+    """Record the input of a tap or dropout as ``(N, heads, L, S)``."""
+
+    def hook(mod, args):
+        w = args[0]
+        if w.dim() == 3:  # (N * heads, L, S) merged, or (N, L, S) single-head
+            w = w.unflatten(0, (-1, heads)) if heads else w.unsqueeze(1)  # (N, heads, L, S)
+        elif w.dim() != 4:
+            raise AttnlabError(f"attention weights at a tap must be 3-D or 4-D, not {tuple(w.shape)}")
+        store.append(w.detach() if detach else w)
+
+    stack.callback(module.register_forward_pre_hook(hook).remove)
 
 
 def _hook_mha(
@@ -188,6 +225,7 @@ def capture_attention(
     patterns = [include] if isinstance(include, str) else include
     found = attention_modules(model)
     chosen = {n: m for n, m in found.items() if _match(n, patterns)}
+    chosen.update(_named_dropouts(model, patterns))
     if not chosen:
         if not found:
             raise AttnlabError(
@@ -201,6 +239,8 @@ def capture_attention(
         for name, module in chosen.items():
             if isinstance(module, nn.MultiheadAttention):
                 _hook_mha(stack, module, cap.weights[name], cap.shapes[name], detach)
+            elif isinstance(module, (AttentionTap, nn.Dropout)):
+                _hook_input(stack, module, cap.weights[name], detach, getattr(module, "num_heads", None))
             else:
                 _hook_timm(stack, module, cap.weights[name], detach)
         yield cap
