@@ -6,7 +6,9 @@
 >>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
 
 Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
-:func:`capture_attention`, :func:`explore` and the :mod:`attnlab.plot` views.
+:func:`capture_attention`, :func:`explore`, the :mod:`attnlab.plot` views and
+the captioner protocol (:class:`Captioner`, :class:`CaptionerSpec`,
+:class:`Encoded`, :class:`StepOutput`; see :mod:`attnlab.captioner`).
 """
 
 from __future__ import annotations
@@ -14,24 +16,33 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .adapters import wrap
 from .capture import AttentionCapture, capture_attention
+from .captioner import Captioner, CaptionerSpec, Encoded, StepOutput
 from .decode import caption
 from .errors import AttnlabError
 from .hub import load_model, save_checkpoint
+from .tap import AttentionTap
 from .trace import CaptionTrace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCapture",
+    "AttentionTap",
     "AttnlabError",
     "CaptionTrace",
+    "Captioner",
+    "CaptionerSpec",
+    "Encoded",
+    "StepOutput",
     "capture_attention",
     "caption",
     "explore",
     "load_model",
     "plot",
     "save_checkpoint",
+    "wrap",
 ]
 
 

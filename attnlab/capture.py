@@ -15,6 +15,11 @@ How it sees what plain hooks miss:
 * timm blocks built with fused attention (``F.scaled_dot_product_attention``):
   ``fused_attn`` is set to False inside the block, and a hook on its
   ``attn_drop`` reads the softmax weights.
+* Hand-written attention (plain tensor code): name the ``nn.Dropout`` applied
+  to the softmax output (``include="h.*.attn.attn_dropout"``: the last part of
+  the pattern must be literal) or insert an :class:`~attnlab.tap.AttentionTap`
+  (``att = self.tap(att)``); the input is recorded, per-head ``(N, heads, L, S)``,
+  single-head ``(N, L, S)`` or merged ``(N * heads, L, S)`` (``AttentionTap(num_heads=h)``).
 Everything is undone when the ``with`` block ends, also on exceptions.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import reprlib
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import AttnlabError
+from .tap import AttentionTap
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -75,14 +82,45 @@ def _is_timm_attention(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module :func:`capture_attention` can capture: qualified name -> module."""
+    """Every module :func:`capture_attention` captures by default: qualified name -> module
+    (``nn.MultiheadAttention``, timm attention blocks, :class:`~attnlab.tap.AttentionTap`)."""
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) or _is_timm_attention(m)
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.MultiheadAttention, AttentionTap)) or _is_timm_attention(m)
     }
 
 
 def _match(name: str, include: Sequence[str] | None) -> bool:
     return include is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
+
+
+def _named_dropouts(model: nn.Module, include: Sequence[str] | None) -> dict[str, nn.Module]:
+    """``nn.Dropout`` modules named by a pattern whose last component has no wildcard,
+    e.g. ``"h.*.attn.attn_dropout"``: the dropout after a hand-written softmax, whose
+    input is the attention weights. (Broad patterns never pick up dropouts.)"""
+    if include is None:
+        return {}
+    exact_tail = [p for p in include if not any(ch in p.rsplit(".", 1)[-1] for ch in "*?[")]
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Dropout) and any(fnmatch.fnmatchcase(name, p) for p in exact_tail)
+    }
+
+
+def _hook_input(stack: ExitStack, module: nn.Module, store: list[torch.Tensor], detach: bool, heads: int | None) -> None:
+    """Record the input of a tap or dropout as ``(N, heads, L, S)``."""
+
+    def hook(mod, args):
+        w = args[0]
+        if w.dim() == 3:  # (N * heads, L, S) merged, or (N, L, S) single-head
+            w = w.unflatten(0, (-1, heads)) if heads else w.unsqueeze(1)  # (N, heads, L, S)
+        elif w.dim() != 4:
+            raise AttnlabError(f"attention weights at a tap must be 3-D or 4-D, not {tuple(w.shape)}")
+        store.append(w.detach() if detach else w)
+
+    stack.callback(module.register_forward_pre_hook(hook).remove)
 
 
 def _hook_mha(
@@ -142,6 +180,33 @@ def _hook_timm(stack: ExitStack, module: nn.Module, store: list[torch.Tensor], d
     stack.callback(module.attn_drop.register_forward_pre_hook(hook).remove)
 
 
+_FASTPATH_LOCK = threading.Lock()
+_fastpath_users = 0  # open capture blocks, in every thread
+_fastpath_before: bool | None = None  # the setting before the first of them
+
+
+@contextmanager
+def _fastpath_off() -> Iterator[None]:
+    """Switch torch's fused MHA fast path off while any capture block is open.
+
+    The flag is process-wide: blocks in several threads share it, counted, so it
+    comes back to what it was only when the last block closes.
+    """
+    global _fastpath_users, _fastpath_before
+    with _FASTPATH_LOCK:
+        if _fastpath_users == 0:
+            _fastpath_before = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _fastpath_users += 1
+    try:
+        yield
+    finally:
+        with _FASTPATH_LOCK:
+            _fastpath_users -= 1
+            if _fastpath_users == 0:
+                torch.backends.mha.set_fastpath_enabled(bool(_fastpath_before))
+
+
 @contextmanager
 def capture_attention(
     model: nn.Module, include: str | Sequence[str] | None = None, *, detach: bool = True
@@ -167,6 +232,7 @@ def capture_attention(
         )
     found = attention_modules(model)
     chosen = {n: m for n, m in found.items() if _match(n, patterns)}
+    chosen.update(_named_dropouts(model, patterns))
     if not chosen:
         if not found:
             raise AttnlabError(
@@ -176,12 +242,12 @@ def capture_attention(
         raise AttnlabError(f"no attention module matches {include!r}; modules that exist: {examples}, ...")
     cap = AttentionCapture({name: [] for name in chosen}, {name: [] for name in chosen})
     with ExitStack() as stack:
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        stack.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
+        stack.enter_context(_fastpath_off())
         for name, module in chosen.items():
             if isinstance(module, nn.MultiheadAttention):
                 _hook_mha(stack, module, cap.weights[name], cap.shapes[name], detach)
+            elif isinstance(module, (AttentionTap, nn.Dropout)):
+                _hook_input(stack, module, cap.weights[name], detach, getattr(module, "num_heads", None))
             else:
                 _hook_timm(stack, module, cap.weights[name], detach)
         yield cap

@@ -299,28 +299,27 @@ def build_from_checkpoint(
         config = check_config(config.to_dict(), source, stored=False)
     check_config_fits(config, sd, source)  # before anything is allocated
     _warn_nonfinite(sd, source)
-    model = CATR(config)
+    model = CATR(config, vocab=vocabulary, name=name)
     model.load_state_dict(sd, strict=False)  # num_batches_tracked entries are dropped by FrozenBatchNorm2d
     if vocabulary is None:
         warnings.warn(
             f"no vocabulary for {path}: words are shown as [id]; pass vocab=PATH (CLI: --vocab PATH) to its vocab.txt",
             stacklevel=3,
         )
-    model.vocab = vocabulary
-    model.name = name
     return model
 
 
 def save_checkpoint(model: CATR, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Save ``model`` in attnlab's format (config and vocabulary travel with the weights)."""
-    vocab = model.vocab
+    spec = model.spec
+    vocab = spec.vocab
     obj = {
         "format": ATTNLAB_FORMAT,
         "version": 1,
-        "name": model.name,
+        "name": spec.name,
         "config": model.config.to_dict(),
-        "vocab": None if vocab is None or not vocab.tokens else vocab.tokens,
-        "wordpiece": bool(vocab.wordpiece) if vocab is not None else False,
+        "vocab": getattr(vocab, "tokens", None) or None,  # an IdVocab (no vocabulary) has no tokens
+        "wordpiece": bool(getattr(vocab, "wordpiece", False)),
         "model": model.state_dict(),
         "meta": meta or {},
     }

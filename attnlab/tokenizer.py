@@ -97,13 +97,116 @@ class Vocab:
         text = " ".join(words)
         return clean_up_tokenization(text) if self.wordpiece else text
 
+    def word_starts(self, ids: list[int]) -> list[bool]:
+        """Per token: does it start a word? (``False`` for a WordPiece ``##`` continuation.)"""
+        return [not (self.wordpiece and i > 0 and self.token(int(t)).startswith("##")) for i, t in enumerate(ids)]
+
 
 class IdVocab(Vocab):
-    """Stand-in when no vocabulary is known: every id shows as ``[id]``."""
+    """Stand-in when no vocabulary is known: every id shows as ``[id]``.
 
-    def __init__(self, special: dict[int, str] | None = None) -> None:
+    ``size``: how many ids the model predicts (``len()``; 0 = unknown).
+    """
+
+    def __init__(self, special: dict[int, str] | None = None, size: int = 0) -> None:
         super().__init__([], wordpiece=False)
         self.special = special or {}
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
     def token(self, token_id: int) -> str:
         return self.special.get(token_id, f"[{token_id}]")
+
+
+def _byte_table() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls,
+    space, ...) are shifted to code points 256 and up, in byte order ("Ġ" is the space).
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+class BPEVocab(Vocab):
+    """A byte-level BPE table (GPT-2 style): ``Ġ`` marks a piece that starts a new word.
+
+    ``token(id)`` shows the piece as text (``Ġcat`` -> ``cat``); ``decode`` joins
+    the pieces' bytes exactly as the tokenizer would, special tokens (``<...>``
+    and ``[...]`` names in ``special``) dropped.
+    """
+
+    _BYTES = _byte_table()
+
+    def __init__(self, tokens: list[str], special: set[str] | None = None) -> None:
+        super().__init__(tokens, wordpiece=False)
+        self.special = set(special or {t for t in tokens if t.startswith("<|") or t in SPECIAL_TOKENS})
+
+    def _text(self, piece: str) -> str:
+        data = bytes(self._BYTES.get(ch, ord("?")) for ch in piece)
+        return data.decode("utf-8", errors="replace")
+
+    def token(self, token_id: int) -> str:
+        raw = super().token(token_id)
+        return raw if raw in self.special or raw.startswith("[") else self._text(raw).strip() or raw
+
+    def decode(self, ids: list[int]) -> str:
+        pieces = [super(BPEVocab, self).token(int(t)) for t in ids]
+        return self._text("".join(p for p in pieces if p not in self.special)).strip()
+
+    def word_starts(self, ids: list[int]) -> list[bool]:
+        """A piece without a leading ``Ġ`` (space) continues the previous word."""
+        pieces = [super(BPEVocab, self).token(int(t)) for t in ids]
+        return [i == 0 or p.startswith("Ġ") or p in self.special for i, p in enumerate(pieces)]
+
+
+class CallableVocab:
+    """A vocabulary given as a function ``ids -> text`` (e.g. a tokenizer's ``decode``)."""
+
+    def __init__(self, fn, size: int = 0) -> None:
+        self.fn = fn
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def token(self, token_id: int) -> str:
+        return str(self.fn([int(token_id)]))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.fn([int(t) for t in ids]))
+
+    def word_starts(self, ids: list[int]) -> list[bool]:
+        return [True] * len(ids)
+
+
+def make_vocab(vocab) -> Vocab | CallableVocab:
+    """A vocabulary from a token list, a ``vocab.txt`` path or a function ``ids -> text``.
+
+    Lists: WordPiece when a token starts with ``##``, byte-level BPE when one starts
+    with ``Ġ``, plain words otherwise.
+    """
+    if isinstance(vocab, (Vocab, CallableVocab)):
+        return vocab
+    if isinstance(vocab, (str, os.PathLike)):
+        return Vocab.from_file(vocab)
+    if callable(vocab):
+        return CallableVocab(vocab)
+    if isinstance(vocab, (list, tuple)) and vocab and all(isinstance(t, str) for t in vocab):
+        tokens = list(vocab)
+        if any(t.startswith("Ġ") for t in tokens):
+            return BPEVocab(tokens)
+        return Vocab(tokens, wordpiece=any(t.startswith("##") for t in tokens))
+    raise AttnlabError(
+        f"vocab= must be a list of tokens, a vocab.txt path or a function ids -> text, not {type(vocab).__name__}"
+    )
+

@@ -16,8 +16,9 @@ To add a field: add it to :class:`CaptionTrace` with a default, to
 (plain values), bump :data:`TRACE_VERSION`, and add the step that fills the
 default for older files. Files of a newer version are refused ("upgrade attnlab").
 
-Versions: 1 (attnlab 0.1: logits required, no prefix keys); 2 (``prefix_tokens``,
-``prefix_share``, optional ``logits``).
+Versions: 1 (attnlab 0.1: logits required; ``prefix_tokens``/``prefix_share``
+optional, written only by the first captioner-seam builds); 2 (``prefix_tokens``
+always in the header, ``prefix_share`` and ``logits`` optional).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import json
 import math
 import os
 import stat
+import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,7 +51,7 @@ MEMBERS: dict[str, tuple[str, int]] = {
     "cross_attention": ("f", 1),
     "encoder_self_attention": ("f", 1),
     "decoder_self_attention": ("f", 1),
-    "prefix_share": ("f", 2),
+    "prefix_share": ("f", 1),  # written by some version-1 files already (see _v1_to_v2)
 }
 _REQUIRED = {1: ("header", "token_ids", "logits", "image"), 2: ("header", "token_ids", "image")}
 _HEADER_KEYS = {1: ("words", "grid", "model_name", "caption"), 2: ("words", "grid", "model_name", "caption", "prefix_tokens")}
@@ -211,6 +214,103 @@ class CaptionTrace:
         return (
             f"CaptionTrace(caption={self.caption!r}, steps={self.steps}, grid={self.grid}, "
             f"cross_attention={shape}, model={self.model_name!r})"
+        )
+
+    # ----------------------------------------------------------- construction
+    @classmethod
+    def from_attention(
+        cls,
+        words: Sequence[str],
+        token_ids: Sequence[int] | np.ndarray,
+        cross_attention: Any,
+        grid: tuple[int, int],
+        image: Any,
+        *,
+        logits: Any = None,
+        prefix_tokens: int = 0,
+        model_name: str = "unknown",
+        caption: str | None = None,
+        atol: float = 1e-3,
+    ) -> "CaptionTrace":
+        """A trace from weights you already hold (your own decoding loop, a saved run).
+
+        Args:
+            words, token_ids: one per decoding step (``steps``).
+            cross_attention: array or tensor, one row per step over the keys
+                ``K = prefix_tokens + H * W`` (prefix first, then the patches in
+                row-major order): ``(layers, heads, steps, K)``, ``(heads, steps, K)``
+                or ``(steps, K)``; or ``(layers, heads, steps, H, W)`` without prefix.
+                Row ``i`` must be the query that predicted ``token_ids[i]``.
+            grid: ``(H, W)`` patch rows and columns.
+            image: the image the grid covers (path, PIL image or ``(h, w, 3)`` array).
+            logits: optional ``(steps, vocab)`` scores (for probabilities in figures).
+            prefix_tokens: leading non-patch keys (CLS, registers): split off, their
+                weight kept as ``prefix_share``; nothing is renormalised.
+            atol: rows summing to 1 within ``atol`` pass silently; others are kept
+                as given with a warning that says how far off they are.
+        """
+        from .preprocess import load_image  # floor-1 neighbour; only this constructor needs it
+
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise AttnlabError(f"token_ids must be a 1-D list of integer ids, not {ids.dtype} of shape {ids.shape}")
+        steps = len(ids)
+        if len(words) != steps:
+            raise AttnlabError(f"{len(words)} words for {steps} token ids: give one word per decoding step")
+        try:
+            gh, gw = (int(v) for v in grid)
+        except (TypeError, ValueError):
+            raise AttnlabError(f"grid={grid!r} is not (rows, columns)") from None
+        if gh < 1 or gw < 1:
+            raise AttnlabError(f"grid={grid!r} must have at least one row and one column")
+        if not isinstance(prefix_tokens, (int, np.integer)) or isinstance(prefix_tokens, bool) or prefix_tokens < 0:
+            raise AttnlabError(f"prefix_tokens={prefix_tokens!r} must be an integer >= 0")
+        ca = np.asarray(cross_attention.detach().cpu() if hasattr(cross_attention, "detach") else cross_attention, dtype=np.float32)
+        keys = prefix_tokens + gh * gw
+        if ca.ndim == 5:
+            if prefix_tokens or tuple(ca.shape[3:]) != (gh, gw):
+                raise AttnlabError(
+                    f"cross_attention {ca.shape}: a 5-D array must be (layers, heads, steps, {gh}, {gw}) with prefix_tokens=0"
+                )
+            ca = ca.reshape(*ca.shape[:3], gh * gw)  # (layers, heads, steps, S)
+        elif 2 <= ca.ndim <= 4:
+            ca = ca.reshape((1,) * (4 - ca.ndim) + ca.shape)  # (layers, heads, steps, K)
+        else:
+            raise AttnlabError(f"cross_attention has shape {ca.shape}: expected (layers, heads, steps, K) or (steps, K)")
+        if ca.shape[2] != steps or ca.shape[3] != keys:
+            raise AttnlabError(
+                f"cross_attention has shape {ca.shape} but {steps} steps and {prefix_tokens} prefix + "
+                f"{gh}x{gw} patches = {keys} keys were given: row i must be step i's weights over all keys"
+            )
+        if not np.isfinite(ca).all() or (ca < 0).any():
+            raise AttnlabError("cross_attention holds negative, NaN or infinite values: pass softmax weights")
+        sums = ca.sum(axis=-1)  # (layers, heads, steps)
+        if np.abs(sums - 1).max() > atol:
+            warnings.warn(
+                f"cross_attention rows sum to {sums.min():.3g}..{sums.max():.3g}, not 1: kept as given "
+                "(did you drop prefix or padding keys, or pass pre-softmax scores?)",
+                stacklevel=2,
+            )
+        share = ca[..., :prefix_tokens].sum(-1) if prefix_tokens else None  # (layers, heads, steps)
+        patches = ca[..., prefix_tokens:].reshape(*ca.shape[:3], gh, gw)  # (layers, heads, steps, H, W)
+        arr = logits
+        if arr is not None:
+            arr = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr, dtype=np.float32)
+            if arr.ndim != 2 or arr.shape[0] != steps:
+                raise AttnlabError(f"logits has shape {arr.shape}: expected ({steps}, vocab)")
+        img = np.asarray(load_image(image))  # (h, w, 3) uint8
+        return cls(
+            token_ids=ids.astype(np.int64),
+            words=list(words),
+            logits=arr,
+            cross_attention=np.ascontiguousarray(patches),
+            grid=(gh, gw),
+            image=img,
+            model_name=model_name,
+            caption=" ".join(words) if caption is None else caption,
+            prefix_tokens=int(prefix_tokens),
+            prefix_share=None if share is None else np.ascontiguousarray(share),
+            meta={"mode": "from_attention"},
         )
 
     # ----------------------------------------------------------- persistence
@@ -396,7 +496,7 @@ def _check_header(path: Path, header: dict[str, Any], version: int) -> None:
             raise _damaged(path, f"{key} is not a string")
     if not isinstance(header.get("meta", {}), dict):
         raise _damaged(path, "meta is not a dict")
-    if version >= 2 and not _whole(header["prefix_tokens"], 0, LIMITS["prefix_tokens"]):
+    if (version >= 2 or "prefix_tokens" in header) and not _whole(header["prefix_tokens"], 0, LIMITS["prefix_tokens"]):
         raise _damaged(path, f"prefix_tokens {header['prefix_tokens']!r} is not a whole number from 0 to {LIMITS['prefix_tokens']}")
 
 
@@ -495,7 +595,9 @@ def _check_values(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _v1_to_v2(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    header["prefix_tokens"] = 0  # version 1 knew only CATR-like models: every key a patch
+    # attnlab 0.1 knew only CATR-like models (every key a patch); the last version-1 files
+    # of the captioner seam already wrote prefix_tokens and prefix_share, kept as they are
+    header.setdefault("prefix_tokens", 0)
 
 
 _UPGRADES = {1: _v1_to_v2}  # version n -> n + 1

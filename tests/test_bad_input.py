@@ -899,7 +899,7 @@ def test_a_bad_cached_file_is_set_aside_and_fetched_again(serve, cache, monkeypa
         warnings.simplefilter("always")
         loaded = attnlab.load_model("catr-v3")
     assert any("catr-v3.pth.bad" in str(w.message) and "downloaded again" in str(w.message) for w in caught)
-    assert loaded.config.vocab_size == 30 and loaded.vocab.tokens == DOWNLOAD_VOCAB
+    assert loaded.config.vocab_size == 30 and loaded.spec.vocab.tokens == DOWNLOAD_VOCAB
     assert (cache / "catr-v3.pth").read_bytes() == ckpt
     assert (cache / "catr-v3.pth.bad").read_bytes() == HTML  # kept, never deleted
 

@@ -36,7 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     outputs.check_plan(plans, overwrite=args.overwrite)  # before the model load
     remove_stale_temps(out)
     model = load_model(args.model)
-    print(f"attnlab demo: model {model.name!r}, {len(images)} images -> {out}/")
+    print(f"attnlab demo: model {model.spec.name!r}, {len(images)} images -> {out}/")
     for image, plan in zip(images, plans):
         trace = caption(model, image)
         outputs.write_outputs(trace, plan, overwrite=args.overwrite)

@@ -1,0 +1,296 @@
+"""``attnlab.wrap``: your own captioner through the seam, in three lines.
+
+A student's model rarely has a cached decoder or a method that returns
+attention. ``wrap`` asks for two functions and the names of the attention
+modules, and builds a captioner of the seam (:mod:`attnlab.captioner`):
+
+* ``encode(pixels (N, 3, H, W)) -> memory (N, T, D)``: the encoder's tokens,
+  ``T = P + h * w`` with ``P`` leading prefix tokens (CLS, registers);
+* ``decode(memory, ids (N, t)) -> logits (N, t, V)``: the model's own forward
+  on a caption prefix (re-run at every step; nothing else is asked of it);
+* ``cross_attention``: glob pattern(s) of the decoder's cross-attention
+  modules, as :func:`attnlab.capture_attention` takes them
+  (``nn.MultiheadAttention``, timm attention, an :class:`~attnlab.tap.AttentionTap`,
+  or the dropout after a hand-written softmax).
+
+At step ``i`` the captured weights are ``(N, heads, t, T)`` with ``t = i + 1``
+query rows; the row that predicts the next token is the last one, row ``i``
+(not ``i - 1``: tested, since it is the mistake students make most).
+
+``wrap`` runs both functions once on a blank image when it is called, so a
+wrong shape or a pattern that matches nothing is reported there, in one line.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from contextlib import ExitStack
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..capture import capture_attention
+from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record
+from ..errors import AttnlabError
+from ..tokenizer import make_vocab
+
+Patterns = str | Sequence[str]
+GridArg = tuple[int, int] | Callable[[int, int], tuple[int, int]]
+
+
+@dataclass
+class WrapState:
+    """The decoding state of a wrapped model: the memory and the ids fed so far."""
+
+    memory: torch.Tensor  # (N, T, D)
+    ids: torch.Tensor  # (N, t) long
+
+    def select(self, indices: torch.Tensor) -> "WrapState":
+        idx = indices.to(self.memory.device)
+        return WrapState(self.memory.index_select(0, idx), self.ids.index_select(0, idx))
+
+
+def _patterns(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) and p for p in items):
+        raise AttnlabError(f"{name}= must be a module name pattern or a list of them (e.g. 'decoder.layers.*.multihead_attn'), not {value!r}")
+    return list(items)
+
+
+def _triple(name: str, value: Any) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise AttnlabError(f"{name}= must be three numbers (one per RGB channel), not {value!r}") from None
+    if len(out) != 3:
+        raise AttnlabError(f"{name}= must be three numbers (one per RGB channel), not {value!r}")
+    return out  # type: ignore[return-value]
+
+
+class WrappedCaptioner:
+    """A user's model behind the captioner seam (built by :func:`wrap`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        cross: list[str],
+        grid: GridArg,
+        spec_args: dict[str, Any],
+        self_attention: list[str] | None,
+        encoder_attention: list[str] | None,
+    ) -> None:
+        self.model = model
+        self._encode = encode
+        self._decode = decode
+        self._cross = cross
+        self._self = self_attention
+        self._enc = encoder_attention
+        self._grid = grid
+        self._spec_args = spec_args
+        self._prefix = 0
+        self._probe()
+
+    # ------------------------------------------------------------ checks
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        g = self._grid(height, width) if callable(self._grid) else self._grid
+        try:
+            h, w = (int(v) for v in g)
+        except (TypeError, ValueError):
+            raise AttnlabError(f"grid must be (rows, columns) or a function of the input size giving that, not {g!r}") from None
+        if h < 1 or w < 1:
+            raise AttnlabError(f"grid {g!r} must have at least one row and one column")
+        return h, w
+
+    def _memory(self, x: torch.Tensor) -> torch.Tensor:
+        memory = self._encode(x)
+        if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or memory.shape[0] != x.shape[0]:
+            shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+            raise AttnlabError(
+                f"encode() returned {shape}; it must return the encoder's tokens (N, T, D) for pixels (N, 3, H, W)"
+            )
+        return memory
+
+    def _probe(self) -> None:
+        """Run encode and decode once on a blank image: wrong shapes fail here, in one line."""
+        side = self._spec_args["image_size"]
+        x = torch.zeros(1, 3, side, side, device=self._device())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                memory = self._memory(x)  # (1, T, D)
+                h, w = self.grid_for(side, side)
+                self._prefix = memory.shape[1] - h * w
+                if self._prefix < 0:
+                    raise AttnlabError(
+                        f"encode() gave {memory.shape[1]} tokens, fewer than the {h}x{w} = {h * w} patches of grid={self._grid!r}: check grid"
+                    )
+                ids = torch.full((1, 1), self._spec_args["bos"], dtype=torch.long, device=x.device)
+                with capture_attention(self.model, self._cross) as cap:
+                    logits = self._decode(memory, ids)
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != (1, 1):
+                    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                    raise AttnlabError(f"decode(memory, ids (1, 1)) returned {shape}; it must return logits (N, t, V)")
+                called = [n for n in cap.names if cap.weights[n]]
+                if not called:
+                    raise AttnlabError(
+                        f"no module matching cross_attention={self._cross!r} was called by decode(): name the decoder's cross-attention modules"
+                    )
+                for name in called:
+                    keys = cap.last(name).shape[-1]
+                    if keys != memory.shape[1]:
+                        raise AttnlabError(
+                            f"{name} attends over {keys} keys, not the encoder's {memory.shape[1]} tokens: is it a self-attention module?"
+                        )
+        finally:
+            self.model.train(was_training)
+        vocab_size = len(self._spec_args["vocab"])
+        if vocab_size and logits.shape[-1] != vocab_size:
+            raise AttnlabError(f"the model predicts {logits.shape[-1]} tokens but vocab has {vocab_size}: pass the model's own vocabulary")
+
+    # caption() puts a captioner in eval mode for the call and back afterwards
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True) -> "WrappedCaptioner":
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> "WrappedCaptioner":
+        return self.train(False)
+
+    def _device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------ the seam
+    @property
+    def spec(self) -> CaptionerSpec:
+        return CaptionerSpec(prefix_tokens=self._prefix, **self._spec_args)
+
+    def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
+        record = check_record(record)
+        sizes = {tuple(p.shape[-2:]) for p in pixels}
+        if len(sizes) != 1:
+            raise AttnlabError(f"a wrapped model takes images of one size; got {sorted(sizes)}")
+        x = torch.stack(list(pixels)).to(self._device())  # (N, 3, H, W)
+        encoder = None
+        if record == "all" and self._enc:
+            with capture_attention(self.model, self._enc, detach=not torch.is_grad_enabled()) as cap:
+                memory = self._memory(x)  # (N, T, D)
+            encoder = [cap.last(n) for n in cap.names if cap.weights[n]]  # per layer (N, heads, T, T)
+        else:
+            memory = self._memory(x)  # (N, T, D)
+        grid = self.grid_for(*x.shape[-2:])
+        if memory.shape[1] != self._prefix + grid[0] * grid[1]:
+            raise AttnlabError(f"encode() gave {memory.shape[1]} tokens for a {grid[0]}x{grid[1]} grid and {self._prefix} prefix tokens")
+        empty = torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)  # (N, 0)
+        return Encoded(WrapState(memory, empty), [grid] * x.shape[0], encoder)
+
+    def step(self, state: WrapState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
+        state.ids = torch.cat((state.ids, ids.to(state.ids.device)[:, None]), dim=1)  # (N, t)
+        detach = not torch.is_grad_enabled()
+        with ExitStack() as stack:
+            cross_cap = stack.enter_context(capture_attention(self.model, self._cross, detach=detach))
+            self_cap = None
+            if record == "all" and self._self:
+                self_cap = stack.enter_context(capture_attention(self.model, self._self, detach=detach))
+            logits = self._decode(state.memory, state.ids)  # (N, t, V)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != state.ids.shape[1]:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise AttnlabError(f"decode() returned {shape} for ids {tuple(state.ids.shape)}; it must return (N, t, V)")
+        # the last of the t query rows predicts the next token: row i at step i
+        cross = [_last_row(cross_cap, n) for n in cross_cap.names if cross_cap.weights[n]] if record != "none" else None
+        selfs = [_last_row(self_cap, n) for n in self_cap.names if self_cap.weights[n]] if self_cap else None
+        return StepOutput(logits[:, -1], cross, selfs)  # (N, V); per layer (N, heads, T) and (N, heads, t)
+
+
+def _last_row(cap, name: str) -> torch.Tensor:
+    """The newest query row of module ``name``'s last call: ``(N, heads, L, S)`` -> ``(N, heads, S)``."""
+    return cap.last(name)[:, :, -1]
+
+
+def wrap(
+    model: nn.Module,
+    *,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    cross_attention: Patterns,
+    grid: GridArg,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    bos: int,
+    eos: int,
+    vocab: Sequence[str] | str | os.PathLike | Callable[[list[int]], str],
+    max_len: int | None = None,
+    name: str | None = None,
+    self_attention: Patterns | None = None,
+    encoder_attention: Patterns | None = None,
+    resize: str = "stretch",
+    pad: int = 0,
+) -> WrappedCaptioner:
+    """Make your own encoder-decoder captioner a captioner of the seam.
+
+    Args:
+        model: the ``nn.Module`` holding every attention module named below.
+        encode: ``pixels (N, 3, H, W) -> memory (N, T, D)`` (e.g. a timm ViT's
+            ``forward_features``: CLS + patch tokens).
+        decode: ``(memory, ids (N, t)) -> logits (N, t, V)``, your teacher-forced forward.
+        cross_attention: module name glob(s) of the decoder's cross-attention.
+        grid: the patch grid ``(rows, columns)``, or a function of the input
+            ``(height, width)`` returning it. ``T - rows * columns`` leading tokens
+            are prefix tokens (CLS, registers): reported, never hidden.
+        image_size: the side of the square input.
+        mean, std: per-channel normalisation of pixels in [0, 1].
+        bos, eos: start and end token ids. ``pad``: padding id (default 0).
+        vocab: a list of tokens, a ``vocab.txt`` path, or a function ``ids -> text``.
+            WordPiece (``##``) and byte-level BPE (``Ġ``) pieces are recognised.
+        max_len: most tokens to generate, the end token included (default 30).
+        name: shown in figures (default: the model's class name).
+        self_attention, encoder_attention: optional globs of the decoder's
+            self-attention and the encoder's attention, recorded with ``record="all"``.
+        resize: ``"stretch"`` (resize to a square, as ViT processors do) or
+            ``"pad"`` (long side to ``image_size``, then pad to a square).
+    """
+    if not isinstance(model, nn.Module):
+        raise AttnlabError(f"wrap() takes the nn.Module that holds the attention modules, not a {type(model).__name__}")
+    if not callable(encode) or not callable(decode):
+        raise AttnlabError("encode= and decode= must be functions: encode(pixels) -> memory, decode(memory, ids) -> logits")
+    if resize not in ("stretch", "pad"):
+        raise AttnlabError(f"resize must be 'stretch' or 'pad' for a wrapped model, not {resize!r}")
+    for label, value in (("bos", bos), ("eos", eos), ("pad", pad), ("image_size", image_size), ("max_len", max_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise AttnlabError(f"{label}= must be an integer, not {value!r}")
+    spec_args = dict(
+        name=name or type(model).__name__,
+        vocab=make_vocab(vocab),
+        bos=int(bos),
+        eos=int(eos),
+        pad=int(pad),
+        max_len=30 if max_len is None else int(max_len),
+        image_size=int(image_size),
+        resize=resize,
+        mean=_triple("mean", mean),
+        std=_triple("std", std),
+    )
+    CaptionerSpec(**spec_args)  # checks the values, one line each
+    return WrappedCaptioner(
+        model,
+        encode,
+        decode,
+        _patterns("cross_attention", cross_attention),
+        grid,
+        spec_args,
+        _patterns("self_attention", self_attention),
+        _patterns("encoder_attention", encoder_attention),
+    )
