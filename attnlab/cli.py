@@ -21,12 +21,68 @@ def _error(message: str) -> None:
     print(f"attnlab: error: {message}", file=sys.stderr)
 
 
+_BATCH_ONLY = ("batch_size", "workers", "shard", "figures")
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
-    from .decode import caption
-    from .hub import load_model
+    from .batch import is_pattern
+    from .hub import check_device
 
     if args.model and args.checkpoint:
         raise AttnlabError("give --model or --checkpoint, not both")
+    check_device(args.device)
+    if any(is_pattern(a) for a in args.images):
+        return _caption_many(args)
+    given = [f"--{name.replace('_', '-')}" for name in _BATCH_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        raise AttnlabError(
+            f"{', '.join(given)} work on a folder or a glob pattern (attnlab caption photos/ --out DIR, or quote the "
+            "pattern: 'photos/*.jpg'); images named one by one are captioned one by one"
+        )
+    return _caption_files(args)
+
+
+def _caption_many(args: argparse.Namespace) -> int:
+    """Folders and glob patterns: batches, worker processes, resume, shards (:mod:`attnlab.batch`)."""
+    from .batch import default_workers, parse_shard, plan_run, run_plan
+    from .hub import load_model
+
+    if not args.out:
+        raise AttnlabError("a folder or glob pattern needs --out DIR (one trace per image goes there)")
+    if args.json:
+        raise AttnlabError("--json is for images named one by one; a folder run lists its captions in DIR/captions.jsonl")
+    shard = parse_shard(args.shard) if args.shard else (1, 1)
+    plan = plan_run(args.images, args.out, shard=shard, figures=args.figures, overwrite=args.overwrite)  # before the model load
+    model = load_model(args.model, checkpoint=args.checkpoint, vocab=args.vocab, device=args.device)
+    workers = default_workers() if args.workers is None else args.workers
+    where = "" if shard == (1, 1) else f" (shard {shard[0]} of {shard[1]}: {len(plan.plans)} of {plan.total})"
+    print(f"attnlab: {len(plan.plans)} images{where} -> {plan.out}/ with {model.spec.name!r} on {args.device}, "
+          f"batch size {args.batch_size or 8}, {workers} workers", file=sys.stderr)  # fmt: skip
+    report = run_plan(
+        model, plan, batch_size=args.batch_size or 8, workers=workers, max_len=args.max_len, beams=args.beams,
+        length_penalty=args.length_penalty, half=args.half, mode=args.mode,
+    )  # fmt: skip
+    rate = report.captioned / report.seconds if report.seconds > 0 else 0.0
+    print(
+        f"captioned {report.captioned} images in {report.seconds:.1f} s ({rate:.1f} images/s); "
+        f"{report.skipped} done earlier (skipped); {report.failed} errors; captions: {report.captions}"
+    )
+    if report.interrupted:
+        done = report.captioned + report.skipped
+        _error(f"interrupted: {done} of {report.total} images are done; run the same command again to resume (finished images are skipped)")
+        return 130
+    if report.failed:
+        _error(f"{report.failed} images could not be captioned: see {report.errors} (one JSON line each, with the reason)")
+        return 1
+    return 0
+
+
+def _caption_files(args: argparse.Namespace) -> int:
+    """Images named one by one (outputs named by their stems, see :mod:`attnlab.outputs`)."""
+    from .batch import as_half
+    from .decode import caption
+    from .hub import load_model
+
     plans: list[outputs.Planned | None] = [None] * len(args.images)
     if args.out:  # every check before the (slow) model load
         out_dir = Path(args.out)
@@ -39,7 +95,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     results = []
     for image, plan in zip(args.images, plans):
         try:
-            trace = caption(model, image, max_len=args.max_len, mode=args.mode)
+            trace = caption(model, image, max_len=args.max_len, mode=args.mode, beams=args.beams, length_penalty=args.length_penalty)
+            if args.half:
+                trace = as_half(trace)
             bad = trace.nonfinite()
             if bad:
                 written = "; nothing written" if plan is not None else ""
@@ -71,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlab", description="Caption images and see where the model looks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("caption", help="caption images; with --out, write each trace (.npz) and word grid (.attn.png)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = sub.add_parser(
+        "caption",
+        help="caption images, folders or glob patterns; with --out, write each trace (.npz) and word grid (.attn.png)",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE|DIR|GLOB")
     p.add_argument("--model", default=None, help="shapes (default, bundled), catr-v1, catr-v2, catr-v3")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="a CATR checkpoint of your own")
     p.add_argument("--vocab", default=None, metavar="PATH", help="vocab.txt for --checkpoint")
@@ -81,7 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="write <stem>.npz (trace) and <stem>.attn.png (word grid) here")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out that attnlab did not write for the same image")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (traces are stored on the CPU either way)")
+    p.add_argument("--beams", type=int, default=1, metavar="K", help="beam search with K hypotheses per image (default 1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0, metavar="A",
+                   help="beam search ranks captions by sum(log p) / length**A (default 1)")  # fmt: skip
+    p.add_argument("--half", action="store_true", help="store attention maps as float16 (half the size, ~5e-4 precision)")
+    g = p.add_argument_group("folders and glob patterns")
+    g.add_argument("--batch-size", type=int, default=None, metavar="B", help="images decoded together (default 8)")
+    g.add_argument("--workers", type=int, default=None, metavar="W", help="processes that read and resize images (default: cores - 1, at most 4)")
+    g.add_argument("--shard", default=None, metavar="K/N", help="process the K-th of N disjoint slices of the images")
+    g.add_argument("--figures", action="store_true", help="also draw each word grid (<name>.attn.png); slower than captioning")
     p.set_defaults(func=cmd_caption)
 
     from .shapes.cli import add_commands  # demo, train, evaluate live with the shapes world

@@ -1,11 +1,14 @@
-"""``caption()``: greedy or teacher-forced decoding on any captioner, recording attention.
+"""``caption()``: greedy, beam-search or teacher-forced decoding on any captioner, recording attention.
 
 Decoding speaks only to the captioner seam (:mod:`attnlab.captioner`): it
 prepares the images by the captioner's ``spec``, calls ``begin`` once and
 ``step`` once per token, and assembles one :class:`CaptionTrace` per image.
 Captions that have finished leave the batch (``state.select``), so a batch
 costs what its longest caption costs and every image gets exactly what it
-would get alone.
+would get alone. Beam search keeps ``k`` hypotheses per image as rows of the
+same batch and reorders them with ``state.select`` after every step.
+:func:`decode_batch` is the engine for images that are already prepared (the
+batch runner, :mod:`attnlab.batch`, prepares them in worker processes).
 
 ``mode="template"`` runs CATR's reference loop instead (the original
 write-up's: the whole model on a 128-position template at every step;
@@ -23,13 +26,13 @@ import numbers
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from .captioner import Captioner, CaptionerSpec, Record, as_captioner, check_record
+from .captioner import Captioner, CaptionerSpec, Encoded, Record, as_captioner, check_record
 from .errors import AttnlabError
 from .preprocess import ImageInput, prepare_for
 from .trace import CaptionTrace
@@ -113,41 +116,51 @@ def check_tokens(tokens: Any, n_images: int, limit: int, vocab_size: int | None)
     return out
 
 
-# ---------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------- the loops
 @dataclass
 class _Step:
-    """One decoding step of the rows still in the batch (``M`` of the ``N`` images)."""
+    """One decoding step of the ``M`` rows still in the batch (captions or beam hypotheses)."""
 
-    rows: torch.Tensor  # (M,) which images the state's rows belong to
     logits: torch.Tensor  # (M, V)
-    tokens: torch.Tensor  # (M,)
     cross: torch.Tensor | None  # (layers, M, heads, K)
     selfs: list[torch.Tensor] | None  # per layer (M, heads, t)
 
 
-def _decode(cap: Captioner, pixels: list[torch.Tensor], forced, max_len: int, record: Record):
-    """Run the greedy (or forced) loop; returns the steps, grids and encoder attention."""
+@dataclass
+class _Path:
+    """One image's caption through the steps: the row that held it and the token it emitted at each step."""
+
+    rows: list[int] = field(default_factory=list)  # (steps,) row of that step's batch
+    ids: list[int] = field(default_factory=list)  # (steps,) emitted (or given) token
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _run_step(cap: Captioner, state: Any, ids: torch.Tensor, record: Record) -> _Step:
+    out = cap.step(state, ids, record)
+    cross = torch.stack(out.cross_attention) if out.cross_attention is not None else None  # (layers, M, heads, K)
+    return _Step(out.logits, cross, out.self_attention)
+
+
+def _greedy(cap: Captioner, state: Any, n: int, forced: list[list[int]] | None, max_len: int, record: Record):
+    """The greedy (or teacher-forced) loop over ``n`` images; finished captions leave the batch."""
     spec = cap.spec
-    enc = cap.begin(pixels, record)
-    n = len(pixels)
-    if len(enc.grids) != n:
-        raise AttnlabError(f"the captioner's begin() returned {len(enc.grids)} grids for {n} images")
-    state = enc.state
     rows = torch.arange(n)  # (M,) image of each state row
     ids = torch.full((n,), spec.bos, dtype=torch.long)  # (M,)
     lengths = None if forced is None else torch.tensor([len(f) for f in forced])  # (N,)
     steps: list[_Step] = []
+    paths = [_Path() for _ in range(n)]
     for i in range(max_len):
-        out = cap.step(state, ids, record)
-        logits = out.logits  # (M, V)
+        step = _run_step(cap, state, ids, record)
+        steps.append(step)
         if forced is None:
-            nxt = logits.argmax(dim=-1).cpu()  # (M,)
+            nxt = step.logits.argmax(dim=-1).cpu()  # (M,)
             done = nxt == spec.eos
         else:
             nxt = torch.tensor([forced[r][i] for r in rows.tolist()])  # (M,)
             done = lengths[rows] == i + 1
-        cross = torch.stack(out.cross_attention) if out.cross_attention is not None else None  # (layers, M, heads, K)
-        steps.append(_Step(rows, logits, nxt, cross, out.self_attention))
+        for row, (b, token) in enumerate(zip(rows.tolist(), nxt.tolist())):
+            paths[b].rows.append(row)
+            paths[b].ids.append(token)
         keep = (~done).nonzero()[:, 0]  # (M',)
         if len(keep) == 0:
             break
@@ -155,26 +168,122 @@ def _decode(cap: Captioner, pixels: list[torch.Tensor], forced, max_len: int, re
             state = state.select(keep)
             rows, nxt = rows[keep], nxt[keep]
         ids = nxt
-    return steps, enc
+    return steps, paths
+
+
+@dataclass
+class _Ended:
+    """A finished beam hypothesis: its score, the step and row of its last token, that token."""
+
+    score: float  # summed log-probability / length ** length_penalty
+    step: int
+    row: int
+    token: int
+
+
+def _beam_choices(cand: torch.Tensor, beams: int, eos: int, penalty: float, step: int, first_row: int):
+    """One image's next hypotheses from its candidate scores ``cand`` ``(m, V)``.
+
+    Candidates are taken best first; one ending with ``eos`` becomes a finished
+    hypothesis, the others live on until ``beams`` are found. Returns the
+    finished ones and the live ``(row, token, score)`` (rows offset by ``first_row``).
+    """
+    vocab = cand.shape[1]
+    flat = cand.reshape(-1)  # (m * V,)
+    top = torch.topk(flat, min(2 * beams, flat.numel()))  # at most m <= beams candidates end the caption
+    order = sorted(zip(top.values.tolist(), top.indices.tolist()), key=lambda c: (-c[0], c[1]))  # ties: lowest index
+    ended: list[_Ended] = []
+    live: list[tuple[int, int, float]] = []
+    for value, index in order:
+        if value == float("-inf"):
+            break
+        row, token = first_row + index // vocab, index % vocab
+        if token == eos:
+            ended.append(_Ended(value / penalty, step, row, token))
+        else:
+            live.append((row, token, value))
+            if len(live) == beams:
+                break
+    return ended, live
+
+
+def _beam(cap: Captioner, state: Any, n: int, max_len: int, record: Record, beams: int, alpha: float):
+    """Beam search over ``n`` images with ``beams`` hypotheses each (the rules: :func:`caption`).
+
+    The state's rows are hypotheses, an image's rows next to each other. After
+    each step ``state.select`` copies every surviving continuation's parent row
+    into place (a parent may be copied several times or dropped), so row ``r``
+    of step ``t`` continues the hypothesis of row ``parents[t][r]`` of step
+    ``t - 1``. Following those origins back from the winner gives, at every
+    step, the row whose attention produced the winner's token: the maps stay
+    aligned with the hypothesis that survived, not with whichever hypothesis
+    happened to sit in that row.
+    """
+    spec = cap.spec
+    owner = list(range(n))  # (M,) image of each row
+    scores = torch.zeros(n, dtype=torch.float64)  # (M,) summed log-probabilities of each row's tokens
+    ids = torch.full((n,), spec.bos, dtype=torch.long)  # (M,)
+    parent = [-1] * n  # (M,) each row's row at the step before
+    steps: list[_Step] = []
+    parents: list[list[int]] = []  # per step: the parent of each row
+    fed: list[list[int]] = []  # per step: the token each row was fed (what its parent emitted)
+    finished: list[list[_Ended]] = [[] for _ in range(n)]
+    for t in range(max_len):
+        step = _run_step(cap, state, ids, record)
+        steps.append(step)
+        parents.append(parent)
+        fed.append(ids.tolist())
+        logp = torch.log_softmax(step.logits.detach().double(), dim=-1).cpu()  # (M, V)
+        cand = scores[:, None] + logp  # (M, V) the score of every one-token continuation
+        penalty = float(t + 1) ** alpha  # length of a hypothesis that ends at this step
+        keep: list[tuple[int, int, float, int]] = []  # (row, token, score, image)
+        start = 0
+        while start < len(owner):
+            b = owner[start]
+            end = start + 1
+            while end < len(owner) and owner[end] == b:
+                end += 1
+            ended, live = _beam_choices(cand[start:end], beams, spec.eos, penalty, t, start)
+            finished[b] += ended
+            if t + 1 == max_len:  # out of steps: the live hypotheses end here, without an end token
+                finished[b] += [_Ended(value / penalty, t, row, token) for row, token, value in live]
+            elif len(finished[b]) < beams:
+                keep += [(row, token, value, b) for row, token, value in live]
+            start = end
+        if not keep:
+            break
+        rows = [k[0] for k in keep]
+        state = state.select(torch.tensor(rows, dtype=torch.long))
+        parent = rows
+        ids = torch.tensor([k[1] for k in keep], dtype=torch.long)  # (M',)
+        scores = torch.tensor([k[2] for k in keep], dtype=torch.float64)  # (M',)
+        owner = [k[3] for k in keep]
+    paths = []
+    for b in range(n):
+        if not finished[b]:
+            raise AttnlabError("beam search found no caption (every continuation had probability 0)")
+        best = max(finished[b], key=lambda e: e.score)  # the first of equals
+        rows = [0] * (best.step + 1)
+        toks = [0] * (best.step + 1)
+        rows[-1], toks[-1] = best.row, best.token
+        for s in range(best.step, 0, -1):  # back through the origins
+            toks[s - 1] = fed[s][rows[s]]
+            rows[s - 1] = parents[s][rows[s]]
+        paths.append(_Path(rows, toks, {"beams": beams, "length_penalty": alpha, "score": best.score}))
+    return steps, paths
 
 
 def _assemble(
-    spec: CaptionerSpec, steps: list[_Step], enc, shown: list[np.ndarray], record: Record, mode: str
+    spec: CaptionerSpec, steps: list[_Step], enc: Encoded, paths: list[_Path], shown: list[np.ndarray], record: Record, mode: str
 ) -> list[CaptionTrace]:
-    n = len(shown)
     prefix = spec.prefix_tokens
-    where = []  # per step: (N,) position of each image among the step's rows, -1 when finished
-    for s in steps:
-        pos = torch.full((n,), -1, dtype=torch.long)
-        pos[s.rows] = torch.arange(len(s.rows))
-        where.append(pos)
     logits_all = [s.logits.detach().float().cpu() for s in steps]  # per step (M, V)
     cross_all = [None if s.cross is None else s.cross.detach().float().cpu() for s in steps]  # (layers, M, heads, K)
     traces = []
-    for b in range(n):
-        count = sum(1 for pos in where if pos[b] >= 0)  # this image's steps (always 0..count-1)
-        at = [int(where[s][b]) for s in range(count)]  # its row at each step
-        ids = [int(steps[s].tokens[at[s]]) for s in range(count)]
+    for b, path in enumerate(paths):
+        count = len(path.ids)  # this image's steps (always 0..count-1)
+        at = path.rows  # its row at each step
+        ids = path.ids
         logits = torch.stack([logits_all[s][at[s]] for s in range(count)])  # (steps, V)
         gh, gw = enc.grids[b]
         ca = share = None
@@ -192,7 +301,7 @@ def _assemble(
                 enc_attn = np.ascontiguousarray(e.detach().float().cpu().numpy())
             per_layer = steps[0].selfs or []
             dec_attn = np.zeros((len(per_layer), per_layer[0].shape[1] if per_layer else 0, count, count), np.float32)
-            for s in range(count):  # row s: step s over steps 0..s
+            for s in range(count):  # row s: step s over steps 0..s (of this caption's own history)
                 for layer, w in enumerate(steps[s].selfs):
                     dec_attn[layer, :, s, : s + 1] = w[at[s]].detach().float().cpu().numpy()  # (heads, s+1)
         traces.append(
@@ -209,10 +318,87 @@ def _assemble(
                 decoder_self_attention=dec_attn,
                 prefix_tokens=prefix,
                 prefix_share=share,
-                meta={"mode": mode},
+                meta={"mode": mode, **path.meta},
             )
         )
     return traces
+
+
+# ---------------------------------------------------------------------- public
+MAX_BEAMS = 64
+
+
+def check_beams(beams: Any, length_penalty: Any) -> tuple[int, float]:
+    """``beams``: an integer (NumPy's too) from 1 to :data:`MAX_BEAMS`; ``length_penalty``: a number >= 0."""
+    if not _is_int(beams) or not 1 <= int(beams) <= MAX_BEAMS:
+        raise AttnlabError(f"beams must be an integer from 1 to {MAX_BEAMS}, not {beams!r}")
+    if isinstance(length_penalty, (bool, np.bool_)) or not isinstance(length_penalty, numbers.Real) or not (
+        0 <= float(length_penalty) < float("inf")
+    ):
+        raise AttnlabError(f"length_penalty must be a finite number >= 0, not {length_penalty!r}")
+    return int(beams), float(length_penalty)
+
+
+def _runner(cap: Captioner, mode: str) -> Captioner:
+    if mode not in ("incremental", "template"):
+        raise AttnlabError(f"mode must be 'incremental' or 'template', not {mode!r}")
+    if mode == "incremental":
+        return cap
+    reference = getattr(cap, "reference_captioner", None)
+    if reference is None:
+        raise AttnlabError(f"mode='template' is CATR's reference loop; {cap.spec.name!r} has none: use mode='incremental'")
+    return reference()
+
+
+def decode_batch(
+    model: Any,
+    pixels: Sequence[torch.Tensor],
+    shown: Sequence[np.ndarray],
+    *,
+    max_len: int | None = None,
+    tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    mode: Literal["incremental", "template"] = "incremental",
+    record: Record = "cross",
+    beams: int = 1,
+    length_penalty: float = 1.0,
+) -> list[CaptionTrace]:
+    """Caption a batch of images that were already prepared: the engine under :func:`caption`.
+
+    ``pixels, shown = attnlab.preprocess.prepare_for(images, model.spec)`` makes
+    the inputs (the batch runner does that in worker processes); every other
+    argument is :func:`caption`'s. Returns one trace per image, each exactly
+    what that image gives alone.
+    """
+    record = check_record(record)
+    cap = as_captioner(model)
+    spec = cap.spec
+    runner = _runner(cap, mode)
+    max_len = check_max_len(max_len, spec.max_len)
+    beams, length_penalty = check_beams(beams, length_penalty)
+    if len(pixels) != len(shown) or not pixels:
+        raise AttnlabError(f"decode_batch needs one shown image per input and at least one input ({len(pixels)} and {len(shown)} given)")
+    forced = check_tokens(tokens, len(pixels), spec.max_len, len(spec.vocab) or None)
+    if forced is not None:
+        if beams > 1:
+            raise AttnlabError("tokens= traces a given caption: beam search (beams > 1) has nothing to choose; drop one of them")
+        max_len = max(len(f) for f in forced)
+    with model_lock(model):
+        was_training = getattr(model, "training", None)
+        if was_training is not None:
+            model.eval()
+        try:
+            with torch.inference_mode():
+                enc = runner.begin(list(pixels), record)
+                if len(enc.grids) != len(pixels):
+                    raise AttnlabError(f"the captioner's begin() returned {len(enc.grids)} grids for {len(pixels)} images")
+                if beams == 1:
+                    steps, paths = _greedy(runner, enc.state, len(pixels), forced, max_len, record)
+                else:
+                    steps, paths = _beam(runner, enc.state, len(pixels), max_len, record, beams, length_penalty)
+                return _assemble(spec, steps, enc, paths, list(shown), record, mode)
+        finally:
+            if was_training:
+                model.train(True)
 
 
 def caption(
@@ -223,6 +409,8 @@ def caption(
     tokens: Sequence[int] | Sequence[Sequence[int]] | None = None,
     mode: Literal["incremental", "template"] = "incremental",
     record: Record = "cross",
+    beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> CaptionTrace | list[CaptionTrace]:
     """Caption ``image`` and record the decoder's words-to-patches attention.
 
@@ -242,37 +430,35 @@ def caption(
             ``"template"`` (CATR's original 128-position loop, slow, for checking).
         record: ``"cross"`` (default), ``"all"`` (also encoder and decoder
             self-attention) or ``"none"`` (tokens and logits only).
+        beams: ``1`` (default) is greedy decoding; ``k > 1`` is beam search
+            with ``k`` hypotheses per image. Each step extends every live
+            hypothesis by every token; the best continuations (by summed
+            log-probability) are taken in order: one that ends with the end
+            token is a finished caption, the others live on until ``k`` are
+            found. An image stops when it has ``k`` finished captions (or at
+            ``max_len``, where the live ones end as they are), and its caption
+            is the finished one with the highest
+            ``sum(log p) / length ** length_penalty`` (``length`` counts the
+            tokens, the end token included). The trace's maps, logits and
+            words at every step are those of the winning hypothesis;
+            ``trace.meta`` records ``beams``, ``length_penalty`` and ``score``.
+        length_penalty: the exponent above: ``0`` ranks by total
+            log-probability (favours short captions), ``1`` (default) by the
+            mean log-probability per token.
     """
-    if mode not in ("incremental", "template"):
-        raise AttnlabError(f"mode must be 'incremental' or 'template', not {mode!r}")
     record = check_record(record)
     cap = as_captioner(model)
     spec = cap.spec
-    max_len = check_max_len(max_len, spec.max_len)
+    _runner(cap, mode)  # the argument checks of decode_batch, before the images are read
+    check_max_len(max_len, spec.max_len)
+    check_beams(beams, length_penalty)
     many = isinstance(image, (list, tuple))
     images = list(image) if many else [image]
     if not images:
         raise AttnlabError("no image given")
-    forced = check_tokens(tokens, len(images), spec.max_len, len(spec.vocab) or None)
-    if forced is not None:
-        max_len = max(len(f) for f in forced)
-    if mode == "template":
-        reference = getattr(cap, "reference_captioner", None)
-        if reference is None:
-            raise AttnlabError(f"mode='template' is CATR's reference loop; {spec.name!r} has none: use mode='incremental'")
-        runner = reference()
-    else:
-        runner = cap
+    check_tokens(tokens, len(images), spec.max_len, len(spec.vocab) or None)
     pixels, shown = prepare_for(images, spec)
-    with model_lock(model):
-        was_training = getattr(model, "training", None)
-        if was_training is not None:
-            model.eval()
-        try:
-            with torch.inference_mode():
-                steps, enc = _decode(runner, pixels, forced, max_len, record)
-                traces = _assemble(spec, steps, enc, shown, record, mode)
-        finally:
-            if was_training:
-                model.train(True)
+    traces = decode_batch(
+        model, pixels, shown, max_len=max_len, tokens=tokens, mode=mode, record=record, beams=beams, length_penalty=length_penalty
+    )
     return traces if many else traces[0]

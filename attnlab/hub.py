@@ -184,7 +184,8 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
     )
 
 
-def _to_device(model: CATR, device: str | torch.device) -> CATR:
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has; one line naming what to use otherwise."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -193,11 +194,16 @@ def _to_device(model: CATR, device: str | torch.device) -> CATR:
         raise AttnlabError("device 'meta' holds shapes but no numbers, so nothing can be captioned: use 'cpu' or 'cuda'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise AttnlabError("CUDA is not available on this machine: use device='cpu'")
+            raise AttnlabError("CUDA is not available on this machine: use device='cpu' (CLI: --device cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise AttnlabError(f"there is no {dev} (this machine has {torch.cuda.device_count()} CUDA devices): use 'cuda:0' or 'cpu'")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise AttnlabError("MPS (Apple GPU) is not available on this machine: use device='cpu'")
+        raise AttnlabError("MPS (Apple GPU) is not available on this machine: use device='cpu' (CLI: --device cpu)")
+    return dev
+
+
+def _to_device(model: CATR, device: str | torch.device) -> CATR:
+    dev = check_device(device)
     try:
         return model.to(dev).eval()
     except (RuntimeError, AssertionError) as exc:  # another backend that is not there (xpu, hpu, ...)

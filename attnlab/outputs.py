@@ -23,6 +23,16 @@ Rules (they protect the user's files):
 * Trace and figure are written to temporary files first and renamed into place
   only when both were written; if anything fails, every file that was there
   before is left exactly as it was.
+
+Folders and glob patterns (``attnlab caption photos/ --out DIR``, see
+:mod:`attnlab.batch`) name outputs after each image's path relative to the
+folder instead: ``photos/cats/tabby.jpg`` gets ``DIR/cats/tabby.jpg.npz`` (and
+with ``--figures`` ``DIR/cats/tabby.jpg.attn.png``), so names are unique because
+the paths are, whatever else the folder holds, and the same in every run and
+every shard (:func:`mirror_names`, :func:`plan_mirrored`). Such runs resume:
+:func:`resume_state` tells an image whose outputs are complete and were written
+for the same input with the same settings (``meta["run"]``) from one that must
+be (re)done and from one whose outputs may not be touched.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ class Source:
     def of_path(cls, path: str | os.PathLike) -> "Source":
         p = Path(path)
         label = str(p.resolve()) if p.exists() else str(p.absolute())
-        return cls(p.name, label, _file_sha256(p), p)
+        return cls(p.name, label, file_sha256(p), p)
 
     @classmethod
     def of_array(cls, name: str, array: np.ndarray, label: str) -> "Source":
@@ -90,7 +100,8 @@ class Planned:
         return self.trace, self.figure
 
 
-def _file_sha256(path: Path) -> str | None:
+def file_sha256(path: Path) -> str | None:
+    """SHA-256 (hex) of a regular file's bytes; ``None`` when it is not one or cannot be read."""
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             return None
@@ -157,6 +168,32 @@ def plan_outputs(sources: Sequence[Source], out_dir: str | os.PathLike) -> list[
         Planned(s, stem, out / f"{stem}{TRACE_SUFFIX}", out / f"{stem}{FIGURE_SUFFIX}")
         for s, stem in zip(sources, unique_stems([s.name for s in sources]))
     ]
+
+
+def mirror_names(names: Sequence[str]) -> list[str]:
+    """Relative image paths (``"cats/tabby.jpg"``) as output names: the path itself,
+    unique even when compared case-insensitively.
+
+    Names that differ only in case (possible on Linux, not on every disk the
+    outputs may go to) keep the first as it is; the others get ``~2``, ``~3`` ...
+    appended, which no image name ends with.
+    """
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        unique, n = name, 2
+        while unique.casefold() in taken:
+            unique, n = f"{name}~{n}", n + 1
+        taken.add(unique.casefold())
+        out.append(unique)
+    return out
+
+
+def plan_mirrored(sources: Sequence[Source], out_dir: str | os.PathLike) -> list[Planned]:
+    """Name each input's trace and figure after its relative path (``source.name``, unique:
+    see :func:`mirror_names`): ``<name>.npz`` and ``<name>.attn.png`` under ``out_dir``."""
+    out = Path(out_dir)
+    return [Planned(s, s.name, out / f"{s.name}{TRACE_SUFFIX}", out / f"{s.name}{FIGURE_SUFFIX}") for s in sources]
 
 
 class _Inputs:
@@ -227,18 +264,54 @@ def _conflict(path: Path, plan: Planned, inputs: _Inputs, overwrite: bool) -> st
     return None
 
 
-def check_plan(plans: Sequence[Planned], *, overwrite: bool = False) -> None:
+def check_plan(plans: Sequence[Planned], *, overwrite: bool = False, figure: bool = True) -> None:
     """Refuse (one line, before any work) a plan that would write over an input or a file
-    attnlab did not write for the same input (unless ``overwrite``)."""
+    attnlab did not write for the same input (unless ``overwrite``); ``figure=False``:
+    only the traces will be written."""
     inputs = _Inputs([p.source.path for p in plans if p.source.path is not None])
     problems = []
     for plan in plans:
         if plan.source.sha256 is None:
             continue  # the image cannot be read: it fails later and nothing is written for it
-        problems += [m for f in plan.files if (m := _conflict(f, plan, inputs, overwrite))]
+        files = plan.files if figure else (plan.trace,)
+        problems += [m for f in files if (m := _conflict(f, plan, inputs, overwrite))]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise AttnlabError(problems[0] + more)
+
+
+def resume_state(plan: Planned, run: dict, *, figure: bool, overwrite: bool = False) -> tuple[str, str | dict]:
+    """What a resumed run does with ``plan``'s input: ``("done", header)``, ``("todo", "")``
+    or ``("refused", reason)``.
+
+    Done: the trace (and with ``figure`` the figure) exists, attnlab wrote it for
+    this very input (same path, same SHA-256) and with the same settings
+    (``meta["run"] == run``: model, weights, max_len, beams, ...); ``header`` is
+    the trace's JSON header (caption, words, meta). An output of attnlab's for
+    the same input with other settings, or a missing file, is "todo" (it will
+    be replaced). A file that may not be written over is "refused" (see
+    :func:`check_plan`). Atomic writes mean a trace at its final name is
+    complete; one that cannot be opened is not attnlab's (refused, not redone).
+    """
+    if plan.source.sha256 is None:
+        return "todo", ""  # unreadable: reading the image says why
+    inputs = _Inputs([plan.source.path] if plan.source.path is not None else [])
+    files = plan.files if figure else (plan.trace,)
+    for f in files:
+        reason = _conflict(f, plan, inputs, overwrite)
+        if reason:
+            return "refused", reason
+    try:
+        header = read_header(plan.trace)
+    except Exception:  # missing, or foreign and --overwrite: redo
+        return "todo", ""
+    meta = header.get("meta", {})
+    ours = meta.get("source") == plan.source.label and meta.get("source_sha256") == plan.source.sha256
+    if not ours or meta.get("run") != run:
+        return "todo", ""
+    if figure and _recorded_source(plan.figure, True) != (plan.source.label, plan.source.sha256):
+        return "todo", ""
+    return "done", header
 
 
 def _tag_png(path: Path, tag: dict[str, str]) -> None:
@@ -297,30 +370,26 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
                 keep.unlink(missing_ok=True)
 
 
-def write_outputs(trace: CaptionTrace, plan: Planned, *, overwrite: bool = False) -> list[Path]:
+def write_outputs(
+    trace: CaptionTrace, plan: Planned, *, overwrite: bool = False, figure: bool = True, meta: dict | None = None
+) -> list[Path]:
     """Write the trace and the word grid of ``plan``'s input; both or neither.
 
     The trace records ``plan.source`` (``meta["source"]``, ``meta["source_sha256"]``)
     and so does the figure (PNG text chunk), so a later run recognises them as its
     own. Raises :class:`AttnlabError` (one line) when a file in the way may not be
     replaced (see :func:`check_plan`) or a write fails; then nothing changed.
+    ``figure=False`` writes the trace only (and removes attnlab's own figure of an
+    earlier trace of this input, which would no longer match); ``meta`` is added
+    to the trace's ``meta`` (the batch runner records its settings as ``"run"``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # "from . import plot" would go through attnlab.__getattr__("plot"), which does the same
-    # import again and recurses until RecursionError while attnlab.plot is not yet imported
-    from .plot import save_figure, word_grid
-
-    check_plan([plan], overwrite=overwrite)  # again: files may have appeared since the run began
+    check_plan([plan], overwrite=overwrite, figure=figure)  # again: files may have appeared since the run began
     bad = trace.nonfinite()
     if bad:
         raise AttnlabError(f"nothing written for {plan.source.label}: the model's {', '.join(bad)} hold NaN or infinite values (its weights may be broken)")
     out_dir = plan.trace.parent
     tag = {"source": plan.source.label, "source_sha256": plan.source.sha256 or ""}
-    trace = replace(trace, meta={**trace.meta, **tag})
+    trace = replace(trace, meta={**trace.meta, **(meta or {}), **tag})
     temps: list[Path] = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -328,6 +397,24 @@ def write_outputs(trace: CaptionTrace, plan: Planned, *, overwrite: bool = False
         temps.append(tmp_npz)
         with os.fdopen(fd, "wb") as fh:
             write_npz(trace, fh)
+        if not figure:
+            stale = _recorded_source(plan.figure, True) == (tag["source"], tag["source_sha256"])
+            _commit([(tmp_npz, plan.trace)])
+            if stale:  # attnlab's figure of this input's earlier trace: it would not match the new one
+                try:
+                    plan.figure.unlink()
+                except OSError:
+                    pass
+            return [plan.trace]
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        # "from . import plot" would go through attnlab.__getattr__("plot"), which does the same
+        # import again and recurses until RecursionError while attnlab.plot is not yet imported
+        from .plot import save_figure, word_grid
+
         fd, tmp_png = make_temp(plan.figure)
         os.close(fd)
         tmp_png = tmp_png.rename(tmp_png.with_name(tmp_png.name + ".png"))  # save_figure wants a .png name
@@ -342,7 +429,7 @@ def write_outputs(trace: CaptionTrace, plan: Planned, *, overwrite: bool = False
     except OSError as exc:  # disk full, read-only folder, ...: one line, not a traceback
         reason = exc.strerror or type(exc).__name__
         raise AttnlabError(
-            f"cannot write {plan.trace.name} and {plan.figure.name} in {out_dir} ({reason}); files that were there are unchanged"
+            f"cannot write {plan.trace.name}{' and ' + plan.figure.name if figure else ''} in {out_dir} ({reason}); files that were there are unchanged"
         ) from None
     finally:
         for t in temps:

@@ -26,6 +26,7 @@ from .scenes import (
     relation,
     scene_seed,
     shape_mask,
+    word_class,
 )
 
 from .evaluate import evaluate, patch_overlap, pointing
@@ -59,4 +60,5 @@ __all__ = [
     "relation",
     "scene_seed",
     "shape_mask",
+    "word_class",
 ]

@@ -401,3 +401,18 @@ def decode_caption(ids: list[int] | np.ndarray) -> str:
         if i not in (PAD_ID, CLS_ID):
             words.append(VOCAB[i] if 0 <= i < len(VOCAB) else "[UNK]")
     return " ".join(words)
+
+
+def word_class(word: str) -> str | None:
+    """The kind of a shapes-world caption word, for statistics by class
+    (:func:`attnlab.stats.aggregate` ``group=``): ``"size"``, ``"colour"``, ``"shape"``,
+    ``"relation"``, ``"article"`` (a), ``"joiner"`` (, and), ``"end"`` ([SEP]); ``None`` otherwise."""
+    if word in SIZES:
+        return "size"
+    if word in COLORS:
+        return "colour"
+    if word in SHAPES:
+        return "shape"
+    if word in RELATION_WORDS:
+        return "relation"
+    return {"a": "article", ",": "joiner", "and": "joiner", "[SEP]": "end"}.get(word)

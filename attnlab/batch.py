@@ -1,0 +1,604 @@
+"""Captioning many images: folders, glob patterns, shards and resumable runs.
+
+``attnlab caption photos/ --out results`` (or :func:`caption_folder`) runs:
+
+1. :func:`plan_run`: the images of the folders (read recursively) and glob
+   patterns, sorted; each named after its path relative to the folder
+   (:func:`attnlab.outputs.mirror_names`: ``photos/cats/x.jpg`` ->
+   ``results/cats/x.jpg.npz``), so names are unique, the same in every run and
+   independent of sharding; ``shard=(k, n)`` keeps every ``n``-th image from
+   the ``k``-th on (disjoint, deterministic slices that together cover all).
+2. A :class:`torch.utils.data.DataLoader` whose worker processes hash each
+   image, check its earlier outputs (:func:`attnlab.outputs.resume_state`:
+   complete and written for the same file and the same settings -> skipped)
+   and read and resize it by the captioner's spec
+   (:func:`attnlab.preprocess.prepare_for`).
+3. The main process groups the prepared images (of any sizes) into batches of
+   ``batch_size`` and decodes each batch at once
+   (:func:`attnlab.decode.decode_batch`: finished captions leave the batch);
+   every image gets exactly what it gets alone.
+4. Each trace is written as soon as its batch is done (atomically, with the
+   run's settings in ``meta["run"]``) and never held: memory stays flat.
+5. ``captions.jsonl`` (one JSON object per image: image, name, caption, words,
+   trace, figure) and ``errors.jsonl`` (image, name, error) in the output
+   folder; a shard ``k`` of ``n`` writes ``captions.k-of-n.jsonl`` and
+   ``errors.k-of-n.jsonl`` instead, so shards never write the same file.
+
+Ctrl-C finishes the batch being decoded, writes the captions and errors files
+and stops (a second Ctrl-C stops at once and drops that batch); nothing
+partial is left, and the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import outputs
+from .captioner import CaptionerSpec, as_captioner
+from .decode import check_beams, check_max_len, decode_batch
+from .errors import AttnlabError
+from .fileio import atomic_write, remove_stale_temps
+from .preprocess import prepare_for
+from .trace import CaptionTrace
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+"""File name endings (any case) taken from folders and glob patterns."""
+
+_MAGIC = re.compile(r"[*?[]")
+
+
+# ====================================================================== inputs
+@dataclass(frozen=True)
+class Item:
+    """One input image: its file and the relative name its outputs mirror (``"cats/x.jpg"``)."""
+
+    path: Path
+    name: str
+
+
+def is_pattern(text: str) -> bool:
+    """True for a folder or a glob pattern (what makes ``attnlab caption`` a batch run)."""
+    p = Path(text)
+    return p.is_dir() or (not p.exists() and bool(_MAGIC.search(text)))
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _walk(root: Path) -> list[Path]:
+    """Image files below ``root``, sorted, hidden files and folders left out."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder) / f for f in sorted(files) if _is_image(f)]
+    return found
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob pattern's matches are named relative to: its parts before the first wildcard."""
+    fixed = []
+    for part in Path(pattern).parts[:-1]:
+        if _MAGIC.search(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _own_figure(path: Path, out: Path | None) -> bool:
+    """A figure attnlab writes into ``out`` (never taken as an input, e.g. with ``--out`` inside the folder)."""
+    if out is None or not path.name.endswith(outputs.FIGURE_SUFFIX):
+        return False
+    return out.resolve() in path.resolve().parents
+
+
+def find_images(inputs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None) -> list[Item]:
+    """The images named by ``inputs``: folders (read recursively), glob patterns
+    (``"photos/**/*.jpg"``, recursive ``**`` allowed) and files.
+
+    Folders and patterns yield the files ending in one of :data:`IMAGE_SUFFIXES`
+    (hidden ones left out), sorted. Names are relative to the folder (to a
+    pattern's fixed leading folders); with several inputs each folder's name is
+    put in front (``photos/cats/x.jpg``). Figures attnlab wrote into ``out`` are
+    never inputs. The same file named twice is taken once.
+    """
+    if not inputs:
+        raise AttnlabError("no folder, pattern or image given")
+    out_dir = Path(out) if out is not None else None
+    found: list[tuple[Path, str]] = []
+    for arg in inputs:
+        text = os.fspath(arg)
+        p = Path(text)
+        if p.is_dir():
+            root, paths, label = p, _walk(p), p.resolve().name or "root"
+            if not paths:
+                raise AttnlabError(f"no images in folder {text} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, in subfolders too)")
+        elif p.exists() or not _MAGIC.search(text):
+            if not p.exists():
+                raise AttnlabError(f"no file, folder or glob match at {text}: check the path")
+            root, paths, label = p.parent, [p], ""
+        else:
+            root = _glob_root(text)
+            paths = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file() and _is_image(Path(m).name))
+            label = root.resolve().name or "root"
+            if not paths:
+                raise AttnlabError(f"the pattern {text!r} matches no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for path in paths:
+            if _own_figure(path, out_dir):
+                continue
+            name = path.relative_to(root).as_posix() if root != Path(".") else path.as_posix()
+            if len(inputs) > 1 and label:
+                name = f"{label}/{name}"
+            found.append((path, name))
+    seen: set[str] = set()
+    unique = []
+    for path, name in found:
+        key = os.path.normcase(str(path.resolve()))
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, name))
+    if not unique:
+        raise AttnlabError("no images to caption (only figures attnlab wrote were found)")
+    names = outputs.mirror_names([n for _, n in unique])
+    return [Item(path, name) for (path, _), name in zip(unique, names)]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"3/8"`` -> ``(3, 8)``: the 3rd of 8 slices (``K`` from 1 to ``N``)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise AttnlabError(f"--shard {text!r}: give K/N with K from 1 to N, e.g. 3/8 for the third of eight slices")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_items(items: Sequence[Any], shard: tuple[int, int]) -> list[Any]:
+    """The ``k``-th of ``n`` disjoint slices: items ``k-1, k-1+n, k-1+2n, ...`` (together: all of them)."""
+    k, n = shard
+    if not 1 <= k <= n:
+        raise AttnlabError(f"shard {k}/{n}: K must lie from 1 to N")
+    return list(items[k - 1 :: n])
+
+
+def sidecar_names(shard: tuple[int, int]) -> tuple[str, str]:
+    """The captions and errors file names of a shard: ``captions.jsonl`` or ``captions.3-of-8.jsonl``."""
+    k, n = shard
+    tag = "" if n == 1 else f".{k}-of-{n}"
+    return f"captions{tag}.jsonl", f"errors{tag}.jsonl"
+
+
+# ====================================================================== the plan
+@dataclass
+class RunPlan:
+    """What a batch run will do, decided before the model is loaded (see :func:`plan_run`)."""
+
+    plans: list[outputs.Planned]  # this shard's images in order; sources without SHA-256 yet
+    total: int  # images in all shards together
+    shard: tuple[int, int]
+    out: Path
+    captions: Path
+    errors: Path
+    figures: bool
+    overwrite: bool
+
+
+def _check_sidecar(path: Path, overwrite: bool) -> None:
+    """A captions/errors file may be replaced only when it is attnlab's (JSON lines with an "image")."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_file() or path.is_symlink():
+        raise AttnlabError(f"{path} is in the way and is not a regular file: move it or give another --out folder")
+    if overwrite:
+        return
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline(1 << 16).strip()
+        ours = not first or isinstance(record := json.loads(first), dict) and "image" in record
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise AttnlabError(f"{path} exists and attnlab did not write it: pass --overwrite to replace it, or give another --out folder")
+
+
+def plan_run(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    shard: tuple[int, int] = (1, 1),
+    figures: bool = False,
+    overwrite: bool = False,
+) -> RunPlan:
+    """Find the images, name their outputs and check the output folder (no model needed, nothing written)."""
+    out_dir = Path(out)
+    outputs.check_out_dir(out_dir)
+    items = find_images(inputs, out=out_dir)
+    sources = [outputs.Source(item.name, str(item.path.resolve()), None, item.path) for item in items]
+    plans = shard_items(outputs.plan_mirrored(sources, out_dir), shard)  # named over all shards, then sliced
+    captions, errors = (out_dir / name for name in sidecar_names(shard))
+    for path in (captions, errors):
+        _check_sidecar(path, overwrite)
+    return RunPlan(plans, len(items), shard, out_dir, captions, errors, figures, overwrite)
+
+
+# ====================================================================== settings
+def weights_digest(model: Any) -> str | None:
+    """A short SHA-256 of a torch model's weights (names, dtypes, shapes, bytes); ``None`` for other captioners."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    state = model.state_dict()
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # (bytes,)
+    return digest.hexdigest()[:16]
+
+
+def run_settings(
+    model: Any, *, max_len: int | None = None, beams: int = 1, length_penalty: float = 1.0, half: bool = False, mode: str = "incremental"
+) -> dict[str, Any]:
+    """What a trace of a batch run depends on besides its image (stored as ``meta["run"]``):
+    a rerun skips an image only when these are equal."""
+    spec = as_captioner(model).spec
+    beams, length_penalty = check_beams(beams, length_penalty)
+    return {
+        "model": spec.name,
+        "weights": weights_digest(model),
+        "mode": mode,
+        "max_len": check_max_len(max_len, spec.max_len),
+        "beams": beams,
+        "length_penalty": length_penalty,
+        "half": bool(half),
+    }
+
+
+def as_half(trace: CaptionTrace) -> CaptionTrace:
+    """The trace with its attention arrays as float16 (half the size; values within ~5e-4 of float32).
+
+    Logits stay float32 (the probabilities shown in figures come from them).
+    """
+    def half(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a.astype(np.float16)
+
+    return replace(
+        trace,
+        cross_attention=half(trace.cross_attention),
+        prefix_share=half(trace.prefix_share),
+        encoder_self_attention=half(trace.encoder_self_attention),
+        decoder_self_attention=half(trace.decoder_self_attention),
+    )
+
+
+# ====================================================================== worker side
+@dataclass
+class _Loaded:
+    """What a worker hands over for one image."""
+
+    index: int
+    kind: str  # "image" (to caption), "done" (complete outputs from an earlier run) or "error"
+    sha256: str | None = None
+    pixels: torch.Tensor | None = None  # (3, h, w) float32 model input
+    shown: np.ndarray | None = None  # (h', w', 3) uint8, the image the maps are drawn over
+    header: dict[str, Any] | None = None  # "done": the trace's header (caption, words, meta)
+    error: str = ""
+
+
+class _Images(Dataset):
+    """Item ``i``: image ``i`` of the plan hashed, checked against earlier outputs, and prepared."""
+
+    def __init__(self, plans: list[outputs.Planned], spec: CaptionerSpec, run: dict[str, Any], figures: bool, overwrite: bool) -> None:
+        self.plans, self.spec, self.run, self.figures, self.overwrite = plans, spec, run, figures, overwrite
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, i: int) -> _Loaded:
+        plan = self.plans[i]
+        try:
+            sha = outputs.file_sha256(plan.source.path)
+            plan = replace(plan, source=replace(plan.source, sha256=sha))
+            state, info = outputs.resume_state(plan, self.run, figure=self.figures, overwrite=self.overwrite)
+            if state == "done":
+                return _Loaded(i, "done", sha, header=info)
+            if state == "refused":
+                return _Loaded(i, "error", error=str(info))
+            pixels, shown = prepare_for([plan.source.path], self.spec)
+            return _Loaded(i, "image", sha, pixels[0], shown[0])
+        except AttnlabError as exc:
+            return _Loaded(i, "error", error=str(exc))
+        except Exception as exc:  # an image no reader expected: listed with its reason, the run goes on
+            first = (str(exc).splitlines() or [""])[0][:200]
+            return _Loaded(i, "error", error=f"{plan.source.path}: cannot be read ({type(exc).__name__}: {first})")
+
+
+def _as_is(item: _Loaded) -> _Loaded:
+    return item
+
+
+def _worker_ignores_ctrl_c(worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops them in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def default_workers() -> int:
+    """Worker processes for reading images: one core is left to decoding (1 to 4)."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+# ====================================================================== main side
+class _CtrlC:
+    """Within the block, a first Ctrl-C asks to stop after the batch in hand; a second raises
+    KeyboardInterrupt at once. The previous handler comes back on exit (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nattnlab: stopping after the current batch (press Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+
+@dataclass
+class RunReport:
+    """The outcome of a batch run (this shard)."""
+
+    total: int  # images in this shard
+    captioned: int  # captioned and written in this run
+    skipped: int  # complete from an earlier run
+    failed: int  # listed in the errors file
+    interrupted: bool
+    seconds: float
+    captions: Path
+    errors: Path | None  # None when there were no errors
+
+
+def _read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """An earlier captions/errors file by image name (lines cut short by a killed run are left out)."""
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("name"), str):
+                    records[record["name"]] = record
+    except OSError:
+        pass
+    return records
+
+
+def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+class _Run:
+    """One batch run's bookkeeping: results by image index, the progress bar, the writes."""
+
+    def __init__(self, plan: RunPlan, model: Any, run: dict[str, Any], batch_size: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.plan, self.model, self.run, self.batch_size = plan, model, run, batch_size
+        self.captions: dict[int, dict[str, Any]] = {}
+        self.errors: dict[int, dict[str, Any]] = {}
+        self.reached: set[int] = set()
+        self.captioned = self.skipped = 0
+        self.bar = tqdm(total=len(plan.plans), unit="img", desc="captioning", disable=not progress, file=sys.stderr, smoothing=0.1)
+
+    def _record(self, i: int, caption: str, words: list[str]) -> dict[str, Any]:
+        p = self.plan.plans[i]
+        record = {
+            "image": str(p.source.path),
+            "name": p.source.name,
+            "caption": caption,
+            "words": words,
+            "trace": p.trace.relative_to(self.plan.out).as_posix(),
+        }
+        if self.plan.figures:
+            record["figure"] = p.figure.relative_to(self.plan.out).as_posix()
+        return record
+
+    def _fail(self, i: int, reason: str) -> None:
+        p = self.plan.plans[i]
+        self.errors[i] = {"image": str(p.source.path), "name": p.source.name, "error": reason}
+
+    def _tick(self) -> None:
+        self.bar.set_postfix(new=self.captioned, earlier=self.skipped, errors=len(self.errors), refresh=False)
+        self.bar.update(1)
+
+    def take(self, loaded: _Loaded) -> bool:
+        """Book a loaded item; True when it is an image to caption."""
+        self.reached.add(loaded.index)
+        if loaded.kind == "image":
+            return True
+        if loaded.kind == "done":
+            header = loaded.header or {}
+            self.captions[loaded.index] = self._record(loaded.index, header.get("caption", ""), header.get("words", []))
+            self.skipped += 1
+        else:
+            self._fail(loaded.index, loaded.error)
+        self._tick()
+        return False
+
+    def decode(self, batch: list[_Loaded]) -> None:
+        """Caption a batch and write each trace (and figure) as soon as the batch is decoded."""
+        run = self.run
+        try:
+            traces = decode_batch(
+                self.model, [b.pixels for b in batch], [b.shown for b in batch],
+                max_len=run["max_len"], mode=run["mode"], beams=run["beams"], length_penalty=run["length_penalty"],
+            )  # fmt: skip
+        except torch.cuda.OutOfMemoryError:
+            raise AttnlabError(
+                f"out of GPU memory at batch size {self.batch_size}: run the same command with a smaller --batch-size "
+                "(finished images are kept and skipped)"
+            ) from None
+        for loaded, trace in zip(batch, traces):
+            i = loaded.index
+            p = self.plan.plans[i]
+            p = replace(p, source=replace(p.source, sha256=loaded.sha256))
+            if run["half"]:
+                trace = as_half(trace)
+            try:
+                outputs.write_outputs(trace, p, overwrite=self.plan.overwrite, figure=self.plan.figures, meta={"run": run})
+            except AttnlabError as exc:
+                self._fail(i, str(exc))
+            else:
+                self.captions[i] = self._record(i, trace.caption, trace.words)
+                self.captioned += 1
+            self._tick()
+
+    def finish(self) -> None:
+        """Write the captions and errors files: this run's results, and for images this run
+        did not reach (it was interrupted) what the earlier files said."""
+        self.bar.close()
+        old_captions, old_errors = _read_records(self.plan.captions), _read_records(self.plan.errors)
+        captions, errors = [], []
+        for i, p in enumerate(self.plan.plans):
+            if i in self.captions:
+                captions.append(self.captions[i])
+            elif i in self.errors:
+                errors.append(self.errors[i])
+            elif i not in self.reached:
+                if p.source.name in old_captions:
+                    captions.append(old_captions[p.source.name])
+                elif p.source.name in old_errors:
+                    errors.append(old_errors[p.source.name])
+        _write_records(self.plan.captions, captions)
+        if errors:
+            _write_records(self.plan.errors, errors)
+        elif self.plan.errors.is_file():
+            self.plan.errors.unlink()  # attnlab's own list from an earlier run (checked by plan_run): all fixed now
+
+
+def run_plan(
+    model: Any,
+    plan: RunPlan,
+    *,
+    batch_size: int = 8,
+    workers: int | None = None,
+    max_len: int | None = None,
+    beams: int = 1,
+    length_penalty: float = 1.0,
+    half: bool = False,
+    mode: str = "incremental",
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> RunReport:
+    """Caption the images of ``plan`` with ``model`` (see the module docstring).
+
+    ``on_batch(n)`` is called after the ``n``-th batch has been written (e.g. to
+    stop a test run after ``k`` batches: raise ``KeyboardInterrupt`` there).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AttnlabError(f"--batch-size must be a whole number >= 1, not {batch_size!r}")
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise AttnlabError(f"--workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
+    run = run_settings(model, max_len=max_len, beams=beams, length_penalty=length_penalty, half=half, mode=mode)
+    spec = as_captioner(model).spec
+    for folder in sorted({p.trace.parent for p in plan.plans}):
+        remove_stale_temps(folder)  # left by killed runs (never a live one of a parallel run)
+    state = _Run(plan, model, run, batch_size, progress)
+    loader = DataLoader(
+        _Images(plan.plans, spec, run, plan.figures, plan.overwrite),
+        batch_size=None,  # items one by one: the batches are made below, of images that need captioning
+        num_workers=workers,
+        collate_fn=_as_is,
+        worker_init_fn=_worker_ignores_ctrl_c if workers else None,
+        prefetch_factor=2 * batch_size if workers else None,
+    )
+    start = time.perf_counter()
+    batches = 0
+    interrupted = False
+    pending: list[_Loaded] = []
+    items = iter(loader)
+    try:
+        with _CtrlC() as ctrl_c:
+            for loaded in items:
+                if state.take(loaded):
+                    pending.append(loaded)
+                if len(pending) == batch_size:
+                    state.decode(pending)
+                    pending = []
+                    batches += 1
+                    if on_batch is not None:
+                        on_batch(batches)
+                if ctrl_c.requested:
+                    interrupted = True
+                    break
+            if pending and not interrupted:
+                state.decode(pending)
+                pending = []
+                batches += 1
+                if on_batch is not None:
+                    on_batch(batches)
+    except KeyboardInterrupt:
+        interrupted = True  # the batch in hand is dropped: nothing of it was written
+    finally:
+        del items  # stops the worker processes
+        state.reached -= {b.index for b in pending}  # prepared but not captioned: not done
+        state.finish()
+    return RunReport(
+        total=len(plan.plans),
+        captioned=state.captioned,
+        skipped=state.skipped,
+        failed=len(state.errors),
+        interrupted=interrupted,
+        seconds=time.perf_counter() - start,
+        captions=plan.captions,
+        errors=plan.errors if state.errors else None,
+    )
+
+
+def caption_folder(
+    model: Any,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    shard: tuple[int, int] = (1, 1),
+    figures: bool = False,
+    overwrite: bool = False,
+    **options: Any,
+) -> RunReport:
+    """Caption every image of folders and glob patterns into ``out``: one trace per image,
+    ``captions.jsonl``, ``errors.jsonl``; reruns skip what is done (see the module docstring).
+
+    ``options``: ``batch_size`` (8), ``workers`` (:func:`default_workers`),
+    ``max_len``, ``beams``, ``length_penalty``, ``half``, ``mode``, ``progress``, ``on_batch``
+    (see :func:`run_plan`).
+    """
+    names = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    plan = plan_run(names, out, shard=shard, figures=figures, overwrite=overwrite)
+    return run_plan(model, plan, **options)
