@@ -83,11 +83,11 @@ def _is_image(name: str) -> bool:
 
 
 def _walk(root: Path) -> list[Path]:
-    """Image files below ``root``, sorted, hidden files and folders left out."""
+    """Image files below ``root``, hidden files and folders left out."""
     found = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(folder) / f for f in sorted(files) if _is_image(f)]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(folder) / f for f in files if _is_image(f)]
     return found
 
 
@@ -113,7 +113,7 @@ def find_images(inputs: Sequence[str | os.PathLike], *, out: str | os.PathLike |
     (``"photos/**/*.jpg"``, recursive ``**`` allowed) and files.
 
     Folders and patterns yield the files ending in one of :data:`IMAGE_SUFFIXES`
-    (hidden ones left out), sorted. Names are relative to the folder (to a
+    (hidden ones left out), sorted by name. Names are relative to the folder (to a
     pattern's fixed leading folders); with several inputs each folder's name is
     put in front (``photos/cats/x.jpg``). Figures attnlab wrote into ``out`` are
     never inputs. The same file named twice is taken once.
@@ -135,17 +135,17 @@ def find_images(inputs: Sequence[str | os.PathLike], *, out: str | os.PathLike |
             root, paths, label = p.parent, [p], ""
         else:
             root = _glob_root(text)
-            paths = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file() and _is_image(Path(m).name))
+            paths = [Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file() and _is_image(Path(m).name)]
             label = root.resolve().name or "root"
             if not paths:
                 raise AttnlabError(f"the pattern {text!r} matches no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        named = []
         for path in paths:
             if _own_figure(path, out_dir):
                 continue
             name = path.relative_to(root).as_posix() if root != Path(".") else path.as_posix()
-            if len(inputs) > 1 and label:
-                name = f"{label}/{name}"
-            found.append((path, name))
+            named.append((path, f"{label}/{name}" if len(inputs) > 1 and label else name))
+        found += sorted(named, key=lambda pn: pn[1])  # one order however the folder was named or walked
     seen: set[str] = set()
     unique = []
     for path, name in found:

@@ -45,6 +45,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def _caption_many(args: argparse.Namespace) -> int:
     """Folders and glob patterns: batches, worker processes, resume, shards (:mod:`attnlab.batch`)."""
     from .batch import default_workers, parse_shard, plan_run, run_plan
+    from .decode import check_beams
     from .hub import load_model
 
     if not args.out:
@@ -52,14 +53,20 @@ def _caption_many(args: argparse.Namespace) -> int:
     if args.json:
         raise AttnlabError("--json is for images named one by one; a folder run lists its captions in DIR/captions.jsonl")
     shard = parse_shard(args.shard) if args.shard else (1, 1)
+    batch_size = 8 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise AttnlabError(f"--batch-size must be a whole number >= 1, not {batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise AttnlabError(f"--workers must be a whole number >= 0 (0: read images in the main process), not {args.workers}")
+    check_beams(args.beams, args.length_penalty)
     plan = plan_run(args.images, args.out, shard=shard, figures=args.figures, overwrite=args.overwrite)  # before the model load
     model = load_model(args.model, checkpoint=args.checkpoint, vocab=args.vocab, device=args.device)
     workers = default_workers() if args.workers is None else args.workers
     where = "" if shard == (1, 1) else f" (shard {shard[0]} of {shard[1]}: {len(plan.plans)} of {plan.total})"
     print(f"attnlab: {len(plan.plans)} images{where} -> {plan.out}/ with {model.spec.name!r} on {args.device}, "
-          f"batch size {args.batch_size or 8}, {workers} workers", file=sys.stderr)  # fmt: skip
+          f"batch size {batch_size}, {workers} workers", file=sys.stderr)  # fmt: skip
     report = run_plan(
-        model, plan, batch_size=args.batch_size or 8, workers=workers, max_len=args.max_len, beams=args.beams,
+        model, plan, batch_size=batch_size, workers=workers, max_len=args.max_len, beams=args.beams,
         length_penalty=args.length_penalty, half=args.half, mode=args.mode,
     )  # fmt: skip
     rate = report.captioned / report.seconds if report.seconds > 0 else 0.0

@@ -299,11 +299,12 @@ def _assemble(
             if enc.encoder_attention:
                 e = torch.stack([layer[b, :, :keys, :keys] for layer in enc.encoder_attention])  # (layers, heads, K_b, K_b)
                 enc_attn = np.ascontiguousarray(e.detach().float().cpu().numpy())
-            per_layer = steps[0].selfs or []
-            dec_attn = np.zeros((len(per_layer), per_layer[0].shape[1] if per_layer else 0, count, count), np.float32)
-            for s in range(count):  # row s: step s over steps 0..s (of this caption's own history)
-                for layer, w in enumerate(steps[s].selfs):
-                    dec_attn[layer, :, s, : s + 1] = w[at[s]].detach().float().cpu().numpy()  # (heads, s+1)
+            per_layer = steps[0].selfs or []  # a captioner without decoder self-attention gives none
+            if per_layer:
+                dec_attn = np.zeros((len(per_layer), per_layer[0].shape[1], count, count), np.float32)
+                for s in range(count):  # row s: step s over steps 0..s (of this caption's own history)
+                    for layer, w in enumerate(steps[s].selfs):
+                        dec_attn[layer, :, s, : s + 1] = w[at[s]].detach().float().cpu().numpy()  # (heads, s+1)
         traces.append(
             CaptionTrace(
                 token_ids=np.array(ids, dtype=np.int64),
