@@ -6,7 +6,8 @@
 >>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
 
 Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
-:func:`capture_attention`, :func:`explore`, the :mod:`attnlab.plot` views and
+:func:`capture_attention`, :func:`explore`, the :mod:`attnlab.plot` views,
+:mod:`attnlab.batch` (folders, shards, resumable runs), :mod:`attnlab.stats` and
 the captioner protocol (:class:`Captioner`, :class:`CaptionerSpec`,
 :class:`Encoded`, :class:`StepOutput`; see :mod:`attnlab.captioner`).
 """
@@ -42,6 +43,7 @@ __all__ = [
     "load_model",
     "plot",
     "save_checkpoint",
+    "stats",
     "wrap",
 ]
 
@@ -49,8 +51,8 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # matplotlib and ipywidgets load only when a view is asked for
     # (``from . import plot`` here would call this function again: import by name)
-    if name == "plot":
-        return importlib.import_module(f"{__name__}.plot")
+    if name in ("plot", "stats", "batch"):
+        return importlib.import_module(f"{__name__}.{name}")
     if name == "explore":
         return importlib.import_module(f"{__name__}.explorer").explore
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")

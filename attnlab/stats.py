@@ -244,7 +244,7 @@ def word_maps(stats: FolderStats, keys: Sequence[str] | None = None, *, columns:
     columns = min(columns, len(keys))
     rows = -(-len(keys) // columns)
     top = max(float(stats.maps[k].density.max()) for k in keys)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns + 1.2, 2.5 * rows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns + 1.6, 2.7 * rows + 0.6), squeeze=False, constrained_layout=True)
     for ax, key in zip(axes.flat, keys):
         m = stats.maps[key]
         im = ax.imshow(m.density, cmap=cmap, vmin=0.0, vmax=top, extent=(0, 1, 1, 0), interpolation="nearest")
@@ -259,7 +259,7 @@ def word_maps(stats: FolderStats, keys: Sequence[str] | None = None, *, columns:
             ax.set_xlabel("x / image width", fontsize=10)
     for ax in axes[:, 0]:
         ax.set_ylabel("y / image height", fontsize=10)
-    bar = fig.colorbar(im, ax=axes, shrink=0.9)
-    bar.set_label("mean attention density (1 = uniform over the image)", fontsize=11)
+    bar = fig.colorbar(im, ax=axes, shrink=0.9 if rows > 1 else 1.0)
+    bar.set_label("mean attention density\n(1 = uniform over the image)", fontsize=11)
     fig.suptitle(f"Where layer {stats.layer} looks per word (mean of heads, {stats.traces} images)", fontsize=13)
     return fig

@@ -30,6 +30,7 @@ NOTEBOOKS = [
     "02_heads_vs_average.ipynb",
     "03_word_slider.ipynb",
     "04_reproduce_blog_figure.ipynb",
+    "08_many_images.ipynb",
 ]
 LIMIT_S = 120.0  # each notebook, kernel start included
 OFFLINE_SENTENCE = "Offline: CATR's weights and example image cannot be downloaded here"
@@ -119,4 +120,8 @@ def test_notebook_runs(name, offline_env):
             assert "shapes:" in text
         else:
             assert "catr-v3:" in text
+    elif name.startswith("08_"):
+        assert "captioned 300 images" in text and "second run: 300 done earlier, 0 captioned" in text
+        assert "entropy / log(S) per head" in text and "random patch" in text
+        assert text.count("not answered yet") == 3
     assert seconds < LIMIT_S, f"{name} took {seconds:.0f} s (limit {LIMIT_S:.0f} s)"

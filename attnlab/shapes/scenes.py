@@ -61,7 +61,9 @@ there are only 23,250 different ones.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -416,3 +418,27 @@ def word_class(word: str) -> str | None:
     if word in RELATION_WORDS:
         return "relation"
     return {"a": "article", ",": "joiner", "and": "joiner", "[SEP]": "end"}.get(word)
+
+
+def save_scenes(folder: str | os.PathLike, n: int, *, seed: int = 0, split: str = "eval") -> list[Path]:
+    """Write ``make_scenes(n, seed, split)`` as PNG files ``scene-00000.png`` ... into ``folder``
+    (created if needed), e.g. to caption them as a folder (``attnlab caption FOLDER --out DIR``).
+
+    Returns the paths. An existing file of the same name is refused, never replaced.
+    """
+    from PIL import Image
+
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise AttnlabError(f"n must be a whole number >= 1, not {n!r}")
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(make_scenes(int(n), seed, split)):
+        path = root / f"scene-{i:05d}.png"
+        try:
+            with path.open("xb") as fh:
+                Image.fromarray(scene.image).save(fh, format="PNG")
+        except FileExistsError:
+            raise AttnlabError(f"{path} exists: save the scenes into an empty folder") from None
+        paths.append(path)
+    return paths
