@@ -6,7 +6,8 @@
 >>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
 
 Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
-:func:`capture_attention`, :func:`explore` and the :mod:`attnlab.plot` views.
+:func:`capture_attention`, :func:`explore`, :func:`export_html` (a static
+explorer page) and the :mod:`attnlab.plot` views.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "capture_attention",
     "caption",
     "explore",
+    "export_html",
     "load_model",
     "plot",
     "save_checkpoint",
@@ -42,4 +44,6 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"{__name__}.plot")
     if name == "explore":
         return importlib.import_module(f"{__name__}.explorer").explore
+    if name == "export_html":
+        return importlib.import_module(f"{__name__}.plot").export_html
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
