@@ -81,9 +81,17 @@ class _MapView:
                 ax.set_title(panel_titles[i], fontsize=self._font, y=1.0)
             if style.scale == "panel":
                 self.notes.append(peak_note(ax, 0.0, self._font))
-        self.title = layout.title  # placed at a fixed y: it keeps its place while hidden for the background
-        lines = [c for ax in layout.axes.ravel()[:n] for c in ax.collections]  # patch-grid lines go over the maps
-        self.figure.dynamic = [*self.images, *lines, *self.notes, self.title]
+        # two title lines as two texts, both at fixed places: the word changes with the slider (redrawn each
+        # time); the layer, head and model line only with the dropdowns (kept in the background)
+        fig, title = layout.fig, layout.title
+        title.set_text(" ")
+        line = self._font * 1.1 * 1.35 / 72 / fig.get_size_inches()[1]  # one title line, in figure fractions
+        self.title = title
+        self.subtitle = fig.text(0.5, title.get_position()[1] - line, " ", ha="center", va="top",
+                                 fontsize=self._font * 1.1)
+        # redrawn on every change, in the order a full draw uses: the maps, the patch-grid lines and frames over them
+        over = [a for ax in layout.axes.ravel()[:n] for a in (*ax.collections, *ax.spines.values())]
+        self.figure.dynamic = [*self.images, *over, *self.notes, self.title]
         self._colorbar()
         self.peaks = [0.0] * n
 
@@ -115,7 +123,7 @@ class _MapView:
             self._colorbar()
 
     def update(self, state: State, title: str) -> None:
-        """Show ``state``: every panel's map, its peak note, the title (two lines)."""
+        """Show ``state``: every panel's map, its peak note, the title (two lines: the word; layer, head, model)."""
         heads = self.heads(state)
         self._update_scale(state, heads)
         for i, (heat, h) in enumerate(zip(self.images, heads)):
@@ -126,7 +134,11 @@ class _MapView:
             heat.set_alpha(state.alpha)
             if self.notes:
                 self.notes[i].set_text(f"peak {self.peaks[i]:.3f}")
-        self.title.set_text(title)
+        first, second = title.split("\n", 1)
+        self.title.set_text(first)
+        if self.subtitle.get_text() != second:
+            self.subtitle.set_text(second)
+            self.figure.invalidate()  # a static part changed
 
     def png(self) -> bytes:
         return self.figure.png()

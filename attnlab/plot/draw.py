@@ -166,7 +166,7 @@ def panel_grid(
         bar_h = max(min(bar_min, height - sup_h - margin), min(4.0 * font_scale, 0.8 * block_h))
         y0 = sup_h + off_y + row_titles[0] + (block_h - bar_h) / 2
         x0 = lefts[cols] - gap_x + 0.15
-        cax = fig.add_axes((x0 / width, 1 - (y0 + bar_h) / height, 0.16 / width, bar_h / height))
+        cax = fig.add_axes((x0 / width, 1 - (y0 + bar_h) / height, 0.16 / width, bar_h / height), label="<colorbar>")
     text = fig.suptitle("\n".join(title), y=1 - 0.06 / height, va="top", fontsize=font * 1.1) if title else None
     return Layout(fig, axes, cax, font, text)
 
