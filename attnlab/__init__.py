@@ -19,6 +19,7 @@ from .capture import AttentionCapture, capture_attention
 from .decode import caption
 from .errors import AttnlabError
 from .hub import load_model, save_checkpoint
+from .samples import sample_path
 from .trace import CaptionTrace
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "export_html",
     "load_model",
     "plot",
+    "sample_path",
     "save_checkpoint",
 ]
 

@@ -3,7 +3,7 @@
 Each notebook is executed with nbclient in a fresh ``python3`` kernel (this
 interpreter: jupyter_client starts the ``python`` of a kernel spec as
 ``sys.executable``), with the notebook folder as working directory (the
-notebooks read ``../data/samples``), ``MPLBACKEND=Agg``, and ``ATTNLAB_CACHE``,
+notebooks read their images with ``attnlab.sample_path``), ``MPLBACKEND=Agg``, and ``ATTNLAB_CACHE``,
 ``IPYTHONDIR``, ``MPLCONFIGDIR`` and ``JUPYTER_RUNTIME_DIR`` in a temporary
 folder (so no download cache is reused: notebook 04 takes its offline path
 unless the network is up). Any error fails the test. The runtime of each
