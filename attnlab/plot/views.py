@@ -381,7 +381,8 @@ def matrix_row(
     backdrop = image if image is not None else np.full((*map_size, 3), 255, dtype=np.uint8)
     values = grid_row if mode == "nearest" else maps.resize(grid_row, backdrop.shape[:2], mode)
     draw_map(ax_i, backdrop, scale.values(values), scale, cm, a if image is not None else 1.0, grid=(H, W))
-    ax_i.set_title(f"row {row} ({names[row]}) as a {H} x {W} map\npeak {grid_row.max():.3f}", fontsize=font)
+    named = f"row {row} ({names[row]})" if labels is not None else f"row {row}"
+    ax_i.set_title(f"{named} as a {H} x {W} map\npeak {grid_row.max():.3f}", fontsize=font)
     add_colorbar(fig, layout.cax, scale, cm, font)
     return fig
 
