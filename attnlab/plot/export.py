@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -19,7 +19,10 @@ from ..errors import AttnlabError
 from ..fileio import atomic_write
 from . import maps
 from .draw import add_colorbar, draw_map, panel_grid, panel_size, peak_note, stretch_note
-from .resolve import DEFAULT_ALPHA, resolve
+from .resolve import MapOptions, resolve
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+: annotations only
+    from typing import Unpack
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 MAX_PIXELS = 50_000_000  # one raster image (a figure at its dpi, or one GIF frame)
@@ -85,26 +88,19 @@ def save_gif(
     fps: float = 2,
     *,
     words: Sequence[int] | None = None,
-    cmap=None,
-    alpha: float = DEFAULT_ALPHA,
-    smooth: float = 0.0,
-    interp: str = "bilinear",
-    grid_lines: bool = False,
-    scale: str = "shared",
-    figsize=None,
     dpi: float = 100,
-    font_scale: float = 1.0,
+    **options: Unpack[MapOptions],
 ) -> Path:
     """An animated GIF stepping through the words (one frame per word), written atomically; returns the path.
 
     All frames share one colour scale (``scale="shared"``, the colour bar reads
-    attention weight), so a word that attends weakly looks weak.
+    attention weight), so a word that attends weakly looks weak. ``options``:
+    the views' drawing options (:class:`~attnlab.plot.resolve.MapOptions`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
-    r = resolve(trace, layer=layer, head=head, words=words, cmap=cmap, alpha=alpha, smooth=smooth, interp=interp,
-                grid_lines=grid_lines, scale=scale, figsize=figsize, font_scale=font_scale)
+    r = resolve(trace, layer=layer, head=head, words=words, **options)
     if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not 0 < float(fps) <= 100:
         raise AttnlabError(f"fps={fps!r} is not a frame rate: use a number above 0 (at most 100)")
     dpi = check_dpi(dpi)

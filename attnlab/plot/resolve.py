@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict
 
 import numpy as np
 
@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_CMAP",
     "DEFAULT_UNIFORM_CMAP",
+    "MapOptions",
     "Resolved",
     "check_alpha",
     "check_cmap",
@@ -39,6 +40,25 @@ __all__ = [
     "check_trace",
     "resolve",
 ]
+
+
+class MapOptions(TypedDict, total=False):
+    """Drawing options of every view that draws maps over the image (and of ``save_gif``), all optional.
+
+    ``scale``: ``"shared"`` (default), ``"panel"`` or ``"uniform"``; ``interp``: ``"bilinear"``
+    (default), ``"bicubic"`` or ``"nearest"``; ``grid_lines`` (default False); ``cmap`` (default by
+    scale); ``alpha`` (default 0.6); ``smooth`` (default 0, Gaussian sigma in patches); ``figsize``
+    (inches, default: fitted to the image); ``font_scale`` (default 1). See :mod:`attnlab.plot.views`.
+    """
+
+    scale: str
+    interp: str
+    grid_lines: bool
+    cmap: Any
+    alpha: float
+    smooth: float
+    figsize: tuple[float, float] | None
+    font_scale: float
 
 
 @dataclass(frozen=True)
@@ -222,10 +242,9 @@ def resolve(trace: Any, **options: Any) -> Resolved:
         if name == "cmap":
             continue
         if name not in _CHECKS:
-            raise TypeError(f"resolve() got an unknown option {name!r}")
+            raise TypeError(f"got an unexpected keyword argument {name!r}")
         values["steps" if name == "words" else name] = _CHECKS[name](trace, value)
     if values.get("ax") is not None and values.get("figsize") is not None:
         raise AttnlabError("pass either ax or figsize, not both")
-    if "cmap" in options:
-        values["cmap"] = check_cmap(options["cmap"], values.get("scale", "shared"))
+    values["cmap"] = check_cmap(options.get("cmap"), values.get("scale", "shared"))
     return Resolved(trace=trace, **values)

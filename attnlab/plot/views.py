@@ -22,7 +22,7 @@ Options shared by the views (where they make sense):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from .draw import (
 )
 from .resolve import (
     DEFAULT_ALPHA,
+    MapOptions,
     Resolved,
     check_alpha,
     check_cmap,
@@ -48,6 +49,9 @@ from .resolve import (
     check_font_scale,
     resolve,
 )
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+: annotations only
+    from typing import Unpack
 
 ROW_WIDTH_INCHES = 13.0  # word_grid picks as many columns as fit in this width
 
@@ -92,15 +96,8 @@ def overlay(
     head: int | str = "mean",
     *,
     ax=None,
-    figsize=None,
-    cmap=None,
-    alpha: float = DEFAULT_ALPHA,
-    smooth: float = 0.0,
-    interp: str = "bilinear",
-    grid_lines: bool = False,
-    scale: str = "shared",
     colorbar: bool = True,
-    font_scale: float = 1.0,
+    **options: Unpack[MapOptions],
 ):
     """One word's attention map over the image, with its colour bar.
 
@@ -108,8 +105,7 @@ def overlay(
     Pass ``ax`` to draw into an existing Axes (the figure title goes into the
     Axes title then).
     """
-    r = resolve(trace, step=step, layer=layer, head=head, ax=ax, figsize=figsize, cmap=cmap, alpha=alpha, smooth=smooth,
-                interp=interp, grid_lines=grid_lines, scale=scale, font_scale=font_scale)
+    r = resolve(trace, step=step, layer=layer, head=head, ax=ax, **options)
     (values,), (peak,), sc = _panel_maps(r, [(r.step, r.layer, r.head)])
     word = maps.word_label(trace, r.step, r.probabilities())
     where = f"{maps.layer_label(r.layer, r.layers)} \u00b7 {maps.head_label(r.head, r.heads)}"
@@ -135,14 +131,7 @@ def word_grid(
     *,
     words: Sequence[int] | None = None,
     ncols: int | None = None,
-    figsize=None,
-    cmap=None,
-    alpha: float = DEFAULT_ALPHA,
-    smooth: float = 0.0,
-    interp: str = "bilinear",
-    grid_lines: bool = False,
-    scale: str = "shared",
-    font_scale: float = 1.0,
+    **options: Unpack[MapOptions],
 ):
     """The classic figure: the caption on top, the image, then one panel per word with its map.
 
@@ -151,8 +140,7 @@ def word_grid(
     a word that attends weakly looks weak. ``ncols=None`` picks the number of
     columns from the image's shape.
     """
-    r = resolve(trace, layer=layer, head=head, words=words, ncols=ncols, figsize=figsize, cmap=cmap, alpha=alpha,
-                smooth=smooth, interp=interp, grid_lines=grid_lines, scale=scale, font_scale=font_scale)
+    r = resolve(trace, layer=layer, head=head, words=words, ncols=ncols, **options)
     shown, peaks, sc = _panel_maps(r, [(t, r.layer, r.head) for t in r.steps])
     probs = r.probabilities()
     panels = len(r.steps) + 1
@@ -173,23 +161,9 @@ def word_grid(
     return layout.fig
 
 
-def head_grid(
-    trace: Any,
-    layer: int = -1,
-    *,
-    words: Sequence[int] | None = None,
-    figsize=None,
-    cmap=None,
-    alpha: float = DEFAULT_ALPHA,
-    smooth: float = 0.0,
-    interp: str = "bilinear",
-    grid_lines: bool = False,
-    scale: str = "shared",
-    font_scale: float = 1.0,
-):
+def head_grid(trace: Any, layer: int = -1, *, words: Sequence[int] | None = None, **options: Unpack[MapOptions]):
     """Rows = every head of ``layer`` then a last row "mean"; columns = words."""
-    r = resolve(trace, layer=layer, words=words, figsize=figsize, cmap=cmap, alpha=alpha, smooth=smooth, interp=interp,
-                grid_lines=grid_lines, scale=scale, font_scale=font_scale)
+    r = resolve(trace, layer=layer, words=words, **options)
     heads: list[int | None] = [*range(r.heads), None]  # head per row, None = mean
     shown, peaks, sc = _panel_maps(r, [(t, r.layer, h) for h in heads for t in r.steps])
     pw, ph, _ = panel_size(r.image_size, 1.6)
@@ -208,22 +182,9 @@ def head_grid(
     return layout.fig
 
 
-def layer_head_grid(
-    trace: Any,
-    step: int,
-    *,
-    figsize=None,
-    cmap=None,
-    alpha: float = DEFAULT_ALPHA,
-    smooth: float = 0.0,
-    interp: str = "bilinear",
-    grid_lines: bool = False,
-    scale: str = "shared",
-    font_scale: float = 1.0,
-):
+def layer_head_grid(trace: Any, step: int, **options: Unpack[MapOptions]):
     """One word: rows = layers (first to last), columns = heads then a last column "mean"."""
-    r = resolve(trace, step=step, figsize=figsize, cmap=cmap, alpha=alpha, smooth=smooth, interp=interp,
-                grid_lines=grid_lines, scale=scale, font_scale=font_scale)
+    r = resolve(trace, step=step, **options)
     heads: list[int | None] = [*range(r.heads), None]  # head per column, None = mean
     shown, peaks, sc = _panel_maps(r, [(r.step, li, h) for li in range(r.layers) for h in heads])
     pw, ph, _ = panel_size(r.image_size, 1.6)
@@ -387,25 +348,18 @@ def matrix_row(
     return fig
 
 
-def attention_row(
-    trace: Any,
-    step: int,
-    layer: int = -1,
-    head: int | str = "mean",
-    *,
-    cmap=None,
-    alpha: float = DEFAULT_ALPHA,
-    interp: str = "bilinear",
-    figsize=None,
-    font_scale: float = 1.0,
-):
+def attention_row(trace: Any, step: int, layer: int = -1, head: int | str = "mean", **options: Unpack[MapOptions]):
     """Every word's row of the words-to-patches matrix ``(steps, S)``, row ``step`` outlined and drawn as its map.
 
     A classifier reads one row of q·k (its class token); a captioner reads
-    every row, one per word. See :func:`matrix_row`.
+    every row, one per word. See :func:`matrix_row`. Options: ``cmap``,
+    ``alpha``, ``interp``, ``figsize``, ``font_scale`` (the matrix and the map
+    share one colour scale: attention weight).
     """
-    r = resolve(trace, step=step, layer=layer, head=head, cmap=cmap, alpha=alpha, interp=interp, figsize=figsize,
-                font_scale=font_scale)
+    ignored = sorted({"scale", "smooth", "grid_lines"} & options.keys())
+    if ignored:
+        raise AttnlabError(f"attention_row draws the raw weights on one shared scale: leave out {', '.join(ignored)}")
+    r = resolve(trace, step=step, layer=layer, head=head, **options)
     mat = maps.word_matrix(trace, r.layer, "mean" if r.head is None else r.head)  # (steps, S)
     probs = r.probabilities()
     title = (f"{maps.word_label(trace, r.step, probs)} \u00b7 {maps.layer_label(r.layer, r.layers)} \u00b7 "
