@@ -206,3 +206,10 @@ def test_page_in_chromium_word_slider_by_keyboard(tmp_path):
             browser.close()
     assert requests == [path.as_uri()], f"the page asked for more than itself: {requests}"
     assert not problems, problems
+
+
+def test_a_trace_without_scores_has_no_p_labels(tmp_path):
+    trace = moving_spot_trace()
+    trace.logits = None  # recorded without logits
+    data = page_data(attnlab.export_html(trace, tmp_path / "p.html").read_text())
+    assert data["probabilities"] is None and data["wordLabels"] == trace.words

@@ -370,3 +370,15 @@ def test_gif_frames_share_one_scale(tmp_path):
     # the weak word's best patch is drawn 0.2 of the way up the colormap, nothing at the top
     assert np.linalg.norm(weak - colour("inferno", 0.2), axis=-1).min() < 12
     assert np.linalg.norm(weak - colour("inferno", 1.0), axis=-1).min() > 60
+
+
+def test_the_numbers_need_no_matplotlib():
+    """attnlab.plot.maps is numpy only, and importing attnlab.plot loads no plotting library until a view draws."""
+    import subprocess
+    import sys
+
+    code = ("import sys, attnlab, attnlab.plot, attnlab.plot.maps; "
+            "print(sorted(m for m in ('matplotlib', 'seaborn', 'ipywidgets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -72,7 +72,7 @@ class AttentionExplorer(widgets.VBox):
                             width=float(width_inches), dpi=dpi, font_scale=r.font_scale)
         self._probs = r.probabilities()
         self._written: set[Path] = set()  # files this explorer saved (it may replace those)
-        self.controls = Controls(trace, t0, r.layer, r.head, r.alpha, r.smooth, path or default_save_name(trace))
+        self.controls = Controls(trace, t0, r.layer, r.head, r.alpha, r.smooth, str(path or default_save_name(trace)))
         self.image = widgets.Image(format="png")
         self._views: dict[str, Any] = {VIEW_AVERAGED: AveragedView(trace, self._style, self._longest_title(False))}
         self.last_render_s = 0.0
