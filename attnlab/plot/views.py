@@ -257,6 +257,32 @@ def attention_matrix(
     return fig
 
 
+def _matrix_inputs(weights: Any, row: Any, grid: Any, image: Any, filled: Any, labels: Any):
+    """Check :func:`matrix_row`'s inputs: ``(matrix (L, S) float64, (H, W), row, filled, image or None)``."""
+    mat = np.asarray(weights, dtype=np.float64)  # (L, S)
+    if mat.ndim != 2 or 0 in mat.shape or not np.isfinite(mat).all():
+        raise AttnlabError(f"weights of shape {mat.shape} are not a finite (L, S) matrix: pass one row per query")
+    L, S = mat.shape
+    try:
+        H, W = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise AttnlabError(f"grid={grid!r} is not (rows, cols): pass e.g. grid=(19, 19)") from None
+    if H * W != S or H < 1:
+        raise AttnlabError(f"grid={grid!r} has {H * W} patches but the matrix has S = {S} columns")
+    filled = L if filled is None else filled
+    if not isinstance(filled, (int, np.integer)) or isinstance(filled, bool) or not 1 <= int(filled) <= L:
+        raise AttnlabError(f"filled={filled!r} must be a number of rows from 1 to {L}")
+    if not isinstance(row, (int, np.integer)) or isinstance(row, bool) or not 0 <= int(row) < int(filled):
+        raise AttnlabError(f"row={row!r} does not exist: use 0..{int(filled) - 1} (the filled rows)")
+    if labels is not None and len(labels) != L:
+        raise AttnlabError(f"labels has {len(labels)} names for {L} rows")
+    if image is not None:
+        image = np.asarray(image)  # (height, width, 3)
+        if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape[:2]:
+            raise AttnlabError(f"image has shape {image.shape}: expected an RGB image (height, width, 3)")
+    return mat, (H, W), int(row), int(filled), image
+
+
 def matrix_row(
     weights: Any,
     row: int,
@@ -283,29 +309,8 @@ def matrix_row(
     """
     from matplotlib.patches import Rectangle
 
-
-    mat = np.asarray(weights, dtype=np.float64)
-    if mat.ndim != 2 or 0 in mat.shape or not np.isfinite(mat).all():
-        raise AttnlabError(f"weights of shape {mat.shape} are not a finite (L, S) matrix: pass one row per query")
+    mat, (H, W), row, filled, image = _matrix_inputs(weights, row, grid, image, filled, labels)  # mat: (L, S)
     L, S = mat.shape
-    try:
-        H, W = (int(v) for v in grid)
-    except (TypeError, ValueError):
-        raise AttnlabError(f"grid={grid!r} is not (rows, cols): pass e.g. grid=(19, 19)") from None
-    if H * W != S or H < 1:
-        raise AttnlabError(f"grid={grid!r} has {H * W} patches but the matrix has S = {S} columns")
-    filled = L if filled is None else filled
-    if not isinstance(filled, (int, np.integer)) or isinstance(filled, bool) or not 1 <= int(filled) <= L:
-        raise AttnlabError(f"filled={filled!r} must be a number of rows from 1 to {L}")
-    if not isinstance(row, (int, np.integer)) or isinstance(row, bool) or not 0 <= int(row) < int(filled):
-        raise AttnlabError(f"row={row!r} does not exist: use 0..{int(filled) - 1} (the filled rows)")
-    if labels is not None and len(labels) != L:
-        raise AttnlabError(f"labels has {len(labels)} names for {L} rows")
-    if image is not None:
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape[:2]:
-            raise AttnlabError(f"image has shape {image.shape}: expected an RGB image (height, width, 3)")
-    row, filled = int(row), int(filled)
     a, size, fs = check_alpha(alpha), check_figsize(figsize), check_font_scale(font_scale)
     mode, cm = maps.check_interp(interp), check_cmap(cmap)
 
