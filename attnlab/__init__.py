@@ -6,9 +6,10 @@
 >>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
 
 Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
-:func:`capture_attention`, :func:`explore`, the :mod:`attnlab.plot` views and
-the captioner protocol (:class:`Captioner`, :class:`CaptionerSpec`,
-:class:`Encoded`, :class:`StepOutput`; see :mod:`attnlab.captioner`).
+:func:`capture_attention`, :func:`explore`, :func:`export_html` (a static
+explorer page), the :mod:`attnlab.plot` views and the captioner protocol
+(:class:`Captioner`, :class:`CaptionerSpec`, :class:`Encoded`,
+:class:`StepOutput`; see :mod:`attnlab.captioner`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .captioner import Captioner, CaptionerSpec, Encoded, StepOutput
 from .decode import caption
 from .errors import AttnlabError
 from .hub import load_model, save_checkpoint
+from .samples import sample_path
 from .tap import AttentionTap
 from .trace import CaptionTrace
 
@@ -39,8 +41,10 @@ __all__ = [
     "capture_attention",
     "caption",
     "explore",
+    "export_html",
     "load_model",
     "plot",
+    "sample_path",
     "save_checkpoint",
     "wrap",
 ]
@@ -53,4 +57,6 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"{__name__}.plot")
     if name == "explore":
         return importlib.import_module(f"{__name__}.explorer").explore
+    if name == "export_html":
+        return importlib.import_module(f"{__name__}.plot").export_html
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")

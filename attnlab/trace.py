@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import stat
 import warnings
@@ -69,6 +70,11 @@ LIMITS = {
 MAX_TRACE_BYTES = 1024**3  # all arrays together, uncompressed (CaptionTrace.load(max_bytes=...) to allow more)
 MAX_HEADER_BYTES = 16 * 1024**2  # the JSON header (words, caption, meta)
 _NPY_HEADER_MAX = 10_000  # numpy's own limit for a .npy header
+
+
+def _is_index(x: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 @dataclass
@@ -171,21 +177,43 @@ class CaptionTrace:
         """Attention heads per layer in ``cross_attention`` (0 when nothing was recorded)."""
         return 0 if self.cross_attention is None else self.cross_attention.shape[1]
 
-    def _require_attention(self) -> np.ndarray:
+    # ------------------------------------------ checks shared by every view
+    def require_attention(self) -> np.ndarray:
+        """``cross_attention`` ``(layers, heads, steps, H, W)``, or a one-line error when nothing was recorded."""
         if self.cross_attention is None:
             raise AttnlabError("this trace holds no attention: caption again with record='cross' or 'all'")
         return self.cross_attention
 
+    def check_layer(self, i: Any) -> int:
+        """Decoder layer ``i`` (negative counts from the end) as an index ``0..layers-1``, or a one-line error."""
+        n = self.require_attention().shape[0]
+        if not _is_index(i) or not -n <= int(i) < n:
+            raise AttnlabError(f"layer {i!r} does not exist: the decoder has {n} layers (use 0..{n - 1} or -1 for the last)")
+        return int(i) % n
+
+    def check_head(self, h: Any) -> int | None:
+        """Head ``h`` as an index ``0..heads-1``; ``"mean"`` (the average over heads) gives ``None``."""
+        n = self.require_attention().shape[1]
+        if isinstance(h, str) and h == "mean":
+            return None
+        if not _is_index(h) or not -n <= int(h) < n:
+            raise AttnlabError(f"head {h!r} does not exist: the layer has {n} heads (use 0..{n - 1} or 'mean')")
+        return int(h) % n
+
+    def check_step(self, t: Any) -> int:
+        """Decoding step ``t`` (negative counts from the end) as an index ``0..steps-1``, or a one-line error."""
+        n = self.steps
+        if not _is_index(t) or not -n <= int(t) < n:
+            raise AttnlabError(f"step {t!r} does not exist: the trace has {n} steps (use 0..{n - 1})")
+        return int(t) % n
+
     def layer(self, i: int) -> np.ndarray:
         """Cross-attention of decoder layer ``i`` (negative counts from the end): ``(heads, steps, H, W)``."""
-        ca = self._require_attention()
-        if not -ca.shape[0] <= i < ca.shape[0]:
-            raise AttnlabError(f"layer {i} does not exist: the decoder has {ca.shape[0]} layers")
-        return ca[i]
+        return self.require_attention()[self.check_layer(i)]
 
     def mean_heads(self) -> np.ndarray:
         """Cross-attention averaged over heads: ``(layers, steps, H, W)``."""
-        return self._require_attention().mean(axis=1)
+        return self.require_attention().mean(axis=1)
 
     def probabilities(self) -> np.ndarray | None:
         """Softmax probability of each step's token: ``(steps,)`` float32; ``None`` without logits."""
