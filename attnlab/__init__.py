@@ -39,6 +39,7 @@ __all__ = [
     "capture_attention",
     "caption",
     "explore",
+    "from_huggingface",
     "load_model",
     "plot",
     "save_checkpoint",
@@ -53,4 +54,6 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"{__name__}.plot")
     if name == "explore":
         return importlib.import_module(f"{__name__}.explorer").explore
+    if name == "from_huggingface":  # transformers loads only when a Hugging Face model is wrapped
+        return importlib.import_module(f"{__name__}.adapters.huggingface").from_huggingface
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
