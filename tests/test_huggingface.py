@@ -295,6 +295,12 @@ def test_spec_follows_generate_defaults(models):
         assert attnlab.from_huggingface(model, tok, processor).spec.max_len == 5
     finally:
         gen.max_length = gen.max_new_tokens = None
+    try:  # a checkpoint whose generate() searches beams: greedy captions may differ, and attnlab says so
+        gen.num_beams = 4
+        with pytest.warns(UserWarning, match="num_beams=4"):
+            attnlab.from_huggingface(model, tok, processor)
+    finally:
+        gen.num_beams = None
     assert attnlab.from_huggingface(model, tok, processor, name="tiny").spec.name == "tiny"
     model, tok, processor = models["blip"]
     spec = attnlab.from_huggingface(model, tok, processor).spec

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -298,6 +299,7 @@ class HuggingFaceCaptioner:
             raise AttnlabError(
                 "the model names no start or end token: set model.generation_config.decoder_start_token_id and eos_token_id"
             )
+        _warn_if_not_greedy(generation)
         self._cache_kw = "cache" if "cache" in inspect.signature(self._decoder_call).parameters else "past_key_values"
         self._grid = _grid_of(encoder_config, pixels.side)
         if max_len is None:
@@ -424,6 +426,33 @@ class HuggingFaceCaptioner:
         cross = [tap.row_of(a) for a in out.cross_attentions] if want else None  # per layer (N, heads, T)
         selfs = [tap.row_of(a) for a in selfs] if record == "all" and selfs else None  # per layer (N, heads, t)
         return StepOutput(logits, cross, selfs)
+
+
+# generation settings under which the model's own generate() is not plain greedy decoding
+_NOT_GREEDY = (
+    ("num_beams", lambda v: v > 1),
+    ("do_sample", bool),
+    ("repetition_penalty", lambda v: v != 1.0),
+    ("no_repeat_ngram_size", lambda v: v > 0),
+    ("min_new_tokens", lambda v: v > 0),
+    ("min_length", lambda v: v > 0),
+)
+
+
+def _warn_if_not_greedy(generation: Any) -> None:
+    """attnlab decodes greedily; say so when the model's generate() would do something else by default."""
+    found = []
+    for key, odd in _NOT_GREEDY:
+        value = getattr(generation, key, None)
+        if value is not None and odd(value):
+            found.append(f"{key}={value!r}")
+    if found:
+        warnings.warn(
+            f"attnlab decodes greedily, but this model's generation config sets {', '.join(found)}: its captions may differ "
+            "from model.generate(...) with those settings (they match generate(num_beams=1, do_sample=False, ...))",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _generate_length(generation: Any) -> int:
