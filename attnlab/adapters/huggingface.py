@@ -244,9 +244,9 @@ def _pixels_of(image_processor: Any) -> _Pixels:
     gap = float((unit - expected)[:, 1:-1, 1:-1].abs().max()) if s > 2 else 0.0
     if gap > STRETCH_TOLERANCE:
         raise AttnlabError(
-            f"the image processor does not just resize the image to a {s}x{s} square (it crops or pads: off by {gap:.2f}), "
-            "so attnlab's figures could not place the patches: pass a processor that resizes to a square without cropping "
-            "(e.g. set do_center_crop=False and size to the crop size)"
+            f"the image processor crops or pads the image (off by {gap:.2f} from a plain resize to {s}x{s}), so attnlab's "
+            "figures could not place the patches: use one that only resizes to a square (e.g. do_center_crop=False and "
+            "size=crop_size; the model then sees the whole image, not its centre)"
         )
     return _Pixels(transform, s, mean, std)
 
@@ -303,7 +303,7 @@ class HuggingFaceCaptioner:
         self._cache_kw = "cache" if "cache" in inspect.signature(self._decoder_call).parameters else "past_key_values"
         self._grid = _grid_of(encoder_config, pixels.side)
         if max_len is None:
-            max_len = _generate_length(generation)
+            max_len = _generate_length(generation, tf.GenerationConfig().max_length)
         self._spec_args = dict(
             name=name or getattr(model, "name_or_path", "") or type(model).__name__,
             bos=int(bos), eos=int(eos), pad=int(pad), max_len=int(max_len), image_size=pixels.side, resize="stretch",
@@ -333,7 +333,7 @@ class HuggingFaceCaptioner:
         try:
             with torch.inference_mode():
                 try:
-                    out = self._encode(x[None].to(self._device(), self._dtype()), record="none")
+                    out, _ = self._encode(x[None].to(self._device(), self._dtype()))  # (1, T, D)
                 except AttnlabError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a foreign model's failure becomes one line
@@ -381,11 +381,13 @@ class HuggingFaceCaptioner:
     def spec(self) -> CaptionerSpec:
         return CaptionerSpec(vocab=self._vocab, prefix_tokens=self._prefix, **self._spec_args)
 
-    def _encode(self, x: torch.Tensor, record: Record) -> Any:
-        """Pixels ``(N, 3, S, S)`` -> the encoder's output (``record="all"``: the whole output object)."""
+    def _encode(self, x: torch.Tensor, attentions: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Pixels ``(N, 3, S, S)`` -> the encoder's tokens ``(N, T, D)`` (prefix, then the
+        patches row-major) and, if asked, its self-attention per layer ``(N, heads, T, T)``."""
         with eager_attention(self._configs):
-            out = self._encoder(pixel_values=x, output_attentions=record == "all", return_dict=True)
-        return out if record == "all" else out.last_hidden_state  # (N, T, D)
+            out = self._encoder(pixel_values=x, output_attentions=attentions, return_dict=True)
+        weights = list(out.attentions) if attentions and out.attentions else None
+        return out.last_hidden_state, weights
 
     def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
         record = check_record(record)
@@ -393,9 +395,7 @@ class HuggingFaceCaptioner:
         if len(sizes) != 1:
             raise AttnlabError(f"a Hugging Face captioner takes the image processor's {self._pixels.side}px squares; got sizes {sorted(sizes)}")
         x = torch.stack(list(pixels)).to(self._device(), self._dtype())  # (N, 3, S, S)
-        out = self._encode(x, "all" if record == "all" else "none")
-        memory = out.last_hidden_state if record == "all" else out  # (N, T, D): prefix, then h * w patches
-        encoder = list(out.attentions) if record == "all" and out.attentions else None  # per layer (N, heads, T, T)
+        memory, encoder = self._encode(x, attentions=record == "all")  # (N, T, D); per layer (N, heads, T, T)
         mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)  # (N, T)
         return Encoded(HFState(memory, mask), [self._grid] * x.shape[0], encoder)
 
@@ -451,18 +451,24 @@ def _warn_if_not_greedy(generation: Any) -> None:
             f"attnlab decodes greedily, but this model's generation config sets {', '.join(found)}: its captions may differ "
             "from model.generate(...) with those settings (they match generate(num_beams=1, do_sample=False, ...))",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the line that called from_huggingface
         )
 
 
-def _generate_length(generation: Any) -> int:
-    """How many tokens ``generate`` makes after the start token: ``max_new_tokens``, else
-    ``max_length - 1`` (it counts the start token), else its default of 20 new tokens."""
+GENERATE_NEW_TOKENS = 20  # what generate makes when no length is set
+
+
+def _generate_length(generation: Any, unset: int | None) -> int:
+    """How many tokens ``generate`` makes after the start token: ``max_new_tokens``; else
+    20 when ``max_length`` keeps its default (``unset``: None in transformers 5, 20 in 4);
+    else ``max_length - 1`` (it counts the start token)."""
     new_tokens = getattr(generation, "max_new_tokens", None)
     if new_tokens:
         return int(new_tokens)
     max_length = getattr(generation, "max_length", None)
-    return max(1, int(max_length) - 1) if max_length else 20
+    if max_length is None or max_length == unset:
+        return GENERATE_NEW_TOKENS
+    return max(1, int(max_length) - 1)
 
 
 def _ids(generation: Any, config: Any, key: str) -> Any:
