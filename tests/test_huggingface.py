@@ -52,10 +52,10 @@ def gpt2_tokenizer(files):
     return transformers.GPT2Tokenizer(str(files / "vocab.json"), str(files / "merges.txt"))
 
 
-def vision(cls, seed_range: float = 0.2):
+def vision(cls, init_range: float = 0.2):
     return cls(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=SIDE, patch_size=PATCH, initializer_range=seed_range,
+        image_size=SIDE, patch_size=PATCH, initializer_range=init_range,
     )  # fmt: skip
 
 
@@ -107,8 +107,6 @@ def build(kind: str, files, seed: int):
 
 KINDS = ["vit-gpt2", "deit-bert", "blip"]
 PREFIX = {"vit-gpt2": 1, "deit-bert": 2, "blip": 1}  # CLS; DeiT: CLS + distillation token
-
-
 SEEDS = {"vit-gpt2": 51, "deit-bert": 53, "blip": 53}  # what varied() picks with transformers 5.24
 
 
