@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import reprlib
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -223,6 +224,12 @@ def capture_attention(
     attention module matches ``include`` (the message lists some that exist).
     """
     patterns = [include] if isinstance(include, str) else include
+    if patterns is not None and (
+        not isinstance(patterns, Sequence) or isinstance(patterns, bytes) or not all(isinstance(p, str) for p in patterns)
+    ):
+        raise AttnlabError(
+            f"include={reprlib.repr(include)} is not a glob pattern: pass a string such as 'transformer.decoder.layers.*.multihead_attn', a list of them, or None"
+        )
     found = attention_modules(model)
     chosen = {n: m for n, m in found.items() if _match(n, patterns)}
     chosen.update(_named_dropouts(model, patterns))

@@ -4,7 +4,9 @@ Names:
 * ``None`` or ``"shapes"``: the small model shipped inside attnlab (offline).
 * ``"catr-v1" | "catr-v2" | "catr-v3"``: CATR's published checkpoints, downloaded
   once into :func:`attnlab.download.cache_dir` with the ``bert-base-uncased``
-  vocabulary, and read from there afterwards (offline too).
+  vocabulary, and read from there afterwards (offline too). Downloads are checked
+  before they enter the cache; a cached file that no longer loads is renamed
+  ``<name>.bad`` and fetched again (:func:`attnlab.download.cached`).
 * ``"catr"`` with ``checkpoint=PATH``: a CATR checkpoint of your own
   (``{'model': state_dict}`` or a bare state dict), ``vocab=PATH`` optional.
 """
@@ -14,12 +16,14 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .download import cache_dir, download
+from .config_check import check_config, check_config_fits
+from .download import cache_dir, cached
 from .errors import AttnlabError
 from .fileio import atomic_write
 from .models.catr import CATR, CATRConfig
@@ -40,16 +44,32 @@ NAMES = ("shapes", "catr", *CHECKPOINT_URLS)
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load`` a checkpoint safely (tensors only); clear errors for bad files."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise AttnlabError(f"no checkpoint file at {path}: check the path")
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file (a pipe or a device)"
+        raise AttnlabError(f"no checkpoint file at {path}: it is {what}; pass a .pth/.pt file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch >= 2.6 words every weights-only failure "Weights only load failed", garbage
-        # bytes ("Unsupported operand") included: only "Unsupported global" means Python objects
-        if "Unsupported global" in str(exc):
+        # torch >= 2.6 words every weights-only failure "Weights only load failed", garbage bytes
+        # ("Unsupported operand") included; a GLOBAL it refuses means Python objects or code
+        text = str(exc)
+        blocked = re.search(r"GLOBAL ([\w.]+)", text)
+        if blocked and "is blocked" in text:
             raise AttnlabError(
-                f"{path} holds Python objects besides tensors; re-save it as torch.save({{'model': model.state_dict()}})"
+                f"{path} was refused: loading it would import {blocked.group(1)}, which no file of weights needs "
+                "(attnlab loads tensors only and never runs a checkpoint's code); if you trust the file, "
+                "re-save its weights with torch.save({'model': model.state_dict()})"
+            ) from None
+        if blocked:
+            raise AttnlabError(
+                f"{path} holds Python objects besides tensors ({blocked.group(1)}); re-save it as torch.save({{'model': model.state_dict()}})"
+            ) from None
+        if _is_plain_pickle(path):
+            raise AttnlabError(
+                f"{path} is a plain Python pickle, not a torch.save file, and was refused (unpickling it could run code); "
+                "save the weights with torch.save({'model': model.state_dict()})"
             ) from None
         raise AttnlabError(f"{path} is not a PyTorch checkpoint: pass a .pth/.pt file saved with torch.save") from None
     except Exception as exc:  # torch.load fails on garbage with any exception type
@@ -58,6 +78,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise AttnlabError(f"{path} holds a {type(obj).__name__}, not a state dict: save {{'model': model.state_dict()}}")
     return obj
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """Written by ``pickle.dump`` (protocol 2 or newer starts with 0x80), not by ``torch.save``."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(2)
+        return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and not zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def state_dict_of(obj: dict[str, Any], source: str = "the checkpoint") -> dict[str, torch.Tensor]:
@@ -157,22 +187,93 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
 def _to_device(model: CATR, device: str | torch.device) -> CATR:
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise AttnlabError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AttnlabError("CUDA is not available on this machine: use device='cpu'")
-    return model.to(dev).eval()
+    if dev.type == "meta":
+        raise AttnlabError("device 'meta' holds shapes but no numbers, so nothing can be captioned: use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AttnlabError("CUDA is not available on this machine: use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AttnlabError(f"there is no {dev} (this machine has {torch.cuda.device_count()} CUDA devices): use 'cuda:0' or 'cpu'")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise AttnlabError("MPS (Apple GPU) is not available on this machine: use device='cpu'")
+    try:
+        return model.to(dev).eval()
+    except (RuntimeError, AssertionError) as exc:  # another backend that is not there (xpu, hpu, ...)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
+        raise AttnlabError(f"cannot use device {str(dev)!r} ({first}): use 'cpu'") from None
 
 
-def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, name: str = "catr") -> CATR:
-    """A model from a checkpoint file: attnlab's own format or CATR's."""
+def _warn_nonfinite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Warn when weights hold NaN or infinite values: every caption and map would be meaningless."""
+    # a sum is NaN or infinite when any entry is (a fast screen; 40x faster than isfinite here), then exactly
+    bad = [
+        k for k, v in sd.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        warnings.warn(
+            f"{source} holds NaN or infinite weights ({bad[0]}{more}): its captions and attention maps will be meaningless",
+            stacklevel=4,
+        )
+
+
+def _stored_vocab(obj: dict[str, Any], config: CATRConfig, source: str) -> Vocab | None:
+    """The vocabulary inside an attnlab-format checkpoint (``None`` when it has none)."""
+    tokens = obj.get("vocab")
+    if not tokens:
+        return None
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise AttnlabError(f"{source} has a damaged vocabulary (not a list of strings); re-save the model with attnlab.save_checkpoint")
+    if len(tokens) != config.vocab_size:
+        raise AttnlabError(f"{source} stores {len(tokens)} tokens for a model that predicts {config.vocab_size}; re-save the model with attnlab.save_checkpoint")
+    return Vocab(tokens, wordpiece=bool(obj.get("wordpiece", False)))
+
+
+def _read_bert_vocab(path: Path) -> Vocab:
+    """The downloaded BERT vocabulary; a web page or a cut file is refused."""
+    vocab = Vocab.from_file(path)
+    first = vocab.tokens[0].strip().lower()
+    if first.startswith(("<!doctype", "<html", "<?xml", "{")):
+        raise AttnlabError(f"{path} is a web page or data file, not a vocabulary (first line {vocab.tokens[0][:30]!r})")
+    missing = [t for t in ("[PAD]", "[CLS]", "[SEP]") if t not in vocab]
+    if missing:
+        raise AttnlabError(f"{path} is not the BERT vocabulary: it lacks {', '.join(missing)} ({len(vocab)} lines)")
+    return vocab
+
+
+def _read_catr_checkpoint(path: Path) -> dict[str, Any]:
+    """A downloaded checkpoint, which must hold CATR weights."""
     obj = read_checkpoint(path)
     sd = state_dict_of(obj, str(path))
-    given_vocab = Vocab.from_file(vocab) if vocab is not None else None
-    if obj.get("format") == ATTNLAB_FORMAT:
-        config = CATRConfig.from_dict(obj["config"])
-        vocabulary = Vocab(obj["vocab"], wordpiece=bool(obj.get("wordpiece", False))) if obj.get("vocab") else None
+    if not any(k.startswith("transformer.") for k in sd):
+        raise AttnlabError(f"{path} is not a CATR checkpoint; the file looks like {describe_state_dict(sd)}")
+    return obj
+
+
+def build_from_checkpoint(
+    path: str | Path, vocab: str | Path | Vocab | None = None, name: str = "catr", *, obj: dict[str, Any] | None = None
+) -> CATR:
+    """A model from a checkpoint file: attnlab's own format or CATR's.
+
+    ``vocab``: a ``vocab.txt`` path or a :class:`Vocab`; ``obj``: the file's content
+    when it was read already. Nothing is built before the configuration (stored in
+    attnlab's format, read off the weights in CATR's) has been checked and found to
+    fit the weights' shapes (:mod:`attnlab.config_check`).
+    """
+    obj = read_checkpoint(path) if obj is None else obj
+    source = str(path)
+    sd = state_dict_of(obj, source)
+    given_vocab = vocab if isinstance(vocab, Vocab) or vocab is None else Vocab.from_file(vocab)
+    attnlab_format = obj.get("format") == ATTNLAB_FORMAT
+    if attnlab_format:
+        config = check_config(obj.get("config"), source)
+        vocabulary = _stored_vocab(obj, config, source)
         name = obj.get("name", name)
+        if not isinstance(name, str):
+            raise AttnlabError(f"{source} has a damaged name ({type(name).__name__}); re-save the model with attnlab.save_checkpoint")
     else:
         if not any(k.startswith("transformer.") for k in sd):
             raise AttnlabError(f"{path} is not a CATR checkpoint; the file looks like {describe_state_dict(sd)}")
@@ -180,11 +281,12 @@ def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, nam
         vocabulary = None
     if given_vocab is not None:
         if len(given_vocab) != config.vocab_size:
+            label = "the downloaded vocabulary" if isinstance(vocab, Vocab) else f"vocabulary {vocab}"
             raise AttnlabError(
-                f"vocabulary {vocab} has {len(given_vocab)} tokens but the model predicts {config.vocab_size}: pass the model's own vocab.txt"
+                f"{label} has {len(given_vocab)} tokens but the model predicts {config.vocab_size}: pass the model's own vocab.txt"
             )
         vocabulary = given_vocab
-        if obj.get("format") != ATTNLAB_FORMAT:
+        if not attnlab_format:
             _special_ids_from_vocab(config, given_vocab)
     specials = {"start": config.start_token_id, "end": config.end_token_id, "pad": config.pad_token_id}
     if max(specials.values()) >= config.vocab_size:
@@ -193,8 +295,11 @@ def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, nam
             f"{path} predicts {config.vocab_size} tokens, too few for the special token ids ({ids}): "
             "pass vocab=PATH (CLI: --vocab PATH) to its vocab.txt holding [CLS], [SEP] and [PAD]"
         )
+    if not attnlab_format:  # read off the weights: bounded by the file, but must still make a model
+        config = check_config(config.to_dict(), source, stored=False)
+    check_config_fits(config, sd, source)  # before anything is allocated
+    _warn_nonfinite(sd, source)
     model = CATR(config, vocab=vocabulary, name=name)
-    check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, strict=False)  # num_batches_tracked entries are dropped by FrozenBatchNorm2d
     if vocabulary is None:
         warnings.warn(
@@ -248,9 +353,10 @@ def load_model(
         return _to_device(build_from_checkpoint(BUNDLED, vocab), device)
     if name in CHECKPOINT_URLS:
         root = cache_dir()
-        ckpt = download(CHECKPOINT_URLS[name], root / f"{name}.pth")
-        vocab_path = Path(vocab) if vocab is not None else download(VOCAB_URL, root / VOCAB_FILE)
-        model = build_from_checkpoint(ckpt, vocab_path, name)
+        ckpt = root / f"{name}.pth"
+        obj = cached(CHECKPOINT_URLS[name], ckpt, _read_catr_checkpoint)
+        vocabulary = Path(vocab) if vocab is not None else cached(VOCAB_URL, root / VOCAB_FILE, _read_bert_vocab)
+        model = build_from_checkpoint(ckpt, vocabulary, name, obj=obj)
         return _to_device(model, device)
     if name == "catr":
         raise AttnlabError("model 'catr' needs checkpoint=PATH (or the CLI's --checkpoint PATH)")

@@ -9,6 +9,7 @@ filter, then ``(x - mean) / std`` per channel.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,16 @@ MAX_PIXELS = 250_000_000
 
 
 def _open_path(path: Path) -> Image.Image:
+    """Open (and decode) the image file at ``path``; the caller must close what it gets."""
     if not path.exists():
         raise AttnlabError(f"no image file at {path}: check the path")
     if path.is_dir():
         raise AttnlabError(f"{path} is a directory, not an image: pass an image file")
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block or never end
+        raise AttnlabError(f"{path} is not a regular file (a pipe, socket or device): pass an image file")
     if path.stat().st_size == 0:
         raise AttnlabError(f"{path} is empty (0 bytes): pass a PNG, JPEG or other image file")
+    img = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -42,14 +47,18 @@ def _open_path(path: Path) -> Image.Image:
                     f"{path} has {img.width}x{img.height} pixels, more than attnlab reads ({MAX_PIXELS:,}): downscale it first"
                 )
             img.load()
-    except AttnlabError:
+    except BaseException as exc:
+        if img is not None:
+            img.close()  # on every path: no "unclosed file" warning after a bad image
+        if isinstance(exc, AttnlabError):
+            raise
+        if isinstance(exc, UnidentifiedImageError):
+            raise AttnlabError(f"{path} is not an image PIL can read: pass a PNG, JPEG, GIF, BMP, TIFF or WebP file") from None
+        if isinstance(exc, Image.DecompressionBombError):
+            raise AttnlabError(f"{path} is too large to decode safely: downscale it first") from None
+        if isinstance(exc, (OSError, SyntaxError, ValueError)):
+            raise AttnlabError(f"{path} is truncated or corrupt ({exc}): re-save or re-download the image") from None
         raise
-    except UnidentifiedImageError:
-        raise AttnlabError(f"{path} is not an image PIL can read: pass a PNG, JPEG, GIF, BMP, TIFF or WebP file") from None
-    except Image.DecompressionBombError:
-        raise AttnlabError(f"{path} is too large to decode safely: downscale it first") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise AttnlabError(f"{path} is truncated or corrupt ({exc}): re-save or re-download the image") from None
     return img
 
 
@@ -88,16 +97,36 @@ def _from_tensor(t: torch.Tensor) -> Image.Image:
     return _from_array(t.numpy())
 
 
+def _scale_to_8_bit(arr: np.ndarray, mode: str) -> np.ndarray:
+    """One-channel 16-bit, 32-bit integer or float pixels ``(H, W)`` -> uint8 ``(H, W)``.
+
+    16-bit images span 0..65535. Float images (mode ``F``, e.g. a float TIFF) are read as
+    [0, 1] when every value lies there, else as 0..255, else as 0..65535. 32-bit integer
+    images as 0..255 when they fit, else as 0..65535.
+    """
+    if mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        if not np.isfinite(arr).all():
+            raise AttnlabError("the image holds NaN or infinite pixel values: re-save it with finite values")
+        low, high = float(arr.min()), float(arr.max())
+        if low < 0 or high > 65535:
+            raise AttnlabError(f"the image's pixel values span {low:g}..{high:g}: scale them to [0, 1] or 0..255 and re-save it")
+        if mode == "F" and high <= 1.0:
+            top = 1.0
+        else:
+            top = 255.0 if high <= 255 else 65535.0
+    return np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: first frame, EXIF orientation applied, alpha over white, 16 bit scaled."""
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)  # (H, W)
-        img = Image.fromarray(arr, mode="L")
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        img = Image.fromarray(_scale_to_8_bit(arr, img.mode), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -110,8 +139,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_image(image: ImageInput) -> Image.Image:
     """Read a path, PIL image, array or tensor as an upright RGB PIL image."""
     if isinstance(image, (str, os.PathLike)):
-        img = _open_path(Path(image))
-    elif isinstance(image, Image.Image):
+        path = Path(image)
+        with _open_path(path) as img:  # closed on every path; the RGB image is a new one
+            try:
+                return _to_rgb(img)
+            except AttnlabError as exc:
+                raise AttnlabError(f"{path}: {exc}") from None
+            except (OSError, ValueError) as exc:
+                raise AttnlabError(f"cannot convert {path} to RGB ({exc}): re-save it as PNG or JPEG") from None
+    if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, np.ndarray):
         img = _from_array(image)

@@ -45,12 +45,12 @@ class Vocab:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, wordpiece: bool = True) -> "Vocab":
-        """Read a ``vocab.txt`` (one token per line, line number = id)."""
+        """Read a ``vocab.txt`` (one token per line, line number = id; a UTF-8 byte-order mark is skipped)."""
         path = Path(path)
         if not path.is_file():
             raise AttnlabError(f"no vocabulary file at {path}: pass the path of a vocab.txt (one token per line)")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # -sig: an editor's byte-order mark is not part of token 0
         except (OSError, UnicodeDecodeError) as exc:
             raise AttnlabError(f"cannot read vocabulary {path} ({exc.__class__.__name__}): it must be a UTF-8 vocab.txt") from None
         # line breaks are \n, \r\n or \r only, as in BertTokenizer's load_vocab: str.splitlines()

@@ -1,14 +1,38 @@
-"""`CaptionTrace`: everything one captioning run produced, ready to plot or save."""
+"""`CaptionTrace`: everything one captioning run produced, ready to plot or save.
+
+The file format (``.npz``, one ``.npy`` member per array plus a JSON ``header``)
+carries one integer :data:`TRACE_VERSION`. Reading is defensive: only the
+members listed in :data:`MEMBERS` are read, each member's shape, dtype and size
+are taken from its zip and ``.npy`` headers and checked against the others and
+against :data:`LIMITS` and a memory budget (:data:`MAX_TRACE_BYTES`) *before* anything is
+decompressed, and damaged values (a string version, an infinite grid, token ids
+beyond the vocabulary, NaN attention, ...) are refused with one line.
+
+Upgrade path: a file of an older version is read with the members and header keys
+that version had, then brought up to date by the ``_UPGRADES`` steps, one per
+version (``_v1_to_v2`` fills ``prefix_tokens = 0`` and ``prefix_share = None``).
+To add a field: add it to :class:`CaptionTrace` with a default, to
+:data:`MEMBERS` (arrays, with the version that introduced it) or ``_HEADER_KEYS``
+(plain values), bump :data:`TRACE_VERSION`, and add the step that fills the
+default for older files. Files of a newer version are refused ("upgrade attnlab").
+
+Versions: 1 (attnlab 0.1: logits required; ``prefix_tokens``/``prefix_share``
+optional, written only by the first captioner-seam builds); 2 (``prefix_tokens``
+always in the header, ``prefix_share`` and ``logits`` optional).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -16,7 +40,35 @@ from .errors import AttnlabError
 from .fileio import atomic_write
 
 TRACE_FORMAT = "attnlab-trace"
-TRACE_VERSION = 1
+TRACE_VERSION = 2
+
+# member -> (dtype kinds allowed, the version that introduced it)
+MEMBERS: dict[str, tuple[str, int]] = {
+    "header": ("U", 1),
+    "token_ids": ("iu", 1),
+    "logits": ("f", 1),
+    "image": ("u", 1),
+    "cross_attention": ("f", 1),
+    "encoder_self_attention": ("f", 1),
+    "decoder_self_attention": ("f", 1),
+    "prefix_share": ("f", 1),  # written by some version-1 files already (see _v1_to_v2)
+}
+_REQUIRED = {1: ("header", "token_ids", "logits", "image"), 2: ("header", "token_ids", "image")}
+_HEADER_KEYS = {1: ("words", "grid", "model_name", "caption"), 2: ("words", "grid", "model_name", "caption", "prefix_tokens")}
+
+# sanity bounds on what a trace file may declare (far above any real captioner)
+LIMITS = {
+    "steps": 4096,  # decoding steps
+    "vocab": 2_000_000,  # width of the logits
+    "layers": 512,
+    "heads": 512,
+    "grid": 4096,  # rows or columns of the patch grid
+    "prefix_tokens": 4096,
+    "image": 16384,  # pixels per side of the stored image
+}
+MAX_TRACE_BYTES = 1024**3  # all arrays together, uncompressed (CaptionTrace.load(max_bytes=...) to allow more)
+MAX_HEADER_BYTES = 16 * 1024**2  # the JSON header (words, caption, meta)
+_NPY_HEADER_MAX = 10_000  # numpy's own limit for a .npy header
 
 
 @dataclass
@@ -29,26 +81,32 @@ class CaptionTrace:
             when it was emitted.
         words: ``steps`` strings, the display form of each token (WordPiece
             continuations keep their ``##`` prefix, ``[SEP]`` marks the end).
-        logits: ``(steps, vocab)`` float32, the scores that produced each token
-            (``None`` for traces built from weights alone: then no probabilities).
-        cross_attention: ``(layers, heads, steps, H, W)`` float32, the raw
-            words-to-patches weights of every decoder layer and head, on the
-            patch keys only. Each ``[l, h, t]`` map sums to ``1 - prefix_share[l, h, t]``
-            (to 1 when the model has no prefix keys): nothing is renormalised.
-            ``None`` when the run recorded nothing.
+        logits: ``(steps, vocab)`` float32, the scores that produced each token,
+            or ``None`` when the captioner did not give them (then
+            :meth:`probabilities` returns ``None``).
+        cross_attention: ``(layers, heads, steps, H, W)`` float32, the
+            words-to-patches weights of every decoder layer and head over the
+            image's patches. ``None`` when the run recorded nothing. Nothing is
+            renormalised: when the model also attends to ``prefix_tokens``
+            non-patch keys, each ``[l, h, t]`` map sums to ``1 - prefix_share[l, h, t]``;
+            without prefix keys it sums to 1.
         grid: ``(H, W)`` the image's feature grid (H rows, W columns, S = H * W).
         image: ``(height, width, 3)`` uint8, the resized RGB image the model saw.
         model_name: which model made the trace.
         caption: the decoded text (special tokens dropped, WordPiece merged).
-        encoder_self_attention: ``(layers, heads, P + S, P + S)`` over the
-            ``P = prefix_tokens`` prefix keys then the ``S = H * W`` patches
-            (``record="all"`` only).
+        encoder_self_attention: ``(layers, heads, P + S, P + S)`` with
+            ``P = prefix_tokens``: the first ``P`` rows and columns are the prefix
+            keys, then the ``S`` patches row-major (``record="all"`` only).
         decoder_self_attention: ``(layers, heads, steps, steps)``: row t is the
             attention of step t over steps 0..t (``record="all"`` only).
+        meta: free-form facts about the run (JSON values: numbers, strings,
+            lists, dicts). ``caption --out`` records the image's ``source`` path
+            and ``source_sha256`` here.
         prefix_tokens: how many leading keys of the model's cross-attention are
-            not image patches (a ViT's CLS token, registers); 0 for CNN encoders.
-        prefix_share: ``(layers, heads, steps)`` float32, each step's weight on
-            those prefix keys (``None`` when there are none).
+            not image patches (a ViT's CLS token and registers; 0 for CATR).
+        prefix_share: ``(layers, heads, steps)`` float32, the weight each step
+            put on those prefix keys (``None`` when there are none or they were
+            not recorded).
     """
 
     token_ids: np.ndarray
@@ -69,16 +127,33 @@ class CaptionTrace:
         self.token_ids = np.asarray(self.token_ids, dtype=np.int64)
         self.grid = (int(self.grid[0]), int(self.grid[1]))
         self.words = [str(w) for w in self.words]
+        self.prefix_tokens = int(self.prefix_tokens)
         steps = len(self.token_ids)
         if len(self.words) != steps:
             raise ValueError(f"{len(self.words)} words for {steps} tokens")
-        if self.cross_attention is not None:
-            ca = self.cross_attention
+        if self.prefix_tokens < 0:
+            raise ValueError(f"prefix_tokens must be 0 or more, not {self.prefix_tokens}")
+        if self.logits is not None and (self.logits.ndim != 2 or self.logits.shape[0] != steps):
+            raise ValueError(f"logits has shape {tuple(self.logits.shape)}, expected ({steps}, vocab)")
+        ca = self.cross_attention
+        if ca is not None:
             if ca.ndim != 5 or ca.shape[2] != steps or tuple(ca.shape[3:]) != self.grid:
                 raise ValueError(
                     f"cross_attention has shape {tuple(ca.shape)}, expected "
                     f"(layers, heads, {steps}, {self.grid[0]}, {self.grid[1]})"
                 )
+        if self.prefix_share is not None:
+            want = None if ca is None else (*ca.shape[:2], steps)
+            if want is None or tuple(self.prefix_share.shape) != want:
+                raise ValueError(f"prefix_share has shape {tuple(self.prefix_share.shape)}, expected (layers, heads, steps) = {want}")
+        enc = self.encoder_self_attention
+        if enc is not None:
+            keys = self.prefix_tokens + self.grid[0] * self.grid[1]
+            if enc.ndim != 4 or tuple(enc.shape[2:]) != (keys, keys):
+                raise ValueError(f"encoder_self_attention has shape {tuple(enc.shape)}, expected (layers, heads, {keys}, {keys})")
+        dec = self.decoder_self_attention
+        if dec is not None and (dec.ndim != 4 or tuple(dec.shape[2:]) != (steps, steps)):
+            raise ValueError(f"decoder_self_attention has shape {tuple(dec.shape)}, expected (layers, heads, {steps}, {steps})")
 
     # ------------------------------------------------------------------ views
     @property
@@ -113,7 +188,7 @@ class CaptionTrace:
         return self._require_attention().mean(axis=1)
 
     def probabilities(self) -> np.ndarray | None:
-        """Softmax probability of each step's token: ``(steps,)`` float32 (``None`` without logits)."""
+        """Softmax probability of each step's token: ``(steps,)`` float32; ``None`` without logits."""
         if self.logits is None:
             return None
         z = self.logits.astype(np.float64)
@@ -121,6 +196,18 @@ class CaptionTrace:
         p = np.exp(z)
         p /= p.sum(axis=1, keepdims=True)
         return p[np.arange(self.steps), self.token_ids].astype(np.float32)
+
+    def nonfinite(self) -> list[str]:
+        """Names of the arrays holding values that make no sense: NaN or infinite
+        attention, NaN or +inf logits (-inf logits are allowed: masked tokens)."""
+        bad = []
+        if self.logits is not None and (np.isnan(self.logits).any() or np.isposinf(self.logits).any()):
+            bad.append("logits")
+        for name in ("cross_attention", "prefix_share", "encoder_self_attention", "decoder_self_attention"):
+            value = getattr(self, name)
+            if value is not None and not np.isfinite(value).all():
+                bad.append(name)
+        return bad
 
     def __repr__(self) -> str:
         shape = None if self.cross_attention is None else tuple(self.cross_attention.shape)
@@ -228,50 +315,40 @@ class CaptionTrace:
 
     # ----------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the trace to a versioned ``.npz`` file (atomically); returns the path."""
+        """Write the trace to a versioned ``.npz`` file (atomically); returns the path.
+
+        Refuses (one line) a trace that :meth:`load` would refuse: non-finite
+        attention (see :meth:`nonfinite`) or ``meta`` values JSON cannot hold
+        (NumPy numbers and arrays are stored as plain numbers and lists).
+        """
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-        header = {
-            "format": TRACE_FORMAT,
-            "version": TRACE_VERSION,
-            "words": self.words,
-            "grid": list(self.grid),
-            "model_name": self.model_name,
-            "caption": self.caption,
-            "meta": self.meta,
-            "prefix_tokens": self.prefix_tokens,
-        }
-        arrays: dict[str, np.ndarray] = {
-            "header": np.array(json.dumps(header)),
-            "token_ids": self.token_ids,
-            "image": self.image,
-        }
-        for name in ("logits", "cross_attention", "encoder_self_attention", "decoder_self_attention", "prefix_share"):
-            value = getattr(self, name)
-            if value is not None:
-                arrays[name] = value
+        try:
+            arrays = _npz_members(self)
+        except AttnlabError as exc:
+            raise AttnlabError(f"cannot save the trace to {path}: {exc}") from None
         atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CaptionTrace":
-        """Read a trace written by :meth:`save`."""
+    def load(cls, path: str | os.PathLike, *, max_bytes: int = MAX_TRACE_BYTES) -> "CaptionTrace":
+        """Read a trace written by :meth:`save` (any version up to :data:`TRACE_VERSION`).
+
+        Refuses with one line (:class:`AttnlabError`) a file that is not a trace,
+        comes from a newer attnlab, holds unknown or oversized members, or whose
+        values are damaged; nothing big is decompressed before the checks pass.
+        ``max_bytes``: the most its arrays may take in memory together (default
+        1 GiB; raise it for a trusted ``record="all"`` trace of a big model).
+        """
         path = Path(path)
-        if not path.is_file():
-            raise AttnlabError(f"no trace file at {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-            header = json.loads(str(arrays.pop("header")))
-        except Exception as exc:  # zipfile, json and numpy all raise their own types
-            raise AttnlabError(f"{path} is not an attnlab trace file ({type(exc).__name__}); save one with CaptionTrace.save") from None
-        if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
-            raise AttnlabError(f"{path} is not an attnlab trace file")
-        if header.get("version", 0) > TRACE_VERSION:
-            raise AttnlabError(
-                f"{path} was written by a newer attnlab (trace version {header['version']}); upgrade attnlab"
-            )
+        with _open_trace(path) as zf:
+            header, version, members = _read_header(path, zf)
+            shapes = {name: _peek(path, zf, info) for name, info in members.items() if name != "header"}
+            _check_shapes(path, header, version, shapes, max_bytes)
+            arrays = {name: _read_member(path, zf, members[name]) for name in shapes}
+        header, arrays = _upgrade(header, arrays, version)
+        _check_values(path, arrays)
         try:
             return cls(
                 token_ids=arrays["token_ids"],
@@ -285,8 +362,248 @@ class CaptionTrace:
                 encoder_self_attention=arrays.get("encoder_self_attention"),
                 decoder_self_attention=arrays.get("decoder_self_attention"),
                 meta=header.get("meta", {}),
-                prefix_tokens=int(header.get("prefix_tokens", 0)),
+                prefix_tokens=header["prefix_tokens"],
                 prefix_share=arrays.get("prefix_share"),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise AttnlabError(f"{path} is a damaged attnlab trace ({type(exc).__name__}: {exc}); save it again") from None
+            raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _npz_members(trace: CaptionTrace) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` file, the JSON header first; refuses what :meth:`CaptionTrace.load` would."""
+    bad = trace.nonfinite()
+    if bad:
+        raise AttnlabError(f"{', '.join(bad)} hold NaN or infinite values (the model's weights may be broken)")
+    header = {
+        "format": TRACE_FORMAT,
+        "version": TRACE_VERSION,
+        "words": trace.words,
+        "grid": list(trace.grid),
+        "model_name": trace.model_name,
+        "caption": trace.caption,
+        "prefix_tokens": trace.prefix_tokens,
+        "meta": trace.meta,
+    }
+    try:
+        text = json.dumps(header, default=_json_value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise AttnlabError(f"meta holds a value JSON cannot store ({exc}); use numbers, strings, lists and dicts") from None
+    arrays: dict[str, np.ndarray] = {"header": np.array(text), "token_ids": trace.token_ids, "image": trace.image}
+    for name in ("logits", "cross_attention", "encoder_self_attention", "decoder_self_attention", "prefix_share"):
+        value = getattr(trace, name)
+        if value is not None:
+            arrays[name] = value
+    return arrays
+
+
+def write_npz(trace: CaptionTrace, fh: BinaryIO) -> None:
+    """Write ``trace`` in the ``.npz`` format of :meth:`CaptionTrace.save` to an open binary file."""
+    np.savez_compressed(fh, **_npz_members(trace))
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a trace file (words, grid, caption, meta, ...) without reading its arrays."""
+    path = Path(path)
+    with _open_trace(path) as zf:
+        header, _, _ = _read_header(path, zf)
+    return header
+
+
+# ====================================================================== reading, defensively
+def _json_value(value: Any) -> Any:
+    """``json.dumps`` fallback: NumPy numbers/arrays and paths become plain values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"a {type(value).__name__}")
+
+
+def _damaged(path: Path, reason: str) -> AttnlabError:
+    reason = " ".join(reason.split())[:300]
+    return AttnlabError(f"{path} is a damaged attnlab trace ({reason}); caption the image again to write a new one")
+
+
+def _open_trace(path: Path) -> zipfile.ZipFile:
+    if not path.exists():
+        raise AttnlabError(f"no trace file at {path}")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise AttnlabError(f"{path} is not a regular file: pass a .npz trace written by CaptionTrace.save")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise AttnlabError(f"{path} is not an attnlab trace file ({type(exc).__name__}); save one with CaptionTrace.save") from None
+
+
+def _read_header(path: Path, zf: zipfile.ZipFile) -> tuple[dict[str, Any], int, dict[str, zipfile.ZipInfo]]:
+    """The checked header, the file's version and its members (name -> zip entry)."""
+    infos = zf.infolist()
+    names = [i.filename for i in infos]
+    if "header.npy" not in names:
+        raise AttnlabError(f"{path} is not an attnlab trace file (no header); save one with CaptionTrace.save")
+    if len(set(names)) != len(names):
+        raise _damaged(path, "a member appears twice")
+    members = {}
+    for info in infos:
+        name = info.filename[:-4] if info.filename.endswith(".npy") else None
+        if name not in MEMBERS:
+            raise _damaged(path, f"unknown member {info.filename[:60]!r}")
+        members[name] = info
+    shape, dtype, _ = _peek(path, zf, members["header"])
+    if shape != () or dtype.kind != "U" or dtype.itemsize > MAX_HEADER_BYTES:
+        raise _damaged(path, "the header is not one JSON string of reasonable size")
+    try:
+        text = str(_read_member(path, zf, members["header"]))
+        header = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _damaged(path, f"header: {type(exc).__name__}") from None
+    if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
+        raise AttnlabError(f"{path} is not an attnlab trace file")
+    version = header.get("version")
+    if type(version) is not int or version < 1:
+        raise _damaged(path, f"version {version!r} is not a whole number from 1")
+    if version > TRACE_VERSION:
+        raise AttnlabError(f"{path} was written by a newer attnlab (trace version {version}); upgrade attnlab")
+    for name in members:
+        if MEMBERS[name][1] > version:
+            raise _damaged(path, f"member {name} did not exist in version {version}")
+    for name in _REQUIRED[version]:
+        if name not in members:
+            raise _damaged(path, f"member {name} is missing")
+    _check_header(path, header, version)
+    return header, version, members
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _check_header(path: Path, header: dict[str, Any], version: int) -> None:
+    for key in _HEADER_KEYS[version]:
+        if key not in header:
+            raise _damaged(path, f"the header has no {key!r}")
+    words = header["words"]
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words) or len(words) > LIMITS["steps"]:
+        raise _damaged(path, "words must be a list of strings")
+    grid = header["grid"]
+    if not isinstance(grid, list) or len(grid) != 2 or not all(_whole(g, 1, LIMITS["grid"]) for g in grid):
+        shown = grid if not isinstance(grid, list) else [g if not isinstance(g, float) or math.isfinite(g) else str(g) for g in grid[:3]]
+        raise _damaged(path, f"grid {shown!r} is not two whole numbers from 1 to {LIMITS['grid']}")
+    for key in ("model_name", "caption"):
+        if not isinstance(header[key], str):
+            raise _damaged(path, f"{key} is not a string")
+    if not isinstance(header.get("meta", {}), dict):
+        raise _damaged(path, "meta is not a dict")
+    if (version >= 2 or "prefix_tokens" in header) and not _whole(header["prefix_tokens"], 0, LIMITS["prefix_tokens"]):
+        raise _damaged(path, f"prefix_tokens {header['prefix_tokens']!r} is not a whole number from 0 to {LIMITS['prefix_tokens']}")
+
+
+def _peek(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and byte size of a member, from its ``.npy`` header only (a few bytes decompressed).
+
+    The size the zip entry declares must be exactly the ``.npy`` header plus the array:
+    no hidden data, no bomb behind a small shape.
+    """
+    try:
+        with zf.open(info) as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh, max_header_size=_NPY_HEADER_MAX)
+            offset = fh.tell()
+    except Exception as exc:  # zipfile, numpy and zlib raise their own types
+        raise _damaged(path, f"member {info.filename}: {type(exc).__name__}") from None
+    name = info.filename[:-4]
+    if dtype.hasobject or dtype.kind not in MEMBERS[name][0] or dtype.fields is not None or dtype.subdtype is not None:
+        raise _damaged(path, f"member {name} has dtype {dtype}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if info.file_size != offset + nbytes:
+        raise _damaged(path, f"member {name} declares {info.file_size} bytes, its array of shape {shape} needs {offset + nbytes}")
+    return tuple(shape), dtype, nbytes
+
+
+def _read_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    try:
+        with zf.open(info) as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False, max_header_size=_NPY_HEADER_MAX)
+    except Exception as exc:  # a bad CRC, a cut stream, ...
+        raise _damaged(path, f"member {info.filename}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_shapes(path: Path, header: dict[str, Any], version: int, shapes: dict[str, tuple], max_bytes: int) -> None:
+    """Every declared shape against the header and the others, before any array is read."""
+    steps = len(header["words"])
+    rows, cols = header["grid"]
+    prefix = header.get("prefix_tokens", 0)
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        return shapes[name][0] if name in shapes else None
+
+    def need(name: str, ok: bool, want: str) -> None:
+        if not ok:
+            raise _damaged(path, f"{name} has shape {shape(name)}, expected {want}")
+
+    need("token_ids", shape("token_ids") == (steps,), f"({steps},): one id per word")
+    if "logits" in shapes:
+        s = shape("logits")
+        need("logits", len(s) == 2 and s[0] == steps and 1 <= s[1] <= LIMITS["vocab"], f"({steps}, vocab) with vocab up to {LIMITS['vocab']}")
+    s = shape("image")
+    need("image", len(s) == 3 and s[2] == 3 and all(1 <= v <= LIMITS["image"] for v in s[:2]), f"(height, width, 3), sides up to {LIMITS['image']}")
+    if shapes["image"][1] != np.uint8:
+        raise _damaged(path, f"image has dtype {shapes['image'][1]}, expected uint8")
+    layers_heads = f"layers and heads up to {LIMITS['layers']} and {LIMITS['heads']}"
+
+    def lh(s: tuple[int, ...]) -> bool:
+        return 1 <= s[0] <= LIMITS["layers"] and 1 <= s[1] <= LIMITS["heads"]
+
+    ca = shape("cross_attention")
+    if ca is not None:
+        need("cross_attention", len(ca) == 5 and lh(ca) and ca[2:] == (steps, rows, cols), f"(layers, heads, {steps}, {rows}, {cols}), {layers_heads}")
+    ps = shape("prefix_share")
+    if ps is not None:
+        need("prefix_share", ca is not None and ps == ca[:2] + (steps,), "(layers, heads, steps) of the cross-attention")
+    enc = shape("encoder_self_attention")
+    if enc is not None:
+        keys = prefix + rows * cols
+        need("encoder_self_attention", len(enc) == 4 and lh(enc) and enc[2:] == (keys, keys), f"(layers, heads, {keys}, {keys}), {layers_heads}")
+    dec = shape("decoder_self_attention")
+    if dec is not None:
+        need("decoder_self_attention", len(dec) == 4 and lh(dec) and dec[2:] == (steps, steps), f"(layers, heads, {steps}, {steps}), {layers_heads}")
+    total = sum(nbytes for _, _, nbytes in shapes.values())
+    if total > max_bytes:
+        raise AttnlabError(
+            f"{path} was refused: its arrays would take {total / 1024**2:,.0f} MiB, more than max_bytes "
+            f"({max_bytes / 1024**2:,.0f} MiB); if you trust the file, load it with CaptionTrace.load(path, max_bytes=...)"
+        )
+
+
+def _check_values(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    ids = arrays["token_ids"]
+    logits = arrays.get("logits")
+    vocab = None if logits is None else logits.shape[1]
+    if ids.size and ids.min() < 0:
+        raise _damaged(path, f"token id {int(ids.min())} is negative")
+    if ids.size and ids.max() >= (LIMITS["vocab"] if vocab is None else vocab):
+        raise _damaged(path, f"token id {int(ids.max())} lies beyond the vocabulary ({'its logits have ' + str(vocab) if vocab else 'at most ' + str(LIMITS['vocab'])} tokens)")
+    if logits is not None and (np.isnan(logits).any() or np.isposinf(logits).any()):
+        raise _damaged(path, "logits hold NaN or +inf")
+    for name in ("cross_attention", "prefix_share", "encoder_self_attention", "decoder_self_attention"):
+        value = arrays.get(name)
+        if value is not None and not np.isfinite(value).all():
+            raise _damaged(path, f"{name} holds NaN or infinite values")
+
+
+def _v1_to_v2(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    # attnlab 0.1 knew only CATR-like models (every key a patch); the last version-1 files
+    # of the captioner seam already wrote prefix_tokens and prefix_share, kept as they are
+    header.setdefault("prefix_tokens", 0)
+
+
+_UPGRADES = {1: _v1_to_v2}  # version n -> n + 1
+
+
+def _upgrade(header: dict[str, Any], arrays: dict[str, np.ndarray], version: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    for v in range(version, TRACE_VERSION):
+        _UPGRADES[v](header, arrays)
+    return header, arrays

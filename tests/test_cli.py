@@ -8,6 +8,7 @@ the real words and away from ``[SEP]`` so captions are words and always
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -101,7 +102,7 @@ def test_out_writes_both_files_for_good_images_only(files, expected, capsys, tmp
     out, err = capsys.readouterr()
     assert rc != 0
     one_error_line(err)
-    assert sorted(os.listdir(out_dir)) == ["beach.npz", "beach.png", "street.npz", "street.png"]  # no temp files
+    assert sorted(os.listdir(out_dir)) == ["beach.attn.png", "beach.npz", "street.attn.png", "street.npz"]  # no temp files
 
     printed = dict(line.split(": ", 1) for line in out.splitlines())
     for key in ("beach", "street"):
@@ -110,8 +111,12 @@ def test_out_writes_both_files_for_good_images_only(files, expected, capsys, tmp
         np.testing.assert_array_equal(trace.token_ids, expected[key].token_ids)
         np.testing.assert_array_equal(trace.image, expected[key].image)
         assert trace.cross_attention.shape == expected[key].cross_attention.shape
-        with Image.open(out_dir / f"{key}.png") as png:
+        # both files name their input, so a later run knows them as its own
+        sha = hashlib.sha256(files[key].read_bytes()).hexdigest()
+        assert trace.meta["source"] == str(files[key].resolve()) and trace.meta["source_sha256"] == sha
+        with Image.open(out_dir / f"{key}.attn.png") as png:
             assert png.format == "PNG"
+            assert json.loads(png.info["attnlab"]) == {"source": str(files[key].resolve()), "source_sha256": sha}
             width, height = png.size
         assert 200 <= width <= 5000 and 100 <= height <= 5000, (width, height)
         assert width > height  # image + 3 word panels side by side
@@ -189,21 +194,27 @@ def test_real_process_exit_code_and_stderr(files, expected, tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written where it ran
 
 
-def test_write_failure_leaves_neither_file(files, capsys, tmp_path, monkeypatch):
-    """The .npz is written first; when the .png then fails (disk full), the .npz goes too."""
+def test_write_failure_leaves_older_files_as_they_were(files, capsys, tmp_path, monkeypatch):
+    """A figure that cannot be written (disk full) leaves the older trace and figure byte for byte."""
     import errno
 
     import attnlab.plot
+
+    args = ["caption", str(files["beach"]), "--checkpoint", str(files["ckpt"]), "--vocab", str(files["vocab"]),
+            "--max-len", MAX_LEN, "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "o").iterdir()}
+    assert sorted(before) == ["beach.attn.png", "beach.npz"]
 
     def full_disk(fig, path, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(attnlab.plot, "save_figure", full_disk)
-    out_dir = tmp_path / "o"
-    rc = main(["caption", str(files["beach"]), "--checkpoint", str(files["ckpt"]), "--vocab", str(files["vocab"]),
-               "--max-len", MAX_LEN, "--out", str(out_dir)])
+    rc = main(args[:-4] + ["--max-len", "2", "--out", str(tmp_path / "o")])  # a different trace would replace the old
     out, err = capsys.readouterr()
     assert rc != 0 and out == ""
     line = one_error_line(err)
-    assert "No space left on device" in line and "beach.npz" in line
-    assert os.listdir(out_dir) == []
+    assert "No space left on device" in line and "beach.npz" in line and "unchanged" in line
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "o").iterdir()}
+    assert after == before  # same names (no temp files), same bytes

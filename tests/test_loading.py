@@ -7,11 +7,10 @@ served from a local HTTP server on 127.0.0.1 or from ``file://`` URLs.
 
 from __future__ import annotations
 
-import http.server
+import hashlib
 import io
 import re
 import socket
-import threading
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from attnlab import hub
 from attnlab.errors import AttnlabError
 from attnlab.models import CATR, CATRConfig
 from attnlab.tokenizer import Vocab
+from local_http import cache, serve  # noqa: F401 (fixtures)
 
 # A BERT-shaped vocabulary of 120 tokens: [PAD]=0, [unused*], [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103.
 WORDS = ["a", "young", "girl", "##s", ".", "play", "##ing", "with", "kite", "'", "s", ",", "dog", "the", "##ball", "?"]
@@ -376,78 +376,6 @@ def test_cuda_unavailable(tmp_path):
 
 
 # ====================================================================== downloads
-class Server:
-    """A local HTTP server; ``routes`` maps a path to bytes or to a failure mode."""
-
-    def __init__(self, routes: dict[str, object]) -> None:
-        self.routes = routes
-        self.requests: list[str] = []
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                owner.requests.append(self.path)
-                body = owner.routes.get(self.path)
-                if isinstance(body, bytes):
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                elif body == "short":  # promises 100000 bytes, sends 1000, hangs up
-                    self.send_response(200)
-                    self.send_header("Content-Length", "100000")
-                    self.end_headers()
-                    self.wfile.write(b"x" * 1000)
-                    self.close_connection = True
-                elif body == "chunked-cut":  # one chunk, then hangs up mid-body
-                    self.send_response(200)
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    self.wfile.write(b"3e8\r\n" + b"y" * 1000 + b"\r\n")
-                    self.close_connection = True
-                elif body == "garbage":  # not HTTP at all
-                    self.wfile.write(b"hello there\r\n\r\n")
-                    self.close_connection = True
-                else:
-                    self.send_error(404)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.thread.join(5)
-
-
-@pytest.fixture
-def serve():
-    servers: list[Server] = []
-
-    def start(routes):
-        servers.append(Server(routes))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ATTNLAB_CACHE", str(root))
-    return root
-
-
 @pytest.fixture(scope="module")
 def published() -> tuple[dict[str, torch.Tensor], bytes, bytes]:
     """A reduced checkpoint in CATR's published layout, and the vocabulary, as bytes."""
@@ -474,9 +402,12 @@ def test_download_once_then_offline(serve, cache, monkeypatch, published):
     model, caught = recorded(lambda: attnlab.load_model("catr-v3"))
     assert server.requests == ["/w.pth", "/vocab.txt"]
     assert caught == []
-    assert cache_files(cache) == ["bert-base-uncased-vocab.txt", "catr-v3.pth"]
+    assert cache_files(cache) == ["bert-base-uncased-vocab.txt", "bert-base-uncased-vocab.txt.sha256", "catr-v3.pth", "catr-v3.pth.sha256"]
     assert (cache / "catr-v3.pth").read_bytes() == ckpt
     assert (cache / "bert-base-uncased-vocab.txt").read_bytes() == vocab
+    # the SHA-256 of what was downloaded is recorded beside it (sha256sum's format)
+    assert (cache / "catr-v3.pth.sha256").read_text() == f"{hashlib.sha256(ckpt).hexdigest()}  catr-v3.pth\n"
+    assert (cache / "bert-base-uncased-vocab.txt.sha256").read_text().split()[0] == hashlib.sha256(vocab).hexdigest()
     assert model.spec.name == "catr-v3" and model.spec.vocab.tokens == TOKENS
     assert_same_weights(model, sd)
     assert attnlab.caption(model, IMAGE, tokens=[ID["a"], ID["dog"], ID["."]]).caption == "a dog."
@@ -504,7 +435,7 @@ def test_vocab_404_keeps_the_complete_checkpoint_only(serve, cache, monkeypatch,
     point_at(monkeypatch, server.url("/w.pth"), server.url("/gone/vocab.txt"))
     message = load_error("catr-v3")
     assert server.url("/gone/vocab.txt") in message and str(cache / hub.VOCAB_FILE) in message
-    assert cache_files(cache) == ["catr-v3.pth"]
+    assert cache_files(cache) == ["catr-v3.pth", "catr-v3.pth.sha256"]
     assert (cache / "catr-v3.pth").read_bytes() == ckpt
 
 
@@ -538,13 +469,14 @@ def test_file_urls(tmp_path, cache, monkeypatch, published):
     point_at(monkeypatch, (src / "w.pth").as_uri(), (src / "vocab.txt").as_uri())
     model = attnlab.load_model("catr-v3")
     assert_same_weights(model, sd)
-    assert cache_files(cache) == ["bert-base-uncased-vocab.txt", "catr-v3.pth"]
+    cached = ["bert-base-uncased-vocab.txt", "bert-base-uncased-vocab.txt.sha256", "catr-v3.pth", "catr-v3.pth.sha256"]
+    assert cache_files(cache) == cached
     assert (cache / "catr-v3.pth").read_bytes() == ckpt
 
     monkeypatch.setitem(hub.CHECKPOINT_URLS, "catr-v2", (src / "absent.pth").as_uri())
     message = load_error("catr-v2")
     assert "absent.pth" in message and str(cache / "catr-v2.pth") in message
-    assert cache_files(cache) == ["bert-base-uncased-vocab.txt", "catr-v3.pth"]
+    assert cache_files(cache) == cached
 
 
 def test_explicit_vocab_skips_the_vocab_download(serve, cache, monkeypatch, published, tmp_path):

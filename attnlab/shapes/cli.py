@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import outputs
 from ..errors import AttnlabError
+from ..fileio import remove_stale_temps
 from .train import TrainConfig
 
 DEFAULT_DEMO_DIR = "attnlab-demo"
@@ -18,22 +20,28 @@ def sample_images() -> list[Path]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..cli import write_outputs
     from ..decode import caption
     from ..hub import load_model
     from .scenes import make_scenes
 
-    model = load_model(args.model)
     out = Path(args.out)
-    inputs: list[tuple[str, object]] = [(p.stem, str(p)) for p in sample_images()]
-    if not inputs:  # an installed wheel has no data/ folder: draw fresh scenes instead
-        inputs = [(f"scene-{i}", s.image) for i, s in enumerate(make_scenes(4, seed=7, split="eval"))]
-    print(f"attnlab demo: model {model.spec.name!r}, {len(inputs)} images -> {out}/")
-    for stem, image in inputs:
+    outputs.check_out_dir(out)
+    images: list[object] = [str(p) for p in sample_images()]
+    sources = [outputs.Source.of_path(p) for p in images]
+    if not images:  # an installed wheel has no data/ folder: draw fresh scenes instead
+        scenes = make_scenes(4, seed=7, split="eval")
+        images = [s.image for s in scenes]
+        sources = [outputs.Source.of_array(f"scene-{i}.png", s.image, f"attnlab demo: eval scene {i} of seed 7") for i, s in enumerate(scenes)]
+    plans = outputs.plan_outputs(sources, out)
+    outputs.check_plan(plans, overwrite=args.overwrite)  # before the model load
+    remove_stale_temps(out)
+    model = load_model(args.model)
+    print(f"attnlab demo: model {model.spec.name!r}, {len(images)} images -> {out}/")
+    for image, plan in zip(images, plans):
         trace = caption(model, image)
-        write_outputs(trace, out, stem)
-        print(f"  {stem}: {trace.caption}")
-    print(f"wrote <name>.png (word grid) and <name>.npz (trace) per image into {out}/")
+        outputs.write_outputs(trace, plan, overwrite=args.overwrite)
+        print(f"  {plan.stem}: {trace.caption}")
+    print(f"wrote <name>{outputs.FIGURE_SUFFIX} (word grid) and <name>{outputs.TRACE_SUFFIX} (trace) per image into {out}/")
     return 0
 
 
@@ -64,6 +72,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="caption the sample images with the bundled model and write the figures (offline)")
     p.add_argument("--out", default=DEFAULT_DEMO_DIR, metavar="DIR", help=f"output folder (default {DEFAULT_DEMO_DIR})")
     p.add_argument("--model", default=None, help="model name (default: the bundled shapes model)")
+    p.add_argument("--overwrite", action="store_true", help="replace files in --out that attnlab did not write for the same image")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train the shapes captioner on generated scenes")

@@ -8,6 +8,9 @@ and number of steps: stopping, resuming and running again give the same weights.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnlabError
-from ..fileio import atomic_write
-from ..hub import check_state_dict, read_checkpoint, save_checkpoint
+from ..fileio import atomic_write, make_temp, remove_stale_temps
+from ..hub import check_state_dict, read_checkpoint, save_checkpoint, state_dict_of
 from ..preprocess import normalize
 from .model import build_shapes_model
 from .scenes import MAX_CAPTION_WORDS, PAD_ID, SEED_STRIDE, CLS_ID, SEP_ID, encode_caption, make_scene, scene_seed
@@ -75,6 +78,58 @@ def _state_path(out: Path) -> Path:
     return out.with_name(out.name + ".train")
 
 
+def check_train_args(out: Path, cfg: TrainConfig, minutes: float | None) -> None:
+    """One-line errors, before any work, for settings and outputs that cannot work."""
+    for key in ("steps", "batch_size", "warmup", "seed"):
+        value = getattr(cfg, key)
+        low = 0 if key in ("warmup", "seed") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise AttnlabError(f"{key.replace('_', '-')} must be a whole number of at least {low}, not {value!r}")
+    for key in ("lr", "weight_decay", "clip"):
+        value = getattr(cfg, key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+            raise AttnlabError(f"{key} must be a finite {'positive' if key == 'lr' else 'non-negative'} number, not {value!r}")
+    if minutes is not None and not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+        raise AttnlabError(f"minutes must be a positive number, not {minutes!r}")
+    for target in (out, _state_path(out)):
+        if target.is_dir():
+            raise AttnlabError(f"--out {out}: {target} is a folder; give a file name such as {target / 'shapes.pt'}")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AttnlabError(f"--out {out}: {existing} is a file, not a folder; give another path")
+    try:  # really try: permission bits do not tell for root, ACLs or read-only file systems
+        fd, probe = make_temp(existing / out.name)
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise AttnlabError(f"--out {out}: cannot write in {existing} ({exc.strerror or type(exc).__name__}); give a path you can write to") from None
+
+
+class _StopAtStepEnd:
+    """While active (main thread only), Ctrl-C asks the loop to stop at the end of the
+    current step instead of raising inside it; a second Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "_StopAtStepEnd":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def train(
     out: str | Path,
     *,
@@ -94,16 +149,27 @@ def train(
     ``cfg.steps``, so a later ``resume=True`` continues exactly where it stopped.
     ``init``: start from the weights of a shapes checkpoint (fine-tuning with a new
     schedule) instead of random ones; its record is kept in the new file's meta.
+    A bare state dict of the shapes model works too (it has no record to keep).
+
+    Settings and ``out`` are checked before any work (one-line :class:`AttnlabError`).
+    Ctrl-C finishes the current step, saves ``out`` and ``out.train`` and then
+    raises ``KeyboardInterrupt``; ``resume=True`` continues from there.
     """
     cfg = cfg or TrainConfig()
     out = Path(out)
+    check_train_args(out, cfg, minutes)
+    remove_stale_temps(out.parent)
     model = build_shapes_model(cfg.seed)
     lineage = []
     if init is not None:
         start_from = read_checkpoint(init)
-        check_state_dict(model, start_from["model"], str(init))
-        model.load_state_dict(start_from["model"])
-        lineage = [*start_from.get("meta", {}).get("lineage", []), {k: v for k, v in start_from.get("meta", {}).items() if k != "lineage"}]
+        weights = state_dict_of(start_from, str(init))  # {'model': ...} or a bare state dict
+        check_state_dict(model, weights, str(init))
+        model.load_state_dict(weights)
+        meta = start_from.get("meta", {}) if "model" in start_from else {}
+        meta = meta if isinstance(meta, dict) else {}
+        earlier = meta.get("lineage", [])
+        lineage = [*(earlier if isinstance(earlier, list) else []), {k: v for k, v in meta.items() if k != "lineage"}]
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
@@ -150,27 +216,30 @@ def train(
         atomic_write(_state_path(out), lambda fh: torch.save(state, fh))
 
     t_last, n_last = time.perf_counter(), 0
-    while step < cfg.steps:
-        if minutes is not None and time.perf_counter() - start >= minutes * 60:
-            break
-        if stop_after is not None and step >= stop_after:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        pixels, ids = scene_batch(step, cfg.batch_size, cfg.seed)
-        loss, acc = train_step(model, optimizer, pixels, ids, cfg.clip)
-        step += 1
-        n_last += cfg.batch_size
-        if bar is not None:
-            now = time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", samples_s=f"{n_last / max(now - t_last, 1e-9):.0f}")
-            if now - t_last > 10:
-                t_last, n_last = now, 0
-        if step % save_every == 0:
-            save()
-    save()
+    with _StopAtStepEnd() as interrupt:  # Ctrl-C: finish the step, save, then stop
+        while step < cfg.steps and not interrupt.requested:
+            if minutes is not None and time.perf_counter() - start >= minutes * 60:
+                break
+            if stop_after is not None and step >= stop_after:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg)
+            pixels, ids = scene_batch(step, cfg.batch_size, cfg.seed)
+            loss, acc = train_step(model, optimizer, pixels, ids, cfg.clip)
+            step += 1
+            n_last += cfg.batch_size
+            if bar is not None:
+                now = time.perf_counter()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", samples_s=f"{n_last / max(now - t_last, 1e-9):.0f}")
+                if now - t_last > 10:
+                    t_last, n_last = now, 0
+            if step % save_every == 0:
+                save()
+        save()
     if bar is not None:
         bar.close()
     model.eval()
+    if interrupt.requested:
+        raise KeyboardInterrupt(f"saved step {step} of {cfg.steps} to {out} and {_state_path(out)}; continue with --resume")
     return {"steps": step, "seconds": time.perf_counter() - start, "loss": loss, "token_accuracy": acc, "out": str(out)}

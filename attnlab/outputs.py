@@ -1,0 +1,350 @@
+"""Where ``attnlab caption --out`` and ``attnlab demo`` put their files, and how they are named.
+
+Per input image ``<stem>.<ext>`` the output folder gets two files:
+
+* ``<stem>.npz``: the trace (:class:`attnlab.CaptionTrace`), and
+* ``<stem>.attn.png``: the word grid figure.
+
+Rules (they protect the user's files):
+
+* Names are unique by construction for any list of inputs: inputs whose stems
+  clash (same name in two folders, names that differ only in case, ``x.png`` and
+  ``x.jpg``) keep the plain stem for the first one and get ``-2``, ``-3`` ... for
+  the others, skipping every stem another input already has (``x-2.png`` keeps
+  ``x-2``). Trace names end in ``.npz`` and figure names in ``.attn.png``, so no
+  trace can be named like a figure.
+* A planned output is never one of the inputs (refused, ``--overwrite`` or not).
+* An existing file is replaced only when attnlab wrote it for the same input:
+  traces record the input's resolved path and SHA-256 in ``meta["source"]`` and
+  ``meta["source_sha256"]``, figures in a PNG text chunk ``attnlab``. Anything
+  else (a photo, a file from another image, another program's file) is refused
+  unless the user passes ``--overwrite``. Folders and other non-files in the way
+  are always refused.
+* Trace and figure are written to temporary files first and renamed into place
+  only when both were written; if anything fails, every file that was there
+  before is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import struct
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AttnlabError
+from .fileio import make_temp
+from .trace import CaptionTrace, read_header, write_npz
+
+TRACE_SUFFIX = ".npz"
+FIGURE_SUFFIX = ".attn.png"
+PNG_TAG = "attnlab"  # the PNG text chunk that names a figure's input
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image: the name its outputs are named after and how to recognise it.
+
+    ``label`` is recorded in the outputs (the resolved path of a file, or a
+    description of an image made in memory); ``sha256`` is the hash of the file's
+    bytes (of the pixels for an image in memory), ``None`` when the file cannot be read
+    (then nothing will be written for it).
+    """
+
+    name: str
+    label: str
+    sha256: str | None
+    path: Path | None = None
+
+    @classmethod
+    def of_path(cls, path: str | os.PathLike) -> "Source":
+        p = Path(path)
+        label = str(p.resolve()) if p.exists() else str(p.absolute())
+        return cls(p.name, label, _file_sha256(p), p)
+
+    @classmethod
+    def of_array(cls, name: str, array: np.ndarray, label: str) -> "Source":
+        return cls(name, label, hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest())
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The two files planned for one input."""
+
+    source: Source
+    stem: str
+    trace: Path
+    figure: Path
+
+    @property
+    def files(self) -> tuple[Path, Path]:
+        return self.trace, self.figure
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail before any work when ``--out`` cannot become a folder (nothing is created here)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AttnlabError(f"--out {out_dir} is a file: give a folder")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AttnlabError(f"--out {out_dir} cannot be a folder: {existing} is a file; give another folder")
+    try:  # really try: permission bits do not tell for root, ACLs or read-only file systems
+        fd, probe = make_temp(existing / "probe")
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise AttnlabError(
+            f"--out {out_dir}: cannot write in {existing} ({exc.strerror or type(exc).__name__}); give a folder you can write to"
+        ) from None
+
+
+def _stem_of(name: str) -> str:
+    stem = Path(name).stem.lstrip(".").replace("\x00", "")
+    return stem or "image"
+
+
+def unique_stems(names: Sequence[str]) -> list[str]:
+    """One output stem per input name, unique even when compared case-insensitively.
+
+    The first input of a clashing group keeps its stem, the others get ``-2``,
+    ``-3`` ... skipping every stem that some input has or that was given out before.
+    """
+    bases = [_stem_of(n) for n in names]
+    reserved = {b.casefold() for b in bases}
+    clashes = Counter(b.casefold() for b in bases)
+    taken: set[str] = set()
+    stems = []
+    for base in bases:
+        stem = base
+        if clashes[base.casefold()] > 1 and base.casefold() in taken:
+            n = 2
+            while f"{base}-{n}".casefold() in reserved | taken:
+                n += 1
+            stem = f"{base}-{n}"
+        taken.add(stem.casefold())
+        stems.append(stem)
+    return stems
+
+
+def plan_outputs(sources: Sequence[Source], out_dir: str | os.PathLike) -> list[Planned]:
+    """Name the trace and figure of every input (see the module docstring for the rules)."""
+    out = Path(out_dir)
+    return [
+        Planned(s, stem, out / f"{stem}{TRACE_SUFFIX}", out / f"{stem}{FIGURE_SUFFIX}")
+        for s, stem in zip(sources, unique_stems([s.name for s in sources]))
+    ]
+
+
+class _Inputs:
+    """The input files of a run, to tell whether a path is one of them (hard links and
+    case-insensitive file systems included)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.ids: set[tuple[int, int]] = set()
+        self.names = {os.path.normcase(os.path.abspath(p)) for p in paths}
+        for p in paths:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            self.ids.add((st.st_dev, st.st_ino))
+
+    def __contains__(self, path: Path) -> bool:
+        try:
+            st = path.stat()
+            if (st.st_dev, st.st_ino) in self.ids:
+                return True
+        except OSError:
+            pass
+        return os.path.normcase(os.path.abspath(path)) in self.names
+
+
+def _recorded_source(path: Path, is_figure: bool) -> tuple[str, str] | None:
+    """The (source, sha256) an attnlab output records, or None when it is not one."""
+    try:
+        if is_figure:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                tag = json.loads(im.info[PNG_TAG]) if im.format == "PNG" and PNG_TAG in im.info else None
+        else:
+            tag = read_header(path).get("meta", {})
+    except Exception:  # unreadable, not ours: all the same here
+        return None
+    if not isinstance(tag, dict) or not isinstance(tag.get("source"), str) or not isinstance(tag.get("source_sha256"), str):
+        return None
+    return tag["source"], tag["source_sha256"]
+
+
+def _conflict(path: Path, plan: Planned, inputs: _Inputs, overwrite: bool) -> str | None:
+    """Why ``path`` may not be written for ``plan``, or None."""
+    if path in inputs:
+        return f"{path} is one of the inputs; attnlab never writes over an input: give another --out folder"
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot check {path} ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a folder in the way of an output: move it or give another --out folder"
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        return f"{path} is not a regular file: move it or give another --out folder"
+    if overwrite:
+        return None
+    recorded = None if stat.S_ISLNK(mode) else _recorded_source(path, path.name.endswith(FIGURE_SUFFIX))
+    if recorded is None:
+        return f"{path} exists and attnlab did not write it for this image (it records no input): pass --overwrite to replace it, or give another --out folder"
+    source, sha = recorded
+    if source != plan.source.label:
+        return f"{path} holds attnlab's output for another image ({source}): pass --overwrite to replace it, or give another --out folder"
+    if sha != plan.source.sha256:
+        return f"{path} was written for an earlier version of {source} (its SHA-256 differs): pass --overwrite to replace it"
+    return None
+
+
+def check_plan(plans: Sequence[Planned], *, overwrite: bool = False) -> None:
+    """Refuse (one line, before any work) a plan that would write over an input or a file
+    attnlab did not write for the same input (unless ``overwrite``)."""
+    inputs = _Inputs([p.source.path for p in plans if p.source.path is not None])
+    problems = []
+    for plan in plans:
+        if plan.source.sha256 is None:
+            continue  # the image cannot be read: it fails later and nothing is written for it
+        problems += [m for f in plan.files if (m := _conflict(f, plan, inputs, overwrite))]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AttnlabError(problems[0] + more)
+
+
+def _tag_png(path: Path, tag: dict[str, str]) -> None:
+    """Insert a ``tEXt`` chunk ``attnlab`` (JSON, ASCII) right after the IHDR chunk of a PNG file."""
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise OSError(errno.EINVAL, "the figure is not a PNG file", str(path))
+    end = 8 + 8 + struct.unpack(">I", data[8:12])[0] + 4  # signature, IHDR length + type, data, CRC
+    body = PNG_TAG.encode("latin-1") + b"\x00" + json.dumps(tag).encode("ascii")
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    with path.open("wb") as fh:
+        fh.write(data[:end] + chunk + data[end:])
+
+
+def _keep_copy(path: Path) -> Path:
+    """A second name for ``path``'s current content (a hard link, else a copy) beside it."""
+    fd, keep = make_temp(path)
+    os.close(fd)
+    try:
+        keep.unlink()
+        os.link(path, keep)
+    except OSError:
+        import shutil
+
+        shutil.copy2(path, keep)
+    return keep
+
+
+def _commit(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each temporary file onto its target; if a rename fails, put back what was there.
+
+    The old files stay in place until they are replaced (each rename is atomic), and
+    a second name kept for each of them restores it when a later rename fails.
+    """
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for tmp, final in pairs:
+            keep = _keep_copy(final) if final.is_file() else None
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                if keep is not None:
+                    keep.unlink(missing_ok=True)
+                raise
+            done.append((final, keep))
+    except BaseException:
+        for final, keep in reversed(done):
+            if keep is not None:
+                os.replace(keep, final)
+            else:
+                final.unlink(missing_ok=True)
+        raise
+    finally:
+        for _, keep in done:
+            if keep is not None:
+                keep.unlink(missing_ok=True)
+
+
+def write_outputs(trace: CaptionTrace, plan: Planned, *, overwrite: bool = False) -> list[Path]:
+    """Write the trace and the word grid of ``plan``'s input; both or neither.
+
+    The trace records ``plan.source`` (``meta["source"]``, ``meta["source_sha256"]``)
+    and so does the figure (PNG text chunk), so a later run recognises them as its
+    own. Raises :class:`AttnlabError` (one line) when a file in the way may not be
+    replaced (see :func:`check_plan`) or a write fails; then nothing changed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # "from . import plot" would go through attnlab.__getattr__("plot"), which does the same
+    # import again and recurses until RecursionError while attnlab.plot is not yet imported
+    from .plot import save_figure, word_grid
+
+    check_plan([plan], overwrite=overwrite)  # again: files may have appeared since the run began
+    bad = trace.nonfinite()
+    if bad:
+        raise AttnlabError(f"nothing written for {plan.source.label}: the model's {', '.join(bad)} hold NaN or infinite values (its weights may be broken)")
+    out_dir = plan.trace.parent
+    tag = {"source": plan.source.label, "source_sha256": plan.source.sha256 or ""}
+    trace = replace(trace, meta={**trace.meta, **tag})
+    temps: list[Path] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_npz = make_temp(plan.trace)
+        temps.append(tmp_npz)
+        with os.fdopen(fd, "wb") as fh:
+            write_npz(trace, fh)
+        fd, tmp_png = make_temp(plan.figure)
+        os.close(fd)
+        tmp_png = tmp_png.rename(tmp_png.with_name(tmp_png.name + ".png"))  # save_figure wants a .png name
+        temps.append(tmp_png)
+        fig = word_grid(trace)
+        try:
+            save_figure(fig, tmp_png)
+        finally:
+            plt.close(fig)
+        _tag_png(tmp_png, tag)
+        _commit([(tmp_npz, plan.trace), (tmp_png, plan.figure)])
+    except OSError as exc:  # disk full, read-only folder, ...: one line, not a traceback
+        reason = exc.strerror or type(exc).__name__
+        raise AttnlabError(
+            f"cannot write {plan.trace.name} and {plan.figure.name} in {out_dir} ({reason}); files that were there are unchanged"
+        ) from None
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+    return [plan.trace, plan.figure]

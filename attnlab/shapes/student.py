@@ -1,0 +1,130 @@
+"""A student-style captioner for the shapes world: what a course homework builds.
+
+:class:`StudentCaptioner` is deliberately *not* an attnlab captioner: a timm ViT
+encoder whose ``forward_features`` returns the CLS token and 8 x 8 patch tokens,
+fed whole to an ``nn.TransformerDecoder(batch_first=True)``, and a linear head.
+Notebook 05 wraps it with :func:`attnlab.wrap` in three lines. Its small trained
+weights ship as ``attnlab/weights/shapes-student.pt``; this module also holds the
+script that trained them::
+
+    python -m attnlab.shapes.student --steps 3000 --seed 0 --out shapes-student.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AttnlabError
+from ..fileio import atomic_write
+from .scenes import IMAGE_SIZE, MAX_CAPTION_WORDS, PAD_ID, VOCAB
+
+BUNDLED_STUDENT = Path(__file__).resolve().parents[1] / "weights" / "shapes-student.pt"
+PATCH = 16  # 128 px -> an 8 x 8 grid
+GRID = (IMAGE_SIZE // PATCH, IMAGE_SIZE // PATCH)
+
+
+class StudentCaptioner(nn.Module):
+    """timm ViT (CLS + 64 patch tokens) -> ``nn.TransformerDecoder`` -> linear head.
+
+    ``encode(pixels (N, 3, 128, 128)) -> memory (N, 65, d)``;
+    ``decode(memory, ids (N, t)) -> logits (N, t, V)``; ``forward`` does both
+    (the teacher-forced training step).
+    """
+
+    def __init__(self, width: int = 64, depth: int = 3, heads: int = 4, dec_layers: int = 2) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.encoder = VisionTransformer(
+            img_size=IMAGE_SIZE, patch_size=PATCH, embed_dim=width, depth=depth, num_heads=heads,
+            mlp_ratio=2.0, num_classes=0,
+        )  # fmt: skip
+        self.embed = nn.Embedding(len(VOCAB), width, padding_idx=PAD_ID)
+        self.pos = nn.Embedding(MAX_CAPTION_WORDS + 2, width)
+        layer = nn.TransformerDecoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, dec_layers, norm=nn.LayerNorm(width))
+        self.head = nn.Linear(width, len(VOCAB))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_features(pixels)  # (N, 1 + 64, d): CLS, then the patches row by row
+
+    def decode(self, memory: torch.Tensor, ids: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        t = ids.shape[1]
+        x = self.embed(ids) + self.pos.weight[:t]  # (N, t, d)
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).triu(1)  # (t, t) True = hidden
+        h = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=pad_mask, tgt_is_causal=True)  # (N, t, d)
+        return self.head(h)  # (N, t, V)
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(pixels), ids, pad_mask)
+
+
+def load_student(path: str | Path | None = None) -> StudentCaptioner:
+    """The trained student model (``attnlab/weights/shapes-student.pt`` by default), in eval mode."""
+    from ..hub import check_state_dict, read_checkpoint, state_dict_of
+
+    path = Path(path) if path is not None else BUNDLED_STUDENT
+    obj = read_checkpoint(path)
+    model = StudentCaptioner(**obj.get("config", {}))
+    sd = {k: v.float() for k, v in state_dict_of(obj, str(path)).items()}  # stored as float16
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def train_student(out: str | Path, steps: int = 3000, seed: int = 0, batch_size: int = 32, lr: float = 1e-3) -> dict:
+    """Train :class:`StudentCaptioner` on fresh shapes scenes; write its weights (float16) to ``out``."""
+    from tqdm.auto import tqdm
+
+    from .train import TrainConfig, lr_factor, scene_batch, train_step
+
+    out = Path(out)
+    if out.is_dir():
+        raise AttnlabError(f"--out {out} is a folder: give a file name")
+    cfg = TrainConfig(steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=200)
+    torch.manual_seed(seed)
+    model = StudentCaptioner().train()
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="train student", unit="step")
+    loss = acc = float("nan")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, cfg)
+        pixels, ids = scene_batch(step, batch_size, seed)
+        loss, acc = train_step(model, optimizer, pixels, ids, cfg.clip)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+    seconds = time.perf_counter() - start
+    model.eval()
+    obj = {
+        "format": "attnlab-student",
+        "config": {},
+        "model": {k: v.half() for k, v in model.state_dict().items()},
+        "meta": {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "seconds": round(seconds, 1)},
+    }
+    atomic_write(out, lambda fh: torch.save(obj, fh))
+    return {"steps": steps, "seconds": seconds, "loss": loss, "token_accuracy": acc, "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the student-style shapes captioner (notebook 05).")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", default="shapes-student.pt")
+    args = parser.parse_args(argv)
+    result = train_student(args.out, args.steps, args.seed, args.batch_size, args.lr)
+    print(f"trained {result['steps']} steps in {result['seconds'] / 60:.1f} min; last batch loss {result['loss']:.4f}, "
+          f"token accuracy {result['token_accuracy']:.3f}; wrote {result['out']}")
+
+
+if __name__ == "__main__":
+    main()
