@@ -42,6 +42,7 @@ __all__ = [
     "caption",
     "explore",
     "export_html",
+    "from_huggingface",
     "load_model",
     "plot",
     "sample_path",
@@ -59,4 +60,6 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"{__name__}.explorer").explore
     if name == "export_html":
         return importlib.import_module(f"{__name__}.plot").export_html
+    if name == "from_huggingface":  # transformers loads only when a Hugging Face model is wrapped
+        return importlib.import_module(f"{__name__}.adapters.huggingface").from_huggingface
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
