@@ -13,7 +13,7 @@ import ipywidgets as widgets
 from ..errors import AttnlabError
 from ..plot import maps
 from ..plot.export import check_dpi, check_pixels, save_figure
-from ..plot.resolve import DEFAULT_ALPHA, resolve
+from ..plot.resolve import DEFAULT_ALPHA, by_word, resolve
 from .controls import VIEW_AVERAGED, VIEW_GRID, Controls
 from .views import AveragedView, GridView, Style
 
@@ -198,6 +198,7 @@ for _name in CONTROL_NAMES:  # the widgets, also as attributes of the explorer i
     setattr(AttentionExplorer, _name, property(lambda self, name=_name: getattr(self.controls, name)))
 
 
+@by_word
 def explore(trace: Any, layer: int = -1, head: int | str = "mean", **options: Any) -> AttentionExplorer:
     """An interactive explorer of ``trace`` (an ``ipywidgets.VBox``); display it in a notebook.
 

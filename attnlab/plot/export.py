@@ -19,7 +19,7 @@ from ..errors import AttnlabError
 from ..fileio import atomic_write
 from . import maps
 from .draw import add_colorbar, draw_map, panel_grid, panel_size, peak_note, stretch_note
-from .resolve import MapOptions, resolve
+from .resolve import MapOptions, by_word, resolve
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+: annotations only
     from typing import Unpack
@@ -80,6 +80,7 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: float | None = None) -> Pa
     return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lower()[1:], **kwargs))
 
 
+@by_word
 def save_gif(
     trace: Any,
     path: str | os.PathLike,

@@ -28,7 +28,7 @@ from ..fileio import atomic_create, atomic_write
 from . import maps
 from .draw import MAX_PANEL_ASPECT, stretch_note
 from .export import check_output_path
-from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, DEFAULT_UNIFORM_CMAP, check_count, resolve
+from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, DEFAULT_UNIFORM_CMAP, by_word, check_count, resolve
 
 HTML_SUFFIXES = (".html", ".htm")
 FORMAT = "attnlab-html"
@@ -114,6 +114,7 @@ def _json_for_script(data: dict) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+@by_word
 def export_html(
     trace: Any,
     path: str | os.PathLike,

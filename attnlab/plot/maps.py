@@ -83,9 +83,12 @@ def check_interp(interp: Any) -> str:
 
 
 def default_steps(trace: Any) -> list[int]:
-    """Every step except a trailing ``[SEP]`` end token (kept when it is the only step)."""
+    """Every step except a trailing end token (``[SEP]``, or the model's own, as the trace's
+    ``meta["end_token"]`` records it; kept when it is the only step)."""
     n = trace.steps
-    if n > 1 and trace.words[-1] == END_TOKEN:
+    end = getattr(trace, "meta", {}).get("end_token")
+    last_is_end = trace.words[-1] == END_TOKEN or (end is not None and int(trace.token_ids[-1]) == end)
+    if n > 1 and last_is_end:
         return list(range(n - 1))
     return list(range(n))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+import functools
 from typing import Any, Callable, TypedDict
 
 import numpy as np
@@ -27,6 +28,7 @@ MAX_FIGURE_INCHES = 60.0  # per side: at 100 dpi, 6000 px
 MAX_FONT_SCALE = 5.0
 
 __all__ = [
+    "by_word",
     "DEFAULT_ALPHA",
     "DEFAULT_CMAP",
     "DEFAULT_UNIFORM_CMAP",
@@ -248,3 +250,24 @@ def resolve(trace: Any, **options: Any) -> Resolved:
         raise AttnlabError("pass either ax or figsize, not both")
     values["cmap"] = check_cmap(options.get("cmap"), values.get("scale", "shared"))
     return Resolved(trace=trace, **values)
+
+
+def by_word(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a view taking a trace first the option ``pieces=False``.
+
+    By default the view draws whole words: WordPiece (``##``) and byte-level
+    BPE pieces are merged, each word's map the mean of its pieces' maps
+    (:meth:`~attnlab.trace.CaptionTrace.by_word`); step indices then count
+    words. ``pieces=True`` draws one panel per token, as decoded.
+    """
+
+    @functools.wraps(view)
+    def wrapper(trace: Any, *args: Any, pieces: bool = False, **kwargs: Any) -> Any:
+        if not isinstance(pieces, (bool, np.bool_)):
+            raise AttnlabError(f"pieces={pieces!r} must be True (one panel per token) or False (per word)")
+        if not pieces and callable(getattr(trace, "by_word", None)):
+            trace = trace.by_word()
+        return view(trace, *args, **kwargs)
+
+    return wrapper
+

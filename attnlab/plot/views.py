@@ -39,6 +39,7 @@ from .draw import (
     stretch_note,
 )
 from .resolve import (
+    by_word,
     DEFAULT_ALPHA,
     MapOptions,
     Resolved,
@@ -89,6 +90,7 @@ def _details(r: Resolved, *parts: str) -> str:
 
 
 # -------------------------------------------------------------------- views
+@by_word
 def overlay(
     trace: Any,
     step: int,
@@ -124,6 +126,7 @@ def overlay(
     return fig
 
 
+@by_word
 def word_grid(
     trace: Any,
     layer: int = -1,
@@ -161,6 +164,7 @@ def word_grid(
     return layout.fig
 
 
+@by_word
 def head_grid(trace: Any, layer: int = -1, *, words: Sequence[int] | None = None, **options: Unpack[MapOptions]):
     """Rows = every head of ``layer`` then a last row "mean"; columns = words."""
     r = resolve(trace, layer=layer, words=words, **options)
@@ -182,6 +186,7 @@ def head_grid(trace: Any, layer: int = -1, *, words: Sequence[int] | None = None
     return layout.fig
 
 
+@by_word
 def layer_head_grid(trace: Any, step: int, **options: Unpack[MapOptions]):
     """One word: rows = layers (first to last), columns = heads then a last column "mean"."""
     r = resolve(trace, step=step, **options)
@@ -217,6 +222,7 @@ def _patch_ticks(ax, grid: tuple[int, int], tick_every: int | None, font: float,
     ax.set_xlabel(f"patch (row, col) on the {H} x {W} grid, row by row (S = {S})", fontsize=font)
 
 
+@by_word
 def attention_matrix(
     trace: Any,
     layer: int = -1,
@@ -353,6 +359,7 @@ def matrix_row(
     return fig
 
 
+@by_word
 def attention_row(trace: Any, step: int, layer: int = -1, head: int | str = "mean", **options: Unpack[MapOptions]):
     """Every word's row of the words-to-patches matrix ``(steps, S)``, row ``step`` outlined and drawn as its map.
 
