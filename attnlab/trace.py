@@ -316,6 +316,7 @@ class CaptionTrace:
         prefix_tokens: int = 0,
         model_name: str = "unknown",
         caption: str | None = None,
+        word_starts: Sequence[bool] | None = None,
         atol: float = 1e-3,
     ) -> "CaptionTrace":
         """A trace from weights you already hold (your own decoding loop, a saved run).
@@ -332,6 +333,8 @@ class CaptionTrace:
             logits: optional ``(steps, vocab)`` scores (for probabilities in figures).
             prefix_tokens: leading non-patch keys (CLS, registers): split off, their
                 weight kept as ``prefix_share``; nothing is renormalised.
+            word_starts: optional, per step: does the token start a word? (``False``
+                for WordPiece ``##`` pieces); figures then merge pieces into words.
             atol: rows summing to 1 within ``atol`` pass silently; others are kept
                 as given with a warning that says how far off they are.
         """
@@ -396,6 +399,7 @@ class CaptionTrace:
             caption=" ".join(words) if caption is None else caption,
             prefix_tokens=int(prefix_tokens),
             prefix_share=None if share is None else np.ascontiguousarray(share),
+            word_starts=None if word_starts is None else np.asarray(word_starts, dtype=bool),
             meta={"mode": "from_attention"},
         )
 
