@@ -6,10 +6,11 @@
 >>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
 
 Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
-:func:`capture_attention`, :func:`explore`, the :mod:`attnlab.plot` views,
-:mod:`attnlab.batch` (folders, shards, resumable runs), :mod:`attnlab.stats` and
-the captioner protocol (:class:`Captioner`, :class:`CaptionerSpec`,
-:class:`Encoded`, :class:`StepOutput`; see :mod:`attnlab.captioner`).
+:func:`capture_attention`, :func:`explore`, :func:`export_html` (a static
+explorer page), the :mod:`attnlab.plot` views, :mod:`attnlab.batch` (folders,
+shards, resumable runs), :mod:`attnlab.stats` and the captioner protocol
+(:class:`Captioner`, :class:`CaptionerSpec`, :class:`Encoded`,
+:class:`StepOutput`; see :mod:`attnlab.captioner`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .captioner import Captioner, CaptionerSpec, Encoded, StepOutput
 from .decode import caption
 from .errors import AttnlabError
 from .hub import load_model, save_checkpoint
+from .samples import sample_path
 from .tap import AttentionTap
 from .trace import CaptionTrace
 
@@ -40,8 +42,11 @@ __all__ = [
     "capture_attention",
     "caption",
     "explore",
+    "export_html",
+    "from_huggingface",
     "load_model",
     "plot",
+    "sample_path",
     "save_checkpoint",
     "stats",
     "wrap",
@@ -55,4 +60,8 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"{__name__}.{name}")
     if name == "explore":
         return importlib.import_module(f"{__name__}.explorer").explore
+    if name == "export_html":
+        return importlib.import_module(f"{__name__}.plot").export_html
+    if name == "from_huggingface":  # transformers loads only when a Hugging Face model is wrapped
+        return importlib.import_module(f"{__name__}.adapters.huggingface").from_huggingface
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")

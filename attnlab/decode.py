@@ -305,6 +305,7 @@ def _assemble(
                 for s in range(count):  # row s: step s over steps 0..s (of this caption's own history)
                     for layer, w in enumerate(steps[s].selfs):
                         dec_attn[layer, :, s, : s + 1] = w[at[s]].detach().float().cpu().numpy()  # (heads, s+1)
+        starts = getattr(spec.vocab, "word_starts", None)
         traces.append(
             CaptionTrace(
                 token_ids=np.array(ids, dtype=np.int64),
@@ -319,7 +320,8 @@ def _assemble(
                 decoder_self_attention=dec_attn,
                 prefix_tokens=prefix,
                 prefix_share=share,
-                meta={"mode": mode, **path.meta},
+                word_starts=None if starts is None else np.array(starts(ids), dtype=bool),
+                meta={"mode": mode, "end_token": spec.eos, **path.meta},
             )
         )
     return traces

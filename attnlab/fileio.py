@@ -125,3 +125,30 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
             except OSError:
                 pass
     return removed
+
+
+def atomic_create(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Like :func:`atomic_write`, but never replaces a file: ``FileExistsError`` when ``path`` exists.
+
+    The complete file is written under a temporary name, then hard-linked to
+    ``path`` (which fails if the name is taken, even by a file that appeared
+    meanwhile); where the file system has no hard links, the check and the
+    rename are two steps.
+    """
+    path = Path(path)
+    if os.path.lexists(path):
+        raise FileExistsError(path)
+    staged = atomic_write(path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"), write)
+    try:
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some network or FAT file systems)
+            if os.path.lexists(path):
+                raise FileExistsError(path) from None
+            os.replace(staged, path)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+    return path

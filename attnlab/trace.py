@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import stat
 import warnings
@@ -69,6 +70,11 @@ LIMITS = {
 MAX_TRACE_BYTES = 1024**3  # all arrays together, uncompressed (CaptionTrace.load(max_bytes=...) to allow more)
 MAX_HEADER_BYTES = 16 * 1024**2  # the JSON header (words, caption, meta)
 _NPY_HEADER_MAX = 10_000  # numpy's own limit for a .npy header
+
+
+def _is_index(x: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 @dataclass
@@ -122,6 +128,7 @@ class CaptionTrace:
     meta: dict[str, Any] = field(default_factory=dict)
     prefix_tokens: int = 0
     prefix_share: np.ndarray | None = None
+    word_starts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = np.asarray(self.token_ids, dtype=np.int64)
@@ -154,6 +161,10 @@ class CaptionTrace:
         dec = self.decoder_self_attention
         if dec is not None and (dec.ndim != 4 or tuple(dec.shape[2:]) != (steps, steps)):
             raise ValueError(f"decoder_self_attention has shape {tuple(dec.shape)}, expected (layers, heads, {steps}, {steps})")
+        if self.word_starts is not None:
+            self.word_starts = np.asarray(self.word_starts, dtype=bool)
+            if self.word_starts.shape != (steps,):
+                raise ValueError(f"word_starts has shape {self.word_starts.shape}, expected ({steps},)")
 
     # ------------------------------------------------------------------ views
     @property
@@ -171,31 +182,106 @@ class CaptionTrace:
         """Attention heads per layer in ``cross_attention`` (0 when nothing was recorded)."""
         return 0 if self.cross_attention is None else self.cross_attention.shape[1]
 
-    def _require_attention(self) -> np.ndarray:
+    # ------------------------------------------ checks shared by every view
+    def require_attention(self) -> np.ndarray:
+        """``cross_attention`` ``(layers, heads, steps, H, W)``, or a one-line error when nothing was recorded."""
         if self.cross_attention is None:
             raise AttnlabError("this trace holds no attention: caption again with record='cross' or 'all'")
         return self.cross_attention
 
+    def check_layer(self, i: Any) -> int:
+        """Decoder layer ``i`` (negative counts from the end) as an index ``0..layers-1``, or a one-line error."""
+        n = self.require_attention().shape[0]
+        if not _is_index(i) or not -n <= int(i) < n:
+            raise AttnlabError(f"layer {i!r} does not exist: the decoder has {n} layers (use 0..{n - 1} or -1 for the last)")
+        return int(i) % n
+
+    def check_head(self, h: Any) -> int | None:
+        """Head ``h`` as an index ``0..heads-1``; ``"mean"`` (the average over heads) gives ``None``."""
+        n = self.require_attention().shape[1]
+        if isinstance(h, str) and h == "mean":
+            return None
+        if not _is_index(h) or not -n <= int(h) < n:
+            raise AttnlabError(f"head {h!r} does not exist: the layer has {n} heads (use 0..{n - 1} or 'mean')")
+        return int(h) % n
+
+    def check_step(self, t: Any) -> int:
+        """Decoding step ``t`` (negative counts from the end) as an index ``0..steps-1``, or a one-line error."""
+        n = self.steps
+        if not _is_index(t) or not -n <= int(t) < n:
+            raise AttnlabError(f"step {t!r} does not exist: the trace has {n} steps (use 0..{n - 1})")
+        return int(t) % n
+
     def layer(self, i: int) -> np.ndarray:
         """Cross-attention of decoder layer ``i`` (negative counts from the end): ``(heads, steps, H, W)``."""
-        ca = self._require_attention()
-        if not -ca.shape[0] <= i < ca.shape[0]:
-            raise AttnlabError(f"layer {i} does not exist: the decoder has {ca.shape[0]} layers")
-        return ca[i]
+        return self.require_attention()[self.check_layer(i)]
 
     def mean_heads(self) -> np.ndarray:
         """Cross-attention averaged over heads: ``(layers, steps, H, W)``."""
-        return self._require_attention().mean(axis=1)
+        return self.require_attention().mean(axis=1)
 
     def probabilities(self) -> np.ndarray | None:
-        """Softmax probability of each step's token: ``(steps,)`` float32; ``None`` without logits."""
+        """Softmax probability of each step's token: ``(steps,)`` float32; ``None`` without logits.
+
+        A trace of whole words (:meth:`by_word`) gives each word's probability:
+        the product of its pieces' probabilities.
+        """
         if self.logits is None:
-            return None
+            merged = self.meta.get("word_probabilities")
+            return None if merged is None else np.asarray(merged, dtype=np.float32)
         z = self.logits.astype(np.float64)
         z = z - z.max(axis=1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(axis=1, keepdims=True)
         return p[np.arange(self.steps), self.token_ids].astype(np.float32)
+
+    # ------------------------------------------------------------ words from pieces
+    def word_spans(self) -> list[tuple[int, int]]:
+        """Steps ``[start, end)`` of each word: a WordPiece ``##`` piece or a byte-level BPE
+        piece without a leading space continues the word before it (``word_starts``)."""
+        starts = np.ones(self.steps, dtype=bool) if self.word_starts is None else self.word_starts.copy()
+        if self.steps:
+            starts[0] = True
+        first = np.flatnonzero(starts).tolist()  # (words,) first step of each word
+        return list(zip(first, [*first[1:], self.steps]))
+
+    def by_word(self) -> "CaptionTrace":
+        """The same trace with one step per *word*: each word's map is the mean of its
+        pieces' maps, its probability the product of theirs (``probabilities()``),
+        its token id the first piece's; ``meta["pieces"]`` keeps the spans. A trace
+        whose pieces are all words already is returned as it is. Figures use this
+        unless asked for ``pieces=True``; the trace itself keeps the pieces.
+        """
+        spans = self.word_spans()
+        if all(end - start == 1 for start, end in spans):
+            return self
+
+        def mean_steps(a: np.ndarray | None, axis: int) -> np.ndarray | None:
+            if a is None:
+                return None
+            parts = [a.take(range(s, e), axis=axis).mean(axis=axis, keepdims=True) for s, e in spans]
+            return np.concatenate(parts, axis=axis).astype(a.dtype)  # the steps axis now counts words
+
+        words = ["".join([self.words[s], *(w[2:] if w.startswith("##") else w for w in self.words[s + 1 : e])]) for s, e in spans]
+        probs = self.probabilities()
+        meta = dict(self.meta, pieces=[[s, e] for s, e in spans])
+        if probs is not None:
+            meta["word_probabilities"] = [float(np.prod(probs[s:e], dtype=np.float64)) for s, e in spans]
+        return CaptionTrace(
+            token_ids=self.token_ids[[s for s, _ in spans]],
+            words=words,
+            logits=None,
+            cross_attention=mean_steps(self.cross_attention, 2),  # (layers, heads, words, H, W)
+            grid=self.grid,
+            image=self.image,
+            model_name=self.model_name,
+            caption=self.caption,
+            encoder_self_attention=self.encoder_self_attention,
+            decoder_self_attention=None,  # step-to-step weights have no per-word meaning
+            meta=meta,
+            prefix_tokens=self.prefix_tokens,
+            prefix_share=mean_steps(self.prefix_share, 2),  # (layers, heads, words)
+        )
 
     def nonfinite(self) -> list[str]:
         """Names of the arrays holding values that make no sense: NaN or infinite
@@ -230,6 +316,7 @@ class CaptionTrace:
         prefix_tokens: int = 0,
         model_name: str = "unknown",
         caption: str | None = None,
+        word_starts: Sequence[bool] | None = None,
         atol: float = 1e-3,
     ) -> "CaptionTrace":
         """A trace from weights you already hold (your own decoding loop, a saved run).
@@ -246,6 +333,8 @@ class CaptionTrace:
             logits: optional ``(steps, vocab)`` scores (for probabilities in figures).
             prefix_tokens: leading non-patch keys (CLS, registers): split off, their
                 weight kept as ``prefix_share``; nothing is renormalised.
+            word_starts: optional, per step: does the token start a word? (``False``
+                for WordPiece ``##`` pieces); figures then merge pieces into words.
             atol: rows summing to 1 within ``atol`` pass silently; others are kept
                 as given with a warning that says how far off they are.
         """
@@ -310,6 +399,7 @@ class CaptionTrace:
             caption=" ".join(words) if caption is None else caption,
             prefix_tokens=int(prefix_tokens),
             prefix_share=None if share is None else np.ascontiguousarray(share),
+            word_starts=None if word_starts is None else np.asarray(word_starts, dtype=bool),
             meta={"mode": "from_attention"},
         )
 
@@ -364,6 +454,7 @@ class CaptionTrace:
                 meta=header.get("meta", {}),
                 prefix_tokens=header["prefix_tokens"],
                 prefix_share=arrays.get("prefix_share"),
+                word_starts=header.get("word_starts"),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
@@ -384,6 +475,8 @@ def _npz_members(trace: CaptionTrace) -> dict[str, np.ndarray]:
         "prefix_tokens": trace.prefix_tokens,
         "meta": trace.meta,
     }
+    if trace.word_starts is not None:
+        header["word_starts"] = trace.word_starts.tolist()
     try:
         text = json.dumps(header, default=_json_value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -498,6 +591,9 @@ def _check_header(path: Path, header: dict[str, Any], version: int) -> None:
         raise _damaged(path, "meta is not a dict")
     if (version >= 2 or "prefix_tokens" in header) and not _whole(header["prefix_tokens"], 0, LIMITS["prefix_tokens"]):
         raise _damaged(path, f"prefix_tokens {header['prefix_tokens']!r} is not a whole number from 0 to {LIMITS['prefix_tokens']}")
+    starts = header.get("word_starts")  # optional in version 2 (added without a version bump: older files lack it)
+    if starts is not None and (not isinstance(starts, list) or len(starts) != len(words) or not all(isinstance(b, bool) for b in starts)):
+        raise _damaged(path, "word_starts must be one true/false per word")
 
 
 def _peek(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:

@@ -1,6 +1,9 @@
-"""Re-create the sample images in data/samples (all made here, free to ship).
+"""Re-create the sample images in attnlab/samples (all made here, free to ship).
 
     python data/make_samples.py
+
+They ship inside the package (read with ``attnlab.sample_path(name)``), so an
+installed wheel has them too; data/README.md keeps their provenance.
 
 * scene-*.png: held-out shapes-world scenes (eval split, seed 7), 128x128.
 * drawing-park.png: a 320x240 drawing (sky gradient, hill, sun, a purple
@@ -19,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from attnlab.shapes import make_scenes
 
-OUT = Path(__file__).parent / "samples"
+OUT = Path(__file__).resolve().parents[1] / "attnlab" / "samples"
 
 
 def park() -> Image.Image:
@@ -58,7 +61,7 @@ def main() -> None:
         Image.fromarray(scene.image).save(OUT / f"scene-{i}.png")
     park().save(OUT / "drawing-park.png")
     tabletop().save(OUT / "drawing-tabletop.jpg", quality=92)
-    print(f"wrote {len(list(OUT.iterdir()))} images to {OUT}")
+    print(f"wrote {len([p for p in OUT.iterdir() if p.suffix in ('.png', '.jpg')])} images to {OUT}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from attnlab.outputs import mirror_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 GOOD = 16  # images that caption
 BROKEN = "part-a/broken.png"
 
@@ -49,7 +48,7 @@ def folder(tmp_path_factory) -> Path:
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(scene.image).save(sub / f"scene-{i:02d}.png")
     Image.open(root / "scene-10.png").resize((128, 96)).save(root / "part-b" / "wide.png")  # another grid
-    shutil.copy(SAMPLES / "drawing-tabletop.jpg", root / "drawing.jpg")
+    shutil.copy(attnlab.sample_path("drawing-tabletop.jpg"), root / "drawing.jpg")
     (root / BROKEN).write_text("not an image\n")
     (root / "notes.txt").write_text("ignored: not an image name\n")
     shutil.copy(root / "scene-10.png", root / ".hidden.png")  # hidden: ignored

@@ -2,7 +2,7 @@
 
 Starts its own JupyterLab server (127.0.0.1, a free port, a token, every
 Jupyter/IPython/matplotlib directory in a temporary folder) on a copy of
-``notebooks/03_word_slider.ipynb`` and the sample images it reads, opens it in
+``notebooks/03_word_slider.ipynb`` (its images come from the package), opens it in
 Debian's Chromium through Playwright, runs every cell and checks that the
 first explorer really renders as widgets (not as the ``IntSlider(...)`` text
 fallback), then moves its word slider with the keyboard and waits until the
@@ -35,7 +35,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "03_word_slider.ipynb"
-SAMPLES = REPO / "data" / "samples"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_FLAGS = [
     "--headless",
@@ -362,11 +361,10 @@ def drive_word_slider(root: Path, notebook_rel: str, base: Path, shots: Path | N
 def test_word_slider_in_jupyterlab(tmp_path):
     _prerequisites()
     assert NOTEBOOK.is_file(), f"missing {NOTEBOOK}"
-    # a copy of the repository subset the notebook needs: ../data/samples stays valid
+    # a copy of the notebook (it reads its images from the installed package: attnlab.sample_path)
     root = tmp_path / "root"
     (root / "notebooks").mkdir(parents=True)
     shutil.copy2(NOTEBOOK, root / "notebooks" / NOTEBOOK.name)
-    shutil.copytree(SAMPLES, root / "data" / "samples")
     shots = os.environ.get("ATTNLAB_SCREENSHOTS")
     shots_dir = None
     if shots:

@@ -368,7 +368,7 @@ def test_save_load_round_trip(model, tmp_path):
     assert back.caption == trace.caption
     assert back.grid == trace.grid
     assert back.model_name == "tiny-test"
-    assert back.meta == {"mode": "incremental", "note": "round trip"}
+    assert back.meta == {"mode": "incremental", "end_token": END, "note": "round trip"}
     # a trace without optional arrays
     bare = attnlab.caption(model, image(14), max_len=2, record="none")
     back = CaptionTrace.load(bare.save(tmp_path / "bare.npz"))

@@ -3,7 +3,7 @@
 Each notebook is executed with nbclient in a fresh ``python3`` kernel (this
 interpreter: jupyter_client starts the ``python`` of a kernel spec as
 ``sys.executable``), with the notebook folder as working directory (the
-notebooks read ``../data/samples``), ``MPLBACKEND=Agg``, and ``ATTNLAB_CACHE``,
+notebooks read their images with ``attnlab.sample_path``), ``MPLBACKEND=Agg``, and ``ATTNLAB_CACHE``,
 ``IPYTHONDIR``, ``MPLCONFIGDIR`` and ``JUPYTER_RUNTIME_DIR`` in a temporary
 folder (so no download cache is reused: notebook 04 takes its offline path
 unless the network is up). Any error fails the test. The runtime of each
@@ -104,20 +104,33 @@ def test_notebook_runs(name, offline_env):
         for shape in ("(128, 1, 256)", "(361, 1, 256)", "(1, 128, 361)", "(1, 8, 128, 361)", "(14, 19)", "(266, 1, 256)"):
             assert shape in text, f"notebook 01 did not print {shape}"
         assert "template and incremental traces are identical" in text
+        assert "weights the caller got == mean of the 8 per-head maps, every call" in text
+        assert "weight matrix at step 1 (128, 361)" in text
     elif name.startswith("02_"):
         assert "disagreement score" in text and "mean   peak at" in text
+        # the prose discusses these results (the notebook also asserts them where it states them)
+        assert "the head mean beats every single head in every layer: True" in text
+        assert "the mean's peak is not on it" in text
     elif name.startswith("03_"):
         # every explorer came out as a widget view (the browser test checks that it renders)
         views = sum(
             1 for cell in nb.cells for out in cell.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in out.get("data", {})
         )
         assert views == 5, f"expected 5 explorers, got {views} widget views"
-    elif name.startswith("04_"):
+        assert "words with p >= 0.9:" in text  # the out-of-distribution lesson shows the probabilities
+    if name != "01_dimensions.ipynb":
+        assert "model.config" not in "".join(c.source for c in nb.cells), f"{name} reads model internals"
+    exercises = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "## Exercises" in c.source), None)
+    assert exercises is not None, f"{name} has no exercises"
+    checks = [c for c in nb.cells[exercises:] if c.cell_type == "code" and '"right" if' in c.source]
+    assert 2 <= len(checks) <= 3, f"{name}: {len(checks)} exercise checks"
+    if name.startswith("04_"):
         offline = [line for line in text.splitlines() if line.startswith("Offline:")]
         if offline:  # no network (the usual case here): one sentence, then the bundled model's figure
             assert len(offline) == 1 and offline[0].startswith(OFFLINE_SENTENCE)
             assert offline[0].count(". ") == 0 and offline[0].endswith(".")
-            assert "shapes:" in text
+            assert "shapes:" in text and "stands in for CATR v3" in offline[0]
+            assert "the last layer is layer 2 (layer=-1)" in text
         else:
             assert "catr-v3:" in text
     elif name.startswith("08_"):

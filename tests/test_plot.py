@@ -120,6 +120,11 @@ def closest_pixel(ax, pixels: np.ndarray, colour: np.ndarray) -> tuple[float, fl
     return x, y, float(dist[i, j])
 
 
+def panels_of(fig) -> list:
+    """The figure's visible panels, in order (not its colour bar)."""
+    return [ax for ax in fig.axes if ax.axison and ax.get_label() != "<colorbar>"]
+
+
 def inside(x: float, y: float, box: tuple[float, float, float, float]) -> bool:
     row0, row1, col0, col1 = box
     return row0 <= y <= row1 and col0 <= x <= col1
@@ -164,7 +169,7 @@ def test_attention_map_matches_torch_interpolate(mode):
     att = random_attention((2, 3, 4, *GRID), seed=1)
     trace = make_trace(att, IMAGE)
     for layer, head, step in [(0, 0, 0), (1, 2, 3), (-1, 1, 2)]:
-        got = attention_map(trace, step, layer=layer, head=head, upsample=mode)
+        got = attention_map(trace, step, layer=layer, head=head, interp=mode)
         want = torch_upsample(att[layer, head, step], IMAGE, mode)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
@@ -225,7 +230,8 @@ def test_padded_batch_entry_maps_patches_to_their_pixels():
         assert (16 * r <= i < 16 * r + 16) and (16 * c <= j < 16 * c + 16), (step, (r, c), (i, j))
         fig = overlay(trace, step, alpha=1.0)
         pixels = render(fig)
-        x, y, dist = closest_pixel(fig.axes[0], pixels, blend("inferno", 1.0, 1.0))
+        # shared scale: the top colour is a whole patch's weight (1); bilinear puts a bit less at any pixel
+        x, y, dist = closest_pixel(fig.axes[0], pixels, blend("inferno", amap.max(), 1.0))
         assert dist < 12
         assert inside(x, y, patch_box(r, c, grid, image_hw)), (step, (r, c), (x, y))
         plt.close(fig)
@@ -238,11 +244,11 @@ def test_overlay_puts_the_hot_colour_on_the_patch():
     trace = make_trace(one_hot((1, 1, 2, *GRID), {(0, 0, 0): (0, 0), (0, 0, 1): patch}), IMAGE, words=["a", "dog"])
     fig = overlay(trace, 1, alpha=alpha)
     ax = fig.axes[0]
-    assert ax.get_title() == "dog"
+    assert fig._suptitle.get_text().startswith("step 1: dog (p=")
     assert len(fig.axes) == 2  # the image and its colorbar
     pixels = render(fig)
 
-    hot = blend("inferno", 1.0, alpha)
+    hot = blend("inferno", attention_map(trace, 1).max(), alpha)  # scale 0..1 (the patch's weight)
     x, y, dist = closest_pixel(ax, pixels, hot)
     # the map's peak is ~1 at the patch centre: a pixel there shows the top of the colormap
     assert dist < 12, f"hot colour {hot} not drawn (closest {dist:.1f} away)"
@@ -258,10 +264,14 @@ def test_overlay_draws_attention_map_data():
     trace = make_trace(att, IMAGE)
     fig = overlay(trace, 2, layer=0, head=1, smooth=0.5, cmap="viridis", alpha=0.3)
     heat = fig.axes[0].images[1]
-    np.testing.assert_array_equal(heat.get_array(), attention_map(trace, 2, layer=0, head=1, smooth=0.5))
+    want = attention_map(trace, 2, layer=0, head=1, smooth=0.5)
+    np.testing.assert_allclose(heat.get_array(), want, rtol=1e-6)
     assert heat.get_alpha() == 0.3
     assert heat.get_cmap().name == "viridis"
-    assert heat.get_clim() == (0.0, pytest.approx(attention_map(trace, 2, layer=0, head=1, smooth=0.5).max()))
+    # one panel, shared scale: 0 to the map's largest patch weight (the blurred grid's peak, >= the upsampled peak)
+    grid = att[0, 1, 2].astype(np.float64)
+    assert heat.get_clim()[0] == 0.0 and heat.get_clim()[1] >= want.max() - 1e-12
+    assert heat.get_clim()[1] <= grid.max()
 
 
 def test_overlay_into_a_given_axes():
@@ -277,16 +287,16 @@ def test_word_grid_panels_titles_and_hot_spots():
     att = one_hot((1, 1, 4, *GRID), spots | {(0, 0, 3): (0, 0)})
     trace = make_trace(att, IMAGE, words=words)
     fig = word_grid(trace, alpha=1.0, ncols=2)
-    panels = [ax for ax in fig.axes if ax.axison]
+    panels = panels_of(fig)
     assert len(panels) == 4  # the image + 3 words: the trailing [SEP] is left out
     assert panels[0].get_title() == "image"
     z = trace.logits.astype(np.float64)
     probs = np.exp(z[np.arange(4), trace.token_ids]) / np.exp(z).sum(axis=1)
     pixels = render(fig)
     for ax, step in zip(panels[1:], range(3)):
-        assert ax.get_title() == f"{words[step]} ({probs[step]:.2f})"
-        np.testing.assert_array_equal(ax.images[1].get_array(), attention_map(trace, step))
-        x, y, dist = closest_pixel(ax, pixels, blend("inferno", 1.0, 1.0))
+        assert ax.get_title() == f"{words[step]} (p={probs[step]:.2f})"
+        np.testing.assert_allclose(ax.images[1].get_array(), attention_map(trace, step), rtol=1e-6)
+        x, y, dist = closest_pixel(ax, pixels, blend("inferno", attention_map(trace, step).max(), 1.0))
         assert dist < 12
         assert inside(x, y, patch_box(*spots[(0, 0, step)], GRID, IMAGE)), (step, x, y)
 
@@ -294,7 +304,7 @@ def test_word_grid_panels_titles_and_hot_spots():
 def test_word_grid_word_selection_in_given_order():
     trace = make_trace(random_attention((1, 1, 4, *GRID)), IMAGE, words=["a", "b", "c", "[SEP]"])
     fig = word_grid(trace, words=[3, 1])
-    titles = [ax.get_title() for ax in fig.axes if ax.axison]
+    titles = [ax.get_title() for ax in panels_of(fig)]
     assert [t.split(" ")[0] for t in titles] == ["image", "[SEP]", "b"]
 
 
@@ -303,11 +313,12 @@ def test_head_grid_shows_each_head_and_the_mean():
     spots = {(0, h, t): (2 + 4 * h, 3 + 7 * t) for h in range(heads) for t in range(steps)}
     trace = make_trace(one_hot((1, heads, steps, *GRID), spots), IMAGE, words=["red", "box"])
     fig = head_grid(trace, alpha=1.0)
-    axes = np.array(fig.axes).reshape(heads + 1, steps)
+    axes = np.array(panels_of(fig)).reshape(heads + 1, steps)
     assert [a.get_ylabel() for a in axes[:, 0]] == ["head 0", "head 1", "head 2", "mean"]
-    assert [a.get_title() for a in axes[0]] == ["red", "box"]
+    assert [a.get_title().split(" ")[0] for a in axes[0]] == ["red", "box"]
+    fig.set_dpi(200)  # 1.6-inch panels at 200 dpi: every pixel of the 299-pixel-wide maps is on screen
     pixels = render(fig)
-    hot = blend("inferno", 1.0, 1.0)
+    hot = blend("inferno", attention_map(trace, 0, head=0).max(), 1.0)  # every one-hot map peaks the same
     for h in range(heads):
         for t in range(steps):
             x, y, dist = closest_pixel(axes[h, t], pixels, hot)
@@ -324,9 +335,9 @@ def test_layer_head_grid_is_layers_by_heads_plus_mean():
     att = random_attention((2, 3, 3, *GRID), seed=4)
     trace = make_trace(att, IMAGE)
     fig = layer_head_grid(trace, 1)
-    axes = np.array(fig.axes).reshape(2, 4)
+    axes = np.array(panels_of(fig)).reshape(2, 4)
     assert [a.get_title() for a in axes[0]] == ["head 0", "head 1", "head 2", "mean"]
-    assert [a.get_ylabel() for a in axes[:, 0]] == ["layer 0", "layer 1"]
+    assert [a.get_ylabel() for a in axes[:, 0]] == ["layer 0", "layer 1, last"]
     for layer in range(2):
         for col, head in enumerate([0, 1, 2, "mean"]):
             want = torch_upsample(att[layer, :, 1].mean(axis=0) if head == "mean" else att[layer, head, 1], IMAGE)
@@ -404,10 +415,10 @@ def test_save_figure_png_and_svg_parse(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.SVG", "out"]
 
 
-@pytest.mark.parametrize("name", ["map.jpg", "map", "map.pdf"])
+@pytest.mark.parametrize("name", ["map.jpg", "map", "map.eps"])
 def test_save_figure_refuses_other_suffixes(tmp_path, name):
     fig = plt.figure()
-    with pytest.raises(AttnlabError, match="png or .svg"):
+    with pytest.raises(AttnlabError, match=r"\.png or \.svg or \.pdf"):
         save_figure(fig, tmp_path / name)
     assert list(tmp_path.iterdir()) == []
 
@@ -447,7 +458,7 @@ def test_save_gif_one_frame_per_word_following_the_words(tmp_path):
     # the same in every frame (the colorbar's gradient, which also holds the hot colour, changes only
     # by each frame's palette quantisation) are left out
     changing = np.any(np.stack([np.abs(f - frames[0]).max(axis=-1) > 40 for f in frames[1:]]), axis=0)
-    hot = blend("inferno", 1.0, 1.0)
+    hot = blend("inferno", attention_map(trace, 0).max(), 1.0)
     xs = []
     for frame in frames:
         dist = np.where(changing, np.linalg.norm(frame - hot, axis=-1), np.inf)
@@ -486,7 +497,17 @@ def _small_trace():
         (lambda t: attention_map(t, 0, layer=2), "layer 2 does not exist"),
         (lambda t: attention_map(t, 0, layer="last"), "layer 'last'"),
         (lambda t: attention_map(t, 0, smooth=-1), "smooth"),
-        (lambda t: attention_map(t, 0, upsample="nearest"), "upsample"),
+        (lambda t: attention_map(t, 0, interp="cubic"), "interp"),
+        (lambda t: word_grid(t, smooth=1e300), "smooth"),
+        (lambda t: overlay(t, 0, smooth=float("nan")), "smooth"),
+        (lambda t: word_grid(t, scale="log"), "scale"),
+        (lambda t: word_grid(t, font_scale=0), "font_scale"),
+        (lambda t: word_grid(t, figsize=(1e6, 3)), "figsize"),
+        (lambda t: head_grid(t, figsize=(0.5, 0.5)), "too small"),
+        (lambda t: save_gif(t, "x.gif", dpi=1e5), "dpi"),
+        (lambda t: save_figure(word_grid(t), "x.png", dpi=1e5), "dpi"),
+        (lambda t: save_figure(word_grid(t, figsize=(20, 20)), "x.png", dpi=1000), "million pixels"),
+        (lambda t: save_gif(t, ".", words=[0]), ".gif"),
         (lambda t: overlay(t, 0, alpha=1.5), "alpha"),
         (lambda t: overlay(t, 0, cmap="no-such-map"), "cmap"),
         (lambda t: overlay(t, 0, ax=plt.figure().add_subplot(), figsize=(3, 3)), "either ax or figsize"),

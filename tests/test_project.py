@@ -34,7 +34,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2, commands
     main_job, tests = commands
     assert "attnlab demo" in main_job and "pip install" in main_job
-    assert "pytest" in tests and '".[dev]"' in tests
+    assert "pytest" in tests and '".[dev,hf]"' in tests  # the Hugging Face tests run too
     ci = (ROOT / ".ci" / "run").read_text()
     # .ci/run performs the README's test command step by step
     for step in [s.strip() for s in tests.split("&&")]:

@@ -354,3 +354,35 @@ def test_wrap_reports_mistakes_in_one_line():
     with pytest.raises(AttnlabError, match="nn.Module"):
         attnlab.wrap(model.decode, **good)
     assert attnlab.wrap(model, **{**good, "grid": lambda h, w: (h // PATCH, w // PATCH)}).spec.prefix_tokens == 1
+
+
+# --------------------------------------------------------------------------- pieces and words
+def test_pieces_merge_into_words_in_figures(tmp_path):
+    model = Student(2)
+    cap = wrap_student(model)
+    ids = [WORDS.index(w) for w in ("a", "red", "circle", "##s", "[SEP]")]
+    trace = attnlab.caption(cap, photo(4), tokens=ids)
+    assert trace.words == ["a", "red", "circle", "##s", "[SEP]"]  # the trace keeps the pieces
+    assert trace.word_starts.tolist() == [True, True, True, False, True]
+    words = trace.by_word()
+    assert words.words == ["a", "red", "circles", "[SEP]"] and words.meta["pieces"] == [[0, 1], [1, 2], [2, 4], [4, 5]]
+    np.testing.assert_allclose(words.cross_attention[:, :, 2], trace.cross_attention[:, :, 2:4].mean(axis=2), atol=1e-7)
+    np.testing.assert_allclose(words.prefix_share[:, :, 2], trace.prefix_share[:, :, 2:4].mean(axis=2), atol=1e-7)
+    p = trace.probabilities()
+    np.testing.assert_allclose(words.probabilities(), [p[0], p[1], p[2] * p[3], p[4]], rtol=1e-6)
+    back = attnlab.CaptionTrace.load(trace.save(tmp_path / "pieces.npz"))
+    assert back.word_starts.tolist() == trace.word_starts.tolist()
+
+    from attnlab import plot
+
+    def titles(fig):
+        return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+    merged = titles(plot.word_grid(trace))
+    assert any(t.startswith("circles") for t in merged) and not any("##s" in t for t in merged)
+    split = titles(plot.word_grid(trace, pieces=True))
+    assert any(t.startswith("##s") for t in split)
+    explorer = attnlab.explore(trace)
+    assert explorer.slider.max == 3  # four words, the end token the last
+    with pytest.raises(AttnlabError):
+        plot.word_grid(trace, pieces="yes")

@@ -14,9 +14,10 @@ DEFAULT_DEMO_DIR = "attnlab-demo"
 
 
 def sample_images() -> list[Path]:
-    """The sample images of a source checkout (``data/samples``), sorted by name."""
-    folder = Path(__file__).resolve().parents[2] / "data" / "samples"
-    return sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if folder.is_dir() else []
+    """The sample images shipped inside the package (``attnlab/samples``, the same from a checkout or a wheel), sorted by name."""
+    from ..samples import sample_paths
+
+    return sample_paths()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

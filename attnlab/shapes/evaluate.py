@@ -10,6 +10,8 @@ is the share of patches that overlap the object, averaged over the same words.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..decode import caption
@@ -57,14 +59,18 @@ def pointing(trace: CaptionTrace, scene: Scene) -> list[tuple[int, str, np.ndarr
     return out
 
 
-def evaluate(model, n: int = 500, seed: int = 0, batch_size: int = 50) -> dict:
-    """Score ``model`` on ``n`` held-out scenes (the "eval" split of ``seed``).
+def evaluate(
+    model, n: int = 500, seed: int = 0, batch_size: int = 50, encode: Callable[[str], list[int]] = encode_caption
+) -> dict:
+    """Score ``model`` (any captioner) on ``n`` held-out scenes (the "eval" split of ``seed``).
 
     Returns a dict: ``exact`` (share of exactly right captions), ``word_accuracy``
     (share of true caption tokens, end token included, predicted at their
     position by greedy decoding), and ``pointing``: for each category
     (size/color/shape/all) the hit rate per layer, for the layer mean, and the
-    random-patch baseline.
+    random-patch baseline. ``encode``: the model's tokenisation of a caption
+    (default: the shapes vocabulary's words); a word made of several pieces is
+    pointed with the mean of its pieces' maps (:meth:`CaptionTrace.by_word`).
     """
     scenes = make_scenes(n, seed, split="eval")
     exact = 0
@@ -77,8 +83,8 @@ def evaluate(model, n: int = 500, seed: int = 0, batch_size: int = 50) -> dict:
         chunk: list[Scene] = scenes[start : start + batch_size]
         images = [s.image for s in chunk]
         greedy = caption(model, images, record="none")
-        truth = [[*encode_caption(s.caption), SEP_ID] for s in chunk]
-        forced = caption(model, images, tokens=truth)
+        truth = [[*encode(s.caption), SEP_ID] for s in chunk]
+        forced = [f.by_word() for f in caption(model, images, tokens=truth)]  # one step per word of the scene
         for scene, g, t, f in zip(chunk, greedy, truth, forced):
             if not hits:
                 layers = f.num_layers

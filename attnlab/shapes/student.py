@@ -3,9 +3,12 @@
 :class:`StudentCaptioner` is deliberately *not* an attnlab captioner: a timm ViT
 encoder whose ``forward_features`` returns the CLS token and 8 x 8 patch tokens,
 fed whole to an ``nn.TransformerDecoder(batch_first=True)``, and a linear head.
-Notebook 05 wraps it with :func:`attnlab.wrap` in three lines. Its small trained
-weights ship as ``attnlab/weights/shapes-student.pt``; this module also holds the
-script that trained them::
+Notebook 05 wraps it with :func:`attnlab.wrap` in three lines. Like real
+captioners it writes WordPiece tokens: three words of the shapes world are
+two pieces each in its vocabulary (:data:`PIECES`: ``triangle`` is ``tri``
+``##angle``), so its captions show what pieces do to figures. Its small
+trained weights ship as ``attnlab/weights/shapes-student.pt``; this module
+also holds the script that trained them::
 
     python -m attnlab.shapes.student --steps 3000 --seed 0 --out shapes-student.pt
 """
@@ -26,6 +29,17 @@ from .scenes import IMAGE_SIZE, MAX_CAPTION_WORDS, PAD_ID, VOCAB
 BUNDLED_STUDENT = Path(__file__).resolve().parents[1] / "weights" / "shapes-student.pt"
 PATCH = 16  # 128 px -> an 8 x 8 grid
 GRID = (IMAGE_SIZE // PATCH, IMAGE_SIZE // PATCH)
+PIECES: dict[str, tuple[str, str]] = {"triangle": ("tri", "##angle"), "purple": ("pur", "##ple"), "yellow": ("yel", "##low")}
+"""Words the student's tokenizer splits into WordPiece pieces."""
+STUDENT_VOCAB: list[str] = [*VOCAB, *(p for pair in PIECES.values() for p in pair)]
+"""The shapes vocabulary plus the pieces (the split words' own ids stay, unused)."""
+MAX_TOKENS = MAX_CAPTION_WORDS + 3 * len(PIECES) + 2  # start, words (some as two pieces), end
+
+
+def encode_pieces(caption: str) -> list[int]:
+    """The student's token ids of a caption: words, with the words of :data:`PIECES` as two pieces."""
+    index = {t: i for i, t in enumerate(STUDENT_VOCAB)}
+    return [index[p] for w in caption.split() for p in PIECES.get(w, (w,))]
 
 
 class StudentCaptioner(nn.Module):
@@ -44,11 +58,11 @@ class StudentCaptioner(nn.Module):
             img_size=IMAGE_SIZE, patch_size=PATCH, embed_dim=width, depth=depth, num_heads=heads,
             mlp_ratio=2.0, num_classes=0,
         )  # fmt: skip
-        self.embed = nn.Embedding(len(VOCAB), width, padding_idx=PAD_ID)
-        self.pos = nn.Embedding(MAX_CAPTION_WORDS + 2, width)
+        self.embed = nn.Embedding(len(STUDENT_VOCAB), width, padding_idx=PAD_ID)
+        self.pos = nn.Embedding(MAX_TOKENS, width)
         layer = nn.TransformerDecoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, dec_layers, norm=nn.LayerNorm(width))
-        self.head = nn.Linear(width, len(VOCAB))
+        self.head = nn.Linear(width, len(STUDENT_VOCAB))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encoder.forward_features(pixels)  # (N, 1 + 64, d): CLS, then the patches row by row
@@ -98,7 +112,7 @@ def train_student(out: str | Path, steps: int = 3000, seed: int = 0, batch_size:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, cfg)
-        pixels, ids = scene_batch(step, batch_size, seed)
+        pixels, ids = scene_batch(step, batch_size, seed, encode=encode_pieces, length=MAX_TOKENS)
         loss, acc = train_step(model, optimizer, pixels, ids, cfg.clip)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
     seconds = time.perf_counter() - start

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +39,18 @@ class TrainConfig:
     seed: int = 0
 
 
-def scene_batch(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scene_batch(
+    step: int, batch_size: int, seed: int, encode: Callable[[str], list[int]] = encode_caption, length: int = MAX_CAPTION_WORDS + 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training batch ``step``: images ``(B, 3, 128, 128)`` normalised to [-1, 1] and
-    token ids ``(B, 16)``: start, caption words, end, padding."""
+    token ids ``(B, length)``: start, the caption's tokens (``encode``), end, padding."""
     images = np.empty((batch_size, 128, 128, 3), dtype=np.uint8)  # (B, H, W, 3)
-    ids = np.full((batch_size, MAX_CAPTION_WORDS + 2), PAD_ID, dtype=np.int64)  # (B, T)
+    ids = np.full((batch_size, length), PAD_ID, dtype=np.int64)  # (B, T)
     for j in range(batch_size):
         index = step * batch_size + j
         scene = make_scene(scene_seed(seed + index // SEED_STRIDE, index % SEED_STRIDE, "train"))
         images[j] = scene.image
-        words = [CLS_ID, *encode_caption(scene.caption), SEP_ID]
+        words = [CLS_ID, *encode(scene.caption), SEP_ID]
         ids[j, : len(words)] = words
     return normalize(images), torch.from_numpy(ids)  # (B, 3, H, W) with the mean/std of shapes_config()
 
