@@ -20,7 +20,7 @@
 4. Each trace is written as soon as its batch is done (atomically, with the
    run's settings in ``meta["run"]``) and never held: memory stays flat.
 5. ``captions.jsonl`` (one JSON object per image: image, name, caption, words,
-   trace, figure) and ``errors.jsonl`` (image, name, error) in the output
+   trace, and figure and html page when asked) and ``errors.jsonl`` (image, name, error) in the output
    folder; a shard ``k`` of ``n`` writes ``captions.k-of-n.jsonl`` and
    ``errors.k-of-n.jsonl`` instead, so shards never write the same file.
 
@@ -195,6 +195,7 @@ class RunPlan:
     errors: Path
     figures: bool
     overwrite: bool
+    html: bool = False
 
 
 def _check_sidecar(path: Path, overwrite: bool) -> None:
@@ -222,6 +223,7 @@ def plan_run(
     shard: tuple[int, int] = (1, 1),
     figures: bool = False,
     overwrite: bool = False,
+    html: bool = False,
 ) -> RunPlan:
     """Find the images, name their outputs and check the output folder (no model needed, nothing written)."""
     out_dir = Path(out)
@@ -232,7 +234,7 @@ def plan_run(
     captions, errors = (out_dir / name for name in sidecar_names(shard))
     for path in (captions, errors):
         _check_sidecar(path, overwrite)
-    return RunPlan(plans, len(items), shard, out_dir, captions, errors, figures, overwrite)
+    return RunPlan(plans, len(items), shard, out_dir, captions, errors, figures, overwrite, html)
 
 
 # ====================================================================== settings
@@ -301,8 +303,9 @@ class _Loaded:
 class _Images(Dataset):
     """Item ``i``: image ``i`` of the plan hashed, checked against earlier outputs, and prepared."""
 
-    def __init__(self, plans: list[outputs.Planned], spec: CaptionerSpec, run: dict[str, Any], figures: bool, overwrite: bool) -> None:
-        self.plans, self.spec, self.run, self.figures, self.overwrite = plans, spec, run, figures, overwrite
+    def __init__(self, plan: RunPlan, spec: CaptionerSpec, run: dict[str, Any]) -> None:
+        self.plans, self.spec, self.run = plan.plans, spec, run
+        self.figures, self.html, self.overwrite = plan.figures, plan.html, plan.overwrite
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -312,7 +315,7 @@ class _Images(Dataset):
         try:
             sha = outputs.file_sha256(plan.source.path)
             plan = replace(plan, source=replace(plan.source, sha256=sha))
-            state, info = outputs.resume_state(plan, self.run, figure=self.figures, overwrite=self.overwrite)
+            state, info = outputs.resume_state(plan, self.run, figure=self.figures, html=self.html, overwrite=self.overwrite)
             if state == "done":
                 return _Loaded(i, "done", sha, header=info)
             if state == "refused":
@@ -427,6 +430,8 @@ class _Run:
         }
         if self.plan.figures:
             record["figure"] = p.figure.relative_to(self.plan.out).as_posix()
+        if self.plan.html:
+            record["html"] = p.html.relative_to(self.plan.out).as_posix()
         return record
 
     def _fail(self, i: int, reason: str) -> None:
@@ -471,7 +476,9 @@ class _Run:
             if run["half"]:
                 trace = as_half(trace)
             try:
-                outputs.write_outputs(trace, p, overwrite=self.plan.overwrite, figure=self.plan.figures, meta={"run": run})
+                outputs.write_outputs(
+                    trace, p, overwrite=self.plan.overwrite, figure=self.plan.figures, html=self.plan.html, meta={"run": run}
+                )
             except AttnlabError as exc:
                 self._fail(i, str(exc))
             else:
@@ -532,7 +539,7 @@ def run_plan(
         remove_stale_temps(folder)  # left by killed runs (never a live one of a parallel run)
     state = _Run(plan, model, run, batch_size, progress)
     loader = DataLoader(
-        _Images(plan.plans, spec, run, plan.figures, plan.overwrite),
+        _Images(plan, spec, run),
         batch_size=None,  # items one by one: the batches are made below, of images that need captioning
         num_workers=workers,
         collate_fn=_as_is,
@@ -589,16 +596,18 @@ def caption_folder(
     *,
     shard: tuple[int, int] = (1, 1),
     figures: bool = False,
+    html: bool = False,
     overwrite: bool = False,
     **options: Any,
 ) -> RunReport:
-    """Caption every image of folders and glob patterns into ``out``: one trace per image,
-    ``captions.jsonl``, ``errors.jsonl``; reruns skip what is done (see the module docstring).
+    """Caption every image of folders and glob patterns into ``out``: one trace per image
+    (with ``figures`` its word grid, with ``html`` its web page), ``captions.jsonl``,
+    ``errors.jsonl``; reruns skip what is done (see the module docstring).
 
     ``options``: ``batch_size`` (8), ``workers`` (:func:`default_workers`),
     ``max_len``, ``beams``, ``length_penalty``, ``half``, ``mode``, ``progress``, ``on_batch``
     (see :func:`run_plan`).
     """
     names = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    plan = plan_run(names, out, shard=shard, figures=figures, overwrite=overwrite)
+    plan = plan_run(names, out, shard=shard, figures=figures, overwrite=overwrite, html=html)
     return run_plan(model, plan, **options)

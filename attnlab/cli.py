@@ -59,7 +59,7 @@ def _caption_many(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise AttnlabError(f"--workers must be a whole number >= 0 (0: read images in the main process), not {args.workers}")
     check_beams(args.beams, args.length_penalty)
-    plan = plan_run(args.images, args.out, shard=shard, figures=args.figures, overwrite=args.overwrite)  # before the model load
+    plan = plan_run(args.images, args.out, shard=shard, figures=args.figures, overwrite=args.overwrite, html=args.html)  # before the model load
     model = load_model(args.model, checkpoint=args.checkpoint, vocab=args.vocab, device=args.device)
     workers = default_workers() if args.workers is None else args.workers
     where = "" if shard == (1, 1) else f" (shard {shard[0]} of {shard[1]}: {len(plan.plans)} of {plan.total})"
@@ -90,12 +90,14 @@ def _caption_files(args: argparse.Namespace) -> int:
     from .decode import caption
     from .hub import load_model
 
+    if args.html and not args.out:
+        raise AttnlabError("--html writes a web page per image into --out DIR: give --out")
     plans: list[outputs.Planned | None] = [None] * len(args.images)
     if args.out:  # every check before the (slow) model load
         out_dir = Path(args.out)
         outputs.check_out_dir(out_dir)
         plans = outputs.plan_outputs([outputs.Source.of_path(p) for p in args.images], out_dir)
-        outputs.check_plan(plans, overwrite=args.overwrite)
+        outputs.check_plan(plans, overwrite=args.overwrite, html=args.html)
         remove_stale_temps(out_dir)
     model = load_model(args.model, checkpoint=args.checkpoint, vocab=args.vocab, device=args.device)
     failures = 0
@@ -109,7 +111,7 @@ def _caption_files(args: argparse.Namespace) -> int:
             if bad:
                 written = "; nothing written" if plan is not None else ""
                 raise AttnlabError(f"{image}: the model's {', '.join(bad)} hold NaN or infinite values (its weights may be broken){written}")
-            files = [str(p) for p in outputs.write_outputs(trace, plan, overwrite=args.overwrite)] if plan is not None else []
+            files = [str(p) for p in outputs.write_outputs(trace, plan, overwrite=args.overwrite, html=args.html)] if plan is not None else []
         except AttnlabError as exc:
             failures += 1
             _error(str(exc))
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=1.0, metavar="A",
                    help="beam search ranks captions by sum(log p) / length**A (default 1)")  # fmt: skip
     p.add_argument("--half", action="store_true", help="store attention maps as float16 (half the size, ~5e-4 precision)")
+    p.add_argument("--html", action="store_true", help="with --out: also write each image's explorer as one offline web page (<name>.html)")
     g = p.add_argument_group("folders and glob patterns")
     g.add_argument("--batch-size", type=int, default=None, metavar="B", help="images decoded together (default 8)")
     g.add_argument("--workers", type=int, default=None, metavar="W", help="processes that read and resize images (default: cores - 1, at most 4)")

@@ -21,8 +21,8 @@ from typing import BinaryIO
 # a temporary file older than this is stale whoever wrote it (no attnlab write takes hours:
 # downloads have a deadline of one hour, see attnlab.download)
 STALE_AFTER_S = 6 * 3600.0
-# ".<name>.<8 random>.pid<pid>.<host>.tmp[.png]" (this version) or ".<name>.<8 random>.tmp" (earlier ones;
-_OWNER = re.compile(r"^\..+\.[a-z0-9_]{8}\.pid(\d+)\.([A-Za-z0-9_-]*)\.tmp(\.png)?$")
+# ".<name>.<8 random>.pid<pid>.<host>.tmp[.png|.html]" (this version) or ".<name>.<8 random>.tmp" (earlier ones;
+_OWNER = re.compile(r"^\..+\.[a-z0-9_]{8}\.pid(\d+)\.([A-Za-z0-9_-]*)\.tmp(\.png|\.html)?$")
 # only for the suffixes attnlab wrote, so that a user's own ".notes.abcd1234.tmp" is safe)
 _OLD = re.compile(r"^\..+\.(pt|pth|train|npz|png|svg|gif|txt|sha256)\.[a-z0-9_]{8}\.tmp$")
 

@@ -3,7 +3,9 @@
 Per input image ``<stem>.<ext>`` the output folder gets two files:
 
 * ``<stem>.npz``: the trace (:class:`attnlab.CaptionTrace`), and
-* ``<stem>.attn.png``: the word grid figure.
+* ``<stem>.attn.png``: the word grid figure;
+* with ``--html`` also ``<stem>.html``: the explorer as one offline web page
+  (:func:`attnlab.export_html`).
 
 Rules (they protect the user's files):
 
@@ -16,7 +18,9 @@ Rules (they protect the user's files):
 * A planned output is never one of the inputs (refused, ``--overwrite`` or not).
 * An existing file is replaced only when attnlab wrote it for the same input:
   traces record the input's resolved path and SHA-256 in ``meta["source"]`` and
-  ``meta["source_sha256"]``, figures in a PNG text chunk ``attnlab``. Anything
+  ``meta["source_sha256"]``, figures in a PNG text chunk ``attnlab``, and a web
+  page is attnlab's when the trace beside it records the page's SHA-256
+  (``meta["html_sha256"]``). Anything
   else (a photo, a file from another image, another program's file) is refused
   unless the user passes ``--overwrite``. Folders and other non-files in the way
   are always refused.
@@ -57,6 +61,7 @@ from .trace import CaptionTrace, read_header, write_npz
 
 TRACE_SUFFIX = ".npz"
 FIGURE_SUFFIX = ".attn.png"
+HTML_SUFFIX = ".html"
 PNG_TAG = "attnlab"  # the PNG text chunk that names a figure's input
 
 
@@ -98,6 +103,15 @@ class Planned:
     @property
     def files(self) -> tuple[Path, Path]:
         return self.trace, self.figure
+
+    @property
+    def html(self) -> Path:
+        """The web page's path: the trace's name with ``.html`` for ``.npz``."""
+        return self.trace.with_name(self.trace.name[: -len(TRACE_SUFFIX)] + HTML_SUFFIX)
+
+    def written(self, figure: bool = True, html: bool = False) -> tuple[Path, ...]:
+        """The files a run writes for this input: the trace, and the figure and page when asked."""
+        return (self.trace,) + ((self.figure,) if figure else ()) + ((self.html,) if html else ())
 
 
 def file_sha256(path: Path) -> str | None:
@@ -237,6 +251,19 @@ def _recorded_source(path: Path, is_figure: bool) -> tuple[str, str] | None:
     return tag["source"], tag["source_sha256"]
 
 
+def _recorded_page(page: Path, trace: Path) -> tuple[str, str] | None:
+    """The (source, sha256) of the trace beside a web page when that trace records the page's SHA-256."""
+    try:
+        meta = read_header(trace).get("meta", {})
+    except Exception:
+        return None
+    if not isinstance(meta, dict) or meta.get("html_sha256") != file_sha256(page):
+        return None
+    if not isinstance(meta.get("source"), str) or not isinstance(meta.get("source_sha256"), str):
+        return None
+    return meta["source"], meta["source_sha256"]
+
+
 def _conflict(path: Path, plan: Planned, inputs: _Inputs, overwrite: bool) -> str | None:
     """Why ``path`` may not be written for ``plan``, or None."""
     if path in inputs:
@@ -253,7 +280,12 @@ def _conflict(path: Path, plan: Planned, inputs: _Inputs, overwrite: bool) -> st
         return f"{path} is not a regular file: move it or give another --out folder"
     if overwrite:
         return None
-    recorded = None if stat.S_ISLNK(mode) else _recorded_source(path, path.name.endswith(FIGURE_SUFFIX))
+    if stat.S_ISLNK(mode):
+        recorded = None
+    elif path == plan.html:
+        recorded = _recorded_page(path, plan.trace)
+    else:
+        recorded = _recorded_source(path, path.name.endswith(FIGURE_SUFFIX))
     if recorded is None:
         return f"{path} exists and attnlab did not write it for this image (it records no input): pass --overwrite to replace it, or give another --out folder"
     source, sha = recorded
@@ -264,28 +296,27 @@ def _conflict(path: Path, plan: Planned, inputs: _Inputs, overwrite: bool) -> st
     return None
 
 
-def check_plan(plans: Sequence[Planned], *, overwrite: bool = False, figure: bool = True) -> None:
+def check_plan(plans: Sequence[Planned], *, overwrite: bool = False, figure: bool = True, html: bool = False) -> None:
     """Refuse (one line, before any work) a plan that would write over an input or a file
-    attnlab did not write for the same input (unless ``overwrite``); ``figure=False``:
-    only the traces will be written."""
+    attnlab did not write for the same input (unless ``overwrite``); ``figure``/``html``:
+    whether the figures and web pages will be written too."""
     inputs = _Inputs([p.source.path for p in plans if p.source.path is not None])
     problems = []
     for plan in plans:
         if plan.source.sha256 is None:
             continue  # the image cannot be read: it fails later and nothing is written for it
-        files = plan.files if figure else (plan.trace,)
-        problems += [m for f in files if (m := _conflict(f, plan, inputs, overwrite))]
+        problems += [m for f in plan.written(figure, html) if (m := _conflict(f, plan, inputs, overwrite))]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise AttnlabError(problems[0] + more)
 
 
-def resume_state(plan: Planned, run: dict, *, figure: bool, overwrite: bool = False) -> tuple[str, str | dict]:
+def resume_state(plan: Planned, run: dict, *, figure: bool, html: bool = False, overwrite: bool = False) -> tuple[str, str | dict]:
     """What a resumed run does with ``plan``'s input: ``("done", header)``, ``("todo", "")``
     or ``("refused", reason)``.
 
     Done: the trace (and with ``figure`` the figure) exists, attnlab wrote it for
-    this very input (same path, same SHA-256) and with the same settings
+    this very input (same path, same SHA-256; with ``html`` the page too) and with the same settings
     (``meta["run"] == run``: model, weights, max_len, beams, ...); ``header`` is
     the trace's JSON header (caption, words, meta). An output of attnlab's for
     the same input with other settings, or a missing file, is "todo" (it will
@@ -296,8 +327,7 @@ def resume_state(plan: Planned, run: dict, *, figure: bool, overwrite: bool = Fa
     if plan.source.sha256 is None:
         return "todo", ""  # unreadable: reading the image says why
     inputs = _Inputs([plan.source.path] if plan.source.path is not None else [])
-    files = plan.files if figure else (plan.trace,)
-    for f in files:
+    for f in plan.written(figure, html):
         reason = _conflict(f, plan, inputs, overwrite)
         if reason:
             return "refused", reason
@@ -310,6 +340,8 @@ def resume_state(plan: Planned, run: dict, *, figure: bool, overwrite: bool = Fa
     if not ours or meta.get("run") != run:
         return "todo", ""
     if figure and _recorded_source(plan.figure, True) != (plan.source.label, plan.source.sha256):
+        return "todo", ""
+    if html and _recorded_page(plan.html, plan.trace) != (plan.source.label, plan.source.sha256):
         return "todo", ""
     return "done", header
 
@@ -370,68 +402,94 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
                 keep.unlink(missing_ok=True)
 
 
+def _temp_named(path: Path, suffix: str) -> Path:
+    """A new empty temporary file beside ``path`` whose name ends in ``suffix`` (the writers check suffixes)."""
+    fd, tmp = make_temp(path)
+    os.close(fd)
+    return tmp.rename(tmp.with_name(tmp.name + suffix))
+
+
 def write_outputs(
-    trace: CaptionTrace, plan: Planned, *, overwrite: bool = False, figure: bool = True, meta: dict | None = None
+    trace: CaptionTrace,
+    plan: Planned,
+    *,
+    overwrite: bool = False,
+    figure: bool = True,
+    html: bool = False,
+    meta: dict | None = None,
 ) -> list[Path]:
-    """Write the trace and the word grid of ``plan``'s input; both or neither.
+    """Write the trace of ``plan``'s input, with its word grid (``figure``) and web page
+    (``html``, :func:`attnlab.export_html`): all of them or none.
 
     The trace records ``plan.source`` (``meta["source"]``, ``meta["source_sha256"]``)
-    and so does the figure (PNG text chunk), so a later run recognises them as its
-    own. Raises :class:`AttnlabError` (one line) when a file in the way may not be
-    replaced (see :func:`check_plan`) or a write fails; then nothing changed.
-    ``figure=False`` writes the trace only (and removes attnlab's own figure of an
-    earlier trace of this input, which would no longer match); ``meta`` is added
-    to the trace's ``meta`` (the batch runner records its settings as ``"run"``).
+    and so does the figure (PNG text chunk); the trace also records the page's
+    SHA-256, so a later run recognises all three as its own. Raises
+    :class:`AttnlabError` (one line) when a file in the way may not be replaced
+    (see :func:`check_plan`) or a write fails; then nothing changed. An earlier
+    figure or page of attnlab's for this input that is not written again is
+    removed (it would no longer match the new trace). ``meta`` is added to the
+    trace's ``meta`` (the batch runner records its settings as ``"run"``).
     """
-    check_plan([plan], overwrite=overwrite, figure=figure)  # again: files may have appeared since the run began
+    check_plan([plan], overwrite=overwrite, figure=figure, html=html)  # again: files may have appeared since the run began
     bad = trace.nonfinite()
     if bad:
         raise AttnlabError(f"nothing written for {plan.source.label}: the model's {', '.join(bad)} hold NaN or infinite values (its weights may be broken)")
     out_dir = plan.trace.parent
     tag = {"source": plan.source.label, "source_sha256": plan.source.sha256 or ""}
-    trace = replace(trace, meta={**trace.meta, **(meta or {}), **tag})
+    mine = (tag["source"], tag["source_sha256"])
+    stale = [f for f, kept, recorded in (
+        (plan.figure, figure, lambda: _recorded_source(plan.figure, True)),
+        (plan.html, html, lambda: _recorded_page(plan.html, plan.trace)),
+    ) if not kept and recorded() == mine]  # fmt: skip
     temps: list[Path] = []
+    pairs: list[tuple[Path, Path]] = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        extra = dict(meta or {})
+        if html:
+            from .plot import export_html  # (not "from . import plot": see attnlab.__getattr__)
+
+            tmp_html = _temp_named(plan.html, HTML_SUFFIX)
+            temps.append(tmp_html)
+            export_html(trace, tmp_html, overwrite=True)
+            extra["html_sha256"] = file_sha256(tmp_html)
+            pairs.append((tmp_html, plan.html))
+        trace = replace(trace, meta={**trace.meta, **extra, **tag})
         fd, tmp_npz = make_temp(plan.trace)
         temps.append(tmp_npz)
         with os.fdopen(fd, "wb") as fh:
             write_npz(trace, fh)
-        if not figure:
-            stale = _recorded_source(plan.figure, True) == (tag["source"], tag["source_sha256"])
-            _commit([(tmp_npz, plan.trace)])
-            if stale:  # attnlab's figure of this input's earlier trace: it would not match the new one
-                try:
-                    plan.figure.unlink()
-                except OSError:
-                    pass
-            return [plan.trace]
-        import matplotlib
+        pairs.insert(0, (tmp_npz, plan.trace))
+        if figure:
+            import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
 
-        # "from . import plot" would go through attnlab.__getattr__("plot"), which does the same
-        # import again and recurses until RecursionError while attnlab.plot is not yet imported
-        from .plot import save_figure, word_grid
+            # "from . import plot" would go through attnlab.__getattr__("plot"), which does the same
+            # import again and recurses until RecursionError while attnlab.plot is not yet imported
+            from .plot import save_figure, word_grid
 
-        fd, tmp_png = make_temp(plan.figure)
-        os.close(fd)
-        tmp_png = tmp_png.rename(tmp_png.with_name(tmp_png.name + ".png"))  # save_figure wants a .png name
-        temps.append(tmp_png)
-        fig = word_grid(trace)
-        try:
-            save_figure(fig, tmp_png)
-        finally:
-            plt.close(fig)
-        _tag_png(tmp_png, tag)
-        _commit([(tmp_npz, plan.trace), (tmp_png, plan.figure)])
+            tmp_png = _temp_named(plan.figure, ".png")  # save_figure wants a .png name
+            temps.append(tmp_png)
+            fig = word_grid(trace)
+            try:
+                save_figure(fig, tmp_png)
+            finally:
+                plt.close(fig)
+            _tag_png(tmp_png, tag)
+            pairs.insert(1, (tmp_png, plan.figure))
+        _commit(pairs)
     except OSError as exc:  # disk full, read-only folder, ...: one line, not a traceback
         reason = exc.strerror or type(exc).__name__
-        raise AttnlabError(
-            f"cannot write {plan.trace.name}{' and ' + plan.figure.name if figure else ''} in {out_dir} ({reason}); files that were there are unchanged"
-        ) from None
+        names = " and ".join(f.name for f in plan.written(figure, html))
+        raise AttnlabError(f"cannot write {names} in {out_dir} ({reason}); files that were there are unchanged") from None
     finally:
         for t in temps:
             t.unlink(missing_ok=True)
-    return [plan.trace, plan.figure]
+    for f in stale:  # attnlab's figure or page of this input's earlier trace: it would not match the new one
+        try:
+            f.unlink()
+        except OSError:
+            pass
+    return list(plan.written(figure, html))

@@ -19,8 +19,14 @@ exists (the card is named); ``--flat N`` captions N shapes scenes end to end and
 prints the process's memory as the run goes (it must stay flat: traces are
 written as they finish, never held).
 
-Usage: nice -n -5 python benchmarks/bench_batch.py [--images 32] [--catr-images 16] [--rounds 3]
-       [--catr-len 12] [--flat 10000]
+On a machine whose cores are all busy with other work, torch's default of one
+thread per core makes every small operation wait for a busy core at each
+parallel region (on the 2-core development machine ``normalize`` of one
+128 x 128 image took 60 ms with 2 threads and 0.2 ms with 1): ``--threads 1``
+measures the computation rather than that wait.
+
+Usage: nice -n -5 python benchmarks/bench_batch.py [--images 64] [--catr-images 32] [--rounds 3]
+       [--catr-len 12] [--end-to-end 128] [--threads 1] [--flat 10000]
 """
 
 from __future__ import annotations
@@ -180,7 +186,10 @@ def main() -> None:
     parser.add_argument("--catr-len", type=int, default=12, help="tokens per CATR caption")
     parser.add_argument("--end-to-end", type=int, default=128, help="scenes for the end-to-end section (0: skip)")
     parser.add_argument("--flat", type=int, default=0, metavar="N", help="only the memory-flatness run over N scenes")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.flat:
         flat(args.flat)
         return

@@ -323,3 +323,41 @@ def test_half_keeps_logits_and_rounds_maps(model, alone):
     half = as_half(trace)
     assert half.cross_attention.dtype == np.float16 and half.logits.dtype == np.float32
     assert np.abs(half.cross_attention.astype(np.float32) - trace.cross_attention).max() <= 5e-4
+
+
+# ---------------------------------------------------------------------- web pages (--html)
+def test_html_pages_are_owned_resumed_and_never_foreign(model, folder, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("scene-10.png", "scene-11.png"):
+        shutil.copy(folder / name, photos / name)
+    out = tmp_path / "out"
+    report = caption_folder(model, photos, out, workers=0, html=True, progress=False)
+    assert report.captioned == 2
+    for name in ("scene-10.png", "scene-11.png"):
+        page = out / f"{name}.html"
+        trace = attnlab.CaptionTrace.load(out / f"{name}.npz")
+        assert trace.meta["html_sha256"] == hashlib.sha256(page.read_bytes()).hexdigest()
+        assert page.read_text().startswith("<!DOCTYPE html>") and trace.caption.split()[0] in page.read_text()
+    assert [c["html"] for c in lines(out / "captions.jsonl")] == ["scene-10.png.html", "scene-11.png.html"]
+    again = caption_folder(model, photos, out, workers=0, html=True, progress=False)
+    assert (again.skipped, again.captioned) == (2, 0)
+
+    # a page that is not the one its trace records is not attnlab's: kept, listed as an error
+    (out / "scene-11.png.html").write_text("<p>my notes</p>")
+    third = caption_folder(model, photos, out, workers=0, html=True, max_len=4, progress=False)
+    assert (third.captioned, third.failed) == (1, 1)
+    assert (out / "scene-11.png.html").read_text() == "<p>my notes</p>"
+    # other settings without --html: the trace is redone and attnlab's own page of the old trace goes
+    fourth = caption_folder(model, photos, out, workers=0, max_len=3, progress=False)
+    assert (fourth.captioned, fourth.failed) == (2, 0)  # no page is written: the user's page is not in the way
+    assert not (out / "scene-10.png.html").exists() and attnlab.CaptionTrace.load(out / "scene-10.png.npz").steps == 3
+    assert (out / "scene-11.png.html").read_text() == "<p>my notes</p>"  # not attnlab's: never removed
+
+    # images named one by one: <stem>.html beside <stem>.npz and <stem>.attn.png
+    single = tmp_path / "single"
+    rc = main(["caption", str(photos / "scene-10.png"), "--out", str(single), "--html", "--max-len", "3"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(os.listdir(single)) == ["scene-10.attn.png", "scene-10.html", "scene-10.npz"]
+    assert main(["caption", str(photos / "scene-10.png"), "--html"]) == 2
+    assert "--html writes a web page per image into --out DIR" in capsys.readouterr().err

@@ -136,5 +136,5 @@ def test_notebook_runs(name, offline_env):
     elif name.startswith("08_"):
         assert "captioned 300 images" in text and "second run: 300 done earlier, 0 captioned" in text
         assert "entropy / log(S) per head" in text and "random patch" in text
-        assert text.count("not answered yet") == 3
+        assert text.count("-> not yet") == 3
     assert seconds < LIMIT_S, f"{name} took {seconds:.0f} s (limit {LIMIT_S:.0f} s)"
