@@ -234,9 +234,11 @@ class TransformerDecoderLayer(nn.Module):
         w, b = mha.in_proj_weight, mha.in_proj_bias
         mem = memory.transpose(0, 1)  # (N, S, E)
         key_in = (memory + pos).transpose(0, 1)  # (N, S, E)
+        # contiguous (N, h, S, Dh): every step multiplies with them, and a strided copy would
+        # be made at each step of each layer once N > 1 (the (N, h) axes cannot be merged)
         return LayerCache(
-            cross_k=_project(key_in, w[e : 2 * e], b[e : 2 * e], mha.num_heads),  # (N, h, S, Dh)
-            cross_v=_project(mem, w[2 * e :], b[2 * e :], mha.num_heads),  # (N, h, S, Dh)
+            cross_k=_project(key_in, w[e : 2 * e], b[e : 2 * e], mha.num_heads).contiguous(),  # (N, h, S, Dh)
+            cross_v=_project(mem, w[2 * e :], b[2 * e :], mha.num_heads).contiguous(),  # (N, h, S, Dh)
         )
 
     def step(
