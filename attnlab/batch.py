@@ -341,8 +341,28 @@ def _worker_ignores_ctrl_c(worker_id: int) -> None:
 
 
 def default_workers() -> int:
-    """Worker processes for reading images: one core is left to decoding (1 to 4)."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    """Worker processes for reading images: a quarter of the cores, 1 to 4 (decoding needs the rest)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 4))
+
+
+class _Threads:
+    """Within the block, torch uses at most ``cores - workers`` threads (at least 1): the worker
+    processes use cores too, and a thread pool bigger than the free cores makes every small
+    operation wait for a busy core (on a 2-core machine 8x slower). Put back on exit; a thread
+    count set with ``OMP_NUM_THREADS`` is left alone."""
+
+    def __init__(self, workers: int) -> None:
+        self.limit = max(1, (os.cpu_count() or 1) - workers)
+        self.before = torch.get_num_threads()
+
+    def __enter__(self) -> "_Threads":
+        if "OMP_NUM_THREADS" not in os.environ and self.limit < self.before:
+            torch.set_num_threads(self.limit)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if torch.get_num_threads() != self.before:
+            torch.set_num_threads(self.before)
 
 
 # ====================================================================== main side
@@ -554,7 +574,7 @@ def run_plan(
     pending: list[_Loaded] = []
     items = iter(loader)
     try:
-        with _CtrlC() as ctrl_c:
+        with _CtrlC() as ctrl_c, _Threads(workers):
             for loaded in items:
                 if state.take(loaded):
                     pending.append(loaded)

@@ -64,7 +64,7 @@ def _caption_many(args: argparse.Namespace) -> int:
     workers = default_workers() if args.workers is None else args.workers
     where = "" if shard == (1, 1) else f" (shard {shard[0]} of {shard[1]}: {len(plan.plans)} of {plan.total})"
     print(f"attnlab: {len(plan.plans)} images{where} -> {plan.out}/ with {model.spec.name!r} on {args.device}, "
-          f"batch size {batch_size}, {workers} workers", file=sys.stderr)  # fmt: skip
+          f"batch size {batch_size}, {workers} worker{'s' if workers != 1 else ''}", file=sys.stderr)  # fmt: skip
     report = run_plan(
         model, plan, batch_size=batch_size, workers=workers, max_len=args.max_len, beams=args.beams,
         length_penalty=args.length_penalty, half=args.half, mode=args.mode,
