@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", action="store_true", help="with --out: also write each image's explorer as one offline web page (<name>.html)")
     g = p.add_argument_group("folders and glob patterns")
     g.add_argument("--batch-size", type=int, default=None, metavar="B", help="images decoded together (default 8)")
-    g.add_argument("--workers", type=int, default=None, metavar="W", help="processes that read and resize images (default: cores - 1, at most 4)")
+    g.add_argument("--workers", type=int, default=None, metavar="W", help="processes that read and resize images (default: a quarter of the cores, 1 to 4)")
     g.add_argument("--shard", default=None, metavar="K/N", help="process the K-th of N disjoint slices of the images")
     g.add_argument("--figures", action="store_true", help="also draw each word grid (<name>.attn.png); slower than captioning")
     p.set_defaults(func=cmd_caption)

@@ -361,3 +361,16 @@ def test_html_pages_are_owned_resumed_and_never_foreign(model, folder, tmp_path,
     assert sorted(os.listdir(single)) == ["scene-10.attn.png", "scene-10.html", "scene-10.npz"]
     assert main(["caption", str(photos / "scene-10.png"), "--html"]) == 2
     assert "--html writes a web page per image into --out DIR" in capsys.readouterr().err
+
+
+def test_save_scenes_writes_make_scenes_and_never_replaces(tmp_path):
+    from attnlab.shapes import make_scenes, save_scenes
+
+    paths = save_scenes(tmp_path / "s", 3, seed=4)
+    assert [p.name for p in paths] == ["scene-00000.png", "scene-00001.png", "scene-00002.png"]
+    for path, scene in zip(paths, make_scenes(3, seed=4, split="eval")):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), scene.image)  # PNG: lossless
+    before = paths[0].read_bytes()
+    with pytest.raises(AttnlabError, match="exists: save the scenes into an empty folder"):
+        save_scenes(tmp_path / "s", 1, seed=5)
+    assert paths[0].read_bytes() == before

@@ -433,7 +433,8 @@ def save_scenes(folder: str | os.PathLike, n: int, *, seed: int = 0, split: str 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, scene in enumerate(make_scenes(int(n), seed, split)):
+    for i in range(int(n)):  # one scene at a time: memory stays flat for any n
+        scene = make_scene(scene_seed(seed, i, split))  # the scenes of make_scenes(n, seed, split)
         path = root / f"scene-{i:05d}.png"
         try:
             with path.open("xb") as fh:
