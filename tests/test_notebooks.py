@@ -30,6 +30,7 @@ NOTEBOOKS = [
     "02_heads_vs_average.ipynb",
     "03_word_slider.ipynb",
     "04_reproduce_blog_figure.ipynb",
+    "05_your_own_model.ipynb",
     "08_many_images.ipynb",
 ]
 LIMIT_S = 120.0  # each notebook, kernel start included

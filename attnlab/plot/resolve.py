@@ -102,9 +102,7 @@ class Resolved:
 
     def probabilities(self) -> np.ndarray | None:
         """``(steps,)`` probability of each emitted token, or ``None`` when the trace holds no scores."""
-        if getattr(self.trace, "logits", None) is None:
-            return None
-        return self.trace.probabilities()
+        return self.trace.probabilities()  # None without scores; a by-word trace gives each word's product
 
 
 def _is_int(x: Any) -> bool:

@@ -10,7 +10,7 @@ two pieces each in its vocabulary (:data:`PIECES`: ``triangle`` is ``tri``
 trained weights ship as ``attnlab/weights/shapes-student.pt``; this module
 also holds the script that trained them::
 
-    python -m attnlab.shapes.student --steps 3000 --seed 0 --out shapes-student.pt
+    python -m attnlab.shapes.student --steps 8000 --seed 0 --width 96 --depth 4 --dec-layers 3 --out shapes-student.pt
 """
 
 from __future__ import annotations
@@ -91,8 +91,11 @@ def load_student(path: str | Path | None = None) -> StudentCaptioner:
     return model.eval()
 
 
-def train_student(out: str | Path, steps: int = 3000, seed: int = 0, batch_size: int = 32, lr: float = 1e-3) -> dict:
-    """Train :class:`StudentCaptioner` on fresh shapes scenes; write its weights (float16) to ``out``."""
+def train_student(
+    out: str | Path, steps: int = 3000, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, **config: int
+) -> dict:
+    """Train :class:`StudentCaptioner` (``config``: its width, depth, heads, dec_layers) on fresh
+    shapes scenes; write its weights (float16) and configuration to ``out``."""
     from tqdm.auto import tqdm
 
     from .train import TrainConfig, lr_factor, scene_batch, train_step
@@ -102,7 +105,7 @@ def train_student(out: str | Path, steps: int = 3000, seed: int = 0, batch_size:
         raise AttnlabError(f"--out {out} is a folder: give a file name")
     cfg = TrainConfig(steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=200)
     torch.manual_seed(seed)
-    model = StudentCaptioner().train()
+    model = StudentCaptioner(**config).train()
     decay = [p for p in model.parameters() if p.dim() > 1]
     rest = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
@@ -119,7 +122,7 @@ def train_student(out: str | Path, steps: int = 3000, seed: int = 0, batch_size:
     model.eval()
     obj = {
         "format": "attnlab-student",
-        "config": {},
+        "config": config,
         "model": {k: v.half() for k, v in model.state_dict().items()},
         "meta": {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "seconds": round(seconds, 1)},
     }
@@ -134,8 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default="shapes-student.pt")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=3, help="encoder blocks")
+    parser.add_argument("--dec-layers", type=int, default=2)
     args = parser.parse_args(argv)
-    result = train_student(args.out, args.steps, args.seed, args.batch_size, args.lr)
+    result = train_student(
+        args.out, args.steps, args.seed, args.batch_size, args.lr, width=args.width, depth=args.depth, dec_layers=args.dec_layers
+    )
     print(f"trained {result['steps']} steps in {result['seconds'] / 60:.1f} min; last batch loss {result['loss']:.4f}, "
           f"token accuracy {result['token_accuracy']:.3f}; wrote {result['out']}")
 
