@@ -6,7 +6,9 @@
 >>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
 
 Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
-:func:`capture_attention`, :func:`explore` and the :mod:`attnlab.plot` views.
+:func:`capture_attention`, :func:`explore`, the :mod:`attnlab.plot` views and
+the captioner protocol (:class:`Captioner`, :class:`CaptionerSpec`,
+:class:`Encoded`, :class:`StepOutput`; see :mod:`attnlab.captioner`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib
 from typing import Any
 
 from .capture import AttentionCapture, capture_attention
+from .captioner import Captioner, CaptionerSpec, Encoded, StepOutput
 from .decode import caption
 from .errors import AttnlabError
 from .hub import load_model, save_checkpoint
@@ -26,6 +29,10 @@ __all__ = [
     "AttentionCapture",
     "AttnlabError",
     "CaptionTrace",
+    "Captioner",
+    "CaptionerSpec",
+    "Encoded",
+    "StepOutput",
     "capture_attention",
     "caption",
     "explore",

@@ -208,23 +208,23 @@ def size_groups(pixels: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def pad_keys(parts: Sequence[torch.Tensor], dim: int, length: int) -> torch.Tensor:
-    """Zero-pad each tensor of ``parts`` along ``dim`` to ``length`` and concatenate along dim 0."""
-    padded = []
-    for p in parts:
-        extra = length - p.shape[dim]
-        if extra:
-            shape = list(p.shape)
+def pad_to(t: torch.Tensor, length: int, *dims: int) -> torch.Tensor:
+    """Zero-pad ``t`` at the end of each of ``dims`` to ``length`` (padding keys get zero weight)."""
+    for dim in dims:
+        extra = length - t.shape[dim]
+        if extra > 0:
+            shape = list(t.shape)
             shape[dim] = extra
-            p = torch.cat((p, p.new_zeros(shape)), dim=dim)
-        padded.append(p)
-    return torch.cat(padded, dim=0)
+            t = torch.cat((t, t.new_zeros(shape)), dim=dim)
+    return t
 
 
 def scatter_groups(groups: list[list[int]], stacked: torch.Tensor) -> torch.Tensor:
     """Rows of ``stacked`` ``(N, ...)``, the groups' batches concatenated in group order,
     put back in the images' order: row ``i`` of the result belongs to image ``i``."""
     order = torch.tensor([i for g in groups for i in g], dtype=torch.long)  # row r of stacked is image order[r]
+    if bool((order == torch.arange(len(order))).all()):
+        return stacked  # already in order (e.g. one size): the tensor itself, no copy
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     return stacked.index_select(0, inverse.to(stacked.device))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -141,6 +142,33 @@ def _hook_timm(stack: ExitStack, module: nn.Module, store: list[torch.Tensor], d
     stack.callback(module.attn_drop.register_forward_pre_hook(hook).remove)
 
 
+_FASTPATH_LOCK = threading.Lock()
+_fastpath_users = 0  # open capture blocks, in every thread
+_fastpath_before: bool | None = None  # the setting before the first of them
+
+
+@contextmanager
+def _fastpath_off() -> Iterator[None]:
+    """Switch torch's fused MHA fast path off while any capture block is open.
+
+    The flag is process-wide: blocks in several threads share it, counted, so it
+    comes back to what it was only when the last block closes.
+    """
+    global _fastpath_users, _fastpath_before
+    with _FASTPATH_LOCK:
+        if _fastpath_users == 0:
+            _fastpath_before = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _fastpath_users += 1
+    try:
+        yield
+    finally:
+        with _FASTPATH_LOCK:
+            _fastpath_users -= 1
+            if _fastpath_users == 0:
+                torch.backends.mha.set_fastpath_enabled(bool(_fastpath_before))
+
+
 @contextmanager
 def capture_attention(
     model: nn.Module, include: str | Sequence[str] | None = None, *, detach: bool = True
@@ -169,9 +197,7 @@ def capture_attention(
         raise AttnlabError(f"no attention module matches {include!r}; modules that exist: {examples}, ...")
     cap = AttentionCapture({name: [] for name in chosen}, {name: [] for name in chosen})
     with ExitStack() as stack:
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        stack.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
+        stack.enter_context(_fastpath_off())
         for name, module in chosen.items():
             if isinstance(module, nn.MultiheadAttention):
                 _hook_mha(stack, module, cap.weights[name], cap.shapes[name], detach)

@@ -232,7 +232,7 @@ def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, nam
             f"{path} predicts {config.vocab_size} tokens, too few for the special token ids ({ids}): "
             "pass vocab=PATH (CLI: --vocab PATH) to its vocab.txt holding [CLS], [SEP] and [PAD]"
         )
-    model = CATR(config)
+    model = CATR(config, vocab=vocabulary, name=name)
     check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, strict=False)  # num_batches_tracked entries are dropped by FrozenBatchNorm2d
     if vocabulary is None:
@@ -240,21 +240,20 @@ def build_from_checkpoint(path: str | Path, vocab: str | Path | None = None, nam
             f"no vocabulary for {path}: words are shown as [id]; pass vocab=PATH (CLI: --vocab PATH) to its vocab.txt",
             stacklevel=3,
         )
-    model.vocab = vocabulary
-    model.name = name
     return model
 
 
 def save_checkpoint(model: CATR | CPTR, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Save ``model`` in attnlab's format (config and vocabulary travel with the weights)."""
-    vocab = model.vocab
+    spec = model.spec
+    vocab = spec.vocab
     obj = {
         "format": CPTR_FORMAT if isinstance(model, CPTR) else ATTNLAB_FORMAT,
         "version": 1,
-        "name": model.name,
+        "name": spec.name,
         "config": model.config.to_dict(),
-        "vocab": None if vocab is None or not vocab.tokens else vocab.tokens,
-        "wordpiece": bool(vocab.wordpiece) if vocab is not None else False,
+        "vocab": getattr(vocab, "tokens", None) or None,  # an IdVocab (no vocabulary) has no tokens
+        "wordpiece": bool(getattr(vocab, "wordpiece", False)),
         "model": model.state_dict(),
         "meta": meta or {},
     }

@@ -175,3 +175,50 @@ def prepare(
         pixels[i, :, : r.shape[0], : r.shape[1]] = normalize(r[None], mean, std)[0]  # (3, h, w); padding stays 0
         mask[i, : r.shape[0], : r.shape[1]] = False
     return Batch(pixels, mask, resized)
+
+
+def _mean_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
+    return tuple(int(round(min(max(m, 0.0), 1.0) * 255)) for m in mean)  # type: ignore[return-value]
+
+
+def prepare_for(images: list[ImageInput], spec) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Images -> model inputs and display images, by a captioner's spec (:mod:`attnlab.captioner`).
+
+    Returns ``pixels``: one ``(3, h, w)`` float32 tensor per image (sizes may
+    differ with ``resize="long"``), and ``shown``: one ``(h', w', 3)`` uint8
+    image per input over which the patch grid is stretched in figures:
+
+    * ``"long"``: long side to ``spec.image_size``, aspect kept (CATR); the
+      model sees exactly the shown image.
+    * ``"stretch"``: the model sees the image squeezed to a square; the shown
+      image keeps the aspect (long side ``image_size``). The grid stretches
+      over both alike, so each patch lands on the part of the photo it saw.
+    * ``"pad"``: long side to ``image_size``, then right/bottom padding with
+      the mean colour to a square; the shown image is that square (padding visible).
+
+    ``spec.transform``, when set, makes the model input instead (e.g. a Hugging
+    Face image processor); the shown image still follows ``resize``.
+    """
+    pixels: list[torch.Tensor] = []
+    shown: list[np.ndarray] = []
+    side = spec.image_size
+    for image in images:
+        img = load_image(image)
+        w, h = resized_size(img.width, img.height, side)
+        if spec.resize == "pad":
+            canvas = Image.new("RGB", (side, side), _mean_colour(spec.mean))
+            canvas.paste(img.resize((w, h)), (0, 0))
+            view = np.asarray(canvas)  # (side, side, 3)
+            model_in = view
+        else:
+            view = np.asarray(img.resize((w, h)))  # (h, w, 3), aspect kept
+            model_in = view if spec.resize == "long" else np.asarray(img.resize((side, side)))  # (side, side, 3)
+        if spec.transform is not None:
+            x = spec.transform(img)
+            if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[0] != 3:
+                raise AttnlabError(f"the captioner's transform must return a (3, h, w) tensor, not {getattr(x, 'shape', type(x))}")
+            pixels.append(x.float())
+        else:
+            pixels.append(normalize(model_in[None], spec.mean, spec.std)[0])  # (3, h, w)
+        shown.append(view)
+    return pixels, shown

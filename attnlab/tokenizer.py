@@ -99,11 +99,18 @@ class Vocab:
 
 
 class IdVocab(Vocab):
-    """Stand-in when no vocabulary is known: every id shows as ``[id]``."""
+    """Stand-in when no vocabulary is known: every id shows as ``[id]``.
 
-    def __init__(self, special: dict[int, str] | None = None) -> None:
+    ``size``: how many ids the model predicts (``len()``; 0 = unknown).
+    """
+
+    def __init__(self, special: dict[int, str] | None = None, size: int = 0) -> None:
         super().__init__([], wordpiece=False)
         self.special = special or {}
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
     def token(self, token_id: int) -> str:
         return self.special.get(token_id, f"[{token_id}]")

@@ -43,7 +43,7 @@ ATOL = 1e-5
 
 def make_model(seed: int = 2, suppress_end: bool = True):
     torch.manual_seed(seed)
-    model = build_catr(CFG)
+    model = build_catr(CFG, vocab=Vocab(WORDS, wordpiece=False), name="tiny-test")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.backbone[0].body.modules():
@@ -56,8 +56,6 @@ def make_model(seed: int = 2, suppress_end: bool = True):
             torch.nn.init.zeros_(lin.bias)
         if suppress_end:
             model.mlp.layers[-1].bias[END] = -100.0
-    model.vocab = Vocab(WORDS, wordpiece=False)
-    model.name = "tiny-test"
     return model.eval()
 
 
@@ -162,7 +160,7 @@ def test_modes_agree_greedy_record_all(model):
 
 def test_modes_agree_teacher_forced(model):
     img = image(1)
-    tokens = model.vocab.encode("a red circle left of the big square") + [END]
+    tokens = model.spec.vocab.encode("a red circle left of the big square") + [END]
     inc = attnlab.caption(model, img, tokens=tokens, record="all")
     tpl = attnlab.caption(model, img, tokens=tokens, mode="template", record="all")
     assert inc.token_ids.tolist() == tokens
@@ -210,7 +208,7 @@ def test_trace_shapes_sums_and_views(model):
 @pytest.mark.parametrize("mode", ["incremental", "template"])
 def test_teacher_forcing_logits_come_from_prefix(model, mode):
     img = image(4)
-    tokens = model.vocab.encode("a green star") + [END] + model.vocab.encode("near the")  # END mid-way: no stop
+    tokens = model.spec.vocab.encode("a green star") + [END] + model.spec.vocab.encode("near the")  # END mid-way: no stop
     trace = attnlab.caption(model, img, tokens=tokens, mode=mode)
     assert trace.token_ids.tolist() == tokens
     assert trace.steps == len(tokens)
@@ -226,7 +224,7 @@ def test_teacher_forcing_logits_come_from_prefix(model, mode):
 
 def test_teacher_forcing_batched_per_image_tokens(model):
     imgs = [image(5), image(6)]
-    per_image = [model.vocab.encode("a red square"), model.vocab.encode("the blue star above a circle")]
+    per_image = [model.spec.vocab.encode("a red square"), model.spec.vocab.encode("the blue star above a circle")]
     traces = attnlab.caption(model, imgs, tokens=per_image)
     assert [t.token_ids.tolist() for t in traces] == per_image
     assert [t.cross_attention.shape[2] for t in traces] == [3, 6]
@@ -315,39 +313,35 @@ def test_training_mode_is_restored(model):
 
 
 # --------------------------------------------------------------------------- batches
-def expected_grid(h: int, w: int, big_h: int, big_w: int, grid_h: int, grid_w: int) -> tuple[int, int]:
-    """Cells whose nearest source pixel (floor(i * H / h)) lies in the image's own h x w region."""
-    return (
-        sum(1 for i in range(grid_h) if i * big_h // grid_h < h),
-        sum(1 for j in range(grid_w) if j * big_w // grid_w < w),
-    )
-
-
 @pytest.mark.parametrize("mode", ["incremental", "template"])
-def test_batch_of_different_sizes(model, mode):
-    imgs = [image(10, 48, 64), image(11, 64, 40)]  # padded to 64 x 64, a grid of 8 x 8 (stride 8)
+def test_batch_of_different_sizes_equals_each_image_alone(model, mode):
+    """Mixed sizes (some not divisible by the stride 8): every image gets exactly what it gets
+    alone; checked against our own template run on the unpadded image too."""
+    imgs = [image(10, 48, 64), image(11, 64, 40), image(12, 37, 64), image(13, 48, 64), image(14, 64, 21)]
     traces = attnlab.caption(model, imgs, max_len=3, mode=mode)
-    assert isinstance(traces, list) and len(traces) == 2
-    grids = [expected_grid(48, 64, 64, 64, 8, 8), expected_grid(64, 40, 64, 64, 8, 8)]
-    assert grids == [(6, 8), (8, 5)]
-    for trace, grid, img in zip(traces, grids, imgs):
-        assert trace.grid == grid
-        assert trace.cross_attention.shape == (LAYERS, HEADS, trace.steps, *grid)
-        np.testing.assert_allclose(trace.cross_attention.sum(axis=(-2, -1)), 1.0, rtol=0, atol=1e-5)
+    assert isinstance(traces, list) and len(traces) == len(imgs)
+    for trace, img in zip(traces, imgs):
+        alone = attnlab.caption(model, img, max_len=3, mode=mode)
+        assert_traces_close(alone, trace)
         np.testing.assert_array_equal(trace.image, img)
+        # the grid is what the image alone gives: ceil(side / 8) per axis of the small CNN
+        assert trace.grid == (-(-img.shape[0] // 8), -(-img.shape[1] // 8))
+        np.testing.assert_allclose(trace.cross_attention.sum(axis=(-2, -1)), 1.0, rtol=0, atol=1e-5)
+        pixels, mask = pixels_and_mask([img])
+        cross, logits = own_template_run(model, pixels, mask, [trace.token_ids.tolist()], trace.steps)
+        expected = cross[:, 0].reshape(LAYERS, HEADS, trace.steps, *trace.grid).numpy()
+        np.testing.assert_allclose(trace.cross_attention, expected, rtol=0, atol=ATOL)
+        torch.testing.assert_close(torch.from_numpy(trace.logits), logits[0])
 
-    # the uncropped attention, recomputed here: exactly zero on padded patches
-    pixels, mask = pixels_and_mask(imgs)
-    steps = min(t.steps for t in traces)
-    cross, logits = own_template_run(model, pixels, mask, [t.token_ids.tolist() for t in traces], steps)
-    full = cross.reshape(LAYERS, 2, HEADS, steps, 8, 8).numpy()
-    for b, (trace, (gh, gw)) in enumerate(zip(traces, grids)):
-        padded = np.ones((8, 8), dtype=bool)
-        padded[:gh, :gw] = False
-        assert (full[:, b][..., padded] == 0).all()
-        assert (full[:, b][..., ~padded] > 0).all()
-        np.testing.assert_allclose(trace.cross_attention[:, :, :steps], full[:, b, :, :, :gh, :gw], rtol=0, atol=ATOL)
-        torch.testing.assert_close(torch.from_numpy(trace.logits[:steps]), logits[b])
+
+def test_batch_record_all_and_forced_equal_alone(model):
+    imgs = [image(15, 64, 40), image(16, 48, 64)]
+    per_image = [model.spec.vocab.encode("a red square"), model.spec.vocab.encode("the blue star above a circle")]
+    both = attnlab.caption(model, imgs, tokens=per_image, record="all")
+    for img, ids, got in zip(imgs, per_image, both):
+        assert_traces_close(attnlab.caption(model, img, tokens=ids, record="all"), got, record_all=True)
+        s = got.grid[0] * got.grid[1]
+        assert got.encoder_self_attention.shape == (CFG.enc_layers, HEADS, s, s)
 
 
 def test_alone_equals_batched_with_same_size_image(model):
@@ -417,7 +411,7 @@ def test_load_rejects_foreign_and_corrupt_files(model, tmp_path):
 # --------------------------------------------------------------------------- capture around the model
 def test_model_outputs_unchanged_by_capture(model):
     pixels, mask = pixels_and_mask([image(16)])
-    target = torch.tensor([[START] + model.vocab.encode("a small circle")])
+    target = torch.tensor([[START] + model.spec.vocab.encode("a small circle")])
     target_mask = torch.zeros_like(target, dtype=torch.bool)
     with torch.no_grad():
         plain = model(pixels, target, target_mask, mask=mask)

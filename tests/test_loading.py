@@ -47,10 +47,10 @@ def small_config(**kw) -> CATRConfig:
     return CATRConfig(**base)
 
 
-def random_model(seed: int = 0, **kw) -> CATR:
+def random_model(seed: int = 0, vocab=None, name: str = "catr", **kw) -> CATR:
     """A reduced CATR with random weights and non-trivial batch-norm statistics."""
     torch.manual_seed(seed)
-    model = CATR(small_config(**kw)).eval()
+    model = CATR(small_config(**kw), vocab=vocab, name=name).eval()
     with torch.no_grad():
         for name, buf in model.named_buffers():
             if name.endswith("running_mean"):
@@ -165,7 +165,7 @@ def test_catr_checkpoint_without_vocab(tmp_path, wrapped):
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert "vocab" in str(caught[0].message)
 
-    assert isinstance(model, CATR) and not model.training and model.name == "catr" and model.vocab is None
+    assert isinstance(model, CATR) and not model.training and model.spec.name == "catr" and not getattr(model.spec.vocab, "tokens", None)
     c = model.config
     assert (c.backbone, c.d_model, c.enc_layers, c.dec_layers, c.vocab_size, c.max_positions) == ("small", 32, 1, 1, 120, 16)
     assert (c.dim_feedforward, c.mlp_hidden, c.start_token_id, c.end_token_id) == (64, 32, 101, 102)
@@ -185,7 +185,7 @@ def test_catr_checkpoint_with_vocab(tmp_path):
     model, caught = recorded(lambda: attnlab.load_model(checkpoint=path, vocab=vocab))  # name defaults to catr
     assert caught == []
     assert_same_weights(model, sd)
-    assert model.vocab.tokens == TOKENS
+    assert model.spec.vocab.tokens == TOKENS
 
     ids = [ID[t] for t in ("a", "young", "girl", "##s", "with", "a", "kite", ".", "[SEP]")]
     trace = attnlab.caption(model, IMAGE, tokens=ids)
@@ -194,7 +194,7 @@ def test_catr_checkpoint_with_vocab(tmp_path):
     assert trace.logits.shape == (9, 120)
 
     greedy = attnlab.caption(model, IMAGE, max_len=5)
-    assert greedy.caption == model.vocab.decode(greedy.token_ids.tolist())
+    assert greedy.caption == model.spec.vocab.decode(greedy.token_ids.tolist())
     assert all(w in TOKENS for w in greedy.words)
 
 
@@ -231,9 +231,10 @@ def test_own_variant_without_vocab_is_a_clear_error(tmp_path):
 
 
 def test_save_checkpoint_round_trip(tmp_path):
-    model = random_model(3, vocab_size=40, start_token_id=1, end_token_id=2, image_size=160, mean=(0.4, 0.45, 0.5))
-    model.vocab = Vocab(TOKENS40, wordpiece=False)
-    model.name = "my-captioner"
+    model = random_model(
+        3, Vocab(TOKENS40, wordpiece=False), "my-captioner",
+        vocab_size=40, start_token_id=1, end_token_id=2, image_size=160, mean=(0.4, 0.45, 0.5),
+    )  # fmt: skip
     path = attnlab.save_checkpoint(model, tmp_path / "out" / "mine.pt")
     assert path == tmp_path / "out" / "mine.pt"
     assert [p.name for p in path.parent.iterdir()] == ["mine.pt"]  # no temp file left
@@ -241,8 +242,8 @@ def test_save_checkpoint_round_trip(tmp_path):
     loaded, caught = recorded(lambda: attnlab.load_model(checkpoint=path))
     assert caught == []  # the vocabulary travelled with it
     assert loaded.config.to_dict() == model.config.to_dict()
-    assert loaded.vocab.tokens == TOKENS40 and loaded.vocab.wordpiece is False
-    assert loaded.name == "my-captioner"
+    assert loaded.spec.vocab.tokens == TOKENS40 and loaded.spec.vocab.wordpiece is False
+    assert loaded.spec.name == "my-captioner"
     assert_same_weights(loaded, model.state_dict())
 
     ids = [4, 9, 2]
@@ -476,7 +477,7 @@ def test_download_once_then_offline(serve, cache, monkeypatch, published):
     assert cache_files(cache) == ["bert-base-uncased-vocab.txt", "catr-v3.pth"]
     assert (cache / "catr-v3.pth").read_bytes() == ckpt
     assert (cache / "bert-base-uncased-vocab.txt").read_bytes() == vocab
-    assert model.name == "catr-v3" and model.vocab.tokens == TOKENS
+    assert model.spec.name == "catr-v3" and model.spec.vocab.tokens == TOKENS
     assert_same_weights(model, sd)
     assert attnlab.caption(model, IMAGE, tokens=[ID["a"], ID["dog"], ID["."]]).caption == "a dog."
 
@@ -484,7 +485,7 @@ def test_download_once_then_offline(serve, cache, monkeypatch, published):
     again = attnlab.load_model("catr-v3")
     assert server.requests == ["/w.pth", "/vocab.txt"]  # no new request
     assert_same_weights(again, sd)
-    assert again.vocab.tokens == TOKENS
+    assert again.spec.vocab.tokens == TOKENS
 
 
 def test_http_404(serve, cache, monkeypatch):
@@ -551,4 +552,4 @@ def test_explicit_vocab_skips_the_vocab_download(serve, cache, monkeypatch, publ
     server = serve({"/w.pth": ckpt})
     point_at(monkeypatch, server.url("/w.pth"), server.url("/vocab.txt"))
     model = attnlab.load_model("catr-v3", vocab=write_vocab(tmp_path / "v.txt", TOKENS))
-    assert server.requests == ["/w.pth"] and model.vocab.tokens == TOKENS
+    assert server.requests == ["/w.pth"] and model.spec.vocab.tokens == TOKENS

@@ -20,7 +20,7 @@ def bundled():
 def test_bundled_model_is_small_and_offline(bundled):
     path = attnlab.hub.BUNDLED
     assert path.stat().st_size <= 10_000_000
-    assert bundled.name == "shapes"
+    assert bundled.spec.name == "shapes"
     assert bundled.config.backbone == "small"
     assert bundled.config.enc_layers == 2 and bundled.config.dec_layers == 3
     grid = bundled.encode(torch.zeros(1, 3, 128, 128), torch.zeros(1, 128, 128, dtype=torch.bool))[3]
@@ -92,7 +92,7 @@ def test_training_reduces_the_loss_and_is_deterministic(tmp_path):
     sb = torch.load(tmp_path / "b.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     model = attnlab.load_model(checkpoint=tmp_path / "a.pt")
-    assert model.name == "shapes" and model.vocab.tokens[:3] == ["[PAD]", "[CLS]", "[SEP]"]
+    assert model.spec.name == "shapes" and model.spec.vocab.tokens[:3] == ["[PAD]", "[CLS]", "[SEP]"]
 
 
 def test_resume_gives_the_same_weights_as_one_run(tmp_path):

@@ -7,16 +7,22 @@ the bundled shapes model. ``state_dict()`` keys equal CATR's checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, TokenTable, pad_to, scatter_groups, size_groups
+from ..tokenizer import IdVocab
 from .backbone import Joiner, build_backbone
 from .fuse import InferenceBody
-from .transformer import Transformer
+from .transformer import DecoderCache, LayerCache, Transformer, padding_bias
+
+if TYPE_CHECKING:
+    from .reference import TemplateCaptioner
 
 
 @dataclass
@@ -72,15 +78,20 @@ class MLP(nn.Module):
 
 
 class CATR(nn.Module):
-    """Image captioning transformer with CATR's layout.
+    """Image captioning transformer with CATR's layout; a captioner of the seam.
 
-    Attributes set by :func:`attnlab.load_model`: ``config`` (:class:`CATRConfig`),
-    ``vocab`` (:class:`attnlab.tokenizer.Vocab` or ``None``) and ``name``.
+    ``CATR(config, vocab=None, name="catr")``: ``vocab`` is an id -> token table
+    (:class:`attnlab.tokenizer.Vocab`; ``None`` shows words as ``[id]``). Decoding
+    reads everything it needs from :attr:`spec` and runs :meth:`begin` and
+    :meth:`step` (a key/value-cached decoder); :meth:`reference_captioner` is the
+    original write-up's 128-position template loop, for checking.
     """
 
-    def __init__(self, config: CATRConfig) -> None:
+    def __init__(self, config: CATRConfig, *, vocab: TokenTable | None = None, name: str = "catr") -> None:
         super().__init__()
         self.config = config
+        self._vocab = vocab
+        self._name = name
         self.backbone: Joiner = build_backbone(config.backbone, config.d_model, config.backbone_channels)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
         self.transformer = Transformer(
@@ -96,19 +107,18 @@ class CATR(nn.Module):
             layer_norm_eps=config.layer_norm_eps,
         )
         self.mlp = MLP(config.d_model, config.mlp_hidden, config.vocab_size, 3)
-        self.vocab = None
-        self.name = "catr"
         # not a submodule: keeps state_dict() equal to CATR's
         self._inference_body = InferenceBody(self.backbone[0].body)
 
     def encode(
-        self, images: torch.Tensor, mask: torch.Tensor
+        self, images: torch.Tensor, mask: torch.Tensor, weights: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Run backbone and encoder once.
 
         images ``(N, 3, H, W)`` normalised; mask ``(N, H, W)`` bool, True = padding.
         Returns memory ``(S, N, E)``, patch mask ``(N, S)``, position ``(S, N, E)``
-        and the feature grid ``(h, w)`` with ``S = h * w``.
+        and the feature grid ``(h, w)`` with ``S = h * w``. A ``weights`` list
+        receives each encoder layer's self-attention ``(N, heads, S, S)``.
         """
         body = None if (self.training or torch.is_grad_enabled()) else self._inference_body.get(images)
         features, feat_mask, pos = self.backbone(images, mask, body)  # (N, C, h, w), (N, h, w), (N, E, h, w)
@@ -117,8 +127,93 @@ class CATR(nn.Module):
         src = src.flatten(2).permute(2, 0, 1)  # (S, N, E)
         pos = pos.flatten(2).permute(2, 0, 1)  # (S, N, E)
         feat_mask = feat_mask.flatten(1)  # (N, S)
-        memory = self.transformer.encode(src, feat_mask, pos)  # (S, N, E)
+        memory = self.transformer.encode(src, feat_mask, pos, weights)  # (S, N, E)
         return memory, feat_mask, pos, (int(h), int(w))
+
+    # ------------------------------------------------------------ the seam
+    @property
+    def spec(self) -> CaptionerSpec:
+        """What decoding needs to know: sizes, special ids, vocabulary, name."""
+        c = self.config
+        vocab = self._vocab
+        if vocab is None:
+            vocab = IdVocab({c.pad_token_id: "[PAD]", c.start_token_id: "[CLS]", c.end_token_id: "[SEP]"}, c.vocab_size)
+        return CaptionerSpec(
+            name=self._name,
+            vocab=vocab,
+            bos=c.start_token_id,
+            eos=c.end_token_id,
+            pad=c.pad_token_id,
+            max_len=c.max_positions - 1,
+            image_size=c.image_size,
+            resize="long",
+            mean=c.mean,
+            std=c.std,
+        )
+
+    def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
+        """Encode ``pixels`` (``N`` tensors ``(3, h_i, w_i)``) for :meth:`step`.
+
+        Images of one size are encoded together, each size on its own, so an
+        image's features never see another's padding; the projected image keys
+        and values of every decoder layer are then padded to the longest grid
+        ``K = max(h_i * w_i)`` and masked. Returns the :class:`DecoderCache`,
+        the grids and, with ``record="all"``, the encoder self-attention per
+        layer ``(N, heads, K, K)``.
+        """
+        device = self.input_proj.weight.device
+        groups = size_groups(pixels)
+        caches: list[list[LayerCache]] = []  # per group, per decoder layer
+        enc_parts: list[list[torch.Tensor]] = []  # per group, per encoder layer (n_g, heads, S_g, S_g)
+        grids: dict[int, tuple[int, int]] = {}
+        for group in groups:
+            x = torch.stack([pixels[i] for i in group]).to(device)  # (n_g, 3, h, w)
+            mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=device)  # (n_g, h, w): no padding
+            weights: list[torch.Tensor] | None = [] if record == "all" else None
+            memory, _, pos, grid = self.encode(x, mask, weights)  # (S_g, n_g, E), _, (S_g, n_g, E)
+            caches.append([layer.prepare(memory, pos) for layer in self.transformer.decoder.layers])
+            enc_parts.append(weights or [])
+            grids.update({i: grid for i in group})
+        keys = max(h * w for h, w in grids.values())  # K
+
+        def merge(parts: list[torch.Tensor], *dims: int) -> torch.Tensor:
+            # per group (n_g, ...), zero-padded to K along dims -> (N, ...) in image order
+            # (one group: the tensor itself, so gradients with respect to it stay defined)
+            padded = [pad_to(p, keys, *dims) for p in parts]
+            return scatter_groups(groups, padded[0] if len(padded) == 1 else torch.cat(padded))
+
+        layers = [
+            LayerCache(
+                cross_k=merge([g[i].cross_k for g in caches], 2),  # (N, heads, K, Dh)
+                cross_v=merge([g[i].cross_v for g in caches], 2),  # (N, heads, K, Dh)
+            )
+            for i in range(len(self.transformer.decoder.layers))
+        ]
+        sizes = torch.tensor([h * w for h, w in (grids[i] for i in range(len(pixels)))], device=device)  # (N,)
+        padded = torch.arange(keys, device=device)[None, :] >= sizes[:, None]  # (N, K) True = padding key
+        bias = padding_bias(padded, layers[0].cross_k.dtype) if bool(padded.any()) else None  # (N, 1, 1, K)
+        encoder = None
+        if record == "all":
+            encoder = [merge([g[i] for g in enc_parts], 2, 3) for i in range(len(enc_parts[0]))]  # (N, heads, K, K)
+        return Encoded(DecoderCache(layers, bias), [grids[i] for i in range(len(pixels))], encoder)
+
+    def step(self, state: DecoderCache, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
+        """Feed one token per caption, ids ``(N,)``; returns logits ``(N, V)`` and the
+        new position's attention per decoder layer (cross ``(N, heads, K)``, self ``(N, heads, t)``)."""
+        ids = ids.to(self.input_proj.weight.device)
+        hidden, cross, selfs = self.transformer.decode_step(ids[:, None], state, want_weights=record != "none")
+        logits = self.mlp(hidden[:, -1])  # (N, V)
+        return StepOutput(
+            logits=logits,
+            cross_attention=cross if record != "none" else None,  # per layer (N, heads, K)
+            self_attention=selfs if record == "all" else None,  # per layer (N, heads, t)
+        )
+
+    def reference_captioner(self) -> "TemplateCaptioner":
+        """The original write-up's decoding loop as a captioner (slow; for checking)."""
+        from .reference import TemplateCaptioner
+
+        return TemplateCaptioner(self)
 
     def forward(
         self, images: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor, mask: torch.Tensor | None = None
@@ -134,8 +229,8 @@ class CATR(nn.Module):
         return self.mlp(hs.transpose(0, 1))  # (N, T, V)
 
 
-def build_catr(config: CATRConfig | None = None) -> CATR:
+def build_catr(config: CATRConfig | None = None, *, vocab: TokenTable | None = None, name: str = "catr") -> CATR:
     """A CATR with random weights (nothing is downloaded)."""
-    model = CATR(config or CATRConfig())
+    model = CATR(config or CATRConfig(), vocab=vocab, name=name)
     model.eval()
     return model

@@ -11,7 +11,7 @@ the same weights, reusing keys and values: the fast path of ``attnlab.caption``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,50 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, src: torch.Tensor, key_padding_mask: torch.Tensor | None, pos: torch.Tensor | None) -> torch.Tensor:
-        """src, pos ``(S, N, E)``; key_padding_mask ``(N, S)`` (True = padding)."""
+    def forward(
+        self,
+        src: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        pos: torch.Tensor | None,
+        weights: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """src, pos ``(S, N, E)``; key_padding_mask ``(N, S)`` (True = padding).
+
+        With a ``weights`` list the self-attention runs on an explicit softmax and
+        appends its per-head weights ``(N, heads, S, S)`` (the tensor multiplied with
+        the values, so gradients reach it); without, on torch's fused kernel.
+        """
         h = self.norm1(src)
         q = k = _with_pos(h, pos)
-        src = src + self.dropout1(self.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=False)[0])
+        if weights is None:
+            out = self.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        else:
+            out, w = self._attention_with_weights(q, h, key_padding_mask)
+            weights.append(w)
+        src = src + self.dropout1(out)
         h = self.norm2(src)
         return src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(h)))))
+
+    def _attention_with_weights(
+        self, qk: torch.Tensor, v_in: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The self-attention of ``forward`` written out: qk, v_in ``(S, N, E)`` ->
+        output ``(S, N, E)`` and weights ``(N, heads, S, S)``."""
+        mha = self.self_attn
+        e, heads = mha.embed_dim, mha.num_heads
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        x_qk, x_v = qk.transpose(0, 1), v_in.transpose(0, 1)  # (N, S, E) each
+        q = _project(x_qk, w[:e], b[:e], heads)  # (N, h, S, Dh)
+        k = _project(x_qk, w[e : 2 * e], b[e : 2 * e], heads)
+        v = _project(x_v, w[2 * e :], b[2 * e :], heads)
+        bias = None
+        if key_padding_mask is not None and bool(key_padding_mask.any()):
+            bias = padding_bias(key_padding_mask, q.dtype)  # (N, 1, 1, S)
+        out, weights = _attend(q, k, v, bias, want_weights=True)  # (N, h, S, Dh), (N, h, S, S)
+        n, _, length, _ = out.shape
+        out = out.transpose(1, 2).reshape(n, length, e)  # (N, S, E)
+        out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).transpose(0, 1)  # (S, N, E)
+        return out, weights
 
 
 class TransformerEncoder(nn.Module):
@@ -58,10 +95,19 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, src: torch.Tensor, key_padding_mask: torch.Tensor | None, pos: torch.Tensor | None) -> torch.Tensor:
-        """src, pos ``(S, N, E)``; key_padding_mask ``(N, S)`` -> memory ``(S, N, E)`` (after the final norm)."""
+    def forward(
+        self,
+        src: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        pos: torch.Tensor | None,
+        weights: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """src, pos ``(S, N, E)``; key_padding_mask ``(N, S)`` -> memory ``(S, N, E)`` (after the final norm).
+
+        ``weights``: a list that receives each layer's self-attention ``(N, heads, S, S)``.
+        """
         for layer in self.layers:
-            src = layer(src, key_padding_mask, pos)
+            src = layer(src, key_padding_mask, pos, weights)
         return self.norm(src)  # (S, N, E)
 
 
@@ -75,14 +121,38 @@ class LayerCache:
     cross_v: torch.Tensor | None = None  # (N, heads, S, Dh) projected image values
 
 
+    def select(self, indices: torch.Tensor) -> "LayerCache":
+        """The cache of batch entries ``indices`` ``(M,)``, in that order."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, indices)
+
+        return LayerCache(pick(self.self_k), pick(self.self_v), pick(self.cross_k), pick(self.cross_v))
+
+
 @dataclass
 class DecoderCache:
-    """State of an incremental decode: one :class:`LayerCache` per layer, the image mask."""
+    """State of an incremental decode: one :class:`LayerCache` per layer, the image mask.
+
+    It is the decoding state of the captioner seam (:mod:`attnlab.captioner`):
+    :meth:`select` keeps or reorders batch entries.
+    """
 
     layers: list[LayerCache]
     memory_bias: torch.Tensor | None  # (N, 1, 1, S) additive: -inf on padded patches, 0 elsewhere
     position: int = 0  # the next position to decode
-    record: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def select(self, indices: torch.Tensor) -> "DecoderCache":
+        """The state of batch entries ``indices`` ``(M,)`` long, in that order."""
+        indices = indices.to(self.layers[0].cross_k.device)
+        bias = None if self.memory_bias is None else self.memory_bias.index_select(0, indices)  # (M, 1, 1, S)
+        return DecoderCache([lc.select(indices) for lc in self.layers], bias, self.position)
+
+
+def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Key padding mask ``(N, S)`` bool (True = padding) -> additive bias ``(N, 1, 1, S)``: -inf on padding."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))  # (N, S)
+    return bias[:, None, None, :]  # (N, 1, 1, S)
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
@@ -97,7 +167,10 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention. q ``(N, h, L, Dh)``, k/v ``(N, h, S, Dh)``.
 
-    Returns the output ``(N, h, L, Dh)`` and, if asked, the weights ``(N, h, L, S)``.
+    Returns the output ``(N, h, L, Dh)`` and, if asked, the weights ``(N, h, L, S)``,
+    or ``(N, h, S)`` for a single query (``L == 1``, an incremental step). Either
+    way the returned weights are the tensor multiplied with the values, so a
+    gradient with respect to them is defined (explanation methods need it).
     """
     if not want_weights:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
@@ -105,6 +178,9 @@ def _attend(
     if bias is not None:
         scores = scores + bias
     weights = scores.softmax(dim=-1)  # (N, h, L, S)
+    if weights.shape[2] == 1:
+        row = weights[:, :, 0]  # (N, h, S): the tensor handed out is the one used below
+        return row[:, :, None] @ v, row
     return weights @ v, weights
 
 
@@ -175,7 +251,8 @@ class TransformerDecoderLayer(nn.Module):
 
         x, query_pos ``(N, L, E)`` batch-first, ``L`` new positions (usually 1).
         Returns the output ``(N, L, E)``, and with ``want_weights`` the cross-attention
-        ``(N, heads, L, S)`` and self-attention ``(N, heads, L, t)`` weights.
+        ``(N, heads, L, S)`` and self-attention ``(N, heads, L, t)`` weights (without
+        the ``L`` axis when ``L == 1``: see :func:`_attend`).
         """
         sa, ca = self.self_attn, self.multihead_attn
         e, heads = sa.embed_dim, sa.num_heads
@@ -268,9 +345,14 @@ class Transformer(nn.Module):
         self.d_model = d_model
         self.nhead = nhead
 
-    def encode(self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """src, pos ``(S, N, E)``; mask ``(N, S)`` -> memory ``(S, N, E)``."""
-        return self.encoder(src, mask, pos)
+    def encode(
+        self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, weights: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """src, pos ``(S, N, E)``; mask ``(N, S)`` -> memory ``(S, N, E)``.
+
+        ``weights``: a list that receives each encoder layer's self-attention ``(N, heads, S, S)``.
+        """
+        return self.encoder(src, mask, pos, weights)
 
     def decode(
         self, memory: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor, tgt_mask: torch.Tensor
@@ -296,10 +378,7 @@ class Transformer(nn.Module):
     # ----------------------------------------------------------- incremental
     def start_decoding(self, memory: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> DecoderCache:
         """Prepare an incremental decode over memory ``(S, N, E)`` with mask ``(N, S)``."""
-        bias = None
-        if bool(mask.any()):
-            bias = torch.zeros(mask.shape, dtype=memory.dtype, device=memory.device)
-            bias = bias.masked_fill(mask, float("-inf"))[:, None, None, :]  # (N, 1, 1, S)
+        bias = padding_bias(mask, memory.dtype) if bool(mask.any()) else None  # (N, 1, 1, S)
         return DecoderCache([layer.prepare(memory, pos) for layer in self.decoder.layers], bias)
 
     def decode_step(
@@ -308,7 +387,8 @@ class Transformer(nn.Module):
         """Feed ids ``(N, L)`` at the next ``L`` positions; returns hidden ``(N, L, E)``.
 
         With ``want_weights`` also the per-layer cross-attention ``(N, heads, L, S)``
-        and self-attention ``(N, heads, L, t)`` weights.
+        and self-attention ``(N, heads, L, t)`` weights (``(N, heads, S)`` and
+        ``(N, heads, t)`` when ``L == 1``).
         """
         start, length = cache.position, ids.shape[1]
         x = self.embeddings(ids, start)  # (N, L, E)

@@ -29,7 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     inputs: list[tuple[str, object]] = [(p.stem, str(p)) for p in sample_images()]
     if not inputs:  # an installed wheel has no data/ folder: draw fresh scenes instead
         inputs = [(f"scene-{i}", s.image) for i, s in enumerate(make_scenes(4, seed=7, split="eval"))]
-    print(f"attnlab demo: model {model.name!r}, {len(inputs)} images -> {out}/")
+    print(f"attnlab demo: model {model.spec.name!r}, {len(inputs)} images -> {out}/")
     for stem, image in inputs:
         trace = caption(model, image)
         write_outputs(trace, out, stem)

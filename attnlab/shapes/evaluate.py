@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..decode import caption
-from ..models.catr import CATR
 from ..trace import CaptionTrace
 from .scenes import COLORS, SEP_ID, SHAPES, SIZES, Scene, encode_caption, make_scenes
 
@@ -58,7 +57,7 @@ def pointing(trace: CaptionTrace, scene: Scene) -> list[tuple[int, str, np.ndarr
     return out
 
 
-def evaluate(model: CATR, n: int = 500, seed: int = 0, batch_size: int = 50) -> dict:
+def evaluate(model, n: int = 500, seed: int = 0, batch_size: int = 50) -> dict:
     """Score ``model`` on ``n`` held-out scenes (the "eval" split of ``seed``).
 
     Returns a dict: ``exact`` (share of exactly right captions), ``word_accuracy``
@@ -68,9 +67,9 @@ def evaluate(model: CATR, n: int = 500, seed: int = 0, batch_size: int = 50) -> 
     random-patch baseline.
     """
     scenes = make_scenes(n, seed, split="eval")
-    layers = 0  # decoder layers: read off the first traces (no model internals)
     exact = 0
     word_hits = word_total = 0
+    layers = 0  # read off the first trace: nothing here reads the model's internals
     hits: dict[str, np.ndarray] = {}
     base = {k: 0.0 for k in (*CATEGORIES, "all")}
     count = {k: 0 for k in base}
@@ -80,10 +79,10 @@ def evaluate(model: CATR, n: int = 500, seed: int = 0, batch_size: int = 50) -> 
         greedy = caption(model, images, record="none")
         truth = [[*encode_caption(s.caption), SEP_ID] for s in chunk]
         forced = caption(model, images, tokens=truth)
-        if not hits:
-            layers = forced[0].num_layers
-            hits = {k: np.zeros(layers + 1) for k in (*CATEGORIES, "all")}
         for scene, g, t, f in zip(chunk, greedy, truth, forced):
+            if not hits:
+                layers = f.num_layers
+                hits = {k: np.zeros(layers + 1) for k in base}
             pred = g.token_ids.tolist()
             exact += pred == t
             word_hits += sum(1 for i, tok in enumerate(t) if i < len(pred) and pred[i] == tok)

@@ -47,9 +47,7 @@ def build_shapes_model(seed: int = 0) -> CATR:
     """A randomly initialised shapes captioner (deterministic for ``seed``)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CATR(shapes_config())
-    model.vocab = Vocab(VOCAB, wordpiece=False)
-    model.name = "shapes"
+        model = CATR(shapes_config(), vocab=Vocab(VOCAB, wordpiece=False), name="shapes")
     return model
 
 
