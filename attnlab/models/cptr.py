@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import capture_attention
-from ..captioner import CaptionerSpec, Encoded, StepOutput, check_record, pad_keys, scatter_groups, size_groups
+from ..captioner import CaptionerSpec, Encoded, StepOutput, TokenTable, check_record, pad_to, scatter_groups, size_groups
 from ..errors import AttnlabError
 from ..tokenizer import IdVocab
+from .transformer import _attend, _project, padding_bias
 
 
 @dataclass
@@ -183,11 +184,9 @@ class CPTRDecoderLayer(nn.Module):
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-attention keys and values of memory ``(N, K, E)``, each ``(N, heads, K, Dh)``."""
         mha = self.cross_attn
-        e = mha.embed_dim
+        e, heads = mha.embed_dim, mha.num_heads
         w, b = mha.in_proj_weight, mha.in_proj_bias
-        return _heads(F.linear(memory, w[e : 2 * e], b[e : 2 * e]), mha.num_heads), _heads(
-            F.linear(memory, w[2 * e :], b[2 * e :]), mha.num_heads
-        )
+        return _project(memory, w[e : 2 * e], b[e : 2 * e], heads), _project(memory, w[2 * e :], b[2 * e :], heads)
 
     def step(
         self, x: torch.Tensor, cache: "LayerCache", memory_bias: torch.Tensor | None, want_weights: bool
@@ -199,44 +198,22 @@ class CPTRDecoderLayer(nn.Module):
         n = x.shape[0]
 
         h = self.norm1(x)  # (N, 1, E)
-        q, k, v = (_heads(t, heads) for t in F.linear(h, sa.in_proj_weight, sa.in_proj_bias).split(e, dim=-1))  # (N, h, 1, Dh) each
+        w, b = sa.in_proj_weight, sa.in_proj_bias
+        q = _project(h, w[:e], b[:e], heads)  # (N, h, 1, Dh)
+        k = _project(h, w[e : 2 * e], b[e : 2 * e], heads)  # (N, h, 1, Dh)
+        v = _project(h, w[2 * e :], b[2 * e :], heads)  # (N, h, 1, Dh)
         cache.self_k = k if cache.self_k is None else torch.cat((cache.self_k, k), dim=2)  # (N, h, t, Dh)
         cache.self_v = v if cache.self_v is None else torch.cat((cache.self_v, v), dim=2)  # (N, h, t, Dh)
-        out, self_w = _attend(q, cache.self_k, cache.self_v, None, want_weights)  # (N, h, 1, Dh)
+        out, self_w = _attend(q, cache.self_k, cache.self_v, None, want_weights)  # (N, h, 1, Dh), (N, h, t)
         x = x + sa.out_proj(out.transpose(1, 2).reshape(n, 1, e))  # (N, 1, E)
 
         h = self.norm2(x)
-        q = _heads(F.linear(h, ca.in_proj_weight[:e], ca.in_proj_bias[:e]), heads)  # (N, h, 1, Dh)
-        out, cross_w = _attend(q, cache.cross_k, cache.cross_v, memory_bias, want_weights)  # (N, h, 1, Dh)
+        q = _project(h, ca.in_proj_weight[:e], ca.in_proj_bias[:e], heads)  # (N, h, 1, Dh)
+        out, cross_w = _attend(q, cache.cross_k, cache.cross_v, memory_bias, want_weights)  # (N, h, 1, Dh), (N, h, K)
         x = x + ca.out_proj(out.transpose(1, 2).reshape(n, 1, e))  # (N, 1, E)
 
         h = self.norm3(x)
         return x + self.linear2(F.gelu(self.linear1(h))), cross_w, self_w
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(N, L, E)`` -> ``(N, heads, L, E / heads)``."""
-    n, length, e = x.shape
-    return x.view(n, length, heads, e // heads).transpose(1, 2)  # (N, heads, L, Dh)
-
-
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, want_weights: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Softmax attention of one new position per caption: q ``(N, h, 1, Dh)`` over
-    k, v ``(N, h, S, Dh)``, with an additive ``bias`` ``(N, 1, 1, S)`` or ``None``.
-
-    Returns the output ``(N, h, 1, Dh)`` and, if asked, the weights ``(N, h, S)``:
-    the very tensor that multiplies ``v`` (so gradients with respect to it are
-    the attention's own).
-    """
-    if not want_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
-    scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1))[:, :, 0]  # (N, h, S)
-    if bias is not None:
-        scores = scores + bias[:, :, 0]  # (N, 1, S) broadcast over heads
-    weights = scores.softmax(dim=-1)  # (N, h, S)
-    return weights.unsqueeze(2) @ v, weights  # (N, h, 1, Dh), (N, h, S)
 
 
 @dataclass
@@ -277,7 +254,7 @@ class CPTR(nn.Module):
         name: shown in figures and traces.
     """
 
-    def __init__(self, config: CPTRConfig, vocab: Any = None, name: str = "cptr") -> None:
+    def __init__(self, config: CPTRConfig, *, vocab: TokenTable | None = None, name: str = "cptr") -> None:
         super().__init__()
         config.check()
         if vocab is not None and len(vocab) != config.vocab_size:
@@ -297,7 +274,7 @@ class CPTR(nn.Module):
         for m in (self.token_embed, self.position_embed):
             nn.init.normal_(m.weight, std=0.02)
         if vocab is None:
-            vocab = IdVocab({config.pad_token_id: "[PAD]", config.start_token_id: "[CLS]", config.end_token_id: "[SEP]"})
+            vocab = IdVocab({config.pad_token_id: "[PAD]", config.start_token_id: "[CLS]", config.end_token_id: "[SEP]"}, config.vocab_size)
         self._spec = CaptionerSpec(
             name=name,
             vocab=vocab,
@@ -323,7 +300,7 @@ class CPTR(nn.Module):
         return self._spec.name
 
     @property
-    def vocab(self) -> Any:
+    def vocab(self) -> TokenTable:
         return self._spec.vocab
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
@@ -375,19 +352,16 @@ class CPTR(nn.Module):
         length = max(m.shape[1] for m in memories)
         if len(groups) == 1:  # one size: the encoder's own tensors, in the images' order already
             return self._decoding_state(memories[0], None, [grids[i] for i in range(len(pixels))], attentions[0] if attentions else None)
-        memory = scatter_groups(groups, pad_keys(memories, 1, length))  # (N, K, E)
+        memory = scatter_groups(groups, torch.cat([pad_to(m, length, 1) for m in memories]))  # (N, K, E)
         sizes = scatter_groups(groups, torch.tensor([m.shape[1] for m, g in zip(memories, groups) for _ in g]))  # (N,)
-        bias = None
-        if bool((sizes < length).any()):
-            padding = torch.arange(length)[None, :] >= sizes[:, None]  # (N, K) True on padding keys
-            bias = torch.zeros(padding.shape, dtype=memory.dtype).masked_fill(padding, float("-inf"))
-            bias = bias.to(device)[:, None, None, :]  # (N, 1, 1, K)
+        padding = torch.arange(length)[None, :] >= sizes[:, None]  # (N, K) True on padding keys
+        bias = padding_bias(padding.to(device), memory.dtype) if bool(padding.any()) else None  # (N, 1, 1, K)
         encoder_attention = None
         if record == "all":
-            encoder_attention = []
-            for block in range(len(attentions[0])):
-                parts = [pad_keys([a[block]], -1, length) for a in attentions]  # (n, heads, K_g, K) each
-                encoder_attention.append(scatter_groups(groups, pad_keys(parts, -2, length)))  # (N, heads, K, K)
+            encoder_attention = [  # per block (N, heads, K, K)
+                scatter_groups(groups, torch.cat([pad_to(a[block], length, 2, 3) for a in attentions]))
+                for block in range(len(attentions[0]))
+            ]
         return self._decoding_state(memory, bias, [grids[i] for i in range(len(pixels))], encoder_attention)
 
     def _decoding_state(
@@ -437,7 +411,7 @@ class CPTR(nn.Module):
         return self.head(self.norm(x))  # (N, T, V)
 
 
-def build_cptr(config: CPTRConfig | None = None, vocab: Any = None, name: str = "cptr") -> CPTR:
+def build_cptr(config: CPTRConfig | None = None, *, vocab: TokenTable | None = None, name: str = "cptr") -> CPTR:
     """A CPTR in eval mode: random weights, or timm's pretrained encoder with ``config.pretrained``."""
     model = CPTR(config or CPTRConfig(), vocab=vocab, name=name)
     model.eval()
