@@ -78,14 +78,6 @@ def _mark_patch(ax, trace: Any, patch: tuple[int, int]) -> None:
     ax.add_patch(Rectangle((patch[1] * pw, patch[0] * ph), pw, ph, fill=False, edgecolor="cyan", linewidth=2.5))
 
 
-def _single_panel(trace: Any, ax, size):
-    if ax is not None:
-        return ax.figure, ax
-    pw, ph = _panel_size(trace, 4.0)
-    fig, axes = _new_figure(size or (pw + 1.2, ph + 0.8))
-    return fig, axes[0, 0]
-
-
 def cls_vs_words(
     trace: Any,
     *,
@@ -140,6 +132,29 @@ def cls_vs_words(
     return fig
 
 
+def _one_map(trace: Any, grid_map: np.ndarray, title: str, label: str, patch, ax, figsize, cmap, alpha, smooth):
+    """Check the drawing options, then draw one ``(h, w)`` map over the image (``patch`` outlined) with its colour bar."""
+    a, sigma, cm = _check_alpha(alpha), _check_smooth(smooth), _check_cmap(cmap)
+    _check_ax(ax)
+    size = _check_figsize(figsize, ax)
+    if ax is None:
+        pw, ph = _panel_size(trace, 4.0)
+        fig, axes = _new_figure(size or (pw + 1.2, ph + 0.8))
+        ax = axes[0, 0]
+    else:
+        fig = ax.figure
+    heat = _draw(ax, trace, grid_map, cm, a, float(grid_map.max()), sigma)
+    if patch is not None:
+        _mark_patch(ax, trace, patch)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(heat, ax=ax, label=label, shrink=0.9)
+    return fig
+
+
+def _head_name(head: int | str) -> str:
+    return "mean of heads" if head == "mean" else f"head {head}"
+
+
 def patch_attention(
     trace: Any,
     patch: tuple[int, int],
@@ -155,19 +170,10 @@ def patch_attention(
     """What patch ``(row, col)`` (outlined) attends to in encoder ``layer`` (one head or the mean)."""
     _check_image(trace)
     prefix, grid_map = numeric.patch_row(trace, patch, layer=layer, head=head)
-    a, sigma, cm = _check_alpha(alpha), _check_smooth(smooth), _check_cmap(cmap)
-    _check_ax(ax)
-    size = _check_figsize(figsize, ax)
     n_layers = numeric.encoder_attention(trace).num_layers
-
-    fig, ax = _single_panel(trace, ax, size)
-    heat = _draw(ax, trace, grid_map, cm, a, float(grid_map.max()), sigma)
-    _mark_patch(ax, trace, patch)
-    head_name = "mean of heads" if head == "mean" else f"head {head}"
     note = f"; {_prefix_note(prefix)}" if len(prefix) else ""
-    ax.set_title(f"patch {tuple(int(p) for p in patch)} (outlined), encoder layer {int(layer) % n_layers}\n{head_name}{note}", fontsize=10)
-    fig.colorbar(heat, ax=ax, label="attention weight on a patch", shrink=0.9)
-    return fig
+    title = f"patch {tuple(int(p) for p in patch)} (outlined), encoder layer {int(layer) % n_layers}\n{_head_name(head)}{note}"
+    return _one_map(trace, grid_map, title, "attention weight on a patch", patch, ax, figsize, cmap, alpha, smooth)
 
 
 def rollout_map(
@@ -190,18 +196,9 @@ def rollout_map(
     """
     _check_image(trace)
     prefix, grid_map = numeric.rollout_row(trace, query, head=head)
-    a, sigma, cm = _check_alpha(alpha), _check_smooth(smooth), _check_cmap(cmap)
-    _check_ax(ax)
-    size = _check_figsize(figsize, ax)
     n_layers = numeric.encoder_attention(trace).num_layers
-
-    fig, ax = _single_panel(trace, ax, size)
-    heat = _draw(ax, trace, grid_map, cm, a, float(grid_map.max()), sigma)
-    if not isinstance(query, str):
-        _mark_patch(ax, trace, query)
-    source = "CLS" if isinstance(query, str) else f"patch {tuple(int(q) for q in query)} (outlined)"
+    patch = None if isinstance(query, str) else query
+    source = "CLS" if patch is None else f"patch {tuple(int(q) for q in patch)} (outlined)"
     note = f"; {_prefix_note(prefix)}" if len(prefix) else ""
-    head_name = "mean of heads" if head == "mean" else f"head {head}"
-    ax.set_title(f"rollout of {n_layers} encoder layers ({head_name})\nfrom {source}{note}", fontsize=10)
-    fig.colorbar(heat, ax=ax, label="rolled-out share from a patch", shrink=0.9)
-    return fig
+    title = f"rollout of {n_layers} encoder layers ({_head_name(head)})\nfrom {source}{note}"
+    return _one_map(trace, grid_map, title, "rolled-out share from a patch", patch, ax, figsize, cmap, alpha, smooth)

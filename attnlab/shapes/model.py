@@ -20,26 +20,32 @@ from ..tokenizer import Vocab
 from .scenes import CLS_ID, IMAGE_SIZE, MAX_CAPTION_WORDS, PAD_ID, SEP_ID, VOCAB
 
 
+# what both bundled models share: the decoder's size, the vocabulary, the input size
+SHAPES_DECODER = dict(
+    d_model=128,
+    nheads=4,
+    dec_layers=3,
+    dim_feedforward=512,
+    dropout=0.0,  # every training scene is new: nothing to over-fit
+    vocab_size=len(VOCAB),
+    max_positions=MAX_CAPTION_WORDS + 2,  # start + 14 words + end
+    pad_token_id=PAD_ID,
+    start_token_id=CLS_ID,
+    end_token_id=SEP_ID,
+    image_size=IMAGE_SIZE,
+)
+
+
 def shapes_config() -> CATRConfig:
     """Small CNN (stride 16: 128 px -> 8 x 8 patches), d_model 128, 4 heads,
     2 encoder and 3 decoder layers, the 24-word shapes vocabulary."""
     return CATRConfig(
         backbone="small",
         backbone_channels=(16, 32, 64, 96, 128),
-        d_model=128,
-        nheads=4,
         enc_layers=2,
-        dec_layers=3,
-        dim_feedforward=512,
-        dropout=0.0,  # every training scene is new: nothing to over-fit
-        vocab_size=len(VOCAB),
-        max_positions=MAX_CAPTION_WORDS + 2,  # start + 14 words + end
-        pad_token_id=PAD_ID,
-        start_token_id=CLS_ID,
-        end_token_id=SEP_ID,
         layer_norm_eps=1e-5,
         mlp_hidden=256,
-        image_size=IMAGE_SIZE,
+        **SHAPES_DECODER,
     )
 
 
@@ -59,17 +65,7 @@ def shapes_cptr_config() -> CPTRConfig:
         encoder="vit_small_patch8_224",  # timm's ViT-S/8 layout, resized by encoder_args
         encoder_args={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0},
         pretrained=False,
-        image_size=IMAGE_SIZE,
-        d_model=128,
-        nheads=4,
-        dec_layers=3,
-        dim_feedforward=512,
-        dropout=0.0,  # every training scene is new: nothing to over-fit
-        vocab_size=len(VOCAB),
-        max_positions=MAX_CAPTION_WORDS + 2,  # start + 14 words + end
-        pad_token_id=PAD_ID,
-        start_token_id=CLS_ID,
-        end_token_id=SEP_ID,
+        **SHAPES_DECODER,
     )
 
 
