@@ -103,3 +103,16 @@ def test_cli_evaluate_and_train_take_a_model(tmp_path, capsys):
     assert "exact captions" in out and "layer 2" in out
     assert main(["train", "shapes", "--model", "cptr", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "m.pt")]) == 0
     assert isinstance(attnlab.load_model(checkpoint=tmp_path / "m.pt"), CPTR)
+
+
+def test_shapes_cptr_starts_from_sincos_positions():
+    """Fresh models: prefix position zero; a patch's position is closer to its neighbour's than to a far patch's."""
+    pos = build_model("cptr", seed=0).encoder.pos_embed[0].detach()  # (1 + 16 * 16, E)
+    assert float(pos[0].abs().sum()) == 0.0
+    patch = lambda r, c: pos[1 + r * 16 + c]  # noqa: E731
+    near, far = torch.dist(patch(5, 5), patch(5, 6)), torch.dist(patch(5, 5), patch(12, 14))
+    assert near < far / 2
+    # timm's layout, at the highest frequency: sin(row), sin(col), cos(row), cos(col) in the four quarters
+    got = patch(3, 7)[[0, 32, 64, 96]]
+    want = torch.tensor([3.0, 7.0, 3.0, 7.0])
+    assert torch.allclose(got, torch.cat([want[:2].sin(), want[2:].cos()]), atol=1e-6)

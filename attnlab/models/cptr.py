@@ -411,6 +411,29 @@ class CPTR(nn.Module):
         return self.head(self.norm(x))  # (N, T, V)
 
 
+def sincos_positions(model: CPTR) -> None:
+    """Set the ViT's learned position embedding to fixed 2-D sine-cosine values (as MAE does).
+
+    An initialisation for training from scratch: patch ``(r, c)`` gets the
+    sin/cos features of its row and column, so neighbouring patches start
+    with similar positions and the decoder can tell where a token is from the
+    first step (learned embeddings start as small random vectors). Prefix
+    tokens' entries are set to zero. The embedding stays trainable.
+    """
+    from timm.layers import build_sincos2d_pos_embed
+
+    vit = model.encoder
+    pos = getattr(vit, "pos_embed", None)  # (1, prefix + h * w, E), or (1, h * w, E) with no_embed_class
+    if pos is None:
+        raise AttnlabError("this ViT has no learned position embedding to initialise")
+    h, w = vit.patch_embed.grid_size
+    table = build_sincos2d_pos_embed([h, w], dim=pos.shape[-1])  # (h * w, E)
+    prefix = pos.shape[1] - h * w
+    with torch.no_grad():
+        pos[0, :prefix].zero_()
+        pos[0, prefix:].copy_(table)
+
+
 def build_cptr(config: CPTRConfig | None = None, *, vocab: TokenTable | None = None, name: str = "cptr") -> CPTR:
     """A CPTR in eval mode: random weights, or timm's pretrained encoder with ``config.pretrained``."""
     model = CPTR(config or CPTRConfig(), vocab=vocab, name=name)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import AttnlabError
 from ..models.catr import CATR, CATRConfig
-from ..models.cptr import CPTR, CPTRConfig
+from ..models.cptr import CPTR, CPTRConfig, sincos_positions
 from ..tokenizer import Vocab
 from .scenes import CLS_ID, IMAGE_SIZE, MAX_CAPTION_WORDS, PAD_ID, SEP_ID, VOCAB
 
@@ -70,10 +70,13 @@ def shapes_cptr_config() -> CPTRConfig:
 
 
 def build_shapes_cptr(seed: int = 0) -> CPTR:
-    """A randomly initialised shapes CPTR (deterministic for ``seed``), named ``shapes-cptr``."""
+    """A randomly initialised shapes CPTR (deterministic for ``seed``), named ``shapes-cptr``;
+    its position embedding starts as 2-D sine-cosine values (:func:`~attnlab.models.cptr.sincos_positions`)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return CPTR(shapes_cptr_config(), vocab=Vocab(VOCAB, wordpiece=False), name="shapes-cptr")
+        model = CPTR(shapes_cptr_config(), vocab=Vocab(VOCAB, wordpiece=False), name="shapes-cptr")
+    sincos_positions(model)
+    return model
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {"catr": build_shapes_model, "cptr": build_shapes_cptr}
