@@ -30,6 +30,7 @@ NOTEBOOKS = [
     "02_heads_vs_average.ipynb",
     "03_word_slider.ipynb",
     "04_reproduce_blog_figure.ipynb",
+    "06_cnn_vs_vit.ipynb",
 ]
 LIMIT_S = 120.0  # each notebook, kernel start included
 OFFLINE_SENTENCE = "Offline: CATR's weights and example image cannot be downloaded here"
@@ -132,4 +133,7 @@ def test_notebook_runs(name, offline_env):
             assert "the last layer is layer 2 (layer=-1)" in text
         else:
             assert "catr-v3:" in text
+    elif name.startswith("06_"):
+        assert text.count("pointing game") == 2  # both models' grounding numbers
+        assert "word rows" in text and "CLS row" in text and "rollout from CLS" in text
     assert seconds < LIMIT_S, f"{name} took {seconds:.0f} s (limit {LIMIT_S:.0f} s)"
