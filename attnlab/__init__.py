@@ -5,7 +5,7 @@
 >>> trace = attnlab.caption(model, "image.png")
 >>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
 
-Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
+Public surface: :func:`load_model`, :func:`caption`, :func:`explain`, :class:`CaptionTrace`,
 :func:`capture_attention`, :func:`explore`, :func:`export_html` (a static
 explorer page), the :mod:`attnlab.plot` views and the captioner protocol
 (:class:`Captioner`, :class:`CaptionerSpec`, :class:`Encoded`,
@@ -22,6 +22,7 @@ from .capture import AttentionCapture, capture_attention
 from .captioner import Captioner, CaptionerSpec, Encoded, StepOutput
 from .decode import caption
 from .errors import AttnlabError
+from .explain import explain
 from .hub import load_model, save_checkpoint
 from .samples import sample_path
 from .tap import AttentionTap
@@ -41,6 +42,7 @@ __all__ = [
     "capture_attention",
     "caption",
     "explore",
+    "explain",
     "export_html",
     "from_huggingface",
     "load_model",

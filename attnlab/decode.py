@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .captioner import Captioner, CaptionerSpec, Record, as_captioner, check_record
+from .diagnostics import mark_padding
 from .errors import AttnlabError
 from .preprocess import ImageInput, prepare_for
 from .trace import CaptionTrace
@@ -265,7 +266,8 @@ def caption(
         runner = reference()
     else:
         runner = cap
-    pixels, shown = prepare_for(images, spec)
+    content: list[tuple[int, int]] = []  # each image within its shown one (padding lies outside)
+    pixels, shown = prepare_for(images, spec, content=content)
     with model_lock(model):
         was_training = getattr(model, "training", None)
         if was_training is not None:
@@ -277,4 +279,5 @@ def caption(
         finally:
             if was_training:
                 model.train(True)
+    mark_padding(traces, content, spec)
     return traces if many else traces[0]

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .captioner import check_best_head
 from .config_check import check_config, check_config_fits
 from .download import cache_dir, cached
 from .errors import AttnlabError
@@ -262,6 +263,22 @@ def _read_catr_checkpoint(path: Path) -> dict[str, Any]:
     return obj
 
 
+def _best_head(obj: dict[str, Any], source: str, layers: int, heads: int) -> tuple[int, int] | None:
+    """The ``(layer, head)`` recorded in a checkpoint's ``meta["best_head"]`` (attnlab's grounding
+    selection, see :func:`attnlab.shapes.grounding.select_best_head`), or ``None``."""
+    meta = obj.get("meta")
+    found = meta.get("best_head") if isinstance(meta, dict) else None
+    if found is None:
+        return None
+    try:
+        layer, head = check_best_head(found)
+    except AttnlabError as exc:
+        raise AttnlabError(f"{source} has a damaged best-head record ({exc}); re-save the model with attnlab.save_checkpoint") from None
+    if layer >= layers or head >= heads:
+        raise AttnlabError(f"{source} records best head (layer {layer}, head {head}) for a model of {layers} layers x {heads} heads: the file is damaged")
+    return layer, head
+
+
 def _cptr_from_checkpoint(obj: dict[str, Any], path: str | Path, given_vocab: Vocab | None, name: str) -> CPTR:
     """A :class:`CPTR` from an ``attnlab-cptr`` checkpoint; its shapes are checked on a
     skeleton without memory (``meta`` device) before the real model is built."""
@@ -283,7 +300,7 @@ def _cptr_from_checkpoint(obj: dict[str, Any], path: str | Path, given_vocab: Vo
     with torch.device("meta"):
         skeleton = CPTR(config, vocab=tokens, name=name)
     check_state_dict(skeleton, sd, str(path))
-    model = CPTR(config, vocab=tokens, name=name)
+    model = CPTR(config, vocab=tokens, name=name, best_head=_best_head(obj, str(path), config.dec_layers, config.nheads))
     model.load_state_dict(sd)
     if tokens is None:
         warnings.warn(f"no vocabulary for {path}: words are shown as [id]; pass vocab=PATH (CLI: --vocab PATH) to its vocab.txt", stacklevel=3)
@@ -338,7 +355,7 @@ def build_from_checkpoint(
         config = check_config(config.to_dict(), source, stored=False)
     check_config_fits(config, sd, source)  # before anything is allocated
     _warn_nonfinite(sd, source)
-    model = CATR(config, vocab=vocabulary, name=name)
+    model = CATR(config, vocab=vocabulary, name=name, best_head=_best_head(obj, source, config.dec_layers, config.nheads))
     model.load_state_dict(sd, strict=False)  # num_batches_tracked entries are dropped by FrozenBatchNorm2d
     if vocabulary is None:
         warnings.warn(
@@ -349,9 +366,16 @@ def build_from_checkpoint(
 
 
 def save_checkpoint(model: CATR | CPTR, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` in attnlab's format (config and vocabulary travel with the weights)."""
+    """Save ``model`` in attnlab's format (config and vocabulary travel with the weights).
+
+    ``meta``: free facts stored with it (a training record); a model with a
+    ``spec.best_head`` keeps it as ``meta["best_head"]`` unless ``meta`` says otherwise.
+    """
     spec = model.spec
     vocab = spec.vocab
+    meta = dict(meta or {})
+    if spec.best_head is not None and "best_head" not in meta:
+        meta["best_head"] = {"layer": spec.best_head[0], "head": spec.best_head[1]}
     obj = {
         "format": CPTR_FORMAT if isinstance(model, CPTR) else ATTNLAB_FORMAT,
         "version": 1,
@@ -360,7 +384,7 @@ def save_checkpoint(model: CATR | CPTR, path: str | Path, meta: dict[str, Any] |
         "vocab": getattr(vocab, "tokens", None) or None,  # an IdVocab (no vocabulary) has no tokens
         "wordpiece": bool(getattr(vocab, "wordpiece", False)),
         "model": model.state_dict(),
-        "meta": meta or {},
+        "meta": meta,
     }
     return atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 

@@ -252,9 +252,12 @@ class CPTR(nn.Module):
         config: the architecture (:class:`CPTRConfig`).
         vocab: id -> token table (:class:`attnlab.tokenizer.Vocab`); ``None`` shows ids as ``[id]``.
         name: shown in figures and traces.
+        best_head: the ``(layer, head)`` of :attr:`CaptionerSpec.best_head` (a checkpoint's record).
     """
 
-    def __init__(self, config: CPTRConfig, *, vocab: TokenTable | None = None, name: str = "cptr") -> None:
+    def __init__(
+        self, config: CPTRConfig, *, vocab: TokenTable | None = None, name: str = "cptr", best_head: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         config.check()
         if vocab is not None and len(vocab) != config.vocab_size:
@@ -287,6 +290,7 @@ class CPTR(nn.Module):
             mean=config.mean,
             std=config.std,
             prefix_tokens=int(self.encoder.num_prefix_tokens),
+            best_head=best_head,
         )
 
     # ------------------------------------------------------------------ seam
