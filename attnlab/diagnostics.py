@@ -35,25 +35,29 @@ import numpy as np
 PADDING_KEY = "padding_fraction"
 SINK_SHARE = 0.5
 
-__all__ = ["Diagnostics", "diagnose", "mark_padding", "padding_fraction"]
+__all__ = ["Diagnostics", "diagnose", "mark_padding", "padding_fraction", "patch_share"]
+
+
+def patch_share(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """``(h, w)``: the fraction of each patch's pixels that lie in ``mask`` ``(height, width)`` bool
+    (the grid stretched over the image; each pixel belongs to the patch its centre lies in)."""
+    gh, gw = grid
+    height, width = mask.shape
+    rows = np.minimum(((np.arange(height) + 0.5) * gh / height).astype(np.int64), gh - 1)  # (height,) patch row
+    cols = np.minimum(((np.arange(width) + 0.5) * gw / width).astype(np.int64), gw - 1)  # (width,)
+    total = np.zeros(grid)
+    inside = np.zeros(grid)
+    np.add.at(total, (rows[:, None], cols[None, :]), 1.0)
+    np.add.at(inside, (rows[:, None], cols[None, :]), mask.astype(np.float64))
+    return inside / np.maximum(total, 1.0)  # (h, w)
 
 
 def padding_fraction(grid: tuple[int, int], shown: tuple[int, int], content: tuple[int, int]) -> np.ndarray:
     """``(h, w)``: the fraction of each patch's pixels that are padding, for an image of ``content``
-    ``(height, width)`` pixels at the top left of a shown image of ``shown`` pixels (each pixel
-    belongs to the patch its centre lies in; the grid is stretched over the shown image)."""
-    gh, gw = grid
+    ``(height, width)`` pixels at the top left of a shown image of ``shown`` pixels."""
     height, width = shown
-    rows = np.minimum(((np.arange(height) + 0.5) * gh / height).astype(np.int64), gh - 1)  # (height,) patch row
-    cols = np.minimum(((np.arange(width) + 0.5) * gw / width).astype(np.int64), gw - 1)  # (width,)
-    pad_rows = np.arange(height) >= content[0]  # (height,)
-    pad_cols = np.arange(width) >= content[1]  # (width,)
-    padded = pad_rows[:, None] | pad_cols[None, :]  # (height, width)
-    total = np.zeros(grid)
-    pads = np.zeros(grid)
-    np.add.at(total, (rows[:, None], cols[None, :]), 1.0)
-    np.add.at(pads, (rows[:, None], cols[None, :]), padded.astype(np.float64))
-    return pads / np.maximum(total, 1.0)  # (h, w)
+    padded = (np.arange(height) >= content[0])[:, None] | (np.arange(width) >= content[1])[None, :]  # (height, width)
+    return patch_share(padded, grid)
 
 
 def mark_padding(traces: list[Any], content: list[tuple[int, int]], spec: Any) -> None:
