@@ -152,7 +152,7 @@ class AttentionExplorer(widgets.VBox):
         """Bring the current view's figure up to date and put its PNG in ``self.image``; returns the PNG."""
         start = time.perf_counter()
         grid = self.controls.grid_view
-        self.controls.head_dropdown.disabled = grid  # the grid shows every head
+        self.controls.head_dropdown.disabled = grid or bool(self._method)  # the grid shows every head; an explanation has none
         view = self._view(self.view)
         state = self.controls.state()
         title, _ = self._titles(state, grid)
