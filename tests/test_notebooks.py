@@ -31,6 +31,7 @@ NOTEBOOKS = [
     "03_word_slider.ipynb",
     "04_reproduce_blog_figure.ipynb",
     "06_cnn_vs_vit.ipynb",
+    "07_is_attention_explanation.ipynb",
 ]
 LIMIT_S = 120.0  # each notebook, kernel start included
 OFFLINE_SENTENCE = "Offline: CATR's weights and example image cannot be downloaded here"
@@ -133,6 +134,13 @@ def test_notebook_runs(name, offline_env):
             assert "the last layer is layer 2 (layer=-1)" in text
         else:
             assert "catr-v3:" in text
+    elif name.startswith("07_"):
+        from attnlab.hub import BUNDLED_CPTR
+
+        models = 2 if BUNDLED_CPTR.is_file() else 1  # the ViT's rows are computed when its weights are installed
+        assert text.count("attnlab grounding \u00b7 model") == models, "one table per bundled model"
+        assert text.count("its peak lands inside the object for") == models  # the reading, printed from the numbers
+        assert "random map" in text and "relevance" in text and "rollout" in text and "share on CLS" in text
     elif name.startswith("06_"):
         assert text.count("pointing game") == 2  # both models' grounding numbers
         assert "word rows" in text and "CLS row" in text and "rollout from CLS" in text

@@ -278,6 +278,16 @@ def method_key(m: Method) -> str:
     return m.name
 
 
+def explain_args(m: Method) -> dict[str, Any]:
+    """The keyword arguments of :func:`attnlab.explain` that make method ``m``'s maps."""
+    args: dict[str, Any] = {"method": m.name}
+    if m.name in ("raw", "best_head", "grad_attn"):
+        args["layer"] = m.layer
+    if m.head is not None:
+        args["head"] = m.head
+    return args
+
+
 @dataclass
 class _Tally:
     """Sums of (hit, touch, mass) and word counts per condition, region kind, row and word class."""
@@ -313,6 +323,7 @@ def ground(
     batch_size: int = 50,
     progress: bool = True,
     desc: str = "grounding",
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Score every method's maps against the objects of ``items`` (see the module docstring).
 
@@ -322,7 +333,11 @@ def ground(
     ``{"model", "images", "methods", "classes", "kinds", "conditions": {condition: {kind:
     {row: {class: {"hit", "touch", "mass", "words"}}}}}, "unmatched": {condition: words}}``;
     conditions ``"generated"`` (the model's greedy captions) and ``"true"`` (teacher-forced
-    true captions, when every item has one the vocabulary can encode).
+    true captions, when every item has one the vocabulary can encode). ``records``: a list that
+    receives one dict per scored word, method and kind: ``image`` (index into ``items``),
+    ``condition``, ``kind``, ``method`` (the row name), ``word``, ``step`` (its index among the
+    caption's words), ``classes``, ``hit``, ``touch``, ``mass``, and ``explain``: the keyword
+    arguments that make the same map with :func:`attnlab.explain` (``method``, ``layer``, ``head``).
     """
     from tqdm.auto import tqdm
 
@@ -349,7 +364,7 @@ def ground(
                 for i, item in enumerate(batch):
                     grid = recs[where[i][0]].grids[where[i][1]]
                     _score_image(spec, item, methods, rows, per_image[i], ids[i], grid, shown[i], content[i], kinds, classes,
-                                 synonyms, regions, i, condition, tally, unmatched)  # fmt: skip
+                                 synonyms, regions, start + i, condition, tally, unmatched, records)  # fmt: skip
             bar.update(len(batch))
     finally:
         bar.close()
@@ -371,7 +386,7 @@ def ground(
 
 
 def _score_image(spec, item, methods, rows, per_method, ids, grid, shown, content, kinds, classes, synonyms, regions, i,
-                 condition, tally, unmatched) -> None:  # fmt: skip
+                 condition, tally, unmatched, records) -> None:  # fmt: skip
     """Add one image's words to ``tally`` (all methods, every kind of region)."""
     words = None
     matches: list[tuple[int, ...]] = []
@@ -394,6 +409,9 @@ def _score_image(spec, item, methods, rows, per_method, ids, grid, shown, conten
                 if region is None:
                     continue
                 values = scores(maps[t], region)
+                if records is not None:
+                    records.append({"image": i, "condition": condition, "kind": kind, "method": row, "explain": explain_args(m),
+                                    "word": words[t], "step": t, "classes": labels, **dict(zip(METRICS, values))})  # fmt: skip
                 for cls in labels:
                     tally.add((condition, kind, row, cls), values)
                     if m is methods[0]:

@@ -59,16 +59,17 @@ def check_scene_count(n: Any) -> int:
 
 
 def grounding(
-    model: Any, n: int = 500, seed: int = 0, *, batch_size: int = 50, progress: bool = True, methods: list[Method] | None = None
+    model: Any, n: int = 500, seed: int = 0, *, batch_size: int = 50, progress: bool = True, methods: list[Method] | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The grounding table of ``model`` on ``n`` held-out scenes (eval split of ``seed``); see
-    :func:`attnlab.explain.grounding.ground` for what is measured and returned."""
+    """The grounding table of ``model`` on ``n`` held-out scenes (eval split of ``seed``: ``make_scenes(n, seed,
+    "eval")``); see :func:`attnlab.explain.grounding.ground` for what is measured and returned (and ``records``)."""
     n = check_scene_count(n)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise AttnlabError(f"--seed must be a whole number >= 0, not {seed!r}")
     scenes = make_scenes(n, int(seed), split="eval")
     result = ground(model, scene_items(scenes), methods=methods, word_classes=WORD_CLASSES, batch_size=batch_size,
-                    progress=progress, desc=f"grounding {n} scenes")  # fmt: skip
+                    progress=progress, desc=f"grounding {n} scenes", records=records)  # fmt: skip
     result["source"] = f" (shapes scenes 0..{n - 1}, eval split, seed {seed})"
     result["seed"] = int(seed)
     return result
