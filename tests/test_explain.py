@@ -18,6 +18,7 @@ from attnlab.captioner import CaptionerSpec, Encoded, StepOutput
 from attnlab.explain import METHODS
 from attnlab.explain import rules
 from attnlab.tokenizer import Vocab
+from reference_rules import plain_bar, plain_norm, plain_relevance
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -189,19 +190,6 @@ def wrapped(model: Tiny):
 
 
 # --------------------------------------------------------------------------- the rules, written out plainly
-def plain_norm(r: np.ndarray) -> np.ndarray:
-    out = r.copy()
-    for row in range(r.shape[0]):
-        extra = r[row] - np.eye(r.shape[0])[row]
-        if extra.sum() > 0:
-            out[row] = extra / extra.sum() + np.eye(r.shape[0])[row]
-    return out
-
-
-def plain_bar(a: np.ndarray, g: np.ndarray) -> np.ndarray:
-    return np.maximum(a * g, 0).mean(axis=0)
-
-
 def reference_relevance(model: Tiny, img: np.ndarray, ids: list[int]) -> np.ndarray:
     """(T, K): for every step i, row i of R^qi from one full teacher-forced forward pass and the
     gradients of logit[i, ids[i]] with respect to its attention matrices, by the rules as stated."""
@@ -213,18 +201,9 @@ def reference_relevance(model: Tiny, img: np.ndarray, ids: list[int]) -> np.ndar
             logits, selfs, crosses = model.full_decode(memory, torch.tensor([[BOS, *ids[:-1]]]))
             mats = [*enc, *selfs, *crosses]
             grads = torch.autograd.grad(logits[0, i, ids[i]], mats)
-        a = [m[0].detach().double().numpy() for m in mats]
-        g = [t[0].double().numpy() for t in grads]
-        E, L, T = len(enc), len(selfs), len(ids)
-        r_ii, r_qq, r_qi = np.eye(K), np.eye(T), np.zeros((T, K))
-        for e in range(E):
-            r_ii = r_ii + plain_bar(a[e], g[e]) @ r_ii
-        for layer in range(L):
-            bar = plain_bar(a[E + layer], g[E + layer])
-            r_qq = r_qq + bar @ r_qq
-            r_qi = r_qi + bar @ r_qi
-            r_qi = r_qi + plain_norm(r_qq).T @ plain_bar(a[E + L + layer], g[E + L + layer]) @ plain_norm(r_ii)
-        rows.append(r_qi[i])
+        pairs = [(m[0].detach().double().numpy(), t[0].double().numpy()) for m, t in zip(mats, grads)]
+        E, L = len(enc), len(selfs)
+        rows.append(plain_relevance(pairs[:E], pairs[E : E + L], pairs[E + L :], len(ids), K)[i])
     return np.array(rows)
 
 
@@ -463,16 +442,7 @@ def full_forward_relevance(model, kind: str, img: np.ndarray, ids: list[int]) ->
         e_pairs = [pairs[n] for n in names if "encoder" in n]
         s_pairs = [pairs[n] for n in names if "self_attn" in n and "encoder" not in n]
         c_pairs = [pairs[n] for n in names if "multihead_attn" in n or "cross_attn" in n]
-        k = c_pairs[0][0].shape[-1]
-        T = len(ids)
-        r_ii, r_qq, r_qi = np.eye(k), np.eye(T), np.zeros((T, k))
-        for a, g in e_pairs:
-            r_ii = r_ii + plain_bar(a, g) @ r_ii
-        for (a_s, g_s), (a_c, g_c) in zip(s_pairs, c_pairs):
-            bar = plain_bar(a_s, g_s)
-            r_qq, r_qi = r_qq + bar @ r_qq, r_qi + bar @ r_qi
-            r_qi = r_qi + plain_norm(r_qq).T @ plain_bar(a_c, g_c) @ plain_norm(r_ii)
-        rows.append(r_qi[i])
+        rows.append(plain_relevance(e_pairs, s_pairs, c_pairs, len(ids), c_pairs[0][0].shape[-1])[i])
     assert prefix == model.spec.prefix_tokens
     return np.array(rows)
 

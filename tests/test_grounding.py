@@ -184,3 +184,25 @@ def test_cli_grounding_refuses_bad_input_in_one_line(args, message, tmp_path, ca
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_best_head_record_travels_with_checkpoints(shapes_model, tmp_path):
+    import torch
+
+    from attnlab import AttnlabError
+    from attnlab.hub import BUNDLED, read_checkpoint
+    from attnlab.shapes.grounding import record_best_head
+
+    stored = read_checkpoint(BUNDLED)["meta"]["best_head"]
+    assert shapes_model.spec.best_head == (stored["layer"], stored["head"])
+    saved = attnlab.save_checkpoint(shapes_model, tmp_path / "copy.pt")
+    assert attnlab.load_model(checkpoint=saved).spec.best_head == shapes_model.spec.best_head
+    record_best_head(saved, {"layer": 1, "head": 3}, tmp_path / "other.pt")
+    assert attnlab.load_model(checkpoint=tmp_path / "other.pt").spec.best_head == (1, 3)
+    obj = read_checkpoint(saved)
+    assert all(torch.equal(obj["model"][k], v) for k, v in read_checkpoint(tmp_path / "other.pt")["model"].items())
+    for bad in ({"layer": 7, "head": 0}, {"layer": "x", "head": 0}, [1]):
+        obj["meta"]["best_head"] = bad
+        torch.save(obj, tmp_path / "bad.pt")
+        with pytest.raises(AttnlabError, match="best-head record|records best head"):
+            attnlab.load_model(checkpoint=tmp_path / "bad.pt")
