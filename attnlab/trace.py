@@ -110,7 +110,10 @@ class CaptionTrace:
             attention of step t over steps 0..t (``record="all"`` only).
         meta: free-form facts about the run (JSON values: numbers, strings,
             lists, dicts). ``caption --out`` records the image's ``source`` path
-            and ``source_sha256`` here.
+            and ``source_sha256`` here; ``caption()`` of a ``resize="pad"``
+            captioner records ``padding_fraction`` (per patch, its share of
+            padding); an explanation (:func:`attnlab.explain`) records its
+            ``method``, ``method_label``, ``quantity`` and ``normalised``.
         prefix_tokens: how many leading keys of the model's cross-attention are
             not image patches (a ViT's CLS token and registers; 0 for CATR).
         prefix_share: ``(layers, heads, steps)`` float32, the weight each step

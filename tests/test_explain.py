@@ -478,3 +478,15 @@ def test_one_line_errors():
                        image_size=SIDE, mean=(0.5,) * 3, std=(0.5,) * 3, bos=BOS, eos=EOS, vocab=WORDS, max_len=6)  # fmt: skip
     with pytest.raises(AttnlabError, match="self_attention="):
         attnlab.explain(cap, photo(0), "relevance")
+
+
+def test_a_list_of_images_of_different_sizes_gives_what_each_gives_alone():
+    model = catr_tiny()
+    imgs = [photo(9, 40, 48), photo(10, 48, 30), photo(11, 40, 48)]
+    for name in ("relevance", "rollout"):
+        both = attnlab.explain(model, imgs, name)
+        assert len(both) == 3
+        for img, got in zip(imgs, both):
+            alone = attnlab.explain(model, img, name)
+            assert got.grid == alone.grid and got.token_ids.tolist() == alone.token_ids.tolist()
+            np.testing.assert_allclose(got.cross_attention, alone.cross_attention, atol=1e-6)
