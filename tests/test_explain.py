@@ -490,3 +490,11 @@ def test_a_list_of_images_of_different_sizes_gives_what_each_gives_alone():
             alone = attnlab.explain(model, img, name, max_len=6)
             assert got.grid == alone.grid and got.token_ids.tolist() == alone.token_ids.tolist()
             np.testing.assert_allclose(got.cross_attention, alone.cross_attention, atol=1e-6)
+
+
+def test_explain_works_inside_inference_mode(tiny):
+    img = photo(12)
+    want = attnlab.explain(tiny, img, "relevance")
+    with torch.inference_mode():
+        got = attnlab.explain(tiny, img, "relevance")
+    np.testing.assert_array_equal(got.cross_attention, want.cross_attention)

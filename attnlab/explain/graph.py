@@ -127,7 +127,7 @@ def record(cap: Captioner, pixels: list[torch.Tensor], tokens: list[list[int]], 
     ``grad``: run with autograd on (else under ``torch.no_grad``).
     """
     spec = cap.spec
-    with torch.set_grad_enabled(grad):
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):  # also when called inside inference_mode
         if grad:  # every attention tensor then hangs off the pixels, even in a frozen model
             pixels = [p.detach().clone().requires_grad_(True) for p in pixels]
         enc = cap.begin(pixels, what)

@@ -177,7 +177,7 @@ def explain_prepared(
     out: list[dict[Method, np.ndarray]] = [{} for _ in pixels]
     where: list[tuple[int, int]] = [(0, 0)] * len(pixels)
     recordings = []
-    with model_lock(model), _evaluating(model, grad):
+    with model_lock(model), _evaluating(model, grad), torch.inference_mode(False), torch.set_grad_enabled(grad):
         for members in groups.values():
             rec = record(cap, [pixels[i] for i in members], [list(tokens[i]) for i in members], what, grad)
             layers, heads = len(rec.steps[0].cross), rec.steps[0].cross[0].shape[1]
