@@ -234,11 +234,12 @@ def _explain_step(rec: Recording, i: int, methods: list[Method], maps: dict[Meth
             g = grads[id(step.cross[m.layer])][:, :, :k].double()
             rows = rules.head_relevance(a[:, :, None], g[:, :, None])[:, 0]  # (B, K)
         else:
-            a_c, g_c = rec.cross(images, i + 1).double(), rec.cross(images, i + 1, grads).double()  # (layers, B, heads, Q, K)
-            a_s, g_s = rec.selfs(images, i + 1).double(), rec.selfs(images, i + 1, grads).double()  # (layers, B, heads, Q, Q)
+            # float32, as recorded: the rules only add and multiply non-negative numbers of order 1
+            a_c, g_c = rec.cross(images, i + 1), rec.cross(images, i + 1, grads)  # (layers, B, heads, Q, K)
+            a_s, g_s = rec.selfs(images, i + 1), rec.selfs(images, i + 1, grads)  # (layers, B, heads, Q, Q)
             enc_a, enc_g = rec.encoder_of(images), rec.encoder_of(images, grads)  # (layers, B, heads, K, K) or None
-            encoder = [] if enc_a is None else list(zip(enc_a.double(), enc_g.double()))
-            rows = rules.relevance(encoder, list(zip(a_s, g_s)), list(zip(a_c, g_c)))[:, i]  # (B, K)
+            encoder = [] if enc_a is None else list(zip(enc_a, enc_g))
+            rows = rules.relevance(encoder, list(zip(a_s, g_s)), list(zip(a_c, g_c)))[:, i].double()  # (B, K)
         for b, r in zip(images, rows.numpy()):
             maps[m][b][i] = r
 
