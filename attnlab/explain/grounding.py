@@ -385,9 +385,13 @@ def ground(
     }
 
 
-def _score_image(spec, item, methods, rows, per_method, ids, grid, shown, content, kinds, classes, synonyms, regions, i,
-                 condition, tally, unmatched, records) -> None:  # fmt: skip
-    """Add one image's words to ``tally`` (all methods, every kind of region)."""
+def _score_image(
+    spec: Any, item: GroundImage, methods: list[Method], rows: list[str], per_method: dict[Method, np.ndarray],
+    ids: list[int], grid: tuple[int, int], shown: np.ndarray, content: tuple[int, int], kinds: Sequence[str],
+    classes: dict[str, set[str]], synonyms: Mapping[str, Iterable[str]] | None, regions: dict, i: int, condition: str,
+    tally: _Tally, unmatched: dict[str, int], records: list[dict[str, Any]] | None,
+) -> None:  # fmt: skip
+    """Add image ``i``'s words to ``tally`` (all methods, every kind of region); ``per_method``: rows (steps, K)."""
     words = None
     matches: list[tuple[int, ...]] = []
     for m, row in zip(methods, rows):
@@ -418,7 +422,11 @@ def _score_image(spec, item, methods, rows, per_method, ids, grid, shown, conten
                         tally.add((condition, kind, RANDOM, cls), chance(region))
 
 
-def _region(item: GroundImage, objs: tuple[int, ...], kind: str, grid, shown, content, cache, i) -> PatchRegion | None:
+def _region(
+    item: GroundImage, objs: tuple[int, ...], kind: str, grid: tuple[int, int], shown: tuple[int, int], content: tuple[int, int],
+    cache: dict, i: int,
+) -> PatchRegion | None:
+    """The union of objects ``objs``'s masks or boxes (``kind``) on the grid; ``None`` when none has one (cached)."""
     key = (i, objs, kind)
     if key not in cache:
         masks = []
