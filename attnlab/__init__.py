@@ -5,7 +5,7 @@
 >>> trace = attnlab.caption(model, "image.png")
 >>> trace.caption, trace.cross_attention.shape  # (layers, heads, steps, H, W)
 
-Public surface: :func:`load_model`, :func:`caption`, :class:`CaptionTrace`,
+Public surface: :func:`load_model`, :func:`caption`, :func:`explain`, :class:`CaptionTrace`,
 :func:`capture_attention`, :func:`explore`, :func:`export_html` (a static
 explorer page), the :mod:`attnlab.plot` views, :mod:`attnlab.batch` (folders,
 shards, resumable runs), :mod:`attnlab.stats` and the captioner protocol
@@ -23,6 +23,7 @@ from .capture import AttentionCapture, capture_attention
 from .captioner import Captioner, CaptionerSpec, Encoded, StepOutput
 from .decode import caption
 from .errors import AttnlabError
+from .explain import explain
 from .hub import load_model, save_checkpoint
 from .samples import sample_path
 from .tap import AttentionTap
@@ -42,6 +43,7 @@ __all__ = [
     "capture_attention",
     "caption",
     "explore",
+    "explain",
     "export_html",
     "from_huggingface",
     "load_model",

@@ -84,6 +84,9 @@ class CaptionerSpec:
             instead of the resize rule and mean/std to make the model input
             (e.g. a Hugging Face image processor). The figures still follow
             ``resize``: it must describe how the transform maps the image.
+        best_head: optional ``(layer, head)``: the decoder cross-attention head
+            that grounds words best, chosen on held-out data (attnlab's bundled
+            models carry their record; ``attnlab.explain(..., "best_head")`` uses it).
     """
 
     name: str
@@ -98,6 +101,7 @@ class CaptionerSpec:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     prefix_tokens: int = 0
     transform: Callable[[Any], torch.Tensor] | None = field(default=None, compare=False)
+    best_head: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for attr in ("bos", "eos", "pad", "max_len", "image_size", "prefix_tokens"):
@@ -116,6 +120,22 @@ class CaptionerSpec:
             if len(value) != 3 or (attr == "std" and min(value) <= 0):
                 raise AttnlabError(f"captioner spec: {attr} must be three numbers (std > 0), not {getattr(self, attr)!r}")
             object.__setattr__(self, attr, value)
+        if self.best_head is not None:
+            object.__setattr__(self, "best_head", check_best_head(self.best_head))
+
+
+def check_best_head(value: Any) -> tuple[int, int]:
+    """A ``(layer, head)`` pair of integers >= 0 (from a list or a ``{"layer": .., "head": ..}`` record), or one line."""
+    if isinstance(value, dict):
+        value = (value.get("layer"), value.get("head"))
+    try:
+        layer, head = value
+    except (TypeError, ValueError):
+        raise AttnlabError(f"best_head must be (layer, head), not {value!r}") from None
+    for v in (layer, head):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise AttnlabError(f"best_head must be two integers >= 0 (layer, head), not {value!r}")
+    return int(layer), int(head)
 
 
 @runtime_checkable

@@ -21,6 +21,18 @@ How it sees what plain hooks miss:
   (``att = self.tap(att)``); the input is recorded, per-head ``(N, heads, L, S)``,
   single-head ``(N, L, S)`` or merged ``(N * heads, L, S)`` (``AttentionTap(num_heads=h)``).
 Everything is undone when the ``with`` block ends, also on exceptions.
+
+Handing weights back (``substitute=``, for gradients): a function
+``(name, weights (N, heads, L, S)) -> weights'`` (same shape) whose answer the
+module goes on with instead of its own weights, and which is what is recorded.
+A tap, dropout or timm block is handed ``weights'`` as its input; an
+``nn.MultiheadAttention`` (whose softmax sits inside one torch function, out of
+any hook's reach) gets its output recomputed from ``weights'`` with its own
+value and output projections (:func:`mha_output`). With ``substitute=lambda n, w: w``
+a recorded tensor is one the model multiplied with its values, so gradients
+with respect to it are defined even where the module's own weights are a view
+made after use (``nn.MultiheadAttention``'s). :func:`attnlab.wrap` uses this to
+let explanation methods differentiate through wrapped models.
 """
 
 from __future__ import annotations
@@ -29,17 +41,19 @@ import fnmatch
 import inspect
 import reprlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import AttnlabError
 from .tap import AttentionTap
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+Substitute = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -109,26 +123,79 @@ def _named_dropouts(model: nn.Module, include: Sequence[str] | None) -> dict[str
     }
 
 
-def _hook_input(stack: ExitStack, module: nn.Module, store: list[torch.Tensor], detach: bool, heads: int | None) -> None:
-    """Record the input of a tap or dropout as ``(N, heads, L, S)``."""
+def _hook_input(
+    stack: ExitStack, name: str, module: nn.Module, store: list[torch.Tensor], detach: bool, heads: int | None,
+    substitute: Substitute | None,
+) -> None:
+    """Record the input of a tap or dropout as ``(N, heads, L, S)`` (and hand the module ``substitute``'s answer)."""
 
     def hook(mod, args):
-        w = args[0]
-        if w.dim() == 3:  # (N * heads, L, S) merged, or (N, L, S) single-head
-            w = w.unflatten(0, (-1, heads)) if heads else w.unsqueeze(1)  # (N, heads, L, S)
-        elif w.dim() != 4:
-            raise AttnlabError(f"attention weights at a tap must be 3-D or 4-D, not {tuple(w.shape)}")
-        store.append(w.detach() if detach else w)
+        given = args[0]
+        if given.dim() == 3:  # (N * heads, L, S) merged, or (N, L, S) single-head
+            w = given.unflatten(0, (-1, heads)) if heads else given.unsqueeze(1)  # (N, heads, L, S)
+        elif given.dim() == 4:
+            w = given  # (N, heads, L, S)
+        else:
+            raise AttnlabError(f"attention weights at a tap must be 3-D or 4-D, not {tuple(given.shape)}")
+        if substitute is None:
+            store.append(w.detach() if detach else w)
+            return None
+        new = _substituted(substitute, name, w)  # (N, heads, L, S)
+        store.append(new.detach() if detach else new)
+        if given.dim() == 4:
+            back = new
+        else:  # the caller's own layout
+            back = new.flatten(0, 1) if heads else new[:, 0]  # (N * heads, L, S) or (N, L, S)
+        return (back, *args[1:])
 
     stack.callback(module.register_forward_pre_hook(hook).remove)
 
 
+def _substituted(substitute: Substitute, name: str, w: torch.Tensor) -> torch.Tensor:
+    new = substitute(name, w)
+    if not isinstance(new, torch.Tensor) or new.shape != w.shape:
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise AttnlabError(f"substitute() gave {got} for {name}'s weights {tuple(w.shape)}: it must keep their shape")
+    return new
+
+
+def mha_output(module: nn.MultiheadAttention, weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """What ``module`` outputs when its per-head weights are ``weights`` ``(N, heads, L, S)``:
+    the value projection of ``value`` (the module's input, in its own layout), the weighted sum
+    per head, the heads joined, the output projection; ``(L, N, E)``, ``(N, L, E)`` with
+    ``batch_first``, or ``(L, E)`` for an unbatched ``value`` ``(S, E)``.
+
+    Eval-mode only (no dropout); modules with ``add_bias_kv`` or ``add_zero_attn`` (extra keys) are refused.
+    """
+    if module.bias_v is not None or module.add_zero_attn:
+        raise AttnlabError("weights cannot be handed to an nn.MultiheadAttention with add_bias_kv or add_zero_attn (its keys are not the inputs)")
+    if module.training and module.dropout > 0:
+        raise AttnlabError("weights can be handed to an nn.MultiheadAttention in eval mode only (its dropout is on)")
+    batched = value.dim() == 3
+    v = value if batched else value.unsqueeze(1)  # (S, N, E_v) (or (N, S, E_v) batch_first)
+    if not (module.batch_first and batched):
+        v = v.transpose(0, 1)  # (N, S, E_v)
+    e, heads = module.embed_dim, module.num_heads
+    w_v = module.in_proj_weight[2 * e :] if module._qkv_same_embed_dim else module.v_proj_weight  # (E, E_v)
+    b_v = None if module.in_proj_bias is None else module.in_proj_bias[2 * e :]  # (E,)
+    n, s = v.shape[:2]
+    vals = F.linear(v, w_v, b_v).view(n, s, heads, e // heads).transpose(1, 2)  # (N, heads, S, Dh)
+    mixed = weights.to(vals.dtype) @ vals  # (N, heads, L, Dh)
+    length = mixed.shape[2]
+    out = F.linear(mixed.transpose(1, 2).reshape(n, length, e), module.out_proj.weight, module.out_proj.bias)  # (N, L, E)
+    if not batched:
+        return out[0]  # (L, E)
+    return out if module.batch_first else out.transpose(0, 1)  # (N, L, E) or (L, N, E)
+
+
 def _hook_mha(
     stack: ExitStack,
+    name: str,
     module: nn.MultiheadAttention,
     store: list[torch.Tensor],
     shapes: list[dict[str, tuple[int, ...] | None]],
     detach: bool,
+    substitute: Substitute | None,
 ) -> None:
     asked: list[tuple[bool, bool]] = []  # what each pending caller asked for: (need_weights, average)
 
@@ -146,10 +213,14 @@ def _hook_mha(
     def hook(mod, args, kwargs, output):
         need_weights, average = asked.pop()
         out, weights = output
+        query, key, value = args
         per_head = weights if weights.dim() == 4 else weights.unsqueeze(0)  # (N, heads, L, S)
+        if substitute is not None:
+            per_head = _substituted(substitute, name, per_head)  # (N, heads, L, S)
+            out = mha_output(mod, per_head, value)  # the output of the handed-over weights
+            weights = per_head if weights.dim() == 4 else per_head[0]
         store.append(per_head.detach() if detach else per_head)
         given = None if not need_weights else (weights.mean(dim=-3) if average else weights)
-        query, key, value = args
         shapes.append(
             {
                 "query": tuple(query.shape),
@@ -168,14 +239,17 @@ def _hook_mha(
     stack.callback(module.register_forward_hook(hook, with_kwargs=True, prepend=True).remove)
 
 
-def _hook_timm(stack: ExitStack, module: nn.Module, store: list[torch.Tensor], detach: bool) -> None:
+def _hook_timm(stack: ExitStack, name: str, module: nn.Module, store: list[torch.Tensor], detach: bool, substitute: Substitute | None) -> None:
     old = module.fused_attn
     module.fused_attn = False
     stack.callback(setattr, module, "fused_attn", old)
 
     def hook(mod, args):
         weights = args[0]  # (B, heads, N, N) softmax output, before dropout
+        if substitute is not None:
+            weights = _substituted(substitute, name, weights)  # (B, heads, N, N)
         store.append(weights.detach() if detach else weights)
+        return None if substitute is None else (weights, *args[1:])
 
     stack.callback(module.attn_drop.register_forward_pre_hook(hook).remove)
 
@@ -209,7 +283,7 @@ def _fastpath_off() -> Iterator[None]:
 
 @contextmanager
 def capture_attention(
-    model: nn.Module, include: str | Sequence[str] | None = None, *, detach: bool = True
+    model: nn.Module, include: str | Sequence[str] | None = None, *, detach: bool = True, substitute: Substitute | None = None
 ) -> Iterator[AttentionCapture]:
     """Record per-head attention weights inside a ``with`` block.
 
@@ -219,6 +293,9 @@ def capture_attention(
             ``"transformer.decoder.layers.*.multihead_attn"``; ``None`` = all.
         detach: store detached tensors (default); ``False`` keeps the graph so
             gradients can flow through the weights.
+        substitute: optional ``(name, weights (N, heads, L, S)) -> weights'``:
+            the module goes on with ``weights'`` (same shape), which is also
+            what is recorded (see the module docstring).
 
     Yields an :class:`AttentionCapture`. Raises :class:`AttnlabError` when no
     attention module matches ``include`` (the message lists some that exist).
@@ -245,9 +322,9 @@ def capture_attention(
         stack.enter_context(_fastpath_off())
         for name, module in chosen.items():
             if isinstance(module, nn.MultiheadAttention):
-                _hook_mha(stack, module, cap.weights[name], cap.shapes[name], detach)
+                _hook_mha(stack, name, module, cap.weights[name], cap.shapes[name], detach, substitute)
             elif isinstance(module, (AttentionTap, nn.Dropout)):
-                _hook_input(stack, module, cap.weights[name], detach, getattr(module, "num_heads", None))
+                _hook_input(stack, name, module, cap.weights[name], detach, getattr(module, "num_heads", None), substitute)
             else:
-                _hook_timm(stack, module, cap.weights[name], detach)
+                _hook_timm(stack, name, module, cap.weights[name], detach, substitute)
         yield cap

@@ -1,4 +1,4 @@
-"""The ``attnlab`` command line: ``caption``, ``demo``, ``train``, ``evaluate``.
+"""The ``attnlab`` command line: ``caption``, ``demo``, ``train``, ``evaluate``, ``grounding``.
 
 Errors a user can fix are printed as one line, ``attnlab: error: ...``, on stderr.
 """
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .shapes.cli import add_commands  # demo, train, evaluate live with the shapes world
 
     add_commands(sub)
+    from .explain.cli import add_commands as add_grounding
+
+    add_grounding(sub)
     return parser
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .captioner import Captioner, CaptionerSpec, Encoded, Record, as_captioner, check_record
+from .diagnostics import mark_padding
 from .errors import AttnlabError
 from .preprocess import ImageInput, prepare_for
 from .trace import CaptionTrace
@@ -460,8 +461,10 @@ def caption(
     if not images:
         raise AttnlabError("no image given")
     check_tokens(tokens, len(images), spec.max_len, len(spec.vocab) or None)
-    pixels, shown = prepare_for(images, spec)
+    content: list[tuple[int, int]] = []  # each image within its shown one (padding lies outside)
+    pixels, shown = prepare_for(images, spec, content=content)
     traces = decode_batch(
         model, pixels, shown, max_len=max_len, tokens=tokens, mode=mode, record=record, beams=beams, length_penalty=length_penalty
     )
+    mark_padding(traces, content, spec)
     return traces if many else traces[0]

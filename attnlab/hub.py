@@ -9,6 +9,9 @@ Names:
   ``<name>.bad`` and fetched again (:func:`attnlab.download.cached`).
 * ``"catr"`` with ``checkpoint=PATH``: a CATR checkpoint of your own
   (``{'model': state_dict}`` or a bare state dict), ``vocab=PATH`` optional.
+* ``"shapes-cptr"``: the bundled CPTR-style model (a small timm ViT, offline).
+* ``"cptr"`` with ``checkpoint=PATH``: a CPTR checkpoint saved by
+  :func:`save_checkpoint` (configuration and vocabulary travel with the weights).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from typing import Any
 
 import torch
 
+from .captioner import check_best_head
 from .config_check import check_config, check_config_fits
 from .download import cache_dir, cached
 from .errors import AttnlabError
 from .fileio import atomic_write
 from .models.catr import CATR, CATRConfig
+from .models.cptr import CPTR, CPTRConfig
 from .tokenizer import Vocab
 
 CHECKPOINT_URLS = {
@@ -37,8 +42,10 @@ CHECKPOINT_URLS = {
 VOCAB_URL = "https://huggingface.co/google-bert/bert-base-uncased/resolve/main/vocab.txt"
 VOCAB_FILE = "bert-base-uncased-vocab.txt"
 BUNDLED = Path(__file__).parent / "weights" / "shapes.pt"
+BUNDLED_CPTR = Path(__file__).parent / "weights" / "shapes-cptr.pt"
 ATTNLAB_FORMAT = "attnlab-catr"
-NAMES = ("shapes", "catr", *CHECKPOINT_URLS)
+CPTR_FORMAT = "attnlab-cptr"
+NAMES = ("shapes", "shapes-cptr", "catr", "cptr", *CHECKPOINT_URLS)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -107,6 +114,9 @@ def describe_state_dict(sd: dict[str, torch.Tensor]) -> str:
         dec = len({k.split(".")[3] for k in keys if k.startswith("transformer.decoder.layers.")})
         backbone = "ResNet" if "backbone.0.body.layer1.0.conv1.weight" in keys else "small-CNN"
         return f"a CATR-style captioner ({backbone} backbone, {enc} encoder / {dec} decoder layers, vocabulary {vocab})"
+    if "encoder.patch_embed.proj.weight" in keys and "layers.0.cross_attn.in_proj_weight" in keys and "head.weight" in keys:
+        dec = _count_layers(sd, "layers.")
+        return f"a CPTR-style captioner (timm ViT encoder, {dec} decoder layers, vocabulary {sd['head.weight'].shape[0]})"
     if "class_embed.weight" in keys and "query_embed.weight" in keys:
         return "a DETR object detector, not a captioner"
     if "fc.weight" in keys and "conv1.weight" in keys:
@@ -259,10 +269,54 @@ def _read_catr_checkpoint(path: Path) -> dict[str, Any]:
     return obj
 
 
+def _best_head(obj: dict[str, Any], source: str, layers: int, heads: int) -> tuple[int, int] | None:
+    """The ``(layer, head)`` recorded in a checkpoint's ``meta["best_head"]`` (attnlab's grounding
+    selection, see :func:`attnlab.shapes.grounding.select_best_head`), or ``None``."""
+    meta = obj.get("meta")
+    found = meta.get("best_head") if isinstance(meta, dict) else None
+    if found is None:
+        return None
+    try:
+        layer, head = check_best_head(found)
+    except AttnlabError as exc:
+        raise AttnlabError(f"{source} has a damaged best-head record ({exc}); re-save the model with attnlab.save_checkpoint") from None
+    if layer >= layers or head >= heads:
+        raise AttnlabError(f"{source} records best head (layer {layer}, head {head}) for a model of {layers} layers x {heads} heads: the file is damaged")
+    return layer, head
+
+
+def _cptr_from_checkpoint(obj: dict[str, Any], path: str | Path, given_vocab: Vocab | None, name: str) -> CPTR:
+    """A :class:`CPTR` from an ``attnlab-cptr`` checkpoint; its shapes are checked on a
+    skeleton without memory (``meta`` device) before the real model is built."""
+    sd = state_dict_of(obj, str(path))
+    config = CPTRConfig.from_dict(obj.get("config"))
+    config.pretrained = False  # the weights come from the file
+    sizes = {  # cheap checks first: a hostile config must not build a huge skeleton
+        "decoder layers": (config.dec_layers, _count_layers(sd, "layers.")),
+        "encoder blocks": (config.encoder_args.get("depth"), _count_layers(sd, "encoder.blocks.")),
+        "encoder width": (config.encoder_args.get("embed_dim"), sd.get("encoder.patch_embed.proj.weight", torch.empty(0)).shape[0]),
+    }
+    for what, (declared, found) in sizes.items():
+        if declared is not None and declared != found:
+            raise AttnlabError(f"{path} does not fit its own configuration ({what}: {declared} declared, {found} in the weights): the file is damaged")
+    tokens = given_vocab or (Vocab(obj["vocab"], wordpiece=bool(obj.get("wordpiece", False))) if obj.get("vocab") else None)
+    if tokens is not None and len(tokens) != config.vocab_size:
+        raise AttnlabError(f"the vocabulary has {len(tokens)} tokens but {path} predicts {config.vocab_size}: pass the model's own vocab.txt")
+    name = obj.get("name", name) if isinstance(obj.get("name"), str) else name
+    with torch.device("meta"):
+        skeleton = CPTR(config, vocab=tokens, name=name)
+    check_state_dict(skeleton, sd, str(path))
+    model = CPTR(config, vocab=tokens, name=name, best_head=_best_head(obj, str(path), config.dec_layers, config.nheads))
+    model.load_state_dict(sd)
+    if tokens is None:
+        warnings.warn(f"no vocabulary for {path}: words are shown as [id]; pass vocab=PATH (CLI: --vocab PATH) to its vocab.txt", stacklevel=3)
+    return model
+
+
 def build_from_checkpoint(
     path: str | Path, vocab: str | Path | Vocab | None = None, name: str = "catr", *, obj: dict[str, Any] | None = None
-) -> CATR:
-    """A model from a checkpoint file: attnlab's own format or CATR's.
+) -> CATR | CPTR:
+    """A model from a checkpoint file: attnlab's own formats (CATR-style or CPTR) or CATR's.
 
     ``vocab``: a ``vocab.txt`` path or a :class:`Vocab`; ``obj``: the file's content
     when it was read already. Nothing is built before the configuration (stored in
@@ -273,6 +327,8 @@ def build_from_checkpoint(
     source = str(path)
     sd = state_dict_of(obj, source)
     given_vocab = vocab if isinstance(vocab, Vocab) or vocab is None else Vocab.from_file(vocab)
+    if obj.get("format") == CPTR_FORMAT:
+        return _cptr_from_checkpoint(obj, path, given_vocab, name if name != "catr" else "cptr")
     attnlab_format = obj.get("format") == ATTNLAB_FORMAT
     if attnlab_format:
         config = check_config(obj.get("config"), source)
@@ -305,7 +361,7 @@ def build_from_checkpoint(
         config = check_config(config.to_dict(), source, stored=False)
     check_config_fits(config, sd, source)  # before anything is allocated
     _warn_nonfinite(sd, source)
-    model = CATR(config, vocab=vocabulary, name=name)
+    model = CATR(config, vocab=vocabulary, name=name, best_head=_best_head(obj, source, config.dec_layers, config.nheads))
     model.load_state_dict(sd, strict=False)  # num_batches_tracked entries are dropped by FrozenBatchNorm2d
     if vocabulary is None:
         warnings.warn(
@@ -315,19 +371,26 @@ def build_from_checkpoint(
     return model
 
 
-def save_checkpoint(model: CATR, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` in attnlab's format (config and vocabulary travel with the weights)."""
+def save_checkpoint(model: CATR | CPTR, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` in attnlab's format (config and vocabulary travel with the weights).
+
+    ``meta``: free facts stored with it (a training record); a model with a
+    ``spec.best_head`` keeps it as ``meta["best_head"]`` unless ``meta`` says otherwise.
+    """
     spec = model.spec
     vocab = spec.vocab
+    meta = dict(meta or {})
+    if spec.best_head is not None and "best_head" not in meta:
+        meta["best_head"] = {"layer": spec.best_head[0], "head": spec.best_head[1]}
     obj = {
-        "format": ATTNLAB_FORMAT,
+        "format": CPTR_FORMAT if isinstance(model, CPTR) else ATTNLAB_FORMAT,
         "version": 1,
         "name": spec.name,
         "config": model.config.to_dict(),
         "vocab": getattr(vocab, "tokens", None) or None,  # an IdVocab (no vocabulary) has no tokens
         "wordpiece": bool(getattr(vocab, "wordpiece", False)),
         "model": model.state_dict(),
-        "meta": meta or {},
+        "meta": meta,
     }
     return atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
@@ -338,25 +401,35 @@ def load_model(
     checkpoint: str | Path | None = None,
     vocab: str | Path | None = None,
     device: str | torch.device = "cpu",
-) -> CATR:
+) -> CATR | CPTR:
     """Load a captioning model in eval mode.
 
     Args:
-        name: ``None``/``"shapes"`` (bundled, offline), ``"catr-v1"``,
-            ``"catr-v2"``, ``"catr-v3"`` (downloaded once, then cached) or
-            ``"catr"`` with ``checkpoint``.
+        name: ``None``/``"shapes"`` or ``"shapes-cptr"`` (bundled, offline),
+            ``"catr-v1"``, ``"catr-v2"``, ``"catr-v3"`` (downloaded once, then
+            cached), or ``"catr"``/``"cptr"`` with ``checkpoint`` (``None`` with a
+            checkpoint: whichever kind the file holds).
         checkpoint: path of a checkpoint to load instead of a named one.
         vocab: path of a ``vocab.txt`` for ``checkpoint`` (else words show as ``[id]``).
         device: ``"cpu"``, ``"cuda"``, ...
     """
     if checkpoint is not None:
-        if name not in (None, "catr"):
+        if name not in (None, "catr", "cptr"):
             raise AttnlabError(f"give either a model name or checkpoint=PATH, not both ({name!r})")
-        return _to_device(build_from_checkpoint(checkpoint, vocab, name or "catr"), device)
+        model = build_from_checkpoint(checkpoint, vocab, name or "catr")
+        if name == "cptr" and not isinstance(model, CPTR):
+            raise AttnlabError(f"{checkpoint} is not a CPTR checkpoint (it holds a CATR-style model): load it with load_model('catr', checkpoint=...)")
+        if name == "catr" and isinstance(model, CPTR):
+            raise AttnlabError(f"{checkpoint} holds a CPTR (timm ViT) captioner: load it with load_model('cptr', checkpoint=...)")
+        return _to_device(model, device)
     if name is None or name == "shapes":
         if not BUNDLED.is_file():
             raise AttnlabError(f"the bundled shapes model is missing ({BUNDLED}): reinstall attnlab")
         return _to_device(build_from_checkpoint(BUNDLED, vocab), device)
+    if name == "shapes-cptr":
+        if not BUNDLED_CPTR.is_file():
+            raise AttnlabError(f"the bundled shapes-cptr model is missing ({BUNDLED_CPTR}): reinstall attnlab")
+        return _to_device(build_from_checkpoint(BUNDLED_CPTR, vocab, "shapes-cptr"), device)
     if name in CHECKPOINT_URLS:
         root = cache_dir()
         ckpt = root / f"{name}.pth"
@@ -364,6 +437,6 @@ def load_model(
         vocabulary = Path(vocab) if vocab is not None else cached(VOCAB_URL, root / VOCAB_FILE, _read_bert_vocab)
         model = build_from_checkpoint(ckpt, vocabulary, name, obj=obj)
         return _to_device(model, device)
-    if name == "catr":
-        raise AttnlabError("model 'catr' needs checkpoint=PATH (or the CLI's --checkpoint PATH)")
+    if name in ("catr", "cptr"):
+        raise AttnlabError(f"model {name!r} needs checkpoint=PATH (or the CLI's --checkpoint PATH)")
     raise AttnlabError(f"unknown model {name!r}: choose one of {', '.join(NAMES)}")

@@ -217,7 +217,7 @@ def _mean_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
     return tuple(int(round(min(max(m, 0.0), 1.0) * 255)) for m in mean)  # type: ignore[return-value]
 
 
-def prepare_for(images: list[ImageInput], spec) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+def prepare_for(images: list[ImageInput], spec, *, content: list[tuple[int, int]] | None = None) -> tuple[list[torch.Tensor], list[np.ndarray]]:
     """Images -> model inputs and display images, by a captioner's spec (:mod:`attnlab.captioner`).
 
     Returns ``pixels``: one ``(3, h, w)`` float32 tensor per image (sizes may
@@ -234,6 +234,10 @@ def prepare_for(images: list[ImageInput], spec) -> tuple[list[torch.Tensor], lis
 
     ``spec.transform``, when set, makes the model input instead (e.g. a Hugging
     Face image processor); the shown image still follows ``resize``.
+
+    ``content``: a list that receives, per image, the ``(height, width)`` of the
+    image itself within the shown one (top-left; smaller than the shown square
+    only with ``"pad"``).
     """
     pixels: list[torch.Tensor] = []
     shown: list[np.ndarray] = []
@@ -246,9 +250,13 @@ def prepare_for(images: list[ImageInput], spec) -> tuple[list[torch.Tensor], lis
             canvas.paste(img.resize((w, h)), (0, 0))
             view = np.asarray(canvas)  # (side, side, 3)
             model_in = view
+            if content is not None:
+                content.append((h, w))
         else:
             view = np.asarray(img.resize((w, h)))  # (h, w, 3), aspect kept
             model_in = view if spec.resize == "long" else np.asarray(img.resize((side, side)))  # (side, side, 3)
+            if content is not None:
+                content.append(view.shape[:2])
         if spec.transform is not None:
             x = spec.transform(img)
             if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[0] != 3:

@@ -33,12 +33,15 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from .errors import AttnlabError
 from .fileio import atomic_write
+
+if TYPE_CHECKING:
+    from .diagnostics import Diagnostics
 
 TRACE_FORMAT = "attnlab-trace"
 TRACE_VERSION = 2
@@ -107,7 +110,10 @@ class CaptionTrace:
             attention of step t over steps 0..t (``record="all"`` only).
         meta: free-form facts about the run (JSON values: numbers, strings,
             lists, dicts). ``caption --out`` records the image's ``source`` path
-            and ``source_sha256`` here.
+            and ``source_sha256`` here; ``caption()`` of a ``resize="pad"``
+            captioner records ``padding_fraction`` (per patch, its share of
+            padding); an explanation (:func:`attnlab.explain`) records its
+            ``method``, ``method_label``, ``quantity`` and ``normalised``.
         prefix_tokens: how many leading keys of the model's cross-attention are
             not image patches (a ViT's CLS token and registers; 0 for CATR).
         prefix_share: ``(layers, heads, steps)`` float32, the weight each step
@@ -282,6 +288,14 @@ class CaptionTrace:
             prefix_tokens=self.prefix_tokens,
             prefix_share=mean_steps(self.prefix_share, 2),  # (layers, heads, words)
         )
+
+    def diagnostics(self) -> "Diagnostics":
+        """Where each map's weight goes besides the content: the prefix keys (CLS, registers),
+        padding, the grid's border, and its entropy against a uniform map, per layer, head (and
+        the head mean, the last head index) and step; see :mod:`attnlab.diagnostics`."""
+        from .diagnostics import diagnose
+
+        return diagnose(self)
 
     def nonfinite(self) -> list[str]:
         """Names of the arrays holding values that make no sense: NaN or infinite

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnlab import AttentionCapture, AttnlabError, capture_attention
+from attnlab import AttentionCapture, AttentionTap, AttnlabError, capture_attention
 
 E, HEADS = 16, 4
 
@@ -486,3 +486,76 @@ def test_nested_timm_captures():
     assert_no_hooks(vit)
     assert torch.equal(outer.last("blocks.0.attn"), inner.last("blocks.0.attn"))
     assert len(inner.names) == 3
+
+
+# --------------------------------------------------------------------------- handing weights back (substitute=)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kv_dims", [None, (6, 10)])
+def test_substitute_identity_keeps_outputs_and_puts_the_weights_in_the_graph(batch_first, kv_dims):
+    kdim, vdim = kv_dims or (E, E)
+    mha = nn.MultiheadAttention(E, HEADS, kdim=kv_dims and kdim, vdim=kv_dims and vdim, batch_first=batch_first).eval()
+    q_in, k_in, v_in = torch.randn(2, 4, E), torch.randn(2, 6, kdim), torch.randn(2, 6, vdim)
+    if not batch_first:
+        q_in, k_in, v_in = q_in.transpose(0, 1), k_in.transpose(0, 1), v_in.transpose(0, 1)
+    kpm = padding_mask(2, 6)
+    want, want_avg = mha(q_in, k_in, v_in, key_padding_mask=kpm)
+    with capture_attention(mha, detach=False, substitute=lambda n, w: w) as cap:
+        got, avg = mha(q_in, k_in, v_in, key_padding_mask=kpm)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(avg, want_avg)
+    w = cap.last("")  # (2, heads, 4, 6): what the output was computed from
+    (g,) = torch.autograd.grad(got.sum(), w)
+    # d out / d w[n, h, l, s] = (v_s projected, head h) . (d out / d out_head): written out here
+    e = E // HEADS
+    v = v_in if batch_first else v_in.transpose(0, 1)  # (2, 6, vdim)
+    w_v = mha.in_proj_weight[2 * E :] if mha.in_proj_weight is not None else mha.v_proj_weight
+    vals = (v @ w_v.T + mha.in_proj_bias[2 * E :]).view(2, 6, HEADS, e).transpose(1, 2)  # (2, heads, 6, e)
+    upstream = mha.out_proj.weight.sum(0).view(HEADS, e)  # d sum(out) / d (head h's mixed value)
+    expected = torch.einsum("nhse,he->nhs", vals, upstream)[:, :, None].expand(-1, -1, 4, -1)
+    torch.testing.assert_close(g, expected, atol=1e-5, rtol=1e-5)
+    assert_no_hooks(mha)
+
+
+def test_substitute_hands_the_module_other_weights():
+    mha = nn.MultiheadAttention(E, HEADS, batch_first=True).eval()
+    q_in, kv_in = torch.randn(1, 3, E), torch.randn(1, 5, E)
+    one_hot = torch.zeros(1, HEADS, 3, 5)
+    one_hot[..., 2] = 1.0  # every query on key 2
+    with capture_attention(mha, substitute=lambda n, w: one_hot) as cap:
+        out, avg = mha(q_in, kv_in, kv_in)
+    # the output is then key 2's value, projected, for every query
+    v = kv_in @ mha.in_proj_weight[2 * E :].T + mha.in_proj_bias[2 * E :]  # (1, 5, E)
+    torch.testing.assert_close(out[0], mha.out_proj(v[0, 2]).expand(3, -1), atol=1e-6, rtol=0)
+    assert torch.equal(cap.last(""), one_hot) and torch.equal(avg, one_hot.mean(1))
+    with pytest.raises(AttnlabError, match="keep their shape"):
+        with capture_attention(mha, substitute=lambda n, w: w[:, :1]):
+            mha(q_in, kv_in, kv_in)
+    assert_no_hooks(mha)
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_substitute_at_a_tap_in_the_callers_layout(heads):
+    tap = AttentionTap(num_heads=heads)
+    weights = torch.rand(2 * (heads or 1), 3, 4) if heads else torch.rand(2, 3, 4)  # merged or single-head
+    seen = []
+    with capture_attention(tap, substitute=lambda n, w: (seen.append(w.shape), w * 2)[1]) as cap:
+        out = tap(weights)
+    assert seen == [(2, heads or 1, 3, 4)]
+    torch.testing.assert_close(out, weights * 2)  # handed back in the layout the code uses
+    assert cap.last("").shape == (2, heads or 1, 3, 4)
+
+
+def test_substitute_in_timm_blocks():
+    vit = _tiny_vit()
+    img = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        plain = vit(img)
+        with capture_attention(vit, substitute=lambda n, w: w) as cap:
+            same = vit(img)
+        uniform = lambda n, w: torch.full_like(w, 1.0 / w.shape[-1])  # noqa: E731
+        with capture_attention(vit, "blocks.0.attn", substitute=uniform) as cap:
+            other = vit(img)
+    torch.testing.assert_close(same, plain)
+    assert not torch.allclose(other, plain)
+    torch.testing.assert_close(cap.last("blocks.0.attn"), torch.full((1, 3, 17, 17), 1 / 17))
+    assert all(b.attn.fused_attn for b in vit.blocks)

@@ -449,3 +449,43 @@ def test_importing_attnlab_does_not_import_transformers():
     code = "import sys; sys.modules['transformers'] = None; import attnlab\ntry:\n    attnlab.from_huggingface(None, None, None)\nexcept attnlab.AttnlabError as e:\n    print(e)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 'pip install "attnlab[hf]"' in out.stdout and out.stdout.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- explanations
+@pytest.mark.parametrize("kind", ["vit-gpt2", "blip"])
+def test_relevance_of_a_hugging_face_model_equals_the_rules_on_its_own_forward(kind, models):
+    from reference_rules import plain_relevance
+
+    model, tok, processor = models[kind]
+    cap = attnlab.from_huggingface(model, tok, processor, max_len=5)
+    photo = photos()[2]
+    trace = attnlab.explain(cap, photo, "relevance")
+    ids = trace.token_ids.tolist()
+    pixels = processor(images=photo, return_tensors="pt").pixel_values
+    prefix = cap.spec.prefix_tokens
+    want = []
+    for i in range(len(ids)):
+        with eager(model), torch.enable_grad():  # Hugging Face's uncached forward: its weights are the tensors it multiplied
+            if kind == "blip":
+                vision = model.vision_model(pixel_values=pixels, output_attentions=True)
+                start = model.config.text_config.bos_token_id
+                out = model.text_decoder(input_ids=torch.tensor([[start, *ids[:-1]]]), encoder_hidden_states=vision.last_hidden_state,
+                                         output_attentions=True)  # fmt: skip
+                enc, selfs, crosses = vision.attentions, out.attentions, out.cross_attentions
+            else:
+                start = model.generation_config.decoder_start_token_id
+                out = model(pixel_values=pixels, decoder_input_ids=torch.tensor([[start, *ids[:-1]]]), output_attentions=True)
+                enc, selfs, crosses = out.encoder_attentions, out.decoder_attentions, out.cross_attentions
+            mats = [*enc, *selfs, *crosses]
+            grads = torch.autograd.grad(out.logits[0, i, ids[i]], mats, allow_unused=True)
+        pairs = [(m[0].detach().double().numpy(), np.zeros(m.shape[1:]) if g is None else g[0].double().numpy()) for m, g in zip(mats, grads)]
+        e, s = len(enc), len(selfs)
+        want.append(plain_relevance(pairs[:e], pairs[e : e + s], pairs[e + s :], len(ids), crosses[0].shape[-1])[i])
+    want = np.array(want)
+    want = want / want.sum(axis=1, keepdims=True)
+    got = np.concatenate([trace.prefix_share[0, 0][:, None], trace.cross_attention[0, 0].reshape(len(ids), -1)], axis=1)
+    np.testing.assert_allclose(got, np.concatenate([want[:, :prefix].sum(1, keepdims=True), want[:, prefix:]], axis=1), atol=1e-5)
+    for name in ("raw", "layer_mean", "rollout", "grad_attn"):
+        t = attnlab.explain(cap, photo, name)
+        assert t.meta["method"] == name and np.isfinite(t.cross_attention).all()
+    assert all(p.grad is None for p in model.parameters())

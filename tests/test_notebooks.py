@@ -31,6 +31,8 @@ NOTEBOOKS = [
     "03_word_slider.ipynb",
     "04_reproduce_blog_figure.ipynb",
     "05_your_own_model.ipynb",
+    "06_cnn_vs_vit.ipynb",
+    "07_is_attention_explanation.ipynb",
     "08_many_images.ipynb",
 ]
 LIMIT_S = 120.0  # each notebook, kernel start included
@@ -138,4 +140,14 @@ def test_notebook_runs(name, offline_env):
         assert "captioned 300 images" in text and "second run: 300 done earlier, 0 captioned" in text
         assert "entropy / log(S) per head" in text and "random patch" in text
         assert text.count("-> not yet") == 3
+    elif name.startswith("07_"):
+        from attnlab.hub import BUNDLED_CPTR
+
+        models = 2 if BUNDLED_CPTR.is_file() else 1  # the ViT's rows are computed when its weights are installed
+        assert text.count("attnlab grounding \u00b7 model") == models, "one table per bundled model"
+        assert text.count("its peak lands inside the object for") == models  # the reading, printed from the numbers
+        assert "random map" in text and "relevance" in text and "rollout" in text and "share on CLS" in text
+    elif name.startswith("06_"):
+        assert text.count("pointing game") == 2  # both models' grounding numbers
+        assert "word rows" in text and "CLS row" in text and "rollout from CLS" in text
     assert seconds < LIMIT_S, f"{name} took {seconds:.0f} s (limit {LIMIT_S:.0f} s)"

@@ -386,3 +386,76 @@ def test_pieces_merge_into_words_in_figures(tmp_path):
     assert explorer.slider.max == 3  # four words, the end token the last
     with pytest.raises(AttnlabError):
         plot.word_grid(trace, pieces="yes")
+
+
+# --------------------------------------------------------------------------- gradients (the seam's autograd rule)
+def full_forward_gradients(model, patterns, memory, ids, step, token) -> dict:
+    """Module name -> (weights (1, heads, t, S), their gradient or None) of one full teacher-forced
+    forward's logit[step, token], the weights handed back by capture_attention so they are the
+    tensors each module multiplied."""
+    with torch.enable_grad(), attnlab.capture_attention(model, patterns, detach=False, substitute=lambda n, w: w) as cap:
+        logits = model.decode(memory, torch.tensor([ids]))
+        mats = [cap.last(n) for n in cap.names]
+        grads = torch.autograd.grad(logits[0, step, token], mats, allow_unused=True)
+    return {n: (m, g) for n, m, g in zip(cap.names, mats, grads)}
+
+
+@pytest.mark.parametrize("kind", ["student", "tap", "dropout"])
+def test_rows_given_with_autograd_are_the_ones_the_model_multiplies(kind):
+    if kind == "student":
+        model = Student(2)
+        cap = wrap_student(model, self_attention="decoder.layers.*.self_attn")
+        cross = [f"decoder.layers.{i}.multihead_attn" for i in range(2)]
+        selfs = [f"decoder.layers.{i}.self_attn" for i in range(2)]
+        memory_of = model.encoder.forward_features
+    else:
+        model = HandWritten(kind == "tap", seed=2)
+        cross = [f"blocks.{i}.{'tap' if kind == 'tap' else 'cross_dropout'}" for i in range(2)]
+        selfs = [f"blocks.{i}.attn_dropout" for i in range(2)]
+        memory_of = model.encode
+        cap = attnlab.wrap(model, encode=model.encode, decode=model.decode, cross_attention=cross, self_attention=selfs,
+                           grid=GRID, image_size=SIDE, mean=(0.5,) * 3, std=(0.5,) * 3, bos=BOS, eos=EOS, vocab=WORDS, max_len=5)  # fmt: skip
+    x = model_input(photo(4))
+    ids = [BOS, 4, 7, 9]
+    with torch.no_grad():
+        memory = memory_of(x)
+        state = cap.begin([x[0]], "all").state
+        fast = [cap.step(state, torch.tensor([t]), "all") for t in ids]
+    with torch.enable_grad():
+        state = cap.begin([x[0]], "all").state
+        slow = [cap.step(state, torch.tensor([t]), "all") for t in ids]
+        rows = [(s, li, kind_, r) for s, out in enumerate(slow)
+                for kind_, per_layer in (("cross", out.cross_attention), ("self", out.self_attention))
+                for li, r in enumerate(per_layer)]  # fmt: skip
+        grads = torch.autograd.grad(slow[3].logits[0, 5], [r for *_, r in rows], allow_unused=True)
+    for a, b in zip(fast, slow):  # the values are unchanged
+        torch.testing.assert_close(a.logits, b.logits.detach(), atol=1e-5, rtol=0)
+        for p, q in zip(a.cross_attention + a.self_attention, b.cross_attention + b.self_attention):
+            torch.testing.assert_close(p, q.detach(), atol=1e-6, rtol=0)
+    full = full_forward_gradients(model, cross + selfs, memory, ids, 3, 5)
+    reached = 0
+    for (s, li, kind_, r), g in zip(rows, grads):
+        m, want = full[(cross if kind_ == "cross" else selfs)[li]]
+        want = torch.zeros_like(m[:, :, s]) if want is None else want[:, :, s]  # (1, heads, S): query row s
+        if kind_ == "self":
+            want = want[..., : s + 1]
+        got = torch.zeros_like(want) if g is None else g
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        reached += int(s < 3 and got.abs().sum() > 0)
+    assert reached > 0  # the last step's score reaches rows handed out at earlier steps
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_decoder_without_causal_mask_is_refused_with_autograd():
+    model = Student(3)
+
+    def leaky(memory, ids):  # no causal mask: earlier positions see later tokens
+        t = ids.shape[1]
+        return model.head(model.decoder(model.embed(ids) + model.pos.weight[:t], memory))
+
+    cap = attnlab.wrap(model, encode=model.encoder.forward_features, decode=leaky, cross_attention="decoder.layers.*.multihead_attn",
+                       self_attention="decoder.layers.*.self_attn", grid=GRID, image_size=SIDE, mean=(0.5,) * 3,
+                       std=(0.5,) * 3, bos=BOS, eos=EOS, vocab=WORDS, max_len=4)  # fmt: skip
+    attnlab.caption(cap, photo(5))  # captioning reads the rows as they are
+    with pytest.raises(AttnlabError, match="not causal"):
+        attnlab.explain(cap, photo(5), "relevance")

@@ -17,6 +17,17 @@ At step ``i`` the captured weights are ``(N, heads, t, T)`` with ``t = i + 1``
 query rows; the row that predicts the next token is the last one, row ``i``
 (not ``i - 1``: tested, since it is the mistake students make most).
 
+Gradients (the seam's autograd rule). ``caption()`` runs under
+``torch.inference_mode`` and reads the rows as they are. With autograd on
+(explanation methods), every recorded module is handed back the weights it
+goes on with (``capture_attention(substitute=...)``): its query rows
+``0 .. i - 1`` are the very row tensors this captioner returned at steps
+``0 .. i - 1`` and row ``i`` is the one it returns now. So, as with a
+key/value-cached model, a step's logits are a function of the rows returned
+at that step and before, and gradients with respect to them are those of one
+full forward pass. The values are unchanged for a causal decoder; a decoder
+whose earlier rows change when later tokens are added gets a one-line error.
+
 ``wrap`` runs both functions once on a blank image when it is called, so a
 wrong shape or a pattern that matches nothing is reported there, in one line.
 """
@@ -27,14 +38,14 @@ import numbers
 import os
 from contextlib import ExitStack
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..capture import capture_attention
-from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record
+from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
 from ..errors import AttnlabError
 from ..tokenizer import make_vocab
 
@@ -42,16 +53,51 @@ Patterns = str | Sequence[str]
 GridArg = tuple[int, int] | Callable[[int, int], tuple[int, int]]
 
 
+CAUSAL_TOLERANCE = 1e-4  # largest change of an earlier query row allowed when the prefix grows
+
+
 @dataclass
 class WrapState:
-    """The decoding state of a wrapped model: the memory and the ids fed so far."""
+    """The decoding state of a wrapped model: the memory, the ids fed so far and, with
+    autograd on, the rows handed out at earlier steps (per module name, per step)."""
 
     memory: torch.Tensor  # (N, T, D)
     ids: torch.Tensor  # (N, t) long
+    history: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> t rows (N, heads, S_j)
 
     def select(self, indices: torch.Tensor) -> "WrapState":
         idx = indices.to(self.memory.device)
-        return WrapState(self.memory.index_select(0, idx), self.ids.index_select(0, idx))
+        history = {name: [r.index_select(0, idx) for r in rows] for name, rows in self.history.items()}
+        return WrapState(self.memory.index_select(0, idx), self.ids.index_select(0, idx), history)
+
+
+def _hand_back(history: dict[str, list[torch.Tensor]], fresh: dict[str, torch.Tensor]):
+    """The ``substitute`` of one step with autograd on: a module's weights ``(N, heads, t, S)``
+    become the rows returned at the earlier steps (zero-padded to ``S``) and this step's
+    last row, which is kept in ``fresh`` (the row :meth:`WrappedCaptioner.step` returns)."""
+
+    def substitute(name: str, w: torch.Tensor) -> torch.Tensor:
+        row = w[:, :, -1]  # (N, heads, S): this step's query
+        past = history.get(name, [])
+        if len(past) != w.shape[2] - 1:
+            raise AttnlabError(
+                f"{name} gave {w.shape[2]} query rows at a step after {len(past)} recorded ones: call it once per "
+                "decode() and keep one record setting through a decoding run"
+            )
+        fresh[name] = row
+        if not past:
+            return row[:, :, None]  # (N, heads, 1, S)
+        earlier = torch.stack([pad_to(r, w.shape[-1], 2) for r in past], dim=2)  # (N, heads, t - 1, S)
+        with torch.no_grad():
+            moved = float((earlier - w[:, :, :-1]).abs().max())
+        if moved > CAUSAL_TOLERANCE:
+            raise AttnlabError(
+                f"{name}: an earlier position's attention changed by {moved:.2g} when a token was added, so decode() is "
+                "not causal (pass a causal mask, as in training); its maps would depend on later words"
+            )
+        return torch.cat((earlier, row[:, :, None]), dim=2)  # (N, heads, t, S)
+
+    return substitute
 
 
 def _patterns(name: str, value: Any) -> list[str] | None:
@@ -185,7 +231,8 @@ class WrappedCaptioner:
         x = torch.stack(list(pixels)).to(self._device())  # (N, 3, H, W)
         encoder = None
         if record == "all" and self._enc:
-            with capture_attention(self.model, self._enc, detach=not torch.is_grad_enabled()) as cap:
+            grad = torch.is_grad_enabled()  # then hand each module its weights back: they are what it multiplies
+            with capture_attention(self.model, self._enc, detach=not grad, substitute=(lambda _, w: w) if grad else None) as cap:
                 memory = self._memory(x)  # (N, T, D)
             encoder = [cap.last(n) for n in cap.names if cap.weights[n]]  # per layer (N, heads, T, T)
         else:
@@ -198,25 +245,28 @@ class WrappedCaptioner:
 
     def step(self, state: WrapState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
         state.ids = torch.cat((state.ids, ids.to(state.ids.device)[:, None]), dim=1)  # (N, t)
-        detach = not torch.is_grad_enabled()
+        grad = torch.is_grad_enabled() and record != "none"
+        fresh: dict[str, torch.Tensor] = {}  # with autograd on: name -> the row handed to the model (N, heads, S)
+        hand = _hand_back(state.history, fresh) if grad else None
         with ExitStack() as stack:
-            cross_cap = stack.enter_context(capture_attention(self.model, self._cross, detach=detach))
+            cross_cap = stack.enter_context(capture_attention(self.model, self._cross, detach=not grad, substitute=hand))
             self_cap = None
             if record == "all" and self._self:
-                self_cap = stack.enter_context(capture_attention(self.model, self._self, detach=detach))
+                self_cap = stack.enter_context(capture_attention(self.model, self._self, detach=not grad, substitute=hand))
             logits = self._decode(state.memory, state.ids)  # (N, t, V)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != state.ids.shape[1]:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise AttnlabError(f"decode() returned {shape} for ids {tuple(state.ids.shape)}; it must return (N, t, V)")
-        # the last of the t query rows predicts the next token: row i at step i
-        cross = [_last_row(cross_cap, n) for n in cross_cap.names if cross_cap.weights[n]] if record != "none" else None
-        selfs = [_last_row(self_cap, n) for n in self_cap.names if self_cap.weights[n]] if self_cap else None
-        return StepOutput(logits[:, -1], cross, selfs)  # (N, V); per layer (N, heads, T) and (N, heads, t)
+        for name, row in fresh.items():
+            state.history.setdefault(name, []).append(row)
 
+        def rows(cap) -> list[torch.Tensor]:
+            # the last of the t query rows predicts the next token: row i at step i
+            return [fresh[n] if grad else cap.last(n)[:, :, -1] for n in cap.names if cap.weights[n]]
 
-def _last_row(cap, name: str) -> torch.Tensor:
-    """The newest query row of module ``name``'s last call: ``(N, heads, L, S)`` -> ``(N, heads, S)``."""
-    return cap.last(name)[:, :, -1]
+        cross = rows(cross_cap) if record != "none" else None  # per layer (N, heads, T)
+        selfs = rows(self_cap) if self_cap else None  # per layer (N, heads, t)
+        return StepOutput(logits[:, -1], cross, selfs)  # (N, V)
 
 
 def wrap(

@@ -20,14 +20,15 @@ class Controls:
 
     def __init__(self, trace: Any, step: int, layer: int, head: int | None, alpha: float, smooth: float, path: str) -> None:
         n_layers, n_heads = trace.num_layers, trace.num_heads
+        method = maps.explanation_label(trace)  # an explanation: one map per word, named by its method
         self.slider = widgets.IntSlider(value=step, min=0, max=trace.steps - 1, step=1, description="word",
                                         continuous_update=True)
         self.word_label = widgets.Label()
-        self.layer_dropdown = widgets.Dropdown(options=[(maps.layer_label(i, n_layers), i) for i in range(n_layers)],
-                                               value=layer, description="layer")
+        self.layer_dropdown = widgets.Dropdown(options=[(method or maps.layer_label(i, n_layers), i) for i in range(n_layers)],
+                                               value=layer, description="method" if method else "layer", disabled=bool(method))
         self.head_dropdown = widgets.Dropdown(options=[("mean", "mean")] + [(str(h), h) for h in range(n_heads)],
-                                              value="mean" if head is None else head, description="head")
-        self.view_toggle = widgets.ToggleButtons(options=[VIEW_AVERAGED, VIEW_GRID], value=VIEW_AVERAGED)
+                                              value="mean" if head is None else head, description="head", disabled=bool(method))
+        self.view_toggle = widgets.ToggleButtons(options=[VIEW_AVERAGED, VIEW_GRID], value=VIEW_AVERAGED, disabled=bool(method))
         self.alpha_slider = widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="alpha",
                                                 continuous_update=True)
         self.smooth_slider = widgets.FloatSlider(value=min(smooth, 3.0), min=0.0, max=3.0, step=0.25,

@@ -65,7 +65,7 @@ class _MapView:
         self.figure = BlittedFigure(layout.fig)
         self._cax, self._font = layout.cax, layout.font
         self._key: tuple | None = None  # what the current scale was computed for
-        self.scale = maps.build_scale(style.scale, [np.zeros(trace.grid)], self._patches)
+        self.scale = maps.build_scale(style.scale, [np.zeros(trace.grid)], self._patches, maps.quantity(trace))
         self.images: list[Any] = []  # the maps' AxesImages, one per panel
         self.notes: list[Any] = []  # the panels' peak labels (scale="panel" only)
         blank = np.zeros(trace.grid if style.interp == "nearest" else trace.image.shape[:2], dtype=np.float32)
@@ -114,7 +114,7 @@ class _MapView:
             return
         grids = [maps.grid_map(self.trace, t, state.layer, "mean" if h is None else h, state.smooth)
                  for h in heads for t in range(self.trace.steps)]  # each (H, W)
-        scale = maps.build_scale(self.style.scale, grids, self._patches)
+        scale = maps.build_scale(self.style.scale, grids, self._patches, maps.quantity(self.trace))
         self._key = key
         if scale != self.scale:
             self.scale = scale

@@ -71,6 +71,8 @@ class AttentionExplorer(widgets.VBox):
         self._style = Style(cmap=r.cmap, scale=r.scale, interp=r.interp, grid_lines=r.grid_lines,
                             width=float(width_inches), dpi=dpi, font_scale=r.font_scale)
         self._probs = r.probabilities()
+        self._method = maps.explanation_label(trace)
+        self._diagnostics = trace.diagnostics() if callable(getattr(trace, "diagnostics", None)) else None
         self._written: set[Path] = set()  # files this explorer saved (it may replace those)
         self.controls = Controls(trace, t0, r.layer, r.head, r.alpha, r.smooth, str(path or default_save_name(trace)))
         self.image = widgets.Image(format="png")
@@ -119,10 +121,13 @@ class AttentionExplorer(widgets.VBox):
 
     # ------------------------------------------------------------ render
     def _title_lines(self, step: int, layer: int, head: int | None, grid: bool) -> tuple[str, str]:
-        """The figure's two title lines: the word; layer, head(s) and model."""
+        """The figure's two title lines: the word; layer, head(s) (or the explanation's method) and model."""
         word = maps.word_label(self.trace, step, self._probs)
-        heads = "every head and their mean" if grid else maps.head_label(head, self.trace.num_heads)
-        where = f"{maps.layer_label(layer, self.trace.num_layers)} \u00b7 {heads}"
+        if self._method:
+            where = self._method
+        else:
+            heads = "every head and their mean" if grid else maps.head_label(head, self.trace.num_heads)
+            where = f"{maps.layer_label(layer, self.trace.num_layers)} \u00b7 {heads}"
         return f"step {step}: {word}", f"{where} \u00b7 model {self.trace.model_name}"
 
     def _longest_title(self, grid: bool) -> list[str]:
@@ -133,18 +138,21 @@ class AttentionExplorer(widgets.VBox):
         return [first, second]
 
     def _titles(self, state, grid: bool) -> tuple[str, str]:
-        """(the figure's title, the label beside the slider)."""
+        """(the figure's title, the label beside the slider: word, where, peak and the sanity diagnostics)."""
         first, second = self._title_lines(state.step, state.layer, state.head, grid)
-        peak = "" if grid else f", peak weight {self._views[VIEW_AVERAGED].peaks[0]:.3f}"
+        peak = "" if grid else f", peak {'' if self._method else 'weight '}{self._views[VIEW_AVERAGED].peaks[0]:.3f}"
         word = maps.word_label(self.trace, state.step, self._probs)
         where = second.rsplit(" \u00b7 model ", 1)[0]
-        return f"{first}\n{second}", f"{state.step}: {word}, {where}{peak}"
+        checks = ""
+        if self._diagnostics is not None and not grid:
+            checks = " \u00b7 " + self._diagnostics.line(state.step, state.layer, "mean" if state.head is None else state.head)
+        return f"{first}\n{second}", f"{state.step}: {word}, {where}{peak}{checks}"
 
     def render(self) -> bytes:
         """Bring the current view's figure up to date and put its PNG in ``self.image``; returns the PNG."""
         start = time.perf_counter()
         grid = self.controls.grid_view
-        self.controls.head_dropdown.disabled = grid  # the grid shows every head
+        self.controls.head_dropdown.disabled = grid or bool(self._method)  # the grid shows every head; an explanation has none
         view = self._view(self.view)
         state = self.controls.state()
         title, _ = self._titles(state, grid)

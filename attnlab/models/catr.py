@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, TokenTable, pad_to, scatter_groups, size_groups
+from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, TokenTable, check_best_head, pad_to, scatter_groups, size_groups
 from ..tokenizer import IdVocab
 from .backbone import Joiner, build_backbone
 from .fuse import InferenceBody
@@ -83,18 +83,22 @@ ENCODE_CHUNK = 8  # most images encoded together (see CATR.begin)
 class CATR(nn.Module):
     """Image captioning transformer with CATR's layout; a captioner of the seam.
 
-    ``CATR(config, vocab=None, name="catr")``: ``vocab`` is an id -> token table
-    (:class:`attnlab.tokenizer.Vocab`; ``None`` shows words as ``[id]``). Decoding
+    ``CATR(config, vocab=None, name="catr", best_head=None)``: ``vocab`` is an id -> token table
+    (:class:`attnlab.tokenizer.Vocab`; ``None`` shows words as ``[id]``); ``best_head``
+    the ``(layer, head)`` of :attr:`CaptionerSpec.best_head`. Decoding
     reads everything it needs from :attr:`spec` and runs :meth:`begin` and
     :meth:`step` (a key/value-cached decoder); :meth:`reference_captioner` is the
     original write-up's 128-position template loop, for checking.
     """
 
-    def __init__(self, config: CATRConfig, *, vocab: TokenTable | None = None, name: str = "catr") -> None:
+    def __init__(
+        self, config: CATRConfig, *, vocab: TokenTable | None = None, name: str = "catr", best_head: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self._vocab = vocab
         self._name = name
+        self._best_head = None if best_head is None else check_best_head(best_head)
         self.backbone: Joiner = build_backbone(config.backbone, config.d_model, config.backbone_channels)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
         self.transformer = Transformer(
@@ -155,6 +159,7 @@ class CATR(nn.Module):
             resize="long",
             mean=c.mean,
             std=c.std,
+            best_head=self._best_head,
         )
 
     def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:

@@ -109,7 +109,7 @@ def save_gif(
 
     shown, peaks, sc = maps.figure_maps(trace, [(t, r.layer, r.head) for t in r.steps], r.scale, r.smooth, r.interp)
     probs = r.probabilities()
-    where = f"{maps.layer_label(r.layer, r.layers)} \u00b7 {maps.head_label(r.head, r.heads)} \u00b7 model {trace.model_name}"
+    where = f"{maps.source_label(trace, r.layer, r.head)} \u00b7 model {trace.model_name}"
     H, W = trace.grid
     detail = f"{H} x {W} patches" + (f" \u00b7 {stretch_note(r.image_size)}" if stretch_note(r.image_size) else "")
     heads = [f"word {i + 1}/{len(r.steps)}, step {t}: {maps.word_label(trace, t, probs)}" for i, t in enumerate(r.steps)]

@@ -91,11 +91,12 @@ def _payload(trace: Any, r, long_side: int, cmap) -> dict:
         "imageSize": list(r.image_size),
         "display": [width, height],
         "stretched": stretch_note(r.image_size),
-        "layerLabels": [maps.layer_label(i, r.layers) for i in range(r.layers)],
+        "layerLabels": [maps.explanation_label(trace) or maps.layer_label(i, r.layers) for i in range(r.layers)],
+        "method": maps.explanation_label(trace),
         "quant": QUANT,
         "attention": base64.b64encode(quantised.tobytes()).decode("ascii"),
         "lut": {"sequential": _lut(sequential), "diverging": _lut(diverging)},
-        "labels": {kind: maps.Scale(kind, 2.0, r.patches).label for kind in maps.SCALES},
+        "labels": {kind: maps.Scale(kind, 2.0, r.patches, maps.quantity(trace)).label for kind in maps.SCALES},
         "start": {
             "step": r.step,
             "layer": r.layer,
@@ -294,6 +295,7 @@ SCRIPT = r"""
   }
   fill($("layer"), D.layerLabels.map((t, i) => [i, t]), D.start.layer);
   fill($("head"), [["mean", "mean of " + NH + " heads"], ...[...Array(NH).keys()].map((h) => [h, "head " + h])], D.start.head);
+  if (D.method) { $("head").disabled = true; $("layer").disabled = true; }  // an explanation: one map per word
   $("scale").value = D.start.scale;
   $("patches").checked = D.start.interp === "nearest";
   $("gridlines").checked = D.start.gridLines;
@@ -301,7 +303,7 @@ SCRIPT = r"""
   const slider = $("word");
   slider.max = String(T - 1); slider.value = String(D.start.step);
   $("meta").textContent = "model " + D.model + " \u00b7 image " + D.imageSize[1] + " x " + D.imageSize[0] +
-    " px \u00b7 " + H + " x " + W + " patches \u00b7 " + L + " layers x " + NH + " heads" +
+    " px \u00b7 " + H + " x " + W + " patches \u00b7 " + (D.method ? D.method : L + " layers x " + NH + " heads") +
     (D.stretched ? " \u00b7 " + D.stretched : "");
   const words = $("words");
   D.words.forEach((w, t) => {
@@ -371,9 +373,9 @@ SCRIPT = r"""
       c.stroke();
     }
     drawColorbar(sc, lut);
-    const headText = head === "mean" ? "mean of " + NH + " heads" : "head " + head;
-    $("label").textContent = step + ": " + D.wordLabels[step] + " \u00b7 " + D.layerLabels[layer] + " \u00b7 " +
-      headText + " \u00b7 peak weight " + peakOf(m).toFixed(3);
+    const headText = D.method ? "" : " \u00b7 " + (head === "mean" ? "mean of " + NH + " heads" : "head " + head);
+    $("label").textContent = step + ": " + D.wordLabels[step] + " \u00b7 " + D.layerLabels[layer] +
+      headText + (D.method ? " \u00b7 peak " : " \u00b7 peak weight ") + peakOf(m).toFixed(3);
     $("note").textContent = "Colours: " + D.labels[kind] + ". " + H + " x " + W + " patches, " +
       (nearest ? "drawn as flat patches." : "bilinear between patch centres.");
     words.querySelectorAll("span").forEach((s, t) => s.classList.toggle("current", t === step));

@@ -12,8 +12,10 @@ screen is computed in exactly one place:
 * :func:`word_matrix`: the words-to-patches matrix ``(words, S)``.
 * :func:`head_entropy`, :func:`head_peak`: how focused every map is.
 * :class:`Scale`: what a colour means (``"shared"``, ``"panel"`` or ``"uniform"``).
-* :func:`patch_edges`, :func:`layer_label`, :func:`head_label`, :func:`word_label`:
-  geometry and wording shared by every view.
+* :func:`patch_edges`, :func:`layer_label`, :func:`head_label`, :func:`word_label`,
+  :func:`source_label`, :func:`quantity`: geometry and wording shared by every view
+  (an explanation trace, :func:`attnlab.explain`, is named by its method, not by
+  a layer and head).
 
 The patch grid is stretched over the whole image: patch ``(r, c)`` covers rows
 ``[r * height / H, (r + 1) * height / H)`` and columns ``[c * width / W, (c + 1) * width / W)``;
@@ -52,9 +54,12 @@ __all__ = [
     "head_entropy",
     "head_label",
     "head_peak",
+    "explanation_label",
     "layer_label",
     "patch_edges",
+    "quantity",
     "resize",
+    "source_label",
     "word_label",
     "word_matrix",
 ]
@@ -211,6 +216,7 @@ class Scale:
     kind: str
     vmax: float  # "shared": the top of the scale (patch weight); "uniform": 2**k; "panel": 1
     patches: int  # S = H * W
+    quantity: str = "attention weight"  # what a map's numbers are (an explanation's: "share of relevance", ...)
 
     @property
     def limits(self) -> tuple[float, float]:
@@ -237,10 +243,11 @@ class Scale:
     def label(self) -> str:
         """The colour bar's label: what a colour reads as."""
         if self.kind == "shared":
-            return "attention weight of a patch"
+            return f"{self.quantity} of a patch"
         if self.kind == "panel":
             return "fraction of the panel's own peak"
-        return f"weight / uniform (1/{self.patches}), log scale"
+        what = "weight" if self.quantity == "attention weight" else self.quantity
+        return f"{what} / uniform (1/{self.patches}), log scale"
 
     def ticks(self) -> tuple[list[float], list[str]] | None:
         """Colour-bar ticks of the ``"uniform"`` scale: positions (log2 units) and labels (``1/4``, ``1x``, ``4x``).
@@ -255,17 +262,18 @@ class Scale:
         return [float(e) for e in positions], [f"{2**e:g}x" if e >= 0 else f"1/{2**-e:g}" for e in positions]
 
 
-def build_scale(kind: str, maps: Sequence[np.ndarray], patches: int) -> Scale:
-    """The :class:`Scale` of ``kind`` for a figure that draws ``maps`` (patch maps, any shapes) over ``patches`` patches."""
+def build_scale(kind: str, maps: Sequence[np.ndarray], patches: int, quantity: str = "attention weight") -> Scale:
+    """The :class:`Scale` of ``kind`` for a figure that draws ``maps`` (patch maps, any shapes) over ``patches``
+    patches; ``quantity`` names the numbers (see :func:`quantity`)."""
     if kind not in SCALES:
         raise AttnlabError(f"scale={kind!r} is not supported: use 'shared', 'panel' or 'uniform'")
     if kind == "panel":
-        return Scale("panel", 1.0, patches)
+        return Scale("panel", 1.0, patches, quantity)
     peak = max((float(np.max(m)) for m in maps), default=0.0)
     if kind == "shared":
-        return Scale("shared", peak if peak > 0 else 1.0, patches)
+        return Scale("shared", peak if peak > 0 else 1.0, patches, quantity)
     k = max(1, math.ceil(math.log2(max(peak * patches, 2.0)) - 1e-9))  # the strongest map reaches the top colour
-    return Scale("uniform", float(2**k), patches)
+    return Scale("uniform", float(2**k), patches, quantity)
 
 
 def figure_maps(
@@ -282,7 +290,7 @@ def figure_maps(
     :class:`Scale` (built from all panels together).
     """
     grids = [grid_map(trace, t, li, "mean" if h is None else h, smooth) for t, li, h in panels]  # each (H, W)
-    sc = build_scale(scale, grids, int(trace.grid[0] * trace.grid[1]))
+    sc = build_scale(scale, grids, int(trace.grid[0] * trace.grid[1]), quantity(trace))
     peaks = [float(g.max()) for g in grids]
     size = trace.image.shape[:2]
     values = [sc.values(g if interp == "nearest" else resize(g, size, interp), peak) for g, peak in zip(grids, peaks)]
@@ -304,6 +312,23 @@ def layer_label(layer: int, layers: int) -> str:
 def head_label(head: int | None, heads: int) -> str:
     """``"head 3"`` or ``"mean of 8 heads"``."""
     return f"mean of {heads} heads" if head is None else f"head {head}"
+
+
+def explanation_label(trace: Any) -> str | None:
+    """The method's name of an explanation trace (:func:`attnlab.explain`), e.g. ``"rollout"``; ``None`` for attention."""
+    meta = getattr(trace, "meta", None) or {}
+    return str(meta.get("method_label", meta["method"])) if meta.get("method") else None
+
+
+def source_label(trace: Any, layer: int, head: int | None) -> str:
+    """What a map shows: ``"layer 2 (3rd of 3, last) \u00b7 mean of 4 heads"``, or an explanation's method name."""
+    return explanation_label(trace) or f"{layer_label(layer, trace.num_layers)} \u00b7 {head_label(head, trace.num_heads)}"
+
+
+def quantity(trace: Any) -> str:
+    """What the numbers of ``trace``'s maps are: ``"attention weight"``, or an explanation's (``"share of relevance"``)."""
+    meta = getattr(trace, "meta", None) or {}
+    return str(meta.get("quantity", "attention weight"))
 
 
 def word_label(trace: Any, step: int, probabilities: np.ndarray | None = None) -> str:

@@ -80,6 +80,13 @@ def _draw_panel(r: Resolved, ax, values: np.ndarray, peak: float, scale: maps.Sc
     return heat
 
 
+def _needs_heads(trace: Any, view: str) -> None:
+    """One line for the per-head views when ``trace`` is an explanation (one map per word, no heads)."""
+    label = maps.explanation_label(trace)
+    if label:
+        raise AttnlabError(f"{view} shows layers and heads; an explanation ({label}) has one map per word: use word_grid, overlay or attention_matrix")
+
+
 def _details(r: Resolved, *parts: str) -> str:
     """The figure's second title line: model, what is shown, grid size and drawing."""
     H, W = r.trace.grid
@@ -110,7 +117,7 @@ def overlay(
     r = resolve(trace, step=step, layer=layer, head=head, ax=ax, **options)
     (values,), (peak,), sc = _panel_maps(r, [(r.step, r.layer, r.head)])
     word = maps.word_label(trace, r.step, r.probabilities())
-    where = f"{maps.layer_label(r.layer, r.layers)} \u00b7 {maps.head_label(r.head, r.heads)}"
+    where = maps.source_label(trace, r.layer, r.head)
     if r.ax is None:
         pw, ph, _ = panel_size(r.image_size, 4.0)
         layout = panel_grid(1, 1, (pw, ph), font_scale=r.font_scale, title_lines=0,
@@ -150,7 +157,7 @@ def word_grid(
     pw, ph, _ = panel_size(r.image_size, 2.4)
     cols = min(panels, r.ncols or max(1, round(ROW_WIDTH_INCHES / (pw + 0.1))))
     rows = math.ceil(panels / cols)
-    title = [caption_line(trace), _details(r, maps.layer_label(r.layer, r.layers), maps.head_label(r.head, r.heads))]
+    title = [caption_line(trace), _details(r, maps.source_label(trace, r.layer, r.head))]
     layout = panel_grid(rows, cols, (pw, ph), font_scale=r.font_scale, title=title, figsize=r.figsize)
     flat = layout.axes.ravel()  # (rows * cols,)
     draw_image(flat[0], trace.image)
@@ -167,6 +174,7 @@ def word_grid(
 @by_word
 def head_grid(trace: Any, layer: int = -1, *, words: Sequence[int] | None = None, **options: Unpack[MapOptions]):
     """Rows = every head of ``layer`` then a last row "mean"; columns = words."""
+    _needs_heads(trace, "head_grid")
     r = resolve(trace, layer=layer, words=words, **options)
     heads: list[int | None] = [*range(r.heads), None]  # head per row, None = mean
     shown, peaks, sc = _panel_maps(r, [(t, r.layer, h) for h in heads for t in r.steps])
@@ -189,6 +197,7 @@ def head_grid(trace: Any, layer: int = -1, *, words: Sequence[int] | None = None
 @by_word
 def layer_head_grid(trace: Any, step: int, **options: Unpack[MapOptions]):
     """One word: rows = layers (first to last), columns = heads then a last column "mean"."""
+    _needs_heads(trace, "layer_head_grid")
     r = resolve(trace, step=step, **options)
     heads: list[int | None] = [*range(r.heads), None]  # head per column, None = mean
     shown, peaks, sc = _panel_maps(r, [(r.step, li, h) for li in range(r.layers) for h in heads])
@@ -254,12 +263,12 @@ def attention_matrix(
         fig, ax = plt.subplots(figsize=size, layout="constrained")
     else:
         fig, ax = r.ax.figure, r.ax
-    sns.heatmap(mat, ax=ax, cmap=r.cmap, vmin=0.0, cbar_kws={"label": "attention weight of a patch"},
+    sns.heatmap(mat, ax=ax, cmap=r.cmap, vmin=0.0, cbar_kws={"label": f"{maps.quantity(trace)} of a patch"},
                 xticklabels=False, yticklabels=[f"{t}: {trace.words[t]}" for t in r.steps])
     _patch_ticks(ax, trace.grid, tick_every, font)
     ax.tick_params(axis="y", labelrotation=0, labelsize=font * 0.9)
     ax.set_ylabel("step: word", fontsize=font)
-    ax.set_title(f"{maps.layer_label(r.layer, r.layers)}, {maps.head_label(r.head, r.heads)}", fontsize=font)
+    ax.set_title(maps.source_label(trace, r.layer, r.head).replace(" \u00b7 ", ", "), fontsize=font)
     return fig
 
 
@@ -303,6 +312,7 @@ def matrix_row(
     interp: str = "bilinear",
     figsize=None,
     font_scale: float = 1.0,
+    quantity: str = "attention weight",
 ):
     """Any ``(L, S)`` weight matrix with row ``row`` outlined, and that row as a map over the image beside it.
 
@@ -311,7 +321,7 @@ def matrix_row(
     the map. ``filled``: only rows ``0..filled-1`` hold words yet (e.g. the
     128-position template at step ``t`` has ``t + 1``); the others are drawn
     grey. ``labels``: one name per row (default: the row index). One colour
-    scale (attention weight) serves the matrix and the map.
+    scale (attention weight, or what ``quantity`` names) serves the matrix and the map.
     """
     from matplotlib.patches import Rectangle
 
@@ -320,7 +330,9 @@ def matrix_row(
     a, size, fs = check_alpha(alpha), check_figsize(figsize), check_font_scale(font_scale)
     mode, cm = maps.check_interp(interp), check_cmap(cmap)
 
-    scale = maps.build_scale("shared", [mat[:filled]], S)
+    if not isinstance(quantity, str) or not quantity:
+        raise AttnlabError(f"quantity={quantity!r} must name what the numbers are, e.g. 'attention weight'")
+    scale = maps.build_scale("shared", [mat[:filled]], S, quantity)
     shown = np.ma.masked_array(mat, mask=np.zeros_like(mat, dtype=bool))  # (L, S)
     shown.mask[filled:] = True
     map_size = image.shape[:2] if image is not None else (H * 16, W * 16)
@@ -374,10 +386,10 @@ def attention_row(trace: Any, step: int, layer: int = -1, head: int | str = "mea
     r = resolve(trace, step=step, layer=layer, head=head, **options)
     mat = maps.word_matrix(trace, r.layer, "mean" if r.head is None else r.head)  # (steps, S)
     probs = r.probabilities()
-    title = (f"{maps.word_label(trace, r.step, probs)} \u00b7 {maps.layer_label(r.layer, r.layers)} \u00b7 "
-             f"{maps.head_label(r.head, r.heads)} \u00b7 model {trace.model_name}")
+    title = f"{maps.word_label(trace, r.step, probs)} \u00b7 {maps.source_label(trace, r.layer, r.head)} \u00b7 model {trace.model_name}"
     return matrix_row(mat, r.step, grid=trace.grid, image=trace.image, labels=[f"{t}: {w}" for t, w in enumerate(trace.words)],
-                      title=title, cmap=r.cmap, alpha=r.alpha, interp=r.interp, figsize=r.figsize, font_scale=r.font_scale)
+                      title=title, cmap=r.cmap, alpha=r.alpha, interp=r.interp, figsize=r.figsize, font_scale=r.font_scale,
+                      quantity=maps.quantity(trace))
 
 
 def head_stats(trace: Any, *, words: Sequence[int] | None = None, figsize=None, cmap="viridis", font_scale: float = 1.0):
@@ -390,6 +402,7 @@ def head_stats(trace: Any, *, words: Sequence[int] | None = None, figsize=None, 
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    _needs_heads(trace, "head_stats")
     r = resolve(trace, words=words, figsize=figsize, cmap=cmap, font_scale=font_scale)
     entropy = maps.head_entropy(trace)[:, :, r.steps].mean(axis=-1)  # (layers, heads)
     peak = maps.head_peak(trace)[:, :, r.steps].mean(axis=-1)  # (layers, heads)

@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import outputs
 from ..errors import AttnlabError
 from ..fileio import remove_stale_temps
+from .model import MODELS
 from .train import TrainConfig
 
 DEFAULT_DEMO_DIR = "attnlab-demo"
@@ -49,7 +50,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup)
+    cfg = TrainConfig(
+        steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, model=args.model
+    )
     result = train(args.out, minutes=args.minutes, cfg=cfg, resume=args.resume, init=args.init)
     print(
         f"trained {result['steps']} steps in {result['seconds'] / 60:.1f} min; "
@@ -64,7 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise AttnlabError("--n must be at least 1")
-    model = load_model(None if args.checkpoint else "shapes", checkpoint=args.checkpoint)
+    model = load_model(None if args.checkpoint else args.model, checkpoint=args.checkpoint)
     print(format_report(evaluate(model, n=args.n, seed=args.seed)))
     return 0
 
@@ -78,6 +81,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train the shapes captioner on generated scenes")
     p.add_argument("world", choices=("shapes",))
+    p.add_argument("--model", choices=tuple(MODELS), default="catr", help="architecture: catr (CNN, default) or cptr (timm ViT)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes (at a step boundary)")
     p.add_argument("--steps", type=int, default=3000, help="length of the schedule (default 3000)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -93,5 +97,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("world", choices=("shapes",))
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="eval-split seed (held out from training)")
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="evaluate this checkpoint instead of the bundled one")
+    p.add_argument("--model", choices=("shapes", "shapes-cptr"), default="shapes", help="which bundled model (default shapes)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="evaluate this checkpoint (either kind) instead of a bundled one")
     p.set_defaults(func=cmd_evaluate)

@@ -4,8 +4,10 @@ Pointing game: for every size, colour and shape word of a held-out scene's
 true caption, teacher-force the caption (so each word is emitted at a known
 step) and take the peak of the head-averaged cross-attention at the step that
 emits the word. It is a hit when the peak's patch overlaps the mask of the
-object the word names. The baseline is a uniformly random patch: its hit rate
-is the share of patches that overlap the object, averaged over the same words.
+object the word names (the "touch" score of ``attnlab grounding``, whose
+geometry, :mod:`attnlab.explain.grounding`, this module shares). The baseline
+is a uniformly random patch: its hit rate is the share of patches that overlap
+the object, averaged over the same words.
 """
 
 from __future__ import annotations
@@ -15,27 +17,12 @@ from collections.abc import Callable
 import numpy as np
 
 from ..decode import caption
+from ..explain.grounding import patch_overlap, peak_hits
 from ..trace import CaptionTrace
 from .scenes import COLORS, SEP_ID, SHAPES, SIZES, Scene, encode_caption, make_scenes
 
 CATEGORIES = {"size": set(SIZES), "color": set(COLORS), "shape": set(SHAPES)}
-
-
-def patch_overlap(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """``(gh, gw)`` bool: which grid patches overlap a ``(H, W)`` pixel mask.
-
-    The grid is stretched over the image: patch ``(r, c)`` covers rows
-    ``floor(r H / gh) .. ceil((r + 1) H / gh) - 1`` and likewise columns.
-    """
-    gh, gw = grid
-    h, w = mask.shape
-    out = np.zeros(grid, dtype=bool)
-    for r in range(gh):
-        y0, y1 = (r * h) // gh, -(-((r + 1) * h) // gh)
-        for c in range(gw):
-            x0, x1 = (c * w) // gw, -(-((c + 1) * w) // gw)
-            out[r, c] = mask[y0:y1, x0:x1].any()
-    return out
+__all__ = ["CATEGORIES", "evaluate", "format_report", "patch_overlap", "pointing"]
 
 
 def pointing(trace: CaptionTrace, scene: Scene) -> list[tuple[int, str, np.ndarray, float]]:
@@ -53,9 +40,8 @@ def pointing(trace: CaptionTrace, scene: Scene) -> list[tuple[int, str, np.ndarr
         category = next((k for k, words in CATEGORIES.items() if word in words), None)
         if category is None or obj is None:
             continue
-        overlap = patch_overlap(scene.objects[obj].mask, trace.grid).reshape(-1)  # (S,)
-        peaks = maps[:, :, step].reshape(*maps.shape[:2], -1).argmax(axis=-1)  # (layers, heads + 1)
-        out.append((step, category, overlap[peaks], float(overlap.mean())))
+        overlap = patch_overlap(scene.objects[obj].mask, trace.grid)  # (gh, gw)
+        out.append((step, category, peak_hits(maps[:, :, step], overlap), float(overlap.mean())))  # hits (layers, heads + 1)
     return out
 
 
@@ -95,8 +81,8 @@ def evaluate(
             word_total += len(t)
             mean_of_layers = f.mean_heads().mean(axis=0)  # (steps, gh, gw): heads and layers averaged
             for step, cat, hit, chance in pointing(f, scene):
-                overlap = patch_overlap(scene.objects[scene.word_objects[step]].mask, f.grid).reshape(-1)  # (S,)
-                hit = np.append(hit[:, -1], overlap[mean_of_layers[step].argmax()])  # (layers + 1,): head means
+                overlap = patch_overlap(scene.objects[scene.word_objects[step]].mask, f.grid)  # (gh, gw)
+                hit = np.append(hit[:, -1], peak_hits(mean_of_layers[step], overlap))  # (layers + 1,): head means
                 for k in (cat, "all"):
                     hits[k] += hit
                     base[k] += chance

@@ -24,7 +24,7 @@ from ..errors import AttnlabError
 from ..fileio import atomic_write, make_temp, remove_stale_temps
 from ..hub import check_state_dict, read_checkpoint, save_checkpoint, state_dict_of
 from ..preprocess import normalize
-from .model import build_shapes_model
+from .model import build_model
 from .scenes import MAX_CAPTION_WORDS, PAD_ID, SEED_STRIDE, CLS_ID, SEP_ID, encode_caption, make_scene, scene_seed
 
 
@@ -37,6 +37,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip: float = 1.0
     seed: int = 0
+    model: str = "catr"  # a key of attnlab.shapes.model.MODELS
 
 
 def scene_batch(
@@ -162,7 +163,7 @@ def train(
     out = Path(out)
     check_train_args(out, cfg, minutes)
     remove_stale_temps(out.parent)
-    model = build_shapes_model(cfg.seed)
+    model = build_model(cfg.model, cfg.seed)
     lineage = []
     if init is not None:
         start_from = read_checkpoint(init)
@@ -190,13 +191,13 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
-        if state["config"] != vars(cfg):
+        if {"model": "catr", **state["config"]} != vars(cfg):  # files from before --model were CATR's
             raise AttnlabError(f"{state_file} was trained with other settings ({state['config']}): resume with the same ones")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="train shapes")
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train shapes ({cfg.model})")
     start = time.perf_counter() - elapsed
     loss = acc = float("nan")
 
