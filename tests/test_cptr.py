@@ -50,10 +50,11 @@ def tiny_config(**changes) -> CPTRConfig:
     return CPTRConfig(**values)
 
 
-@pytest.fixture(scope="module")
-def model() -> CPTR:
+@pytest.fixture(scope="module", params=[False, True], ids=["cptr", "key-positions"])
+def model(request) -> CPTR:
+    """Two tiny CPTRs: CPTR's layout, and with 2-D positions added to the cross-attention keys."""
     torch.manual_seed(0)
-    return build_cptr(tiny_config(), vocab=Vocab(TOKENS, wordpiece=False), name="tiny-cptr")
+    return build_cptr(tiny_config(key_positions=request.param), vocab=Vocab(TOKENS, wordpiece=False), name="tiny-cptr")
 
 
 def full_forward(model: CPTR, pixels: torch.Tensor, ids: torch.Tensor):

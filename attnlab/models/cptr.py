@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import capture_attention
-from ..captioner import CaptionerSpec, Encoded, StepOutput, TokenTable, check_record, pad_to, scatter_groups, size_groups
+from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, TokenTable, check_record, pad_to, scatter_groups, size_groups
 from ..errors import AttnlabError
 from ..tokenizer import IdVocab
 from .transformer import _attend, _project, padding_bias
@@ -58,6 +58,9 @@ class CPTRConfig:
             (the start token included).
         pad_token_id, start_token_id, end_token_id: special ids.
         mean, std: per-channel normalisation of pixels in [0, 1].
+        key_positions: add fixed 2-D sine-cosine positions of the patches to the
+            decoder's cross-attention keys (as DETR and CATR add positions to their
+            image keys; prefix tokens get none, values none). Off in CPTR's layout.
     """
 
     encoder: str = "vit_base_patch16_384"
@@ -76,6 +79,7 @@ class CPTRConfig:
     end_token_id: int = 102
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    key_positions: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as stored in attnlab checkpoints."""
@@ -115,6 +119,8 @@ class CPTRConfig:
             raise AttnlabError(f"CPTR configuration: d_model ({self.d_model}) must be divisible by nheads ({self.nheads})")
         if max(self.pad_token_id, self.start_token_id, self.end_token_id) >= self.vocab_size:
             raise AttnlabError(f"CPTR configuration: special token ids must be < vocab_size ({self.vocab_size})")
+        if not isinstance(self.key_positions, bool) or (self.key_positions and self.d_model % 4):
+            raise AttnlabError("CPTR configuration: key_positions must be True or False (True needs d_model divisible by 4)")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise AttnlabError(f"CPTR configuration: dropout must lie in [0, 1), not {self.dropout!r}")
 
@@ -168,25 +174,27 @@ class CPTRDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         memory: torch.Tensor,
+        keys: torch.Tensor,
         causal: torch.Tensor,
         padding: torch.Tensor | None,
-        memory_padding: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x ``(N, T, E)``, memory ``(N, K, E)``; causal ``(T, T)`` and paddings ``(N, T)``,
-        ``(N, K)`` bool (True = masked) -> ``(N, T, E)``."""
+        """x ``(N, T, E)``; memory ``(N, K, E)`` (the values) and keys ``(N, K, E)`` (memory,
+        plus positions with ``key_positions``); causal ``(T, T)`` and padding ``(N, T)`` bool
+        (True = masked) -> ``(N, T, E)``."""
         h = self.norm1(x)
         x = x + self.dropout(self.self_attn(h, h, h, attn_mask=causal, key_padding_mask=padding, need_weights=False)[0])
         h = self.norm2(x)
-        x = x + self.dropout(self.cross_attn(h, memory, memory, key_padding_mask=memory_padding, need_weights=False)[0])
+        x = x + self.dropout(self.cross_attn(h, keys, memory, need_weights=False)[0])
         h = self.norm3(x)
         return x + self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(h)))))
 
-    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cross-attention keys and values of memory ``(N, K, E)``, each ``(N, heads, K, Dh)``."""
+    def project_memory(self, memory: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention keys of ``keys`` and values of ``memory`` (both ``(N, K, E)``),
+        each ``(N, heads, K, Dh)``."""
         mha = self.cross_attn
         e, heads = mha.embed_dim, mha.num_heads
         w, b = mha.in_proj_weight, mha.in_proj_bias
-        return _project(memory, w[e : 2 * e], b[e : 2 * e], heads), _project(memory, w[2 * e :], b[2 * e :], heads)
+        return _project(keys, w[e : 2 * e], b[e : 2 * e], heads), _project(memory, w[2 * e :], b[2 * e :], heads)
 
     def step(
         self, x: torch.Tensor, cache: "LayerCache", memory_bias: torch.Tensor | None, want_weights: bool
@@ -316,7 +324,19 @@ class CPTR(nn.Module):
         """pixels ``(B, 3, H, W)`` normalised -> memory ``(B, K, d_model)``, K = prefix + h * w."""
         return self.proj(self.encoder.forward_features(pixels))  # (B, K, E)
 
-    def begin(self, pixels: Sequence[torch.Tensor], record: str = "cross") -> Encoded:
+    def cross_keys(self, memory: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """What the decoder's cross-attention keys are made from, for memory ``(B, K, E)`` of
+        one ``grid``: the memory itself, or with ``key_positions`` the memory plus 2-D
+        sine-cosine positions of the patches (zero on the prefix tokens)."""
+        if not self.config.key_positions:
+            return memory
+        from timm.layers import build_sincos2d_pos_embed
+
+        table = build_sincos2d_pos_embed(list(grid), dim=memory.shape[-1], device=memory.device, dtype=memory.dtype)  # (h * w, E)
+        prefix = memory.shape[1] - table.shape[0]
+        return memory + torch.cat((table.new_zeros(prefix, table.shape[1]), table))[None]  # (B, K, E)
+
+    def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
         """Encode images (each ``(3, h, w)``, normalised) for decoding; see :mod:`attnlab.captioner`.
 
         Images of one size are encoded together; across sizes the encoder
@@ -337,7 +357,7 @@ class CPTR(nn.Module):
                 raise AttnlabError(f"begin() takes (3, h, w) image tensors, got {getattr(p, 'shape', type(p).__name__)}")
         device = self.head.weight.device
         groups = size_groups(pixels)
-        memories, attentions, grids = [], [], {}
+        memories, keys, attentions, grids = [], [], [], {}
         for group in groups:
             x = torch.stack([pixels[i] for i in group]).to(device)  # (n, 3, H, W)
             gh, gw = self.grid(*x.shape[-2:])
@@ -351,12 +371,14 @@ class CPTR(nn.Module):
                 attentions.append([cap.last(name) for name in cap.names])  # per block (n, heads, K_g, K_g)
             else:
                 memories.append(self.encode(x))  # (n, K_g, E)
+            keys.append(self.cross_keys(memories[-1], (gh, gw)))  # (n, K_g, E)
             for i in group:
                 grids[i] = (gh, gw)
         length = max(m.shape[1] for m in memories)
         if len(groups) == 1:  # one size: the encoder's own tensors, in the images' order already
-            return self._decoding_state(memories[0], None, [grids[i] for i in range(len(pixels))], attentions[0] if attentions else None)
+            return self._decoding_state(memories[0], keys[0], None, [grids[i] for i in range(len(pixels))], attentions[0] if attentions else None)
         memory = scatter_groups(groups, torch.cat([pad_to(m, length, 1) for m in memories]))  # (N, K, E)
+        key_in = scatter_groups(groups, torch.cat([pad_to(k, length, 1) for k in keys]))  # (N, K, E)
         sizes = scatter_groups(groups, torch.tensor([m.shape[1] for m, g in zip(memories, groups) for _ in g]))  # (N,)
         padding = torch.arange(length)[None, :] >= sizes[:, None]  # (N, K) True on padding keys
         bias = padding_bias(padding.to(device), memory.dtype) if bool(padding.any()) else None  # (N, 1, 1, K)
@@ -366,16 +388,21 @@ class CPTR(nn.Module):
                 scatter_groups(groups, torch.cat([pad_to(a[block], length, 2, 3) for a in attentions]))
                 for block in range(len(attentions[0]))
             ]
-        return self._decoding_state(memory, bias, [grids[i] for i in range(len(pixels))], encoder_attention)
+        return self._decoding_state(memory, key_in, bias, [grids[i] for i in range(len(pixels))], encoder_attention)
 
     def _decoding_state(
-        self, memory: torch.Tensor, bias: torch.Tensor | None, grids: list[tuple[int, int]], encoder_attention: list[torch.Tensor] | None
+        self,
+        memory: torch.Tensor,
+        keys: torch.Tensor,
+        bias: torch.Tensor | None,
+        grids: list[tuple[int, int]],
+        encoder_attention: list[torch.Tensor] | None,
     ) -> Encoded:
-        """memory ``(N, K, E)`` -> the decoding state with every layer's cross keys/values projected once."""
-        caches = [LayerCache(*layer.project_memory(memory)) for layer in self.layers]
+        """memory and keys ``(N, K, E)`` -> the decoding state with every layer's cross keys/values projected once."""
+        caches = [LayerCache(*layer.project_memory(memory, keys)) for layer in self.layers]
         return Encoded(CPTRState(caches, bias), grids, encoder_attention)
 
-    def step(self, state: CPTRState, ids: torch.Tensor, record: str = "cross") -> StepOutput:
+    def step(self, state: CPTRState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
         """Feed one token per caption, ids ``(N,)``, at the state's next position; see :mod:`attnlab.captioner`."""
         check_record(record)
         if state.position >= self.config.max_positions:
@@ -407,11 +434,12 @@ class CPTR(nn.Module):
         timm blocks, so :func:`attnlab.capture_attention` sees all of it.
         """
         memory = self.encode(images)  # (N, K, E)
+        keys = self.cross_keys(memory, self.grid(*images.shape[-2:]))  # (N, K, E)
         length = target.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=target.device).triu(1)  # (T, T) True = future
         x = self.embed(target)  # (N, T, E)
         for layer in self.layers:
-            x = layer(x, memory, causal, target_mask, None)
+            x = layer(x, memory, keys, causal, target_mask)
         return self.head(self.norm(x))  # (N, T, V)
 
 

@@ -65,6 +65,7 @@ def shapes_cptr_config() -> CPTRConfig:
         encoder="vit_small_patch8_224",  # timm's ViT-S/8 layout, resized by encoder_args
         encoder_args={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0},
         pretrained=False,
+        key_positions=True,  # the decoder finds objects by position too: needed for "left of", "above", ...
         **SHAPES_DECODER,
     )
 
