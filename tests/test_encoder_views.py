@@ -1,4 +1,4 @@
-"""attnlab.encoder_views: the CLS row vs the word rows, a patch's map, rollout; drawn from hand-built traces."""
+"""attnlab.plot's encoder views: the CLS row vs the word rows, a patch's map, rollout; drawn from hand-built traces."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import attnlab  # noqa: E402
-from attnlab import encoder_views  # noqa: E402
+from attnlab import plot as encoder_views  # noqa: E402
 from attnlab.errors import AttnlabError  # noqa: E402
 from attnlab.trace import CaptionTrace  # noqa: E402
 

@@ -7,6 +7,7 @@ The package, by concept:
 * :mod:`attnlab.plot.resolve`: one check of every view's arguments.
 * :mod:`attnlab.plot.draw`: layout and drawing pieces shared by the figures and the explorer.
 * :mod:`attnlab.plot.views`: the figures, one function per view.
+* :mod:`attnlab.plot.encoder`: a ViT encoder's self-attention (CLS row vs word rows, one patch's row, rollout).
 * :mod:`attnlab.plot.export`: PNG, SVG, PDF and GIF files; :mod:`attnlab.plot.html`: the static HTML explorer.
 
 Every view takes a trace plus keyword options, checks them (raising
@@ -18,6 +19,7 @@ then draws and returns a :class:`matplotlib.figure.Figure`. See
 
 from __future__ import annotations
 
+from .encoder import cls_vs_words, patch_attention, rollout_map
 from .export import save_figure, save_gif
 from .html import export_html
 from .maps import attention_map, default_steps, head_entropy, head_peak, word_matrix
@@ -39,6 +41,7 @@ __all__ = [
     "attention_map",
     "attention_matrix",
     "attention_row",
+    "cls_vs_words",
     "default_steps",
     "export_html",
     "head_entropy",
@@ -48,6 +51,8 @@ __all__ = [
     "layer_head_grid",
     "matrix_row",
     "overlay",
+    "patch_attention",
+    "rollout_map",
     "save_figure",
     "save_gif",
     "word_grid",

@@ -8,7 +8,7 @@
 * :func:`rollout_map`: attention rollout through all encoder layers, from the
   class token or from a patch (:func:`attnlab.rollout.rollout`).
 
-Conventions of :mod:`attnlab.plot`: inputs are checked first (one-line
+Conventions of the other views: inputs are checked first (one-line
 :class:`~attnlab.errors.AttnlabError`), then the figure is drawn and returned.
 Maps show raw weights on the patches; what a row puts on the prefix tokens
 (class token, registers) is not drawn on the image and is printed in the
@@ -22,25 +22,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import rollout as numeric
-from .errors import AttnlabError
-from .plot import (
-    DEFAULT_ALPHA,
-    DEFAULT_CMAP,
-    _check_alpha,
-    _check_ax,
-    _check_cmap,
-    _check_figsize,
-    _check_positive_int,
-    _check_smooth,
-    _is_int,
-    _new_figure,
-    _panel_size,
-    _upsample,
-    default_steps,
-)
+from .. import rollout as numeric
+from ..errors import AttnlabError
+from ..resample import axis_matrix
+from .draw import add_colorbar, draw_map, panel_grid, panel_size
+from .maps import Scale, check_smooth, default_steps, resize
+from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, _ax, _is_int, check_alpha, check_cmap, check_count, check_figsize, check_font_scale
 
 __all__ = ["cls_vs_words", "patch_attention", "rollout_map"]
+
+WEIGHT = "attention weight"
 
 
 def _check_image(trace: Any) -> None:
@@ -55,18 +46,19 @@ def _prefix_note(prefix: np.ndarray) -> str:
     return f"{prefix.sum():.0%} on {where}"
 
 
-def _draw(ax, trace: Any, grid_map: np.ndarray, cmap, alpha: float, vmax: float, smooth: float):
-    """Image, then the ``(h, w)`` patch map upsampled over it on a 0..``vmax`` scale; returns the map artist."""
-    height, width = trace.image.shape[:2]
-    extent = (0, width, height, 0)
-    ax.imshow(trace.image, extent=extent, interpolation="nearest")
-    amap = _upsample(trace, grid_map, smooth, "bilinear")  # (height, width)
-    heat = ax.imshow(amap, extent=extent, cmap=cmap, alpha=alpha, vmin=0.0, vmax=vmax if vmax > 0 else 1.0, interpolation="nearest")
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return heat
+def _over_image(trace: Any, grid_map: np.ndarray, sigma: float) -> np.ndarray:
+    """A patch map ``(h, w)``, blurred by ``sigma`` grid cells, stretched bilinearly over the image: ``(height, width)``."""
+    out = np.asarray(grid_map, dtype=np.float64)  # (h, w)
+    if sigma > 0:
+        h, w = out.shape
+        out = axis_matrix(h, h, "bilinear", sigma) @ out @ axis_matrix(w, w, "bilinear", sigma).T  # (h, w)
+    return resize(out, trace.image.shape[:2], "bilinear")  # (height, width)
+
+
+def _scale(trace: Any, vmax: float, quantity: str) -> Scale:
+    """A linear 0..``vmax`` colour scale (``vmax``: the largest patch value drawn) whose bar reads "``quantity`` of a patch"."""
+    patches = int(trace.grid[0] * trace.grid[1])
+    return Scale("shared", vmax if vmax > 0 else 1.0, patches, quantity)
 
 
 def _mark_patch(ax, trace: Any, patch: tuple[int, int]) -> None:
@@ -89,6 +81,7 @@ def cls_vs_words(
     cmap=DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     smooth: float = 0.0,
+    font_scale: float = 1.0,
 ):
     """The CLS row of the encoder next to the word rows of the decoder, on one colour scale.
 
@@ -104,50 +97,54 @@ def cls_vs_words(
     steps = default_steps(trace) if words is None else list(words)
     if not steps or not all(_is_int(t) and -len(trace.words) <= t < len(trace.words) for t in steps):
         raise AttnlabError(f"words={words!r}: pass step indices 0..{len(trace.words) - 1} (or None for all)")
-    ncols = _check_positive_int("ncols", ncols)
-    a, sigma, cm = _check_alpha(alpha), _check_smooth(smooth), _check_cmap(cmap)
-    size = _check_figsize(figsize)
+    ncols = check_count("ncols", ncols, allow_none=False)
+    a, sigma, cm = check_alpha(alpha), check_smooth(smooth), check_cmap(cmap)
+    size, fs = check_figsize(figsize), check_font_scale(font_scale)
 
-    maps = [data.cls_map, *(data.word_maps[t] for t in steps)]  # (h, w) each
-    vmax = max(float(m.max()) for m in maps)  # one scale: the panels are comparable
-    panels = len(maps)
+    grids = [data.cls_map, *(data.word_maps[t] for t in steps)]  # (h, w) each
+    images = [_over_image(trace, g, sigma) for g in grids]  # (height, width) each
+    scale = _scale(trace, max(float(g.max()) for g in grids), WEIGHT)  # one scale: the panels are comparable
+    panels = len(grids)
     ncols = min(ncols, panels)
     nrows = -(-panels // ncols)
-    pw, ph = _panel_size(trace, 2.4)
-    fig, axes = _new_figure(size or (pw * ncols + 1.0, (ph + 0.55) * nrows + 0.5), nrows, ncols)
-    flat = axes.ravel()
-    heat = _draw(flat[0], trace, data.cls_map, cm, a, vmax, sigma)
-    flat[0].set_title(f"CLS row (encoder layer {data.encoder_layer})\n{_prefix_note(data.cls_prefix)}", fontsize=10)
-    for ax, t in zip(flat[1:], steps):
-        _draw(ax, trace, data.word_maps[t], cm, a, vmax, sigma)
-        ax.set_title(f"{trace.words[t]!r}\noverlap with CLS {data.overlap[t]:.2f}", fontsize=10)
+    pw, ph, _ = panel_size(trace.image.shape[:2], 2.4)
+    title = [
+        "what a classifier reads (CLS row, the same for every word)",
+        f"vs what the captioner reads (word rows, decoder layer {data.decoder_layer}, mean of heads)",
+    ]
+    layout = panel_grid(nrows, ncols, (pw, ph), font_scale=fs, title_lines=2, title=title, figsize=size)
+    flat = layout.axes.ravel()
+    font = layout.font
+    draw_map(flat[0], trace.image, images[0], scale, cm, a)
+    flat[0].set_title(f"CLS row (encoder layer {data.encoder_layer})\n{_prefix_note(data.cls_prefix)}", fontsize=font)
+    for ax, t, values in zip(flat[1:], steps, images[1:]):
+        draw_map(ax, trace.image, values, scale, cm, a)
+        ax.set_title(f"{trace.words[t]!r}\noverlap with CLS {data.overlap[t]:.2f}", fontsize=font)
     for ax in flat[panels:]:
         ax.set_axis_off()
-    fig.colorbar(heat, ax=list(flat[:panels]), label="attention weight on a patch (one scale)", shrink=0.9)
-    fig.suptitle(
-        f"what a classifier reads (CLS row, same for every word) vs what the captioner reads "
-        f"(word rows, decoder layer {data.decoder_layer}, mean of heads)",
-        fontsize=10,
-    )
-    return fig
+    add_colorbar(layout.fig, layout.cax, scale, cm, font)
+    return layout.fig
 
 
-def _one_map(trace: Any, grid_map: np.ndarray, title: str, label: str, patch, ax, figsize, cmap, alpha, smooth):
+def _one_map(trace: Any, grid_map: np.ndarray, title: str, label: str, patch, ax, figsize, cmap, alpha, smooth, font_scale):
     """Check the drawing options, then draw one ``(h, w)`` map over the image (``patch`` outlined) with its colour bar."""
-    a, sigma, cm = _check_alpha(alpha), _check_smooth(smooth), _check_cmap(cmap)
-    _check_ax(ax)
-    size = _check_figsize(figsize, ax)
+    a, sigma, cm = check_alpha(alpha), check_smooth(smooth), check_cmap(cmap)
+    ax, size, fs = _ax(trace, ax), check_figsize(figsize), check_font_scale(font_scale)
+    if ax is not None and size is not None:
+        raise AttnlabError("pass either ax or figsize, not both")
+    values = _over_image(trace, grid_map, sigma)  # (height, width)
+    scale = _scale(trace, float(np.max(grid_map)), label)
     if ax is None:
-        pw, ph = _panel_size(trace, 4.0)
-        fig, axes = _new_figure(size or (pw + 1.2, ph + 0.8))
-        ax = axes[0, 0]
+        pw, ph, _ = panel_size(trace.image.shape[:2], 4.0)
+        layout = panel_grid(1, 1, (pw, ph), font_scale=fs, title_lines=2, figsize=size)
+        fig, ax, cax, font = layout.fig, layout.axes[0, 0], layout.cax, layout.font
     else:
-        fig = ax.figure
-    heat = _draw(ax, trace, grid_map, cm, a, float(grid_map.max()), sigma)
+        fig, cax, font = ax.figure, None, 10.0 * fs
+    draw_map(ax, trace.image, values, scale, cm, a)
     if patch is not None:
         _mark_patch(ax, trace, patch)
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(heat, ax=ax, label=label, shrink=0.9)
+    ax.set_title(title, fontsize=font)
+    add_colorbar(fig, cax, scale, cm, font, ax=ax)
     return fig
 
 
@@ -166,6 +163,7 @@ def patch_attention(
     cmap=DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     smooth: float = 0.0,
+    font_scale: float = 1.0,
 ):
     """What patch ``(row, col)`` (outlined) attends to in encoder ``layer`` (one head or the mean)."""
     _check_image(trace)
@@ -173,7 +171,7 @@ def patch_attention(
     n_layers = numeric.encoder_attention(trace).num_layers
     note = f"; {_prefix_note(prefix)}" if len(prefix) else ""
     title = f"patch {tuple(int(p) for p in patch)} (outlined), encoder layer {int(layer) % n_layers}\n{_head_name(head)}{note}"
-    return _one_map(trace, grid_map, title, "attention weight on a patch", patch, ax, figsize, cmap, alpha, smooth)
+    return _one_map(trace, grid_map, title, WEIGHT, patch, ax, figsize, cmap, alpha, smooth, font_scale)
 
 
 def rollout_map(
@@ -186,6 +184,7 @@ def rollout_map(
     cmap=DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     smooth: float = 0.0,
+    font_scale: float = 1.0,
 ):
     """Attention rollout through every encoder layer, from ``"cls"`` or a patch ``(row, col)``.
 
@@ -201,4 +200,4 @@ def rollout_map(
     source = "CLS" if patch is None else f"patch {tuple(int(q) for q in patch)} (outlined)"
     note = f"; {_prefix_note(prefix)}" if len(prefix) else ""
     title = f"rollout of {n_layers} encoder layers ({_head_name(head)})\nfrom {source}{note}"
-    return _one_map(trace, grid_map, title, "rolled-out share from a patch", patch, ax, figsize, cmap, alpha, smooth)
+    return _one_map(trace, grid_map, title, "rolled-out share", patch, ax, figsize, cmap, alpha, smooth, font_scale)
