@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import outputs
 from .captioner import CaptionerSpec, as_captioner
 from .decode import check_beams, check_max_len, decode_batch
+from .diagnostics import mark_padding
 from .errors import AttnlabError
 from .fileio import atomic_write, remove_stale_temps
 from .preprocess import prepare_for
@@ -300,6 +301,7 @@ class _Loaded:
     shown: np.ndarray | None = None  # (h', w', 3) uint8, the image the maps are drawn over
     header: dict[str, Any] | None = None  # "done": the trace's header (caption, words, meta)
     error: str = ""
+    content: tuple[int, int] | None = None  # the image's (height, width) within ``shown`` (smaller only when padded)
 
 
 class _Images(Dataset):
@@ -322,8 +324,9 @@ class _Images(Dataset):
                 return _Loaded(i, "done", sha, header=info)
             if state == "refused":
                 return _Loaded(i, "error", error=str(info))
-            pixels, shown = prepare_for([plan.source.path], self.spec)
-            return _Loaded(i, "image", sha, pixels[0].numpy(), shown[0])
+            content: list[tuple[int, int]] = []
+            pixels, shown = prepare_for([plan.source.path], self.spec, content=content)
+            return _Loaded(i, "image", sha, pixels[0].numpy(), shown[0], content=content[0])
         except AttnlabError as exc:
             return _Loaded(i, "error", error=str(exc))
         except Exception as exc:  # an image no reader expected: listed with its reason, the run goes on
@@ -486,6 +489,7 @@ class _Run:
                 self.model, [torch.from_numpy(b.pixels) for b in batch], [b.shown for b in batch],
                 max_len=run["max_len"], mode=run["mode"], beams=run["beams"], length_penalty=run["length_penalty"],
             )  # fmt: skip
+            mark_padding(traces, [b.content for b in batch], as_captioner(self.model).spec)
         except torch.cuda.OutOfMemoryError:
             raise AttnlabError(
                 f"out of GPU memory at batch size {self.batch_size}: run the same command with a smaller --batch-size "

@@ -109,6 +109,30 @@ def test_caption_records_padding_for_padded_models():
     assert explained.meta["padding_fraction"] == trace.meta["padding_fraction"]
 
 
+def test_batch_runs_record_padding_like_caption(tmp_path):
+    """A folder run reads images in workers and decodes them in batches: its traces record the same padding."""
+    from PIL import Image
+
+    from attnlab.batch import caption_folder
+
+    model = PadModel()
+    cap = attnlab.wrap(model, encode=model.encode, decode=model.decode, cross_attention="cross", grid=(4, 4), image_size=32,
+                       mean=(0.5,) * 3, std=(0.5,) * 3, bos=1, eos=2, vocab=["[PAD]", "[CLS]", "[SEP]", "a", "b", "c"],
+                       max_len=3, resize="pad")  # fmt: skip
+    rng = np.random.default_rng(3)
+    (tmp_path / "in").mkdir()
+    for name, shape in (("wide", (16, 32, 3)), ("tall", (32, 8, 3)), ("square", (32, 32, 3))):
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(tmp_path / "in" / f"{name}.png")
+    report = caption_folder(cap, tmp_path / "in", tmp_path / "out", batch_size=3, workers=0, progress=False)
+    assert report.captioned == 3
+    for name in ("wide", "tall", "square"):
+        got = CaptionTrace.load(tmp_path / "out" / f"{name}.png.npz")
+        alone = attnlab.caption(cap, tmp_path / "in" / f"{name}.png")
+        assert got.meta["padding_fraction"] == alone.meta["padding_fraction"]
+    wide = np.array(CaptionTrace.load(tmp_path / "out" / "wide.png.npz").meta["padding_fraction"])
+    np.testing.assert_allclose(wide, np.repeat([[0.0], [0.0], [1.0], [1.0]], 4, axis=1))
+
+
 # --------------------------------------------------------------------------- explanations in the views
 @pytest.fixture(scope="module")
 def explained():
