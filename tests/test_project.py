@@ -47,3 +47,36 @@ def test_console_script_points_at_main():
     from attnlab.cli import main
 
     assert callable(main)
+
+
+PUBLIC_MODULES = [
+    "attnlab", "attnlab.plot", "attnlab.rollout", "attnlab.explain", "attnlab.diagnostics", "attnlab.models", "attnlab.shapes",
+]  # fmt: skip
+
+
+def test_readme_names_every_public_name_and_every_command_line_option():
+    """The README is the manual: each name a module exports and each flag of each command is in it."""
+    import argparse
+    import importlib
+
+    from attnlab.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [
+        f"{module}.{name}"
+        for module in PUBLIC_MODULES
+        for name in importlib.import_module(module).__all__
+        if not re.search(rf"\b{re.escape(name)}\b", readme)
+    ]
+    assert not missing, f"the README does not mention {missing}"
+    flags = set()
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            flags.update(o for o in action.option_strings if o.startswith("--") and o != "--help")
+    assert len(flags) > 20  # the walk found the subcommands' options
+    absent = sorted(f for f in flags if not re.search(rf"{re.escape(f)}\b", readme))
+    assert not absent, f"the README does not mention the options {absent}"
