@@ -1055,7 +1055,7 @@ def test_training_refuses_before_work(tmp_path, capsys, monkeypatch, extra, need
     def never(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train_module, "build_shapes_model", never)
+    monkeypatch.setattr(train_module, "build_model", never)
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("x")
     subs = {"adir": tmp_path / "adir", "ro": _unwritable(tmp_path) if "{ro}" in " ".join(extra) else "", "file": tmp_path / "afile"}

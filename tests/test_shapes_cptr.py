@@ -30,7 +30,7 @@ def test_bundled_cptr_is_small_offline_and_a_vit(bundled):
     spec = bundled.spec
     assert spec.prefix_tokens == 1 and spec.resize == "stretch" and spec.image_size == 128
     assert spec.vocab.token(spec.eos) == "[SEP]"
-    assert bundled.grid(128, 128) == (16, 16)  # patch 8
+    assert bundled.grid(128, 128) == (8, 8)  # patch 16
     meta = torch.load(path, weights_only=True)["meta"]
     assert meta["train_config"]["model"] == "cptr" and meta["steps"] > 0
 
