@@ -1,10 +1,13 @@
 """Re-create the README's pictures from a sample image with the bundled model (offline, a few seconds).
 
-    python docs/make_figures.py
+    python docs/make_figures.py                 # all of them
+    python docs/make_figures.py student         # only docs/student_word_grid.png
 
 * docs/word_grid.png: ``attnlab.plot.word_grid`` of ``scene-2.png`` (the README's opening figure).
 * docs/explorer.gif: the explorer (``attnlab.explore``) stepping through the words of the same caption:
   each frame is the explorer's own figure after its word slider moved.
+* docs/student_word_grid.png: the student-style model of notebook 05 (``attnlab.shapes.student``),
+  wrapped with ``attnlab.wrap``, on held-out scene 0 of seed 3: its WordPiece pieces merged into words.
 
 Run it again after changing a figure, and commit both files.
 """
@@ -34,7 +37,35 @@ def palette(image: Image.Image) -> Image.Image:
     return image.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.FLOYDSTEINBERG)
 
 
-def main() -> None:
+def save_png(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=64)
+    with Image.open(buffer) as png:
+        small = palette(png)
+    small.save(path, optimize=True)
+    print(f"wrote {path} ({small.width} x {small.height} px, {path.stat().st_size // 1024} KiB)")
+
+
+def student() -> None:
+    """The student-style model of notebook 05, wrapped in three lines, on one held-out scene."""
+    from attnlab.shapes import CLS_ID, SEP_ID, make_scenes
+    from attnlab.shapes.student import GRID, STUDENT_VOCAB, load_student
+
+    model = load_student()
+    cap = attnlab.wrap(model, encode=model.encode, decode=model.decode, cross_attention="decoder.layers.*.multihead_attn",
+                       grid=GRID, image_size=128, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                       bos=CLS_ID, eos=SEP_ID, vocab=STUDENT_VOCAB, name="student")  # fmt: skip
+    scene = make_scenes(1, seed=3, split="eval")[0]
+    trace = attnlab.caption(cap, scene.image)
+    print(f"student: {trace.caption!r} (pieces {trace.words}); truth {scene.caption!r}")
+    save_png(plot.word_grid(trace), DOCS / "student_word_grid.png")
+
+
+def main(which: list[str]) -> None:
+    if "student" in which:
+        student()
+    if which and "readme" not in which:
+        return
     model = attnlab.load_model()  # the bundled shapes model
     trace = attnlab.caption(model, attnlab.sample_path(SAMPLE))
     print(f"{SAMPLE}: {trace.caption}")
@@ -59,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or ["readme", "student"])
