@@ -124,6 +124,39 @@ class CaptionerSpec:
             object.__setattr__(self, "best_head", check_best_head(self.best_head))
 
 
+def spec_from_config(
+    config: Any,
+    *,
+    name: str,
+    vocab: TokenTable | None,
+    resize: Literal["long", "stretch", "pad"],
+    prefix_tokens: int = 0,
+    best_head: tuple[int, int] | None = None,
+) -> CaptionerSpec:
+    """The spec of a model built from a config with CATR's field names (``start_token_id``,
+    ``end_token_id``, ``pad_token_id``, ``max_positions``, ``image_size``, ``mean``, ``std``,
+    ``vocab_size``). Without ``vocab``, words show as ``[id]`` (the special tokens by name)."""
+    if vocab is None:
+        from .tokenizer import IdVocab
+
+        specials = {config.pad_token_id: "[PAD]", config.start_token_id: "[CLS]", config.end_token_id: "[SEP]"}
+        vocab = IdVocab(specials, config.vocab_size)
+    return CaptionerSpec(
+        name=name,
+        vocab=vocab,
+        bos=config.start_token_id,
+        eos=config.end_token_id,
+        pad=config.pad_token_id,
+        max_len=config.max_positions - 1,  # the start token takes one position
+        image_size=config.image_size,
+        resize=resize,
+        mean=config.mean,
+        std=config.std,
+        prefix_tokens=prefix_tokens,
+        best_head=best_head,
+    )
+
+
 def check_best_head(value: Any) -> tuple[int, int]:
     """A ``(layer, head)`` pair of integers >= 0 (from a list or a ``{"layer": .., "head": ..}`` record), or one line."""
     if isinstance(value, dict):

@@ -15,8 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, TokenTable, check_best_head, pad_to, scatter_groups, size_groups
-from ..tokenizer import IdVocab
+from ..captioner import (
+    CaptionerSpec,
+    Encoded,
+    Record,
+    StepOutput,
+    TokenTable,
+    check_best_head,
+    pad_to,
+    scatter_groups,
+    size_groups,
+    spec_from_config,
+)
 from .backbone import Joiner, build_backbone
 from .fuse import InferenceBody
 from .transformer import DecoderCache, LayerCache, Transformer, padding_bias
@@ -144,23 +154,7 @@ class CATR(nn.Module):
     @property
     def spec(self) -> CaptionerSpec:
         """What decoding needs to know: sizes, special ids, vocabulary, name."""
-        c = self.config
-        vocab = self._vocab
-        if vocab is None:
-            vocab = IdVocab({c.pad_token_id: "[PAD]", c.start_token_id: "[CLS]", c.end_token_id: "[SEP]"}, c.vocab_size)
-        return CaptionerSpec(
-            name=self._name,
-            vocab=vocab,
-            bos=c.start_token_id,
-            eos=c.end_token_id,
-            pad=c.pad_token_id,
-            max_len=c.max_positions - 1,
-            image_size=c.image_size,
-            resize="long",
-            mean=c.mean,
-            std=c.std,
-            best_head=self._best_head,
-        )
+        return spec_from_config(self.config, name=self._name, vocab=self._vocab, resize="long", best_head=self._best_head)
 
     def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
         """Encode ``pixels`` (``N`` tensors ``(3, h_i, w_i)``) for :meth:`step`.

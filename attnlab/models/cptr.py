@@ -34,9 +34,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import capture_attention
-from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, TokenTable, check_record, pad_to, scatter_groups, size_groups
+from ..captioner import (
+    CaptionerSpec,
+    Encoded,
+    Record,
+    StepOutput,
+    TokenTable,
+    check_record,
+    pad_to,
+    scatter_groups,
+    size_groups,
+    spec_from_config,
+)
 from ..errors import AttnlabError
-from ..tokenizer import IdVocab
 from .transformer import _attend, _project, padding_bias
 
 
@@ -284,21 +294,8 @@ class CPTR(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         for m in (self.token_embed, self.position_embed):
             nn.init.normal_(m.weight, std=0.02)
-        if vocab is None:
-            vocab = IdVocab({config.pad_token_id: "[PAD]", config.start_token_id: "[CLS]", config.end_token_id: "[SEP]"}, config.vocab_size)
-        self._spec = CaptionerSpec(
-            name=name,
-            vocab=vocab,
-            bos=config.start_token_id,
-            eos=config.end_token_id,
-            pad=config.pad_token_id,
-            max_len=config.max_positions - 1,
-            image_size=config.image_size,
-            resize="stretch",
-            mean=config.mean,
-            std=config.std,
-            prefix_tokens=int(self.encoder.num_prefix_tokens),
-            best_head=best_head,
+        self._spec = spec_from_config(
+            config, name=name, vocab=vocab, resize="stretch", prefix_tokens=int(self.encoder.num_prefix_tokens), best_head=best_head
         )
 
     # ------------------------------------------------------------------ seam
