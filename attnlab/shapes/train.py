@@ -188,11 +188,11 @@ def train(
         if not state_file.is_file():
             raise AttnlabError(f"nothing to resume: {state_file} does not exist (train without --resume first)")
         state = read_checkpoint(state_file)
+        if {"model": "catr", **state["config"]} != vars(cfg):  # files from before --model were CATR's
+            raise AttnlabError(f"{state_file} was trained with other settings ({state['config']}): resume with the same ones")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
-        if {"model": "catr", **state["config"]} != vars(cfg):  # files from before --model were CATR's
-            raise AttnlabError(f"{state_file} was trained with other settings ({state['config']}): resume with the same ones")
     bar = None
     if progress:
         from tqdm.auto import tqdm
