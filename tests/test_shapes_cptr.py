@@ -116,3 +116,32 @@ def test_shapes_cptr_starts_from_sincos_positions():
     got = patch(3, 7)[[0, 32, 64, 96]]
     want = torch.tensor([3.0, 7.0, 3.0, 7.0])
     assert torch.allclose(got, torch.cat([want[:2].sin(), want[2:].cos()]), atol=1e-6)
+
+
+def test_figures_and_explorer_take_its_traces_unchanged(bundled, tmp_path):
+    """A ViT trace goes through the views, the explorer and the HTML page; the drawn map is the
+    patch part of the row (the CLS weight is reported, not drawn), upsampled as torch does."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attnlab import plot
+
+    scene = make_scenes(1, seed=31, split="eval")[0]
+    trace = attnlab.caption(bundled, scene.image)
+    assert trace.prefix_tokens == 1 and trace.prefix_share.shape == trace.cross_attention.shape[:3]
+    np.testing.assert_allclose(trace.cross_attention.sum((-2, -1)) + trace.prefix_share, 1.0, atol=1e-5)
+    fig = plot.overlay(trace, step=1)
+    drawn = fig.axes[0].images[1].get_array()
+    grid = torch.from_numpy(trace.cross_attention[-1, :, 1].astype(np.float64).mean(axis=0))[None, None]  # (1, 1, 8, 8)
+    want = torch.nn.functional.interpolate(grid, size=(128, 128), mode="bilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(drawn, want, atol=1e-6)
+    for view in (plot.word_grid(trace), plot.head_grid(trace), plot.layer_head_grid(trace, 2), plot.attention_matrix(trace)):
+        assert view.axes
+    plt.close("all")
+    explorer = attnlab.explore(trace)
+    explorer.slider.value = 2
+    assert explorer.image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    page = attnlab.export_html(trace, tmp_path / "vit.html")
+    assert page.stat().st_size > 1000 and "shapes-cptr" in page.read_text()
