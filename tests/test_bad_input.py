@@ -1083,6 +1083,51 @@ def test_training_init_from_a_bare_state_dict(tmp_path):
                  "does not fit")
 
 
+def test_training_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    """A user's file named like --out (or like its resume state) survives; --overwrite replaces it;
+    a rerun replaces training's own earlier outputs. Hashes are compared before and after."""
+    from attnlab.cli import main
+
+    notes = tmp_path / "notes.pt"
+    notes.write_text("my notes, not a model")
+    before = hashlib.sha256(notes.read_bytes()).hexdigest()
+    args = ["train", "shapes", "--steps", "1", "--batch-size", "2"]
+    assert main([*args, "--out", str(notes)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "did not write it" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert hashlib.sha256(notes.read_bytes()).hexdigest() == before and not (tmp_path / "notes.pt.train").exists()
+
+    (tmp_path / "m.pt.train").write_text("a user's file named like the resume state")
+    assert main([*args, "--out", str(tmp_path / "m.pt")]) != 0
+    assert "m.pt.train exists" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
+    (tmp_path / "m.pt.train").unlink()
+
+    assert main([*args, "--out", str(tmp_path / "m.pt")]) == 0  # training's own outputs ...
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "m.pt")]) == 0  # ... are replaced by a rerun
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["meta"]["train_config"]["seed"] == 1
+    assert main([*args, "--out", str(notes), "--overwrite"]) == 0  # asked for
+    assert torch.load(notes, weights_only=True)["format"] == "attnlab-catr"
+
+
+def test_student_training_never_replaces_a_file_it_did_not_write(tmp_path):
+    from attnlab.shapes.student import train_student
+
+    photo = tmp_path / "photo.pt"
+    photo.write_bytes(b"\x89PNG not really")
+    assert_error(lambda: train_student(photo, steps=1, batch_size=2), "did not write it")
+    assert photo.read_bytes() == b"\x89PNG not really"
+
+
+def test_best_head_command_on_a_non_checkpoint_is_one_line(tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    before = photo.read_bytes()
+    done = subprocess.run([sys.executable, "-m", "attnlab.shapes.grounding", str(photo)], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("attnlab: error:") and len(done.stderr.strip().splitlines()) == 1
+    assert photo.read_bytes() == before
+
+
 def test_ctrl_c_saves_a_resumable_state(tmp_path, capsys, monkeypatch):
     import attnlab.shapes.train as train_module
     from attnlab.shapes.train import TrainConfig, train

@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, model=args.model
     )
-    result = train(args.out, minutes=args.minutes, cfg=cfg, resume=args.resume, init=args.init)
+    result = train(args.out, minutes=args.minutes, cfg=cfg, resume=args.resume, init=args.init, overwrite=args.overwrite)
     print(
         f"trained {result['steps']} steps in {result['seconds'] / 60:.1f} min; "
         f"last batch: loss {result['loss']:.4f}, token accuracy {result['token_accuracy']:.3f}; wrote {result['out']}"
@@ -91,6 +91,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, metavar="CKPT", help="fine-tune from this shapes checkpoint (new schedule)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"peak learning rate (default {TrainConfig.lr})")
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="warm-up steps")
+    p.add_argument("--overwrite", action="store_true", help="replace PATH or PATH.train even when training did not write them")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="caption accuracy and pointing game on held-out scenes")

@@ -178,8 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write a copy here instead of updating CHECKPOINT")
     parser.add_argument("--n", type=int, default=SELECTION_SCENES)
     args = parser.parse_args(argv)
-    record = select_best_head(load_model(checkpoint=args.checkpoint), n=args.n)
-    path = record_best_head(args.checkpoint, record, args.out)
+    try:
+        record = select_best_head(load_model(checkpoint=args.checkpoint), n=args.n)
+        path = record_best_head(args.checkpoint, record, args.out)
+    except AttnlabError as exc:
+        raise SystemExit(f"attnlab: error: {exc}") from None
     print(f"best head of {args.checkpoint}: layer {record['layer']}, head {record['head']} (hit rate {record['hit_rate']:.1%}, "
           f"that layer's head mean {record['mean_head_hit_rate']:.1%}); recorded in {path}")
 

@@ -92,17 +92,20 @@ def load_student(path: str | Path | None = None) -> StudentCaptioner:
 
 
 def train_student(
-    out: str | Path, steps: int = 3000, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, **config: int
+    out: str | Path, steps: int = 3000, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, overwrite: bool = False, **config: int
 ) -> dict:
     """Train :class:`StudentCaptioner` (``config``: its width, depth, heads, dec_layers) on fresh
-    shapes scenes; write its weights (float16) and configuration to ``out``."""
+    shapes scenes; write its weights (float16) and configuration to ``out``. An existing ``out``
+    that attnlab's training did not write is refused unless ``overwrite``."""
     from tqdm.auto import tqdm
 
-    from .train import TrainConfig, lr_factor, scene_batch, train_step
+    from .train import TrainConfig, lr_factor, scene_batch, train_step, written_by_training
 
     out = Path(out)
     if out.is_dir():
         raise AttnlabError(f"--out {out} is a folder: give a file name")
+    if out.is_file() and not overwrite and not written_by_training(out):
+        raise AttnlabError(f"--out {out} exists and attnlab's training did not write it: give another --out, or pass --overwrite")
     cfg = TrainConfig(steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=200)
     torch.manual_seed(seed)
     model = StudentCaptioner(**config).train()
@@ -140,10 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=3, help="encoder blocks")
     parser.add_argument("--dec-layers", type=int, default=2)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even when training did not write it")
     args = parser.parse_args(argv)
-    result = train_student(
-        args.out, args.steps, args.seed, args.batch_size, args.lr, width=args.width, depth=args.depth, dec_layers=args.dec_layers
-    )
+    try:
+        result = train_student(args.out, args.steps, args.seed, args.batch_size, args.lr, overwrite=args.overwrite,
+                               width=args.width, depth=args.depth, dec_layers=args.dec_layers)  # fmt: skip
+    except AttnlabError as exc:
+        raise SystemExit(f"attnlab: error: {exc}") from None
     print(f"trained {result['steps']} steps in {result['seconds'] / 60:.1f} min; last batch loss {result['loss']:.4f}, "
           f"token accuracy {result['token_accuracy']:.3f}; wrote {result['out']}")
 

@@ -82,7 +82,37 @@ def _state_path(out: Path) -> Path:
     return out.with_name(out.name + ".train")
 
 
-def check_train_args(out: Path, cfg: TrainConfig, minutes: float | None) -> None:
+TRAINING_FORMATS = ("attnlab-catr", "attnlab-cptr", "attnlab-student")
+
+
+def written_by_training(path: Path) -> bool:
+    """Whether ``path`` is a file attnlab's training wrote: a model checkpoint with its training
+    record (``attnlab train``, the student trainer) or a resume state (``PATH.train``)."""
+    try:
+        obj = read_checkpoint(path)
+    except AttnlabError:
+        return False
+    if path.name.endswith(".train"):
+        return {"model", "optimizer", "step", "elapsed", "config"} <= set(obj)
+    meta = obj.get("meta")
+    return obj.get("format") in TRAINING_FORMATS and isinstance(meta, dict) and "steps" in meta
+
+
+def check_out_is_ours(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, to replace ``out`` or ``out.train`` when training did not write them
+    (a user's file that happens to have that name) unless ``overwrite``; earlier training outputs are
+    replaced (a rerun), as the captioning outputs are."""
+    if overwrite:
+        return
+    for target in (out, _state_path(out)):
+        if target.is_file() and not written_by_training(target):
+            raise AttnlabError(
+                f"--out {out}: {target} exists and attnlab's training did not write it: "
+                "give another --out, or pass --overwrite to replace it"
+            )
+
+
+def check_train_args(out: Path, cfg: TrainConfig, minutes: float | None, overwrite: bool = False) -> None:
     """One-line errors, before any work, for settings and outputs that cannot work."""
     for key in ("steps", "batch_size", "warmup", "seed"):
         value = getattr(cfg, key)
@@ -109,6 +139,7 @@ def check_train_args(out: Path, cfg: TrainConfig, minutes: float | None) -> None
         probe.unlink()
     except OSError as exc:
         raise AttnlabError(f"--out {out}: cannot write in {existing} ({exc.strerror or type(exc).__name__}); give a path you can write to") from None
+    check_out_is_ours(out, overwrite)
 
 
 class _StopAtStepEnd:
@@ -144,6 +175,7 @@ def train(
     save_every: int = 250,
     stop_after: int | None = None,
     init: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train (or resume) the shapes model; writes ``out`` (the model, attnlab format)
     and ``out.train`` (optimizer state, to resume). Returns a summary dict.
@@ -155,13 +187,15 @@ def train(
     schedule) instead of random ones; its record is kept in the new file's meta.
     A bare state dict of the shapes model works too (it has no record to keep).
 
-    Settings and ``out`` are checked before any work (one-line :class:`AttnlabError`).
+    Settings and ``out`` are checked before any work (one-line :class:`AttnlabError`):
+    an existing ``out`` or ``out.train`` that training did not write (a user's file) is
+    refused unless ``overwrite``; earlier training outputs are replaced.
     Ctrl-C finishes the current step, saves ``out`` and ``out.train`` and then
     raises ``KeyboardInterrupt``; ``resume=True`` continues from there.
     """
     cfg = cfg or TrainConfig()
     out = Path(out)
-    check_train_args(out, cfg, minutes)
+    check_train_args(out, cfg, minutes, overwrite)
     remove_stale_temps(out.parent)
     model = build_model(cfg.model, cfg.seed)
     lineage = []
