@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..captioner import as_captioner
-from ..decode import caption
+from ..decode import caption, decode_batch
 from ..diagnostics import patch_share
 from ..errors import AttnlabError
 from ..preprocess import ImageInput, prepare_for
@@ -356,7 +356,8 @@ def ground(
             batch = list(items[start : start + batch_size])
             content: list[tuple[int, int]] = []
             pixels, shown = prepare_for([it.image for it in batch], spec, content=content)
-            greedy = [t.token_ids.tolist() for t in caption(model, [it.image for it in batch], record="none")]
+            # the model's own captions from the same prepared inputs (each image is read and resized once)
+            greedy = [t.token_ids.tolist() for t in decode_batch(model, pixels, shown, record="none")]
             regions: dict[tuple[int, tuple[int, ...], str], PatchRegion | None] = {}
             for condition in conditions:
                 ids = greedy if condition == "generated" else truths[start : start + len(batch)]
