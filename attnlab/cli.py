@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .shapes.cli import add_commands  # demo, train, evaluate live with the shapes world
 
     add_commands(sub)
-    from .explain.cli import add_commands as add_grounding
+    from .cli_grounding import add_commands as add_grounding
 
     add_grounding(sub)
     return parser
