@@ -438,10 +438,9 @@ def write_outputs(
             from .plot import word_grid
 
             fig = word_grid(trace, pyplot=False)  # a Figure pyplot never sees: the user's backend stays as it is
-            fd, tmp_png = make_temp(plan.figure)
+            tmp_png = _temp_named(plan.figure, ".png")
             temps.append(tmp_png)
-            with os.fdopen(fd, "wb") as fh:
-                fig.savefig(fh, format="png", metadata={PNG_TAG: json.dumps(tag)})  # a tEXt chunk "attnlab"
+            fig.savefig(tmp_png, format="png", metadata={PNG_TAG: json.dumps(tag)})  # a tEXt chunk "attnlab"
             pairs.insert(1, (tmp_png, plan.figure))
         _commit(pairs)
     except OSError as exc:  # disk full, read-only folder, ...: one line, not a traceback
