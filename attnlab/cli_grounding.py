@@ -10,6 +10,7 @@ import argparse
 import json
 
 from .errors import AttnlabError
+from .hub import model_names
 
 DEFAULT_N = 500
 
@@ -67,7 +68,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "grounding",
         help="how often each explanation method's map points at the object a word names (shapes scenes, or your images with boxes)",
     )
-    p.add_argument("--model", default="shapes", help="a model name load_model knows (default shapes; shapes-cptr, catr-v3, ...)")
+    p.add_argument("--model", default="shapes", metavar="NAME", help=f"one of {', '.join(model_names())} (default shapes); a file of your own: --checkpoint PATH")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="score this checkpoint instead of a named model")
     p.add_argument("--n", type=int, default=None, help=f"shapes scenes to score (default {DEFAULT_N}; the eval split, held out from training)")
     p.add_argument("--seed", type=int, default=None, help="which eval scenes (default 0)")

@@ -12,11 +12,16 @@ Names:
 * ``"shapes-cptr"``: the bundled CPTR-style model (a small timm ViT, offline).
 * ``"cptr"`` with ``checkpoint=PATH``: a CPTR checkpoint saved by
   :func:`save_checkpoint` (configuration and vocabulary travel with the weights).
+
+:data:`MODELS` is the one registry of these names (what each is and how it loads);
+the CLI's ``--model`` help and the "unknown model" error are read from it.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,6 @@ BUNDLED = Path(__file__).parent / "weights" / "shapes.pt"
 BUNDLED_CPTR = Path(__file__).parent / "weights" / "shapes-cptr.pt"
 ATTNLAB_FORMAT = "attnlab-catr"
 CPTR_FORMAT = "attnlab-cptr"
-NAMES = ("shapes", "shapes-cptr", "catr", "cptr", *CHECKPOINT_URLS)
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> CATRConfig:
@@ -285,6 +289,44 @@ def save_checkpoint(model: CATR | CPTR, path: str | Path, meta: dict[str, Any] |
     return atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
+def _bundled(name: str, vocab: str | Path | None) -> CATR | CPTR:
+    path = BUNDLED if name == "shapes" else BUNDLED_CPTR
+    if not path.is_file():
+        raise AttnlabError(f"the bundled {name} model is missing ({path}): reinstall attnlab")
+    return build_from_checkpoint(path, vocab) if name == "shapes" else build_from_checkpoint(path, vocab, name)
+
+
+def _published(name: str, vocab: str | Path | None) -> CATR:
+    root = cache_dir()
+    ckpt = root / f"{name}.pth"
+    obj = cached(CHECKPOINT_URLS[name], ckpt, _read_catr_checkpoint)
+    vocabulary = Path(vocab) if vocab is not None else cached(VOCAB_URL, root / VOCAB_FILE, _read_bert_vocab)
+    return build_from_checkpoint(ckpt, vocabulary, name, obj=obj)
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A name :func:`load_model` accepts: what it is, and ``load(name, vocab)`` (``None``: it needs ``checkpoint=PATH``)."""
+
+    about: str
+    load: Callable[[str, str | Path | None], CATR | CPTR] | None = None
+
+
+MODELS: dict[str, NamedModel] = {
+    "shapes": NamedModel("the bundled shapes model (CNN, offline; the default)", _bundled),
+    "shapes-cptr": NamedModel("the bundled shapes ViT captioner (CPTR-style, offline)", _bundled),
+    **{n: NamedModel(f"CATR's published checkpoint {n[5:]} (downloaded once, then cached)", _published) for n in CHECKPOINT_URLS},
+    "catr": NamedModel("a CATR checkpoint of your own (with checkpoint=PATH)"),
+    "cptr": NamedModel("a CPTR checkpoint written by save_checkpoint (with checkpoint=PATH)"),
+}
+NAMES = tuple(MODELS)
+
+
+def model_names(with_checkpoint: bool = False) -> tuple[str, ...]:
+    """The names :func:`load_model` loads by themselves, or (``with_checkpoint``) those that need ``checkpoint=PATH``."""
+    return tuple(n for n, m in MODELS.items() if (m.load is None) == with_checkpoint)
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -312,21 +354,11 @@ def load_model(
         if name == "catr" and isinstance(model, CPTR):
             raise AttnlabError(f"{checkpoint} holds a CPTR (timm ViT) captioner: load it with load_model('cptr', checkpoint=...)")
         return _to_device(model, device)
-    if name is None or name == "shapes":
-        if not BUNDLED.is_file():
-            raise AttnlabError(f"the bundled shapes model is missing ({BUNDLED}): reinstall attnlab")
-        return _to_device(build_from_checkpoint(BUNDLED, vocab), device)
-    if name == "shapes-cptr":
-        if not BUNDLED_CPTR.is_file():
-            raise AttnlabError(f"the bundled shapes-cptr model is missing ({BUNDLED_CPTR}): reinstall attnlab")
-        return _to_device(build_from_checkpoint(BUNDLED_CPTR, vocab, "shapes-cptr"), device)
-    if name in CHECKPOINT_URLS:
-        root = cache_dir()
-        ckpt = root / f"{name}.pth"
-        obj = cached(CHECKPOINT_URLS[name], ckpt, _read_catr_checkpoint)
-        vocabulary = Path(vocab) if vocab is not None else cached(VOCAB_URL, root / VOCAB_FILE, _read_bert_vocab)
-        model = build_from_checkpoint(ckpt, vocabulary, name, obj=obj)
-        return _to_device(model, device)
-    if name in ("catr", "cptr"):
+    name = "shapes" if name is None else name
+    entry = MODELS.get(name) if isinstance(name, str) else None
+    if entry is None:
+        own = " / ".join(repr(n) for n in model_names(with_checkpoint=True))
+        raise AttnlabError(f"unknown model {name!r}: choose one of {', '.join(model_names())}, or {own} with checkpoint=PATH")
+    if entry.load is None:
         raise AttnlabError(f"model {name!r} needs checkpoint=PATH (or the CLI's --checkpoint PATH)")
-    raise AttnlabError(f"unknown model {name!r}: choose one of {', '.join(NAMES)}")
+    return _to_device(entry.load(name, vocab), device)
