@@ -141,3 +141,22 @@ def test_no_private_name_is_imported_from_another_module():
         if taken.startswith("_") and not taken.startswith("__")
     ]
     assert private == []
+
+
+# what knows a model class: the models, the adapters, and loading by name
+MODEL_LAYER = ("attnlab.models", "attnlab.adapters", "attnlab.hub", "attnlab.checkpoints", "attnlab.config_check")
+# what runs on any captioner, and what draws traces: never a model class (ARCHITECTURE.md)
+ABOVE_THE_SEAM = ("attnlab.decode", "attnlab.rollout", "attnlab.explain", "attnlab.batch", "attnlab.outputs",
+                  "attnlab.stats", "attnlab.plot", "attnlab.explorer")
+
+
+def test_engines_and_views_never_import_a_model_class():
+    graph = _graph()
+    found = [
+        f"{name} imports {target}"
+        for name, targets in graph.items()
+        if _unit(name) in ABOVE_THE_SEAM
+        for target in targets
+        if any(target == m or target.startswith(m + ".") for m in MODEL_LAYER)
+    ]
+    assert found == []
