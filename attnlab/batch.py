@@ -57,6 +57,7 @@ from .errors import AttnlabError
 from .fileio import atomic_write, remove_stale_temps
 from .preprocess import prepare_for
 from .trace import CaptionTrace
+from .util import one_line
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 """File name endings (any case) taken from folders and glob patterns."""
@@ -330,8 +331,7 @@ class _Images(Dataset):
         except AttnlabError as exc:
             return _Loaded(i, "error", error=str(exc))
         except Exception as exc:  # an image no reader expected: listed with its reason, the run goes on
-            first = (str(exc).splitlines() or [""])[0][:200]
-            return _Loaded(i, "error", error=f"{plan.source.path}: cannot be read ({type(exc).__name__}: {first})")
+            return _Loaded(i, "error", error=f"{plan.source.path}: cannot be read ({one_line(exc, 200, with_type=True)})")
 
 
 def _as_is(item: _Loaded) -> _Loaded:

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import outputs
 from .errors import AttnlabError
 from .fileio import remove_stale_temps
+from .hub import model_names
 
 
 def _error(message: str) -> None:
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="caption images, folders or glob patterns; with --out, write each trace (.npz) and word grid (.attn.png)",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE|DIR|GLOB")
-    p.add_argument("--model", default=None, help="shapes (default, bundled), catr-v1, catr-v2, catr-v3")
+    p.add_argument("--model", default=None, metavar="NAME", help=f"one of {', '.join(model_names())} (default shapes); a file of your own: --checkpoint PATH")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="a CATR checkpoint of your own")
     p.add_argument("--vocab", default=None, metavar="PATH", help="vocab.txt for --checkpoint")
     p.add_argument("--max-len", type=int, default=None, metavar="N", help="most tokens to generate")
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .shapes.cli import add_commands  # demo, train, evaluate live with the shapes world
 
     add_commands(sub)
-    from .explain.cli import add_commands as add_grounding
+    from .cli_grounding import add_commands as add_grounding
 
     add_grounding(sub)
     return parser

@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
+from .checkpoints import check_state_dict
 from .errors import AttnlabError
 from .models.catr import CATR, CATRConfig
+from .util import is_int as _is_int
 
 BACKBONES = ("resnet101", "small")
 # inclusive bounds of the whole-number fields (far beyond any real captioner)
@@ -48,10 +50,6 @@ def _fail(source: str, key: str, value: Any, reason: str, stored: bool) -> Attnl
     if stored:
         return AttnlabError(f"{source} has a damaged config: {key}={shown} {reason}; re-save the model with attnlab.save_checkpoint")
     return AttnlabError(f"{source} holds weights attnlab cannot build a CATR from: {key}={shown} (read off the weights) {reason}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_real(v: Any) -> bool:
@@ -114,8 +112,6 @@ def _size(sd: dict[str, torch.Tensor], key: str, dim: int) -> int | None:
 
 def check_config_fits(config: CATRConfig, sd: dict[str, torch.Tensor], source: str) -> None:
     """Raise one line when the weights ``sd`` are not the ones ``config`` describes (nothing is allocated)."""
-    from .hub import check_state_dict  # hub imports this module
-
     named = [
         ("vocab_size", "transformer.embeddings.word_embeddings.weight", 0),
         ("vocab_size", "mlp.layers.2.weight", 0),

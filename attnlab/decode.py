@@ -37,6 +37,7 @@ from .diagnostics import mark_padding
 from .errors import AttnlabError
 from .preprocess import ImageInput, prepare_for
 from .trace import CaptionTrace
+from .util import is_int as _is_int
 
 _LOCKS: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -52,10 +53,6 @@ def model_lock(model: Any) -> threading.RLock:
 
 
 # ---------------------------------------------------------------------- arguments
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
 def check_max_len(max_len: Any, limit: int) -> int:
     """``None`` -> ``limit``; else an integer (NumPy's too) from 1 to ``limit``."""
     if max_len is None:

@@ -11,6 +11,12 @@
   people put files into the cache by hand) and fetched again.
 * Errors say which side failed: the network ("could not download ...") or the
   disk ("cannot write into ...", e.g. a full disk).
+
+Not ``torch.hub.download_url_to_file``: it keeps a transfer that stopped early as
+complete (1,000 of 100,000 announced bytes), waits without a timeout or deadline on a
+stalled server, and names its temporary files ``<name>.<uuid>.partial``, which a
+killed run leaves behind. ``huggingface_hub`` downloads from the Hub into its own
+cache layout, not from CATR's GitHub release URLs into this one.
 """
 
 from __future__ import annotations
@@ -18,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import socket
 import threading
 import time
-import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable
@@ -30,12 +34,14 @@ from typing import BinaryIO, TypeVar
 
 from .errors import AttnlabError
 from .fileio import atomic_write, make_temp, remove_stale_temps
+from .util import file_sha256, one_line
 
 T = TypeVar("T")
 
 DEADLINE_S = 3600.0  # a whole download may take at most this long
 STALL_AFTER_S = 5.0  # the progress bar says "stalled" after this long without a byte
-_NETWORK_ERRORS = (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError, http.client.HTTPException)
+# URLError, socket timeouts and refused or reset connections are all OSErrors; a broken answer is an HTTPException
+_NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 
 def cache_dir() -> Path:
@@ -62,8 +68,9 @@ class _DiskError(Exception):
         super().__init__(exc.strerror or type(exc).__name__)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(getattr(exc, "reason", None) or exc).split()) or type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    """What went wrong on the network, in one line (a URLError's own reason when it has one)."""
+    return one_line(getattr(exc, "reason", None) or exc)
 
 
 class _Progress:
@@ -112,7 +119,7 @@ def _fetch(url: str, out: BinaryIO, name: str, progress: bool, timeout: float, d
     try:
         response = urllib.request.urlopen(url, timeout=timeout)
     except _NETWORK_ERRORS as exc:
-        raise _NetworkError(_one_line(exc)) from None
+        raise _NetworkError(_reason(exc)) from None
     except ValueError as exc:  # not a URL
         raise _NetworkError(str(exc)) from None
     with response:
@@ -132,7 +139,7 @@ def _fetch(url: str, out: BinaryIO, name: str, progress: bool, timeout: float, d
                 try:
                     chunk = read(1 << 16)
                 except _NETWORK_ERRORS as exc:
-                    raise _NetworkError(_one_line(exc)) from None
+                    raise _NetworkError(_reason(exc)) from None
                 if not chunk:
                     break
                 try:
@@ -203,14 +210,6 @@ def download(
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     return dest
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_recorded_sha(path: Path) -> None:

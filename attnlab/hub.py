@@ -12,20 +12,23 @@ Names:
 * ``"shapes-cptr"``: the bundled CPTR-style model (a small timm ViT, offline).
 * ``"cptr"`` with ``checkpoint=PATH``: a CPTR checkpoint saved by
   :func:`save_checkpoint` (configuration and vocabulary travel with the weights).
+
+:data:`MODELS` is the one registry of these names (what each is and how it loads);
+the CLI's ``--model`` help and the "unknown model" error are read from it.
 """
 
 from __future__ import annotations
 
-import pickle
-import re
 import warnings
-import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .captioner import check_best_head
+from .checkpoints import check_state_dict, count_layers, describe_state_dict, read_checkpoint, state_dict_of
 from .config_check import check_config, check_config_fits
 from .download import cache_dir, cached
 from .errors import AttnlabError
@@ -33,6 +36,7 @@ from .fileio import atomic_write
 from .models.catr import CATR, CATRConfig
 from .models.cptr import CPTR, CPTRConfig
 from .tokenizer import Vocab
+from .util import one_line
 
 CHECKPOINT_URLS = {
     "catr-v1": "https://github.com/saahiluppal/catr/releases/download/0.1/weights_9348032.pth",
@@ -45,94 +49,6 @@ BUNDLED = Path(__file__).parent / "weights" / "shapes.pt"
 BUNDLED_CPTR = Path(__file__).parent / "weights" / "shapes-cptr.pt"
 ATTNLAB_FORMAT = "attnlab-catr"
 CPTR_FORMAT = "attnlab-cptr"
-NAMES = ("shapes", "shapes-cptr", "catr", "cptr", *CHECKPOINT_URLS)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` a checkpoint safely (tensors only); clear errors for bad files."""
-    path = Path(path)
-    if not path.exists():
-        raise AttnlabError(f"no checkpoint file at {path}: check the path")
-    if not path.is_file():
-        what = "a folder" if path.is_dir() else "not a regular file (a pipe or a device)"
-        raise AttnlabError(f"no checkpoint file at {path}: it is {what}; pass a .pth/.pt file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch >= 2.6 words every weights-only failure "Weights only load failed", garbage bytes
-        # ("Unsupported operand") included; a GLOBAL it refuses means Python objects or code
-        text = str(exc)
-        blocked = re.search(r"GLOBAL ([\w.]+)", text)
-        if blocked and "is blocked" in text:
-            raise AttnlabError(
-                f"{path} was refused: loading it would import {blocked.group(1)}, which no file of weights needs "
-                "(attnlab loads tensors only and never runs a checkpoint's code); if you trust the file, "
-                "re-save its weights with torch.save({'model': model.state_dict()})"
-            ) from None
-        if blocked:
-            raise AttnlabError(
-                f"{path} holds Python objects besides tensors ({blocked.group(1)}); re-save it as torch.save({{'model': model.state_dict()}})"
-            ) from None
-        if _is_plain_pickle(path):
-            raise AttnlabError(
-                f"{path} is a plain Python pickle, not a torch.save file, and was refused (unpickling it could run code); "
-                "save the weights with torch.save({'model': model.state_dict()})"
-            ) from None
-        raise AttnlabError(f"{path} is not a PyTorch checkpoint: pass a .pth/.pt file saved with torch.save") from None
-    except Exception as exc:  # torch.load fails on garbage with any exception type
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
-        raise AttnlabError(f"{path} is not a PyTorch checkpoint or is truncated ({first}): pass a file saved with torch.save") from None
-    if not isinstance(obj, dict):
-        raise AttnlabError(f"{path} holds a {type(obj).__name__}, not a state dict: save {{'model': model.state_dict()}}")
-    return obj
-
-
-def _is_plain_pickle(path: Path) -> bool:
-    """Written by ``pickle.dump`` (protocol 2 or newer starts with 0x80), not by ``torch.save``."""
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(2)
-        return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and not zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
-def state_dict_of(obj: dict[str, Any], source: str = "the checkpoint") -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: ``obj['model']`` or ``obj`` itself."""
-    sd = obj.get("model", obj)
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise AttnlabError(f"{source} holds no state dict of tensors (expected {{'model': state_dict}} or a state dict)")
-    return sd
-
-
-def describe_state_dict(sd: dict[str, torch.Tensor]) -> str:
-    """A short guess of which model a state dict belongs to, from its keys and shapes."""
-    keys = set(sd)
-    if "transformer.decoder.layers.0.multihead_attn.in_proj_weight" in keys and "mlp.layers.2.weight" in keys:
-        vocab = sd["mlp.layers.2.weight"].shape[0]
-        enc = len({k.split(".")[3] for k in keys if k.startswith("transformer.encoder.layers.")})
-        dec = len({k.split(".")[3] for k in keys if k.startswith("transformer.decoder.layers.")})
-        backbone = "ResNet" if "backbone.0.body.layer1.0.conv1.weight" in keys else "small-CNN"
-        return f"a CATR-style captioner ({backbone} backbone, {enc} encoder / {dec} decoder layers, vocabulary {vocab})"
-    if "encoder.patch_embed.proj.weight" in keys and "layers.0.cross_attn.in_proj_weight" in keys and "head.weight" in keys:
-        dec = _count_layers(sd, "layers.")
-        return f"a CPTR-style captioner (timm ViT encoder, {dec} decoder layers, vocabulary {sd['head.weight'].shape[0]})"
-    if "class_embed.weight" in keys and "query_embed.weight" in keys:
-        return "a DETR object detector, not a captioner"
-    if "fc.weight" in keys and "conv1.weight" in keys:
-        return "a torchvision ResNet classifier, not a captioner"
-    if any(k.startswith("patch_embed.") for k in keys):
-        return "a vision transformer (timm), not a captioner"
-    if any("word_embeddings" in k for k in keys) and not any(k.startswith("backbone.") for k in keys):
-        return "a text model (BERT-like), not a captioner"
-    first = ", ".join(list(sd)[:3])
-    return f"an unknown model (first keys: {first})"
-
-
-def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
-    return max(found) + 1 if found else 0
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> CATRConfig:
@@ -150,11 +66,11 @@ def infer_config(sd: dict[str, torch.Tensor]) -> CATRConfig:
         c.mlp_hidden = int(sd["mlp.layers.0.weight"].shape[0])
     except KeyError:
         return CATRConfig()
-    c.enc_layers = _count_layers(sd, "transformer.encoder.layers.") or c.enc_layers
-    c.dec_layers = _count_layers(sd, "transformer.decoder.layers.") or c.dec_layers
+    c.enc_layers = count_layers(sd, "transformer.encoder.layers.") or c.enc_layers
+    c.dec_layers = count_layers(sd, "transformer.decoder.layers.") or c.dec_layers
     if "backbone.0.body.stage0.conv1.weight" in sd:
         c.backbone = "small"
-        stages = _count_layers(sd, "backbone.0.body.stage")
+        stages = count_layers(sd, "backbone.0.body.stage")
         try:  # one width per stage, read off its first convolution (out, in, 3, 3)
             c.backbone_channels = tuple(int(sd[f"backbone.0.body.stage{i}.conv1.weight"].shape[0]) for i in range(stages))
         except KeyError:
@@ -171,27 +87,6 @@ def _special_ids_from_vocab(config: CATRConfig, vocab: Vocab) -> None:
     for token, attr in (("[CLS]", "start_token_id"), ("[SEP]", "end_token_id"), ("[PAD]", "pad_token_id")):
         if token in vocab:
             setattr(config, attr, vocab.id_of(token))
-
-
-def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Raise one clear line when ``sd`` does not fit ``model`` exactly."""
-    # batch-norm step counters are bookkeeping, not weights: ignored on both sides
-    # (CATR's FrozenBatchNorm2d has none, the small backbone's BatchNorm2d has them)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    given = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    mismatched = [f"{k} {list(given[k])} vs {list(expected[k])}" for k in expected if k in given and given[k] != expected[k]]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):
-        if items:
-            more = f", +{len(items) - 3} more" if len(items) > 3 else ""
-            parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
-    raise AttnlabError(
-        f"{source} does not fit this model: {'; '.join(parts)}; the file looks like {describe_state_dict(sd)}"
-    )
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -217,8 +112,7 @@ def _to_device(model: CATR, device: str | torch.device) -> CATR:
     try:
         return model.to(dev).eval()
     except (RuntimeError, AssertionError) as exc:  # another backend that is not there (xpu, hpu, ...)
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
-        raise AttnlabError(f"cannot use device {str(dev)!r} ({first}): use 'cpu'") from None
+        raise AttnlabError(f"cannot use device {str(dev)!r} ({one_line(exc, 100)}): use 'cpu'") from None
 
 
 def _warn_nonfinite(sd: dict[str, torch.Tensor], source: str) -> None:
@@ -292,8 +186,8 @@ def _cptr_from_checkpoint(obj: dict[str, Any], path: str | Path, given_vocab: Vo
     config = CPTRConfig.from_dict(obj.get("config"))
     config.pretrained = False  # the weights come from the file
     sizes = {  # cheap checks first: a hostile config must not build a huge skeleton
-        "decoder layers": (config.dec_layers, _count_layers(sd, "layers.")),
-        "encoder blocks": (config.encoder_args.get("depth"), _count_layers(sd, "encoder.blocks.")),
+        "decoder layers": (config.dec_layers, count_layers(sd, "layers.")),
+        "encoder blocks": (config.encoder_args.get("depth"), count_layers(sd, "encoder.blocks.")),
         "encoder width": (config.encoder_args.get("embed_dim"), sd.get("encoder.patch_embed.proj.weight", torch.empty(0)).shape[0]),
     }
     for what, (declared, found) in sizes.items():
@@ -395,6 +289,44 @@ def save_checkpoint(model: CATR | CPTR, path: str | Path, meta: dict[str, Any] |
     return atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
+def _bundled(name: str, vocab: str | Path | None) -> CATR | CPTR:
+    path = BUNDLED if name == "shapes" else BUNDLED_CPTR
+    if not path.is_file():
+        raise AttnlabError(f"the bundled {name} model is missing ({path}): reinstall attnlab")
+    return build_from_checkpoint(path, vocab) if name == "shapes" else build_from_checkpoint(path, vocab, name)
+
+
+def _published(name: str, vocab: str | Path | None) -> CATR:
+    root = cache_dir()
+    ckpt = root / f"{name}.pth"
+    obj = cached(CHECKPOINT_URLS[name], ckpt, _read_catr_checkpoint)
+    vocabulary = Path(vocab) if vocab is not None else cached(VOCAB_URL, root / VOCAB_FILE, _read_bert_vocab)
+    return build_from_checkpoint(ckpt, vocabulary, name, obj=obj)
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A name :func:`load_model` accepts: what it is, and ``load(name, vocab)`` (``None``: it needs ``checkpoint=PATH``)."""
+
+    about: str
+    load: Callable[[str, str | Path | None], CATR | CPTR] | None = None
+
+
+MODELS: dict[str, NamedModel] = {
+    "shapes": NamedModel("the bundled shapes model (CNN, offline; the default)", _bundled),
+    "shapes-cptr": NamedModel("the bundled shapes ViT captioner (CPTR-style, offline)", _bundled),
+    **{n: NamedModel(f"CATR's published checkpoint {n[5:]} (downloaded once, then cached)", _published) for n in CHECKPOINT_URLS},
+    "catr": NamedModel("a CATR checkpoint of your own (with checkpoint=PATH)"),
+    "cptr": NamedModel("a CPTR checkpoint written by save_checkpoint (with checkpoint=PATH)"),
+}
+NAMES = tuple(MODELS)
+
+
+def model_names(with_checkpoint: bool = False) -> tuple[str, ...]:
+    """The names :func:`load_model` loads by themselves, or (``with_checkpoint``) those that need ``checkpoint=PATH``."""
+    return tuple(n for n, m in MODELS.items() if (m.load is None) == with_checkpoint)
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -422,21 +354,11 @@ def load_model(
         if name == "catr" and isinstance(model, CPTR):
             raise AttnlabError(f"{checkpoint} holds a CPTR (timm ViT) captioner: load it with load_model('cptr', checkpoint=...)")
         return _to_device(model, device)
-    if name is None or name == "shapes":
-        if not BUNDLED.is_file():
-            raise AttnlabError(f"the bundled shapes model is missing ({BUNDLED}): reinstall attnlab")
-        return _to_device(build_from_checkpoint(BUNDLED, vocab), device)
-    if name == "shapes-cptr":
-        if not BUNDLED_CPTR.is_file():
-            raise AttnlabError(f"the bundled shapes-cptr model is missing ({BUNDLED_CPTR}): reinstall attnlab")
-        return _to_device(build_from_checkpoint(BUNDLED_CPTR, vocab, "shapes-cptr"), device)
-    if name in CHECKPOINT_URLS:
-        root = cache_dir()
-        ckpt = root / f"{name}.pth"
-        obj = cached(CHECKPOINT_URLS[name], ckpt, _read_catr_checkpoint)
-        vocabulary = Path(vocab) if vocab is not None else cached(VOCAB_URL, root / VOCAB_FILE, _read_bert_vocab)
-        model = build_from_checkpoint(ckpt, vocabulary, name, obj=obj)
-        return _to_device(model, device)
-    if name in ("catr", "cptr"):
+    name = "shapes" if name is None else name
+    entry = MODELS.get(name) if isinstance(name, str) else None
+    if entry is None:
+        own = " / ".join(repr(n) for n in model_names(with_checkpoint=True))
+        raise AttnlabError(f"unknown model {name!r}: choose one of {', '.join(model_names())}, or {own} with checkpoint=PATH")
+    if entry.load is None:
         raise AttnlabError(f"model {name!r} needs checkpoint=PATH (or the CLI's --checkpoint PATH)")
-    raise AttnlabError(f"unknown model {name!r}: choose one of {', '.join(NAMES)}")
+    return _to_device(entry.load(name, vocab), device)

@@ -41,13 +41,10 @@ be (re)done and from one whose outputs may not be touched.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import stat
-import struct
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -58,6 +55,7 @@ import numpy as np
 from .errors import AttnlabError
 from .fileio import make_temp
 from .trace import CaptionTrace, read_header, write_npz
+from .util import file_sha256
 
 TRACE_SUFFIX = ".npz"
 FIGURE_SUFFIX = ".attn.png"
@@ -112,20 +110,6 @@ class Planned:
     def written(self, figure: bool = True, html: bool = False) -> tuple[Path, ...]:
         """The files a run writes for this input: the trace, and the figure and page when asked."""
         return (self.trace,) + ((self.figure,) if figure else ()) + ((self.html,) if html else ())
-
-
-def file_sha256(path: Path) -> str | None:
-    """SHA-256 (hex) of a regular file's bytes; ``None`` when it is not one or cannot be read."""
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            return None
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
-    except OSError:
-        return None
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -346,18 +330,6 @@ def resume_state(plan: Planned, run: dict, *, figure: bool, html: bool = False, 
     return "done", header
 
 
-def _tag_png(path: Path, tag: dict[str, str]) -> None:
-    """Insert a ``tEXt`` chunk ``attnlab`` (JSON, ASCII) right after the IHDR chunk of a PNG file."""
-    data = path.read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-        raise OSError(errno.EINVAL, "the figure is not a PNG file", str(path))
-    end = 8 + 8 + struct.unpack(">I", data[8:12])[0] + 4  # signature, IHDR length + type, data, CRC
-    body = PNG_TAG.encode("latin-1") + b"\x00" + json.dumps(tag).encode("ascii")
-    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
-    with path.open("wb") as fh:
-        fh.write(data[:end] + chunk + data[end:])
-
-
 def _keep_copy(path: Path) -> Path:
     """A second name for ``path``'s current content (a hard link, else a copy) beside it."""
     fd, keep = make_temp(path)
@@ -461,23 +433,14 @@ def write_outputs(
             write_npz(trace, fh)
         pairs.insert(0, (tmp_npz, plan.trace))
         if figure:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
             # "from . import plot" would go through attnlab.__getattr__("plot"), which does the same
             # import again and recurses until RecursionError while attnlab.plot is not yet imported
-            from .plot import save_figure, word_grid
+            from .plot import word_grid
 
-            tmp_png = _temp_named(plan.figure, ".png")  # save_figure wants a .png name
+            fig = word_grid(trace, pyplot=False)  # a Figure pyplot never sees: the user's backend stays as it is
+            tmp_png = _temp_named(plan.figure, ".png")
             temps.append(tmp_png)
-            fig = word_grid(trace)
-            try:
-                save_figure(fig, tmp_png)
-            finally:
-                plt.close(fig)
-            _tag_png(tmp_png, tag)
+            fig.savefig(tmp_png, format="png", metadata={PNG_TAG: json.dumps(tag)})  # a tEXt chunk "attnlab"
             pairs.insert(1, (tmp_png, plan.figure))
         _commit(pairs)
     except OSError as exc:  # disk full, read-only folder, ...: one line, not a traceback

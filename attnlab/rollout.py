@@ -27,7 +27,6 @@ the kind it was given (torch keeps autograd), the others return numpy.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from .errors import AttnlabError
+from .util import is_int as _is_int
 
 __all__ = ["EncoderAttention", "encoder_attention", "split_keys", "patch_row", "cls_row", "rollout", "rollout_row", "cls_vs_words", "CLSvsWords"]
 
@@ -60,10 +60,6 @@ class EncoderAttention:
     @property
     def num_heads(self) -> int:
         return self.weights.shape[1]
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 def _numpy(x: Any) -> np.ndarray:

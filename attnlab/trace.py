@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import stat
 import warnings
@@ -39,6 +38,7 @@ import numpy as np
 
 from .errors import AttnlabError
 from .fileio import atomic_write
+from .util import is_int as _is_index
 
 if TYPE_CHECKING:
     from .diagnostics import Diagnostics
@@ -73,11 +73,6 @@ LIMITS = {
 MAX_TRACE_BYTES = 1024**3  # all arrays together, uncompressed (CaptionTrace.load(max_bytes=...) to allow more)
 MAX_HEADER_BYTES = 16 * 1024**2  # the JSON header (words, caption, meta)
 _NPY_HEADER_MAX = 10_000  # numpy's own limit for a .npy header
-
-
-def _is_index(x: Any) -> bool:
-    """An integer (Python or numpy), not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 @dataclass

@@ -198,7 +198,7 @@ def test_write_failure_leaves_older_files_as_they_were(files, capsys, tmp_path, 
     """A figure that cannot be written (disk full) leaves the older trace and figure byte for byte."""
     import errno
 
-    import attnlab.plot
+    from matplotlib.figure import Figure
 
     args = ["caption", str(files["beach"]), "--checkpoint", str(files["ckpt"]), "--vocab", str(files["vocab"]),
             "--max-len", MAX_LEN, "--out", str(tmp_path / "o")]
@@ -207,10 +207,10 @@ def test_write_failure_leaves_older_files_as_they_were(files, capsys, tmp_path, 
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "o").iterdir()}
     assert sorted(before) == ["beach.attn.png", "beach.npz"]
 
-    def full_disk(fig, path, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full_disk(fig, fname, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(getattr(fname, "name", fname)))
 
-    monkeypatch.setattr(attnlab.plot, "save_figure", full_disk)
+    monkeypatch.setattr(Figure, "savefig", full_disk)  # the figure's bytes cannot be written
     rc = main(args[:-4] + ["--max-len", "2", "--out", str(tmp_path / "o")])  # a different trace would replace the old
     out, err = capsys.readouterr()
     assert rc != 0 and out == ""

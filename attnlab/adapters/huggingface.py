@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record
 from ..errors import AttnlabError
 from ..tokenizer import BPEVocab, Vocab
+from ..util import one_line
 
 KINDS = "a VisionEncoderDecoderModel (ViT/DeiT/BEiT encoder + GPT-2/BERT decoder) or a BlipForConditionalGeneration"
 MAX_PREFIX = 8  # encoders with more leading non-patch tokens than this are not ViT-style
@@ -58,11 +59,6 @@ def _transformers() -> Any:
             "from_huggingface needs the transformers package: pip install \"attnlab[hf]\" (or pip install transformers)"
         ) from None
     return transformers
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------- tokens
@@ -233,7 +229,7 @@ def _pixels_of(image_processor: Any) -> _Pixels:
     try:
         x = transform(probe)  # (3, S, S)
     except Exception as exc:  # noqa: BLE001 - any failure of a foreign processor becomes one line
-        raise AttnlabError(f"the image processor failed on a test image ({_first_line(exc)}): pass the model's own image processor") from None
+        raise AttnlabError(f"the image processor failed on a test image ({one_line(exc, with_type=True)}): pass the model's own image processor") from None
     if x.dim() != 3 or x.shape[0] != 3 or x.shape[1] != x.shape[2]:
         raise AttnlabError(
             f"the image processor gives {tuple(x.shape)} pixels; attnlab needs a square (3, S, S) input: set its size to a square"
@@ -338,7 +334,7 @@ class HuggingFaceCaptioner:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a foreign model's failure becomes one line
                     raise AttnlabError(
-                        f"the model's encoder failed on the image processor's {side}x{side} output ({_first_line(exc)}): "
+                        f"the model's encoder failed on the image processor's {side}x{side} output ({one_line(exc, with_type=True)}): "
                         "pass the image processor that belongs to the model"
                     ) from None
                 tokens = out.shape[1] if out.dim() == 3 else -1
@@ -355,7 +351,7 @@ class HuggingFaceCaptioner:
                     step = self.step(state, torch.tensor([self._spec_args["bos"]]), "cross")
                 except Exception as exc:  # noqa: BLE001 - a foreign model's failure becomes one line
                     raise AttnlabError(
-                        f"the model's decoder failed on its start token ({_first_line(exc)}): "
+                        f"the model's decoder failed on its start token ({one_line(exc, with_type=True)}): "
                         "it needs cross-attention over the encoder's tokens (add_cross_attention=True)"
                     ) from None
         finally:

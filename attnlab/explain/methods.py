@@ -43,7 +43,6 @@ afterwards, and parameters that were frozen are frozen again.
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +57,7 @@ from ..diagnostics import mark_padding
 from ..errors import AttnlabError
 from ..preprocess import ImageInput, prepare_for
 from ..trace import CaptionTrace
+from ..util import is_int as _is_int
 from . import rules
 from .graph import Recording, record
 
@@ -93,10 +93,6 @@ class Method:
         return {"rollout": "share of rollout", "grad_attn": "share of grad x attention", "relevance": "share of relevance"}.get(
             self.name, "attention weight"
         )
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 def resolve_method(name: Any, layer: Any = None, head: Any = None, spec: CaptionerSpec | None = None) -> Method:

@@ -47,7 +47,8 @@ from ..captioner import (
     spec_from_config,
 )
 from ..errors import AttnlabError
-from .transformer import _attend, _project, padding_bias
+from ..util import one_line
+from .transformer import attend, padding_bias, project_heads
 
 
 @dataclass
@@ -151,9 +152,8 @@ def build_vit(config: CPTRConfig) -> nn.Module:
         ) from None
     except (OSError, RuntimeError) as exc:
         if config.pretrained:
-            first = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
             raise AttnlabError(
-                f"cannot load timm's pretrained weights for {config.encoder!r} ({first}): "
+                f"cannot load timm's pretrained weights for {config.encoder!r} ({one_line(exc, 100)}): "
                 "check the network, or build with pretrained=False"
             ) from None
         raise
@@ -204,7 +204,7 @@ class CPTRDecoderLayer(nn.Module):
         mha = self.cross_attn
         e, heads = mha.embed_dim, mha.num_heads
         w, b = mha.in_proj_weight, mha.in_proj_bias
-        return _project(keys, w[e : 2 * e], b[e : 2 * e], heads), _project(memory, w[2 * e :], b[2 * e :], heads)
+        return project_heads(keys, w[e : 2 * e], b[e : 2 * e], heads), project_heads(memory, w[2 * e :], b[2 * e :], heads)
 
     def step(
         self, x: torch.Tensor, cache: "LayerCache", memory_bias: torch.Tensor | None, want_weights: bool
@@ -217,17 +217,17 @@ class CPTRDecoderLayer(nn.Module):
 
         h = self.norm1(x)  # (N, 1, E)
         w, b = sa.in_proj_weight, sa.in_proj_bias
-        q = _project(h, w[:e], b[:e], heads)  # (N, h, 1, Dh)
-        k = _project(h, w[e : 2 * e], b[e : 2 * e], heads)  # (N, h, 1, Dh)
-        v = _project(h, w[2 * e :], b[2 * e :], heads)  # (N, h, 1, Dh)
+        q = project_heads(h, w[:e], b[:e], heads)  # (N, h, 1, Dh)
+        k = project_heads(h, w[e : 2 * e], b[e : 2 * e], heads)  # (N, h, 1, Dh)
+        v = project_heads(h, w[2 * e :], b[2 * e :], heads)  # (N, h, 1, Dh)
         cache.self_k = k if cache.self_k is None else torch.cat((cache.self_k, k), dim=2)  # (N, h, t, Dh)
         cache.self_v = v if cache.self_v is None else torch.cat((cache.self_v, v), dim=2)  # (N, h, t, Dh)
-        out, self_w = _attend(q, cache.self_k, cache.self_v, None, want_weights)  # (N, h, 1, Dh), (N, h, t)
+        out, self_w = attend(q, cache.self_k, cache.self_v, None, want_weights)  # (N, h, 1, Dh), (N, h, t)
         x = x + sa.out_proj(out.transpose(1, 2).reshape(n, 1, e))  # (N, 1, E)
 
         h = self.norm2(x)
-        q = _project(h, ca.in_proj_weight[:e], ca.in_proj_bias[:e], heads)  # (N, h, 1, Dh)
-        out, cross_w = _attend(q, cache.cross_k, cache.cross_v, memory_bias, want_weights)  # (N, h, 1, Dh), (N, h, K)
+        q = project_heads(h, ca.in_proj_weight[:e], ca.in_proj_bias[:e], heads)  # (N, h, 1, Dh)
+        out, cross_w = attend(q, cache.cross_k, cache.cross_v, memory_bias, want_weights)  # (N, h, 1, Dh), (N, h, K)
         x = x + ca.out_proj(out.transpose(1, 2).reshape(n, 1, e))  # (N, 1, E)
 
         h = self.norm3(x)

@@ -76,13 +76,13 @@ class TransformerEncoderLayer(nn.Module):
         e, heads = mha.embed_dim, mha.num_heads
         w, b = mha.in_proj_weight, mha.in_proj_bias
         x_qk, x_v = qk.transpose(0, 1), v_in.transpose(0, 1)  # (N, S, E) each
-        q = _project(x_qk, w[:e], b[:e], heads)  # (N, h, S, Dh)
-        k = _project(x_qk, w[e : 2 * e], b[e : 2 * e], heads)
-        v = _project(x_v, w[2 * e :], b[2 * e :], heads)
+        q = project_heads(x_qk, w[:e], b[:e], heads)  # (N, h, S, Dh)
+        k = project_heads(x_qk, w[e : 2 * e], b[e : 2 * e], heads)
+        v = project_heads(x_v, w[2 * e :], b[2 * e :], heads)
         bias = None
         if key_padding_mask is not None and bool(key_padding_mask.any()):
             bias = padding_bias(key_padding_mask, q.dtype)  # (N, 1, 1, S)
-        out, weights = _attend(q, k, v, bias, want_weights=True)  # (N, h, S, Dh), (N, h, S, S)
+        out, weights = attend(q, k, v, bias, want_weights=True)  # (N, h, S, Dh), (N, h, S, S)
         n, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(n, length, e)  # (N, S, E)
         out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).transpose(0, 1)  # (S, N, E)
@@ -155,14 +155,14 @@ def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]  # (N, 1, 1, S)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
+def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
     """``(N, L, E)`` -> ``(N, heads, L, Dh)``: a linear map, then split into heads."""
     y = F.linear(x, weight, bias)  # (N, L, E)
     n, length, e = y.shape
     return y.view(n, length, heads, e // heads).transpose(1, 2)  # (N, heads, L, Dh)
 
 
-def _attend(
+def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, want_weights: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention. q ``(N, h, L, Dh)``, k/v ``(N, h, S, Dh)``.
@@ -237,8 +237,8 @@ class TransformerDecoderLayer(nn.Module):
         # contiguous (N, h, S, Dh): every step multiplies with them, and a strided copy would
         # be made at each step of each layer once N > 1 (the (N, h) axes cannot be merged)
         return LayerCache(
-            cross_k=_project(key_in, w[e : 2 * e], b[e : 2 * e], mha.num_heads).contiguous(),  # (N, h, S, Dh)
-            cross_v=_project(mem, w[2 * e :], b[2 * e :], mha.num_heads).contiguous(),  # (N, h, S, Dh)
+            cross_k=project_heads(key_in, w[e : 2 * e], b[e : 2 * e], mha.num_heads).contiguous(),  # (N, h, S, Dh)
+            cross_v=project_heads(mem, w[2 * e :], b[2 * e :], mha.num_heads).contiguous(),  # (N, h, S, Dh)
         )
 
     def step(
@@ -254,7 +254,7 @@ class TransformerDecoderLayer(nn.Module):
         x, query_pos ``(N, L, E)`` batch-first, ``L`` new positions (usually 1).
         Returns the output ``(N, L, E)``, and with ``want_weights`` the cross-attention
         ``(N, heads, L, S)`` and self-attention ``(N, heads, L, t)`` weights (without
-        the ``L`` axis when ``L == 1``: see :func:`_attend`).
+        the ``L`` axis when ``L == 1``: see :func:`attend`).
         """
         sa, ca = self.self_attn, self.multihead_attn
         e, heads = sa.embed_dim, sa.num_heads
@@ -262,9 +262,9 @@ class TransformerDecoderLayer(nn.Module):
 
         h = self.norm1(x)  # (N, L, E)
         qk_in = h + query_pos
-        q = _project(qk_in, sa.in_proj_weight[:e], sa.in_proj_bias[:e], heads)  # (N, h, L, Dh)
-        k = _project(qk_in, sa.in_proj_weight[e : 2 * e], sa.in_proj_bias[e : 2 * e], heads)
-        v = _project(h, sa.in_proj_weight[2 * e :], sa.in_proj_bias[2 * e :], heads)
+        q = project_heads(qk_in, sa.in_proj_weight[:e], sa.in_proj_bias[:e], heads)  # (N, h, L, Dh)
+        k = project_heads(qk_in, sa.in_proj_weight[e : 2 * e], sa.in_proj_bias[e : 2 * e], heads)
+        v = project_heads(h, sa.in_proj_weight[2 * e :], sa.in_proj_bias[2 * e :], heads)
         cache.self_k = k if cache.self_k is None else torch.cat((cache.self_k, k), dim=2)  # (N, h, t, Dh)
         cache.self_v = v if cache.self_v is None else torch.cat((cache.self_v, v), dim=2)
         t = cache.self_k.shape[2]
@@ -272,13 +272,13 @@ class TransformerDecoderLayer(nn.Module):
         self_bias = None
         if length > 1:
             self_bias = torch.zeros(length, t, device=x.device).masked_fill(causal_mask(t, x.device)[t - length :], float("-inf"))  # (L, t)
-        out, self_w = _attend(q, cache.self_k, cache.self_v, self_bias, want_weights)  # (N, h, L, Dh)
+        out, self_w = attend(q, cache.self_k, cache.self_v, self_bias, want_weights)  # (N, h, L, Dh)
         out = out.transpose(1, 2).reshape(n, length, e)  # (N, L, E)
         x = x + F.linear(out, sa.out_proj.weight, sa.out_proj.bias)
 
         h = self.norm2(x)
-        q = _project(h + query_pos, ca.in_proj_weight[:e], ca.in_proj_bias[:e], heads)  # (N, h, L, Dh)
-        out, cross_w = _attend(q, cache.cross_k, cache.cross_v, memory_bias, want_weights)
+        q = project_heads(h + query_pos, ca.in_proj_weight[:e], ca.in_proj_bias[:e], heads)  # (N, h, L, Dh)
+        out, cross_w = attend(q, cache.cross_k, cache.cross_v, memory_bias, want_weights)
         out = out.transpose(1, 2).reshape(n, length, e)  # (N, L, E)
         x = x + F.linear(out, ca.out_proj.weight, ca.out_proj.bias)
 

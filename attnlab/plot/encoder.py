@@ -25,9 +25,10 @@ import numpy as np
 from .. import rollout as numeric
 from ..errors import AttnlabError
 from ..resample import axis_matrix
+from ..util import is_int
 from .draw import add_colorbar, draw_map, panel_grid, panel_size
 from .maps import Scale, check_smooth, default_steps, resize
-from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, _ax, _is_int, check_alpha, check_cmap, check_count, check_figsize, check_font_scale
+from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, check_alpha, check_ax, check_cmap, check_count, check_figsize, check_font_scale
 
 __all__ = ["cls_vs_words", "patch_attention", "rollout_map"]
 
@@ -95,7 +96,7 @@ def cls_vs_words(
     _check_image(trace)
     data = numeric.cls_vs_words(trace, encoder_layer=encoder_layer, decoder_layer=decoder_layer)
     steps = default_steps(trace) if words is None else list(words)
-    if not steps or not all(_is_int(t) and -len(trace.words) <= t < len(trace.words) for t in steps):
+    if not steps or not all(is_int(t) and -len(trace.words) <= t < len(trace.words) for t in steps):
         raise AttnlabError(f"words={words!r}: pass step indices 0..{len(trace.words) - 1} (or None for all)")
     ncols = check_count("ncols", ncols, allow_none=False)
     a, sigma, cm = check_alpha(alpha), check_smooth(smooth), check_cmap(cmap)
@@ -129,7 +130,7 @@ def cls_vs_words(
 def _one_map(trace: Any, grid_map: np.ndarray, title: str, label: str, patch, ax, figsize, cmap, alpha, smooth, font_scale):
     """Check the drawing options, then draw one ``(h, w)`` map over the image (``patch`` outlined) with its colour bar."""
     a, sigma, cm = check_alpha(alpha), check_smooth(smooth), check_cmap(cmap)
-    ax, size, fs = _ax(trace, ax), check_figsize(figsize), check_font_scale(font_scale)
+    ax, size, fs = check_ax(trace, ax), check_figsize(figsize), check_font_scale(font_scale)
     if ax is not None and size is not None:
         raise AttnlabError("pass either ax or figsize, not both")
     values = _over_image(trace, grid_map, sigma)  # (height, width)

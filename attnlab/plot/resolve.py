@@ -19,6 +19,7 @@ from typing import Any, Callable, TypedDict
 import numpy as np
 
 from ..errors import AttnlabError
+from ..util import is_int as _is_int
 from . import maps
 
 DEFAULT_CMAP = "inferno"  # "shared" and "panel" scales: dark = little weight, bright = much
@@ -105,10 +106,6 @@ class Resolved:
         return self.trace.probabilities()  # None without scores; a by-word trace gives each word's product
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
 def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(float(x))
 
@@ -160,7 +157,8 @@ def check_figsize(figsize: Any) -> tuple[float, float] | None:
     return (w, h)
 
 
-def _ax(trace: Any, ax: Any) -> Any:
+def check_ax(trace: Any, ax: Any) -> Any:
+    """``ax`` when it is a matplotlib Axes (or ``None``); a one-line error otherwise."""
     if ax is None:
         return None
     from matplotlib.axes import Axes
@@ -211,7 +209,7 @@ _CHECKS: dict[str, Callable[[Any, Any], Any]] = {
     "interp": lambda trace, v: maps.check_interp(v),
     "scale": _scale,
     "figsize": lambda trace, v: check_figsize(v),
-    "ax": _ax,
+    "ax": check_ax,
     "font_scale": lambda trace, v: check_font_scale(v),
     "grid_lines": _flag("grid_lines"),
     "ncols": lambda trace, v: check_count("ncols", v),

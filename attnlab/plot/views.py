@@ -141,6 +141,7 @@ def word_grid(
     *,
     words: Sequence[int] | None = None,
     ncols: int | None = None,
+    pyplot: bool = True,
     **options: Unpack[MapOptions],
 ):
     """The classic figure: the caption on top, the image, then one panel per word with its map.
@@ -148,7 +149,8 @@ def word_grid(
     Each panel title is the word and its probability (``p=``). By default all
     panels share one colour scale (the colour bar reads attention weight), so
     a word that attends weakly looks weak. ``ncols=None`` picks the number of
-    columns from the image's shape.
+    columns from the image's shape. ``pyplot=False`` gives a figure that pyplot does not
+    manage (for files: no backend is touched).
     """
     r = resolve(trace, layer=layer, head=head, words=words, ncols=ncols, **options)
     shown, peaks, sc = _panel_maps(r, [(t, r.layer, r.head) for t in r.steps])
@@ -158,7 +160,7 @@ def word_grid(
     cols = min(panels, r.ncols or max(1, round(ROW_WIDTH_INCHES / (pw + 0.1))))
     rows = math.ceil(panels / cols)
     title = [caption_line(trace), _details(r, maps.source_label(trace, r.layer, r.head))]
-    layout = panel_grid(rows, cols, (pw, ph), font_scale=r.font_scale, title=title, figsize=r.figsize)
+    layout = panel_grid(rows, cols, (pw, ph), font_scale=r.font_scale, title=title, figsize=r.figsize, pyplot=pyplot)
     flat = layout.axes.ravel()  # (rows * cols,)
     draw_image(flat[0], trace.image)
     flat[0].set_title("image", fontsize=layout.font)

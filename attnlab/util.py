@@ -1,0 +1,51 @@
+"""Small helpers every layer shares (no torch, no matplotlib): each rule is written once here.
+
+* :func:`is_int`: an integer argument (Python's or NumPy's), never a bool;
+* :func:`one_line`: an exception (or any message) as one short line for an error message;
+* :func:`file_sha256`: the SHA-256 of a regular file's bytes, read in chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["file_sha256", "is_int", "one_line"]
+
+
+def is_int(x: Any) -> bool:
+    """True for an integer (``int``, ``np.int64``, ...) that is not a bool (``True`` is not a count)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def one_line(exc: object, limit: int | None = None, *, with_type: bool = False) -> str:
+    """The first non-blank line of ``str(exc)``, stripped and cut to ``limit`` characters.
+
+    An empty message gives the type's name; ``with_type=True`` puts the type's name
+    in front (``"ValueError: bad value"``), for reasons whose type says what happened.
+    """
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    text = lines[0][:limit] if lines else ""
+    name = type(exc).__name__
+    if not text:
+        return name
+    return f"{name}: {text}" if with_type else text
+
+
+def file_sha256(path: Path) -> str | None:
+    """SHA-256 (hex) of a regular file's bytes; ``None`` when it is not one or cannot be read."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
