@@ -22,6 +22,8 @@ sys.path.insert(0, str(DOCS / "_ext"))
 # the notebooks' kernels inherit this environment: they draw with their inline backend, not a
 # non-interactive one set for tests (MPLBACKEND=Agg would leave the pages without figures)
 os.environ.pop("MPLBACKEND", None)
+# ... and import this checkout's attnlab, as autodoc does, installed or not
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 project = "attnlab"
 author = "the attnlab developers"
