@@ -29,7 +29,7 @@ from docs_examples import Block, ExampleError
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
 BUILD_LIMIT_S = 600.0  # the whole build, notebooks included (CI runs it inside .ci/run)
 
 
@@ -48,7 +48,7 @@ def test_examples_run_and_show_what_they_give(page, tmp_path, monkeypatch):
 
 def test_the_pages_with_examples_check_values():
     counts = {p.name: sum(b.code.count(docs_examples.SHOWS) for b in docs_examples.blocks(p)) for p in PAGES}
-    assert counts["quickstart.md"] >= 5, counts
+    assert counts["README.md"] >= 3 and counts["quickstart.md"] >= 5, counts
     for page in PAGES:  # the diagnostics example that once drifted shows a checked value wherever it appears
         for block in docs_examples.blocks(page):
             for line in block.code.splitlines():
