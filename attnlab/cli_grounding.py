@@ -74,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="which eval scenes (default 0)")
     p.add_argument("--regions", choices=("mask", "box"), default=None, help="shapes: score against object masks (default) or their boxes")
     p.add_argument("--images", default=None, metavar="DIR", help="your own images (with --boxes)")
-    p.add_argument("--boxes", default=None, metavar="FILE.json", help="COCO-style boxes of the objects in --images (see the README)")
+    p.add_argument("--boxes", default=None, metavar="FILE.json", help="COCO-style boxes of the objects in --images (layout: attnlab.explain.boxes; docs/explanations.md)")
     p.add_argument("--synonyms", default=None, metavar="FILE.json", help='caption words naming categories: {"puppy": ["dog"]}')
     p.add_argument("--batch-size", type=int, default=50, help="images per batch (default 50)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -37,6 +37,8 @@ every shard (:func:`mirror_names`, :func:`plan_mirrored`). Such runs resume:
 :func:`resume_state` tells an image whose outputs are complete and were written
 for the same input with the same settings (``meta["run"]``) from one that must
 be (re)done and from one whose outputs may not be touched.
+
+The rules as users read them: "Where files go" on the documentation site (``docs/files.md``).
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ from . import rules
 from .graph import Recording, record
 
 METHODS: tuple[str, ...] = ("raw", "layer_mean", "best_head", "rollout", "grad_attn", "relevance")
+"""The names :func:`explain` takes."""
 GRADIENT_METHODS = ("grad_attn", "relevance")
 SCALED_METHODS = ("rollout", "grad_attn", "relevance")  # rows renormalised to sum 1 with the prefix
 

@@ -23,8 +23,10 @@ from ..util import is_int as _is_int
 from . import maps
 
 DEFAULT_CMAP = "inferno"  # "shared" and "panel" scales: dark = little weight, bright = much
+"""The colour map of the views (``"shared"`` and ``"panel"`` scales)."""
 DEFAULT_UNIFORM_CMAP = "RdBu_r"  # "uniform" scale: blue = less than uniform, white = uniform, red = more
 DEFAULT_ALPHA = 0.6
+"""The maps' opacity over the image."""
 MAX_FIGURE_INCHES = 60.0  # per side: at 100 dpi, 6000 px
 MAX_FONT_SCALE = 5.0
 

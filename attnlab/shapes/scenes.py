@@ -121,15 +121,20 @@ VOCAB: list[str] = [
 ]
 """Word-level vocabulary: token id -> word."""
 WORD_TO_ID: dict[str, int] = {w: i for i, w in enumerate(VOCAB)}
+"""Word -> token id (the inverse of :data:`VOCAB`)."""
+#: The special token ids (padding, caption start CLS, caption end SEP, unknown word).
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = 0, 1, 2, 3  # CLS starts a caption, SEP ends it
 MAX_CAPTION_WORDS = 14  # "a s c x , a s c x and a s c x"
+"""The most words a caption has (three objects of four words, two separators)."""
 
 NOISE_BANK_SIZE = 1 << 20
 _NOISE_BANK_SEED = 20240601
 _noise_bank: np.ndarray | None = None  # (NOISE_BANK_SIZE,) int16
 
 SEED_STRIDE = 1_000_003
+"""Seeds of consecutive scenes are this far apart (see :func:`scene_seed`)."""
 SPLITS = ("train", "eval")
+"""The splits; their scene seeds never overlap."""
 
 
 @dataclass
