@@ -91,7 +91,7 @@ def test_raw_touch_rates_equal_attnlab_evaluate(shapes_model, small_run):
         assert table[RANDOM][cls]["touch"] == pytest.approx(ev["pointing"][cls]["random_patch"])
     assert small_run["classes"] == ["shape", "color", "size", "all"]
     best = f"best_head (L{shapes_model.spec.best_head[0]} H{shapes_model.spec.best_head[1]})"
-    assert best in table and set(small_run["methods"]) >= {"layer_mean", "rollout", "grad_attn (L2)", "relevance"}
+    assert best in table and set(small_run["methods"]) >= {"layer_mean", "rollout", "chefer_rollout", "grad_attn (L2)", "relevance"}
     for row, cells in table.items():  # the real methods point far better than chance
         if row != RANDOM:
             assert cells["color"]["touch"] > 3 * table[RANDOM]["color"]["touch"], row

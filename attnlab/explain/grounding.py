@@ -255,7 +255,7 @@ class GroundImage:
 # ---------------------------------------------------------------------- the benchmark
 def table_methods(model: Any) -> list[Method]:
     """The methods of the table: raw attention of every decoder layer (head mean), the layer mean,
-    the best head (when the model records one), rollout, grad x attention (last layer), relevance."""
+    the best head (when the model records one), rollout (causal), Chefer et al.'s rollout, grad x attention (last layer), relevance."""
     spec = as_captioner(model).spec
     from ..samples import sample_path
 
@@ -264,7 +264,7 @@ def table_methods(model: Any) -> list[Method]:
     methods = [Method("raw", layer, None) for layer in range(layers)] + [Method("layer_mean")]
     if spec.best_head is not None:
         methods.append(Method("best_head", *spec.best_head))
-    return methods + [Method("rollout"), Method("grad_attn", layers - 1), Method("relevance")]
+    return methods + [Method("rollout"), Method("chefer_rollout"), Method("grad_attn", layers - 1), Method("relevance")]
 
 
 def method_key(m: Method) -> str:
