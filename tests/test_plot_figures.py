@@ -451,3 +451,14 @@ def test_the_gif_says_what_lies_under_the_map(tmp_path):
         assert gif.size[0] > 0
     with pytest.raises(AttnlabError, match="underlay="):
         plot.save_gif(trace, tmp_path / "b.gif", underlay=3)
+
+
+def test_a_caption_cut_at_the_length_limit_says_so_in_the_title(tmp_path):
+    trace = red_photo_trace()
+    assert plot.word_grid(trace)._suptitle.get_text().split("\n")[0] == "\u201cred\u201d"  # the trace cannot tell
+    trace.meta = {"stopped": "max_len"}
+    assert plot.word_grid(trace)._suptitle.get_text().split("\n")[0] == "\u201cred\u201d (cut at the length limit: no end token)"
+    page = attnlab.export_html(trace, tmp_path / "p.html").read_text()
+    assert '<h1 id="caption">red (cut at the length limit: no end token)</h1>' in page
+    trace.meta = {"stopped": "end"}
+    assert "cut at" not in plot.word_grid(trace)._suptitle.get_text()

@@ -38,6 +38,7 @@ UNDERLAYS = {  # what is drawn under a map, and how the figure says so
 }
 DEFAULT_UNDERLAY = "grey"
 OUTLINE_COLOR = "#00e5ff"  # cyan: in none of the default colour maps (inferno, RdBu_r)
+CUT_NOTE = " (cut at the length limit: no end token)"  # after a caption whose trace says stopped == "max_len"
 PEAK_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "black", "alpha": 0.55, "linewidth": 0}
 
 __all__ = ["BASE_FONT", "DEFAULT_UNDERLAY", "Layout", "MAX_PANEL_ASPECT", "UNDERLAYS", "add_colorbar", "check_outlines",
@@ -325,8 +326,9 @@ def peak_note(ax, peak: float, font: float):
 
 
 def caption_line(trace: Any, limit: int = 90) -> str:
-    """The caption in quotes, cut at ``limit`` characters."""
+    """The caption in quotes, cut at ``limit`` characters; a caption the length limit cut says so."""
     text = trace.caption or " ".join(w for w in trace.words if w != "[SEP]")
     if len(text) > limit:
         text = text[: limit - 1] + "\u2026"
-    return "\u201c" + text + "\u201d"
+    cut = getattr(trace, "stopped", None) == "max_len"
+    return "\u201c" + text + "\u201d" + (CUT_NOTE if cut else "")

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import AttnlabError
 from ..fileio import atomic_create, atomic_write
 from . import maps
-from .draw import MAX_PANEL_ASPECT, UNDERLAYS, stretch_note
+from .draw import CUT_NOTE, MAX_PANEL_ASPECT, UNDERLAYS, stretch_note
 from .export import check_output_path
 from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, DEFAULT_UNIFORM_CMAP, by_word, check_count, resolve
 
@@ -178,7 +178,7 @@ def export_html(
 
     page = PAGE.format(
         title=html.escape(f"attnlab: {trace.caption or ' '.join(trace.words)}"),
-        caption=html.escape(trace.caption or " ".join(trace.words)),
+        caption=html.escape((trace.caption or " ".join(trace.words)) + (CUT_NOTE if getattr(trace, "stopped", None) == "max_len" else "")),
         image=_png_data_url(trace.image),
         data=_json_for_script(_payload(trace, r, long_side, r.cmap)),
         script=SCRIPT,
