@@ -8,7 +8,7 @@ objects, and scores each word's map against its object:
 * ``hit``: the map's peak patch has its centre pixel inside the object (the
   pointing game);
 * ``touch``: the peak patch overlaps the object by at least one pixel (the
-  criterion of ``attnlab evaluate``);
+  default criterion of ``attnlab evaluate``; ``--criterion hit`` there is ``hit``);
 * ``mass``: the share of the map's patch weight on the object, each patch
   counted with the fraction of its pixels inside;
 * ``random map``: the same for a map that knows nothing: the expected hit and
