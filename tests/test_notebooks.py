@@ -227,6 +227,7 @@ def test_notebook_runs(name, offline_env):
         assert "random map" in text and "relevance" in text and "rollout" in text and "share on CLS" in text
     elif name.startswith("06_"):
         assert text.count("pointing game") == 2  # both models' grounding numbers
-        assert text.count("peak on the named object for") == 2  # the word rows and the CLS row, measured
+        assert text.count("peak touches the named object for") == 2  # the word rows and the CLS row, measured
+        assert "chance  : a random patch touches it for" in text
         assert "rollout from CLS" in text
     assert seconds < LIMIT_S, f"{name} took {seconds:.0f} s (limit {LIMIT_S:.0f} s)"
