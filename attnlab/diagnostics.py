@@ -43,7 +43,7 @@ PADDING_KEY = "padding_fraction"
 SINK_SHARE = 0.5  # steady weight from this share of the row on is a sink
 MIN_SINK_STEPS = 3  # fewer steps than this: too few words to tell weight that stays from weight that agrees
 
-__all__ = ["MIN_SINK_STEPS", "SINK_SHARE", "Diagnostics", "diagnose", "mark_padding", "padding_fraction", "patch_share", "steady_share"]
+__all__ = ["Diagnostics", "diagnose", "mark_padding", "padding_fraction", "patch_share"]
 
 
 def patch_share(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -340,7 +340,8 @@ def matrix_row(
     L, S = mat.shape
     a, size, fs = check_alpha(alpha), check_figsize(figsize), check_font_scale(font_scale)
     mode, cm = maps.check_interp(interp), check_cmap(cmap)
-    underlay, masks = check_underlay(underlay) if image is not None else "none", check_outlines(outlines)
+    underlay, masks = check_underlay(underlay), check_outlines(outlines)
+    underlay = underlay if image is not None else "none"  # no image: the map alone
 
     if not isinstance(quantity, str) or not quantity:
         raise AttnlabError(f"quantity={quantity!r} must name what the numbers are, e.g. 'attention weight'")
