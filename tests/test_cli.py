@@ -211,8 +211,8 @@ def test_real_process_exit_code_and_stderr(files, expected, tmp_path):
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.splitlines() == [
-        f"{files['beach']}: {expected['beach'].caption}",
-        f"{files['street']}: {expected['street'].caption}",
+        f"{files['beach']}: {expected['beach'].caption}{notes(expected['beach'])}",
+        f"{files['street']}: {expected['street'].caption}{notes(expected['street'])}",
     ]
     line = one_error_line(proc.stderr)  # the whole of stderr: no traceback, no warning noise
     assert str(files["bad"]) in line
