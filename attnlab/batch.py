@@ -434,8 +434,11 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
 class _Run:
     """One batch run's bookkeeping: results by image index, the progress bar, the writes."""
 
-    def __init__(self, plan: RunPlan, model: Any, run: dict[str, Any], batch_size: int, progress: bool) -> None:
+    def __init__(self, plan: RunPlan, model: Any, run: dict[str, Any], batch_size: int, progress: bool | None) -> None:
         from tqdm.auto import tqdm
+
+        if progress is None:  # a bar redraws in place only on a terminal; a saved notebook or a log keeps its first frame
+            progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
 
         self.plan, self.model, self.run, self.batch_size = plan, model, run, batch_size
         self.captions: dict[int, dict[str, Any]] = {}
@@ -546,11 +549,14 @@ def run_plan(
     length_penalty: float = 1.0,
     half: bool = False,
     mode: str = "incremental",
-    progress: bool = True,
+    progress: bool | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> RunReport:
     """Caption the images of ``plan`` with ``model`` (see the module docstring).
 
+    ``progress``: a progress bar on stderr; ``None`` (default) shows it only when stderr is a
+    terminal (not in a notebook, whose saved output would keep a frozen first frame),
+    ``True`` always (a widget in Jupyter), ``False`` never.
     ``on_batch(n)`` is called after the ``n``-th batch has been written (e.g. to
     stop a test run after ``k`` batches: raise ``KeyboardInterrupt`` there).
     """

@@ -88,6 +88,7 @@ def _caption_many(args: argparse.Namespace) -> int:
 def _caption_files(args: argparse.Namespace) -> int:
     """Images named one by one (outputs named by their stems, see :mod:`attnlab.outputs`)."""
     from .batch import as_half
+    from .confidence import caption_notes, caption_summary
     from .decode import caption
     from .hub import load_model
 
@@ -118,6 +119,7 @@ def _caption_files(args: argparse.Namespace) -> int:
             _error(str(exc))
             results.append({"image": image, "error": str(exc)})
             continue
+        summary = caption_summary(trace)
         results.append(
             {
                 "image": image,
@@ -126,10 +128,11 @@ def _caption_files(args: argparse.Namespace) -> int:
                 "words": trace.words,
                 "grid": list(trace.grid),
                 "files": files,
+                **summary,
             }
         )
         if not args.json:
-            print(f"{image}: {trace.caption}")
+            print(f"{image}: {trace.caption}{caption_notes(summary, trace.steps)}")
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failures else 0
@@ -144,14 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="caption images, folders or glob patterns; with --out, write each trace (.npz) and word grid (.attn.png)",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE|DIR|GLOB")
-    p.add_argument("--model", default=None, metavar="NAME", help=f"one of {', '.join(model_names())} (default shapes); a file of your own: --checkpoint PATH")
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="a CATR checkpoint of your own")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help=f"one of {', '.join(model_names())} (default shapes, bundled; shapes-cptr is bundled too; catr-v1..v3 are "
+                        "downloaded once; catr and cptr need --checkpoint)")  # fmt: skip
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a checkpoint of your own: attnlab's (CATR-style or CPTR, from attnlab train) or a published CATR one")
     p.add_argument("--vocab", default=None, metavar="PATH", help="vocab.txt for --checkpoint")
     p.add_argument("--max-len", type=int, default=None, metavar="N", help="most tokens to generate")
     p.add_argument("--mode", choices=("incremental", "template"), default="incremental")
     p.add_argument("--out", default=None, metavar="DIR", help="write <stem>.npz (trace) and <stem>.attn.png (word grid) here")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out that attnlab did not write for the same image")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as JSON (with how each caption stopped, per-token probabilities, the beam score)")
+    p.epilog = ("A caption cut at --max-len without the end token is marked [cut at the length limit ...]; one with tokens "
+                "written at probability below 0.5 (no token had a majority) is marked [unsure: ...].")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (traces are stored on the CPU either way)")
     p.add_argument("--beams", type=int, default=1, metavar="K", help="beam search with K hypotheses per image (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0, metavar="A",

@@ -16,7 +16,7 @@ DEFAULT_N = 500
 
 
 def cmd_grounding(args: argparse.Namespace) -> int:
-    from .explain.grounding import best_row, format_grounding, ground
+    from .explain.grounding import RANDOM, best_row, format_grounding, ground
     from .hub import load_model
 
     own = args.images is not None or args.boxes is not None
@@ -57,9 +57,11 @@ def cmd_grounding(args: argparse.Namespace) -> int:
     condition = "true" if "true" in result["conditions"] else "generated"
     best, hit, chance = best_row(result, condition, kind, cls)
     cell = result["conditions"][condition][kind][best][cls]
+    rand = result["conditions"][condition][kind][RANDOM][cls]
     which = "true" if condition == "true" else "own"
-    print(f"\nbest for {cls} words ({which} captions, {'masks' if kind == 'mask' else 'boxes'}): {best}, hit {hit:.1%} "
-          f"(random map {chance:.1%}), touch {cell['touch']:.1%}, mass {cell['mass']:.1%}")
+    print(f"\nbest for {cls} words by hit ({which} captions, {'masks' if kind == 'mask' else 'boxes'}): {best}, hit {hit:.1%} "
+          f"(chance {chance:.1%}), touch {cell['touch']:.1%} (chance {rand['touch']:.1%}), mass {cell['mass']:.1%} "
+          f"(uniform map {rand['mass']:.1%})")
     return 0
 
 

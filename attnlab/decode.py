@@ -166,6 +166,9 @@ def _greedy(cap: Captioner, state: Any, n: int, forced: list[list[int]] | None, 
             state = state.select(keep)
             rows, nxt = rows[keep], nxt[keep]
         ids = nxt
+    if forced is not None:
+        for path in paths:
+            path.meta["stopped"] = "given"  # teacher forcing: the caption ends where the given tokens end
     return steps, paths
 
 
@@ -319,7 +322,8 @@ def _assemble(
                 prefix_tokens=prefix,
                 prefix_share=share,
                 word_starts=None if starts is None else np.array(starts(ids), dtype=bool),
-                meta={"mode": mode, "end_token": spec.eos, **path.meta},
+                meta={"mode": mode, "end_token": spec.eos, "stopped": "end" if ids and ids[-1] == spec.eos else "max_len",
+                      **path.meta},
             )
         )
     return traces

@@ -15,9 +15,16 @@ measures, for every decoder layer, head (and the head mean) and step:
 * ``entropy``: the entropy of the patch map (made a distribution over the
   patches), divided by that of a uniform map, ``log S``: 1 = spread evenly,
   0 = one patch; ``nan`` for a map that is all zero;
-* ``sink``: True where one place holds at least half of the row and is not
-  content: the prefix keys together, a border patch, or a patch that is
-  mostly padding.
+* ``steady``: the weight that stays on the same keys whatever the word: for
+  each layer and head, the sum over keys (every patch, and the prefix keys as
+  one) of the smallest weight that key gets at any step of the caption. It is
+  one number per layer and head (the same at every step); ``nan`` for a
+  caption of fewer than :data:`MIN_SINK_STEPS` steps, where it cannot be told.
+* ``sink``: True where ``steady`` is at least :data:`SINK_SHARE` (half the
+  row): most of the weight sits on keys that do not depend on the word, so
+  the map says little about the word. Weight on a border patch or on CLS is
+  *not* by itself a sink: a word naming an object at the border rightly peaks
+  there (the shares above report it).
 
 Index ``heads`` (the last) of the head axis is the mean over heads, the map the
 default figures draw. Shares are of the whole row (patches and prefix), as
@@ -33,7 +40,8 @@ from typing import Any
 import numpy as np
 
 PADDING_KEY = "padding_fraction"
-SINK_SHARE = 0.5
+SINK_SHARE = 0.5  # steady weight from this share of the row on is a sink
+MIN_SINK_STEPS = 3  # fewer steps than this: too few words to tell weight that stays from weight that agrees
 
 __all__ = ["Diagnostics", "diagnose", "mark_padding", "padding_fraction", "patch_share"]
 
@@ -81,9 +89,11 @@ class Diagnostics:
     sink: np.ndarray
     prefix_tokens: int
     has_padding: bool
+    steady: np.ndarray | None = None  # (layers, heads + 1): weight on the same keys at every step; nan: too few steps
 
     def line(self, step: int, layer: int = -1, head: int | str = "mean") -> str:
-        """One line for one map, e.g. ``"CLS 12% · border 31% · entropy 0.84 of uniform"`` (``· sink!`` when one is)."""
+        """One line for one map, e.g. ``"CLS 12% · border 31% · entropy 0.84 of uniform · steady 8%"``
+        (``· sink!`` when the steady weight is at least half the row)."""
         h = self.prefix.shape[1] - 1 if head == "mean" else int(head)
         at = (layer, h, step)
         parts = []
@@ -94,6 +104,8 @@ class Diagnostics:
         parts.append(f"border {self.border[at]:.0%}")
         e = self.entropy[at]
         parts.append("entropy n/a (empty map)" if math.isnan(e) else f"entropy {e:.2f} of uniform")
+        if self.steady is not None and not math.isnan(self.steady[layer, h]):
+            parts.append(f"steady {self.steady[layer, h]:.0%}")
         if self.sink[at]:
             parts.append("sink!")
         return " \u00b7 ".join(parts)
@@ -121,9 +133,14 @@ def diagnose(trace: Any) -> Diagnostics:
     ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(axis=-1)  # nats
     s = gh * gw
     entropy = np.where(total[..., 0] > 0, ent / math.log(s) if s > 1 else 1.0, np.nan)
-    top = flat.max(axis=-1)  # (layers, heads + 1, steps)
-    where = flat.argmax(axis=-1)  # (...,) patch index of the peak
-    peak_border = ring.reshape(-1)[where]
-    peak_padding = pad.reshape(-1)[where] >= 0.5
-    sink = (prefix >= SINK_SHARE) | ((top >= SINK_SHARE) & (peak_border | peak_padding))
-    return Diagnostics(prefix, padding, border, entropy, sink, int(trace.prefix_tokens), frac is not None)
+    steady = steady_share(np.concatenate([prefix[..., None], flat], axis=-1))  # (layers, heads + 1)
+    sink = np.broadcast_to((np.nan_to_num(steady) >= SINK_SHARE)[..., None], prefix.shape).copy()  # (layers, heads + 1, steps)
+    return Diagnostics(prefix, padding, border, entropy, sink, int(trace.prefix_tokens), frac is not None, steady)
+
+
+def steady_share(rows: np.ndarray) -> np.ndarray:
+    """``rows`` ``(..., steps, keys)`` -> ``(...)``: ``sum_k min_t rows[..., t, k]``, the weight every step puts
+    on the same keys; ``nan`` with fewer than :data:`MIN_SINK_STEPS` steps."""
+    if rows.shape[-2] < MIN_SINK_STEPS:
+        return np.full(rows.shape[:-2], np.nan)
+    return rows.min(axis=-2).sum(axis=-1)

@@ -71,6 +71,7 @@ LIMITS = {
     "image": 16384,  # pixels per side of the stored image
 }
 MAX_TRACE_BYTES = 1024**3  # all arrays together, uncompressed (CaptionTrace.load(max_bytes=...) to allow more)
+STOP_REASONS = ("end", "max_len", "given")  # meta["stopped"]: see CaptionTrace.stopped
 MAX_HEADER_BYTES = 16 * 1024**2  # the JSON header (words, caption, meta)
 _NPY_HEADER_MAX = 10_000  # numpy's own limit for a .npy header
 
@@ -220,6 +221,20 @@ class CaptionTrace:
     def mean_heads(self) -> np.ndarray:
         """Cross-attention averaged over heads: ``(layers, steps, H, W)``."""
         return self.require_attention().mean(axis=1)
+
+    @property
+    def stopped(self) -> str | None:
+        """How the caption ended: ``"end"`` (the model wrote its end token), ``"max_len"`` (cut at the
+        length limit, no end token), ``"given"`` (teacher forcing), or ``None`` when the trace cannot say.
+
+        ``meta["stopped"]``; traces saved before it was recorded are read from ``meta["end_token"]``.
+        """
+        if self.meta.get("stopped") in STOP_REASONS:
+            return self.meta["stopped"]
+        end = self.meta.get("end_token")
+        if self.meta.get("teacher_forced") or not isinstance(end, int) or isinstance(end, bool) or not self.steps:
+            return None
+        return "end" if int(self.token_ids[-1]) == end else "max_len"
 
     def probabilities(self) -> np.ndarray | None:
         """Softmax probability of each step's token: ``(steps,)`` float32; ``None`` without logits.

@@ -1142,13 +1142,21 @@ def test_ctrl_c_saves_a_resumable_state(tmp_path, capsys, monkeypatch):
             signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
         return result
 
+    def callers_handler(signum, frame):  # the handler the caller had: training must put it back, whatever it was
+        raise AssertionError("the caller's SIGINT handler ran during training")
+
     monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
     out = tmp_path / "s.pt"
     argv = ["train", "shapes", "--steps", "4", "--batch-size", "4", "--warmup", "1", "--seed", "3", "--out", str(out)]
-    rc, _, err = cli(capsys, *argv)
+    inherited = signal.signal(signal.SIGINT, callers_handler)  # "ignore" when pytest runs in the background
+    try:
+        rc, _, err = cli(capsys, *argv)
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert rc == 130 and "saved step 2 of 4" in err.strip().splitlines()[-1] and "--resume" in err
     assert torch.load(out.with_name("s.pt.train"), weights_only=True)["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert restored is callers_handler  # the handler was put back
 
     monkeypatch.setattr(train_module, "train_step", real_step)
     assert cli(capsys, *argv, "--resume")[0] == 0

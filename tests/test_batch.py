@@ -89,6 +89,35 @@ def assert_equals_alone(out: Path, alone: dict[str, attnlab.CaptionTrace], names
 
 
 # ---------------------------------------------------------------------- results and names
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_bar_only_on_a_terminal_by_default(model, folder, tmp_path, monkeypatch, capsys):
+    report = caption_folder(model, folder / "part-b" / "deeper", tmp_path / "piped", workers=0)  # stderr captured: not a terminal
+    assert report.captioned == 5 and capsys.readouterr().err == ""  # no frozen "0/5" left in a notebook or a log
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    caption_folder(model, folder / "part-b" / "deeper", tmp_path / "terminal", workers=0)
+    assert "captioning" in terminal.text and "5/5" in terminal.text
+    monkeypatch.undo()
+    assert caption_folder(model, folder / "part-b" / "deeper", tmp_path / "forced", workers=0, progress=True).captioned == 5
+    assert "5/5" in capsys.readouterr().err  # progress=True: shown wherever it goes
+
+
 def test_folder_run_equals_each_image_alone(model, folder, alone, tmp_path):
     out = tmp_path / "out"
     report = caption_folder(model, folder, out, batch_size=4, workers=1, progress=False)

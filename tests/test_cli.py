@@ -84,14 +84,33 @@ def test_expected_captions_are_words(expected):
         assert trace.caption and "[" not in trace.caption
 
 
+def softmax_p(trace) -> np.ndarray:
+    """Each written token's probability, from the logits, written out here."""
+    z = trace.logits.astype(np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return (e / e.sum(1, keepdims=True))[np.arange(trace.steps), trace.token_ids]
+
+
+def notes(trace) -> str:
+    """What the CLI line must add: these captions run to --max-len (no end token); tokens below p = 0.5 are unsure."""
+    p = softmax_p(trace)
+    line = f" [cut at the length limit: {trace.steps} tokens, no end token]"
+    low = np.flatnonzero(p < 0.5)
+    if len(low):
+        k = int(np.argmin(p))
+        line += f" [unsure: {len(low)} of {trace.steps} tokens below p=0.5, lowest {trace.words[k]!r} p={p[k]:.2f}]"
+    return line
+
+
 def test_caption_two_good_one_bad(files, expected, capsys):
     rc = main(caption_args(files))
     out, err = capsys.readouterr()
     assert rc != 0
     assert out.splitlines() == [
-        f"{files['beach']}: {expected['beach'].caption}",
-        f"{files['street']}: {expected['street'].caption}",
+        f"{files['beach']}: {expected['beach'].caption}{notes(expected['beach'])}",
+        f"{files['street']}: {expected['street'].caption}{notes(expected['street'])}",
     ]
+    assert all("[cut at the length limit" in line for line in out.splitlines())
     line = one_error_line(err)
     assert str(files["bad"]) in line and "not an image" in line
 
@@ -107,7 +126,8 @@ def test_out_writes_both_files_for_good_images_only(files, expected, capsys, tmp
     printed = dict(line.split(": ", 1) for line in out.splitlines())
     for key in ("beach", "street"):
         trace = attnlab.CaptionTrace.load(out_dir / f"{key}.npz")
-        assert trace.caption == printed[str(files[key])] == expected[key].caption
+        assert trace.caption + notes(trace) == printed[str(files[key])] == expected[key].caption + notes(expected[key])
+        assert trace.stopped == "max_len"
         np.testing.assert_array_equal(trace.token_ids, expected[key].token_ids)
         np.testing.assert_array_equal(trace.image, expected[key].image)
         assert trace.cross_attention.shape == expected[key].cross_attention.shape
@@ -137,6 +157,11 @@ def test_json(files, expected, capsys):
         assert r["words"] == trace.words
         assert r["grid"] == list(trace.grid) and len(r["grid"]) == 2
         assert r["files"] == []
+        p = softmax_p(trace)
+        assert r["stopped"] == "max_len" and r["beam_score"] is None  # greedy: no beam score
+        np.testing.assert_allclose(r["probabilities"], p, atol=1e-4)
+        assert r["log_probability"] == pytest.approx(np.log(p).sum(), abs=1e-4)
+        assert [u["step"] for u in r["unsure"]] == np.flatnonzero(p < 0.5).tolist()
     assert set(results[1]) == {"image", "error"} and str(files["bad"]) in results[1]["error"]
 
 
@@ -144,7 +169,7 @@ def test_all_good_exits_zero(files, expected, capsys):
     rc = main(["caption", str(files["street"]), "--checkpoint", str(files["ckpt"]), "--vocab", str(files["vocab"]), "--max-len", MAX_LEN])
     out, err = capsys.readouterr()
     assert rc == 0 and err == ""
-    assert out == f"{files['street']}: {expected['street'].caption}\n"
+    assert out == f"{files['street']}: {expected['street'].caption}{notes(expected['street'])}\n"
 
 
 @pytest.mark.parametrize(
@@ -186,8 +211,8 @@ def test_real_process_exit_code_and_stderr(files, expected, tmp_path):
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.splitlines() == [
-        f"{files['beach']}: {expected['beach'].caption}",
-        f"{files['street']}: {expected['street'].caption}",
+        f"{files['beach']}: {expected['beach'].caption}{notes(expected['beach'])}",
+        f"{files['street']}: {expected['street'].caption}{notes(expected['street'])}",
     ]
     line = one_error_line(proc.stderr)  # the whole of stderr: no traceback, no warning noise
     assert str(files["bad"]) in line
@@ -218,3 +243,22 @@ def test_write_failure_leaves_older_files_as_they_were(files, capsys, tmp_path, 
     assert "No space left on device" in line and "beach.npz" in line and "unchanged" in line
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "o").iterdir()}
     assert after == before  # same names (no temp files), same bytes
+
+
+def test_beam_json_has_its_score_and_help_lists_every_model(files, capsys):
+    rc = main(["caption", str(files["street"]), "--checkpoint", str(files["ckpt"]), "--vocab", str(files["vocab"]),
+               "--max-len", MAX_LEN, "--beams", "3", "--json"])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    (r,) = json.loads(out)
+    n = len(r["tokens"])
+    assert r["beam_score"] == pytest.approx(r["log_probability"] / n, abs=1e-4)  # sum(log p) / length**1
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    from attnlab.hub import NAMES
+
+    assert f"one of {', '.join(NAMES)}" in text  # the names the error lists
+    assert "a CATR checkpoint of your own" not in text and "CPTR" in text
+    with pytest.raises(attnlab.AttnlabError, match=", ".join(NAMES)):
+        attnlab.load_model("no-such-model")

@@ -263,6 +263,7 @@ def test_greedy_stops_at_end_token(mode):
     assert trace.token_ids.tolist() == [END]
     assert trace.words == ["[SEP]"] and trace.caption == ""
     assert trace.cross_attention.shape == (LAYERS, HEADS, 1, 6, 8)
+    assert trace.stopped == "end" and trace.meta["stopped"] == "end"
 
 
 @pytest.mark.parametrize("mode", ["incremental", "template"])
@@ -287,6 +288,22 @@ def test_greedy_stops_at_max_len(model, mode, max_len):
     trace = attnlab.caption(model, image(9), max_len=max_len, mode=mode)
     assert trace.steps == max_len
     assert trace.cross_attention.shape[2] == max_len
+    assert END not in trace.token_ids.tolist() and trace.stopped == "max_len" == trace.meta["stopped"]
+    beam = attnlab.caption(model, image(9), max_len=max_len, mode=mode, beams=2)
+    assert END not in beam.token_ids.tolist() and beam.stopped == "max_len"
+    forced = attnlab.caption(model, image(9), tokens=trace.token_ids.tolist())
+    assert forced.stopped == "given"  # teacher forcing: the given caption decides where it ends
+
+
+def test_how_a_caption_stopped_is_read_from_old_traces_too(model, tmp_path):
+    trace = attnlab.caption(model, image(9), max_len=2)
+    for ids, want in (([3, END], "end"), ([3, 4], "max_len")):
+        trace.token_ids = np.array(ids)
+        trace.meta = {"mode": "incremental", "end_token": END}  # saved before "stopped" was recorded
+        trace.save(tmp_path / f"old-{want}.npz")
+        assert attnlab.CaptionTrace.load(tmp_path / f"old-{want}.npz").stopped == want
+    trace.meta = {}
+    assert trace.stopped is None  # nothing to tell from
 
 
 def test_bad_arguments(model):
@@ -368,7 +385,7 @@ def test_save_load_round_trip(model, tmp_path):
     assert back.caption == trace.caption
     assert back.grid == trace.grid
     assert back.model_name == "tiny-test"
-    assert back.meta == {"mode": "incremental", "end_token": END, "note": "round trip"}
+    assert back.meta == {"mode": "incremental", "end_token": END, "stopped": "max_len", "note": "round trip"}
     # a trace without optional arrays
     bare = attnlab.caption(model, image(14), max_len=2, record="none")
     back = CaptionTrace.load(bare.save(tmp_path / "bare.npz"))

@@ -53,10 +53,49 @@ def test_shares_entropy_and_sinks_against_sums_written_out():
     mean = maps[0].mean(0)  # the head mean is its own map, not a mean of the heads' numbers
     assert d.border[0, 2, 1] == pytest.approx(mean[1][ring].sum())
     assert d.entropy[0, 0, 0] == pytest.approx(1.0) and d.entropy[0, 0, 1] < 0.3
-    assert d.sink[0, 0].tolist() == [False, True, True]  # the corner patch; CLS
+    # steady weight: per key (CLS, then each patch) the least any step gives it, summed over keys
+    for head in range(2):
+        rows = [[share[0, head, t], *maps[0, head, t].reshape(-1)] for t in range(3)]
+        want = sum(min(rows[t][k] for t in range(3)) for k in range(1 + h * w))
+        assert d.steady[0, head] == pytest.approx(want)
+    # a corner patch holding 80% for one word, CLS 70% for another: no weight stays put, so no sink
+    assert d.sink[0, 0].tolist() == [False, False, False] and d.steady[0, 0] < 0.1
     assert "CLS 10%" in d.line(0, 0, 0) and "entropy 1.00 of uniform" in d.line(0, 0, 0)
-    assert d.line(1, 0, 0).endswith("sink!") and "border 80%" in d.line(1, 0, 0)
+    assert "border 80%" in d.line(1, 0, 0) and not d.line(1, 0, 0).endswith("sink!")
     assert "padding" not in d.line(0, 0, "mean")
+
+
+def test_a_key_that_keeps_its_weight_whatever_the_word_is_a_sink():
+    h, w = 4, 6
+    rng = np.random.default_rng(1)
+    maps = rng.dirichlet(np.ones(h * w), size=(1, 2, 5)).reshape(1, 2, 5, h, w) * 0.4  # words differ
+    maps[0, 0, :, 2, 3] += 0.6  # head 0: an inner patch keeps 60% at every step
+    d = trace_of(maps).diagnostics()
+    assert d.sink[0, 0].all() and not d.sink[0, 1].any()
+    assert d.steady[0, 0] >= 0.6 and d.steady[0, 1] < 0.5
+    assert d.line(3, 0, 0).endswith("sink!") and "steady" in d.line(3, 0, 0)
+    cls = trace_of(maps * 0.3, prefix_share=np.full((1, 2, 5), 0.7)).diagnostics()  # CLS keeps 70% for every word
+    assert cls.sink[0].all() and cls.steady[0, 0] == pytest.approx(0.7 + (maps[0, 0] * 0.3).min(0).sum(), abs=1e-6)
+    short = trace_of(maps[:, :, :2]).diagnostics()  # two words cannot tell a sink from two words that agree
+    assert not short.sink.any() and np.isnan(short.steady).all() and "steady" not in short.line(0, 0, 0)
+
+
+def test_a_right_map_at_the_border_is_not_a_sink():
+    from attnlab.shapes import outlines, sample_scene
+
+    scene = sample_scene("scene-0.png")
+    for name in ("shapes", "shapes-cptr"):
+        trace = attnlab.caption(attnlab.load_model(name), attnlab.sample_path("scene-0.png"))
+        assert trace.words[2] == "red"
+        d = trace.diagnostics()
+        (triangle,) = outlines(scene, words=[2])
+        peak = np.unravel_index(trace.mean_heads()[-1, 2].argmax(), trace.grid)
+        gh, gw = trace.grid
+        block = triangle.reshape(gh, 128 // gh, gw, 128 // gw)[peak[0], :, peak[1], :]
+        assert block.any(), name  # the last layer's peak for "red" is on the red triangle ...
+        assert d.border[-1, -1, 2] > 0.2 or name != "shapes"  # ... which sits at the border
+        assert not d.sink[:, :, 2].any(), (name, d.line(2))
+        assert not d.line(2).endswith("sink!")
 
 
 def test_padding_fraction_and_the_padding_share():

@@ -178,3 +178,20 @@ def test_views_on_a_real_vit_trace_read_the_encoder_rows(one_thread):
     np.testing.assert_allclose(got, want, atol=1e-6)
     encoder_views.patch_attention(trace, (3, 0))
     encoder_views.rollout_map(trace)
+
+
+def test_encoder_views_draw_the_photo_as_asked_and_say_so():
+    trace = make_trace()
+    trace.image = np.zeros_like(trace.image) + np.array([200, 30, 60], dtype=np.uint8)  # a coloured photo
+    luma = round(0.299 * 200 + 0.587 * 30 + 0.114 * 60)
+    for view, args in ((encoder_views.rollout_map, ("cls",)), (encoder_views.patch_attention, ((0, 1),))):
+        ax = view(trace, *args).axes[0]
+        base = ax.images[0].get_array()  # the photo under the map: grey by default
+        assert np.all(base == luma) and ax.get_title().endswith("photo in grey under the map")
+        ax = view(trace, *args, underlay="colour").axes[0]
+        assert np.array_equal(ax.images[0].get_array()[0, 0], [200, 30, 60])
+        assert heat(view(trace, *args, underlay="none").axes[0]).get_alpha() == 1.0  # the map alone, opaque
+    fig = encoder_views.cls_vs_words(trace, underlay="colour")
+    assert fig._suptitle.get_text().endswith("photo in colour under the map")
+    with pytest.raises(AttnlabError, match="underlay="):
+        encoder_views.rollout_map(trace, underlay="sepia")

@@ -262,29 +262,51 @@ def test_grad_attn_is_gradient_times_attention_of_one_layer(tiny):
         assert trace.meta["layer"] == layer % 2
 
 
+def chefer_roll(a: np.ndarray) -> np.ndarray:
+    """Rollout as Chefer et al.'s ``compute_rollout_attention`` writes it, on ``(layers, heads, n, n)``:
+    per layer the head mean plus I, rows renormalised, later layers multiplied on the left."""
+    r = np.eye(a.shape[-1])
+    for layer in a.mean(axis=1):
+        step = layer + np.eye(a.shape[-1])
+        r = (step / step.sum(1, keepdims=True)) @ r
+    return r
+
+
 def test_rollout_against_the_formula_and_rollout_rows_sum_to_one(tiny):
     img = photo(4)
     trace = attnlab.explain(tiny, img, "rollout")
+    reference = attnlab.explain(tiny, img, "chefer_rollout")
     full = attnlab.caption(tiny, img, record="all")
     T = full.steps
 
-    def roll(a: np.ndarray) -> np.ndarray:  # (layers, heads, n, n): identity added, rows renormalised, multiplied
-        r = np.eye(a.shape[-1])
-        for layer in a.mean(axis=1):
-            step = layer + np.eye(a.shape[-1])
-            r = (step / step.sum(1, keepdims=True)) @ r
-        return r
-
-    r_qq, r_ii = roll(full.decoder_self_attention.astype(np.float64)), roll(full.encoder_self_attention.astype(np.float64))
+    r_qq, r_ii = chefer_roll(full.decoder_self_attention.astype(np.float64)), chefer_roll(full.encoder_self_attention.astype(np.float64))
     np.testing.assert_allclose(r_qq.sum(1), 1, atol=1e-9)
     np.testing.assert_allclose(r_ii.sum(1), 1, atol=1e-9)
+    assert np.allclose(np.triu(r_qq, 1), 0)  # a causal decoder: word i's state comes from words 0..i only
     last = np.concatenate([full.prefix_share[-1][..., None], full.cross_attention[-1].reshape(2, T, -1)], -1).mean(0)  # (T, K)
-    np.testing.assert_allclose(as_rows(trace), normalised(r_qq.T @ last @ r_ii), atol=1e-5)
-    np.testing.assert_allclose(trace.cross_attention.sum((-2, -1)) + trace.prefix_share, 1, atol=1e-5)
+    # "rollout": R_qq . A_qi . R_ii, causal, rows already sum to 1
+    np.testing.assert_allclose(r_qq @ last @ r_ii, normalised(r_qq @ last @ r_ii), atol=1e-9)
+    np.testing.assert_allclose(as_rows(trace), r_qq @ last @ r_ii, atol=1e-5)
+    # "chefer_rollout": generate_rollout's R_qi = R_qq^T . A_qi . R_ii (DETR), rows renormalised
+    np.testing.assert_allclose(as_rows(reference), normalised(r_qq.T @ last @ r_ii), atol=1e-5)
+    assert np.abs(as_rows(reference)[:-1] - as_rows(trace)[:-1]).max() > 1e-3  # they differ before the last word
+    for t in (trace, reference):
+        np.testing.assert_allclose(t.cross_attention.sum((-2, -1)) + t.prefix_share, 1, atol=1e-5)
+    assert trace.meta["method"] == "rollout" and reference.meta["method"] == "chefer_rollout"
     # the library's own rollout (attnlab.rollout) is what the method uses: rows sum to 1
     from attnlab.rollout import rollout
 
     np.testing.assert_allclose(rollout(full.decoder_self_attention).sum(1), 1, atol=1e-9)
+
+
+def test_causal_rollout_of_a_word_does_not_depend_on_later_words(tiny):
+    img = photo(6)
+    ids = attnlab.caption(tiny, img).token_ids.tolist()
+    other = ids[:2] + [w for w in (4, 6, 8, 9, 5, 7) if w != ids[2]][:1] + ids[3:]  # word 2 and after: changed
+    for method, same in (("rollout", True), ("chefer_rollout", False)):
+        a = as_rows(attnlab.explain(tiny, img, method, tokens=ids))
+        b = as_rows(attnlab.explain(tiny, img, method, tokens=other))
+        assert np.allclose(a[:2], b[:2], atol=1e-6) is same, method  # words 0 and 1 were written before the change
 
 
 def test_rules_keep_rows_that_nothing_reached():

@@ -149,7 +149,7 @@ def test_slider_redraws_in_place_with_the_new_word(trace):
         assert heat in fig.axes[0].images and len(fig.axes[0].images) == 2  # nothing added
         first, second = title_lines(w)
         assert first.startswith(f"step {step}: {WORDS[step]} (p=")
-        assert second == "layer 1 (2nd of 2, last) \u00b7 head 2 \u00b7 model unknown"
+        assert second == "layer 1 (2nd of 2, last) \u00b7 head 2 \u00b7 model unknown \u00b7 photo in grey"
         assert w.word_label.value.startswith(f"{step}: {WORDS[step]} ")
         np.testing.assert_allclose(heat.get_array(), shown(attention_map(trace, step, layer=1, head=2)), rtol=1e-6)
         x, y = hot_location(heat, decode(w.image.value), w.alpha_slider.value)
@@ -371,3 +371,19 @@ def test_save_never_replaces_a_file_it_did_not_write(trace, tmp_path):
     assert w.status.value.startswith("saved to") and (tmp_path / "new.png").read_bytes() != first
     w.save(target, overwrite=True)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_explorer_draws_the_photo_as_asked_and_says_so():
+    trace = make_trace()
+    mask = np.zeros(trace.image.shape[:2], dtype=bool)
+    mask[10:30, 10:30] = True
+    w = explore(trace, underlay="none", outlines=[mask])
+    assert title_lines(w)[1].endswith("\u00b7 map only, no photo, 1 outline")
+    w.alpha_slider.value = 0.2
+    assert w.heat_image.get_alpha() == 1.0  # no photo under it: the map stays opaque whatever the slider
+    assert title_lines(explore(trace, underlay="colour"))[1].endswith("photo in colour")
+    grey = explore(trace)
+    base = next(im for im in grey.figure.axes[0].images if im is not grey.heat_image).get_array()
+    assert np.ptp(np.asarray(base), axis=-1).max() == 0  # the photo under the map: R = G = B
+    with pytest.raises(AttnlabError, match="underlay="):
+        explore(trace, underlay="sepia")

@@ -16,7 +16,9 @@ from attnlab.explain.grounding import (
     RANDOM, box_to_shown, chance, format_grounding, ground, mask_to_shown, match_words, patch_region, scores,
 )  # fmt: skip
 from attnlab.explain.methods import Method
+from attnlab.errors import AttnlabError
 from attnlab.shapes import evaluate, make_scenes
+from attnlab.shapes.evaluate import format_report
 from attnlab.shapes.grounding import WORD_CLASSES, export_boxes, grounding, scene_box, scene_items, select_best_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -89,9 +91,22 @@ def test_raw_touch_rates_equal_attnlab_evaluate(shapes_model, small_run):
             assert table[f"raw, layer {layer}"][cls]["touch"] == pytest.approx(rate)
             assert table[f"raw, layer {layer}"][cls]["words"] == ev["pointing"][cls]["words"]
         assert table[RANDOM][cls]["touch"] == pytest.approx(ev["pointing"][cls]["random_patch"])
+    assert ev["criterion"] == "touch"
+    hit = evaluate(shapes_model, n=12, seed=5, batch_size=5, criterion="hit")  # one vocabulary: the table's "hit" column
+    assert hit["criterion"] == "hit"
+    for cls in ("shape", "color", "size", "all"):
+        for layer, rate in enumerate(hit["pointing"][cls]["layers"]):
+            assert table[f"raw, layer {layer}"][cls]["hit"] == pytest.approx(rate)
+        assert table[RANDOM][cls]["hit"] == pytest.approx(hit["pointing"][cls]["random_patch"])
+        assert hit["pointing"][cls]["random_patch"] < ev["pointing"][cls]["random_patch"]
+    report = format_report(hit)
+    assert "criterion: hit = the peak patch's centre lies inside the named object" in report
+    assert "chance: a uniformly random patch, under the same criterion (hit)" in report
+    with pytest.raises(AttnlabError, match="criterion='centre' is not a pointing-game criterion"):
+        evaluate(shapes_model, n=1, criterion="centre")
     assert small_run["classes"] == ["shape", "color", "size", "all"]
     best = f"best_head (L{shapes_model.spec.best_head[0]} H{shapes_model.spec.best_head[1]})"
-    assert best in table and set(small_run["methods"]) >= {"layer_mean", "rollout", "grad_attn (L2)", "relevance"}
+    assert best in table and set(small_run["methods"]) >= {"layer_mean", "rollout", "chefer_rollout", "grad_attn (L2)", "relevance"}
     for row, cells in table.items():  # the real methods point far better than chance
         if row != RANDOM:
             assert cells["color"]["touch"] > 3 * table[RANDOM]["color"]["touch"], row
@@ -153,7 +168,9 @@ def test_cli_grounding_json_and_text(capsys):
     assert result["images"] == 3 and set(result["conditions"]) == {"generated", "true"}
     assert main(["grounding", "--n", "3", "--seed", "1", "--quiet", "--regions", "box"]) == 0
     out = capsys.readouterr().out
-    assert "object boxes" in out and "relevance" in out and "best for shape words (true captions, boxes)" in out
+    assert "object boxes" in out and "relevance" in out and "best for shape words by hit (true captions, boxes)" in out
+    last = out.strip().splitlines()[-1]  # each criterion with its own chance level
+    assert "hit " in last and "touch " in last and last.count("(chance ") == 2 and "(uniform map " in last
 
 
 @pytest.mark.parametrize(

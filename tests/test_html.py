@@ -213,3 +213,41 @@ def test_a_trace_without_scores_has_no_p_labels(tmp_path):
     trace.logits = None  # recorded without logits
     data = page_data(attnlab.export_html(trace, tmp_path / "p.html").read_text())
     assert data["probabilities"] is None and data["wordLabels"] == trace.words
+
+
+def test_the_page_puts_the_photo_in_grey_under_the_map_and_outlines_objects(tmp_path):
+    chromium = _prerequisites()
+    from playwright.sync_api import sync_playwright
+
+    trace = moving_spot_trace()
+    trace.image = np.zeros((96, 128, 3), dtype=np.uint8) + np.array([230, 20, 20], dtype=np.uint8)  # a red photo
+    mask = np.zeros((96, 128), dtype=bool)
+    mask[32:64, 48:96] = True
+    path = attnlab.export_html(trace, tmp_path / "page.html", alpha=0.0, outlines=[mask])
+    data = page_data(path.read_text())
+    assert data["start"]["underlay"] == "grey" and data["outlineCount"] == 1
+    edge = np.frombuffer(base64.b64decode(data["outlines"]), dtype=np.uint8).reshape(96, 128)
+    assert edge[32, 60] == 1 and edge[40, 60] == 0 and edge.sum() == 2 * (32 + 48) - 4  # the square's border pixels
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(path.as_uri(), timeout=30_000)
+            page.wait_for_function("document.body.dataset.step === '0'", timeout=30_000)
+            assert "photo in grey under the map, 1 object outline in cyan" in page.inner_text("#note")
+            grey = _canvas_pixels(page)
+            corner = grey[:20, :20].reshape(-1, 3)  # opacity 0: only the photo, in grey (BT.601 luminance)
+            np.testing.assert_allclose(corner.mean(0), [0.299 * 230 + 0.587 * 20 + 0.114 * 20] * 3, atol=2)
+            h, w = grey.shape[:2]
+            line = grey[int(32.5 * h / 96), int(w * 72 / 128)]  # on the square's top edge
+            assert abs(int(line[0]) - 0) < 30 and line[1] > 200 and line[2] > 220, line
+            page.select_option("#underlay", "colour")
+            np.testing.assert_allclose(_canvas_pixels(page)[:20, :20].reshape(-1, 3).mean(0), [230, 20, 20], atol=2)
+            page.select_option("#underlay", "none")
+            assert "map only, no photo" in page.inner_text("#note")
+            none = _canvas_pixels(page)[:20, :20].reshape(-1, 3).mean(0)  # the map alone, opaque: inferno's 0
+            np.testing.assert_allclose(none, [0, 0, 4], atol=4)
+        finally:
+            browser.close()
+    with pytest.raises(AttnlabError, match="underlay='sepia'"):
+        attnlab.export_html(trace, tmp_path / "bad.html", underlay="sepia")

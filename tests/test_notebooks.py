@@ -8,16 +8,27 @@ notebooks read their images with ``attnlab.sample_path``), ``MPLBACKEND=Agg``, a
 folder (so no download cache is reused: notebook 04 takes its offline path
 unless the network is up). Any error fails the test. The runtime of each
 notebook is printed; the stored notebooks must hold no outputs.
+
+Exercises: every check cell ends with ``check(my_answer, right, ...)``
+(:mod:`attnlab.exercises`). Run with the placeholder left as ``None`` it must print
+``not answered yet`` and nothing else. After each check cell the test runs two probe
+cells in the same kernel: the placeholder set to a wrong answer of the right kind (the
+cell must print ``wrong: try again`` and nothing else) and to the right answer the
+check cell computed (it must print ``right``), then resets the placeholder.
 """
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from attnlab.exercises import NOT_ANSWERED, RIGHT, WRONG
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -64,11 +75,66 @@ def offline_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _execute(name: str) -> tuple[object, float]:
+WRONG_ANSWER = """
+def _probe_wrong_answer(right, tol):
+    \"\"\"An answer of the same kind as the right ones that is none of them (numbers: beyond tol).\"\"\"
+    right = [r.tolist() if hasattr(r, "tolist") else r for r in right]
+    first = right[0]
+    if isinstance(first, bool):
+        return not first
+    if isinstance(first, (int, float)):
+        return max(right) + 2 * tol + 1
+    if isinstance(first, str):
+        return first + " (not this)"
+    if isinstance(first, (tuple, list)):
+        return (max(r[0] for r in right) + 1, *first[1:])
+    raise TypeError(f"no wrong answer for {first!r}")
+"""
+
+
+def _exercises(nb) -> list[dict]:
+    """Every check cell: its index, placeholder, right answers (source) and tolerance (source)."""
+    found = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "check(" not in cell.source:
+            continue
+        last = ast.parse(cell.source).body[-1]
+        call = last.value if isinstance(last, ast.Expr) else None
+        if not (isinstance(call, ast.Call) and ast.unparse(call.func) == "check"):
+            continue
+        if len(call.args) == 2 and isinstance(call.args[1], ast.Starred):
+            right = f"list({ast.unparse(call.args[1].value)})"
+        else:
+            right = "[" + ", ".join(ast.unparse(a) for a in call.args[1:]) + "]"
+        tol = next((ast.unparse(k.value) for k in call.keywords if k.arg == "tol"), "0.0")
+        found.append({"cell": i, "placeholder": call.args[0].id, "right": right, "tol": tol, "check": ast.unparse(last)})
+    return found
+
+
+def _printed(cell) -> str:
+    """What a cell showed: its stream text, and a marker for anything else it displayed."""
+    return "".join(o.get("text", "") if o.get("output_type") == "stream" else f"<{o.get('output_type')}>" for o in cell.outputs)
+
+
+def _execute(name: str) -> tuple[object, float, list[dict]]:
+    """Run the notebook with probe cells after each check cell; return it without them,
+    its runtime and the exercises with what their check cell and probes printed."""
     path = NOTEBOOKS_DIR / name
     nb = nbformat.read(path, as_version=4)
+    exercises = _exercises(nb)
+    cells = [nbformat.v4.new_code_cell(WRONG_ANSWER)]
+    probes = {}
+    for i, cell in enumerate(nb.cells):
+        cells.append(cell)
+        for ex in (e for e in exercises if e["cell"] == i):
+            ph = ex["placeholder"]
+            wrong = nbformat.v4.new_code_cell(f"{ph} = _probe_wrong_answer({ex['right']}, {ex['tol']})\n{ex['check']}")
+            right = nbformat.v4.new_code_cell(f"{ph} = {ex['right']}[0]\n{ex['check']}\n{ph} = None")
+            probes[i] = (wrong, right)
+            cells += [wrong, right]
+    run = nbformat.v4.new_notebook(cells=cells, metadata=nb.metadata)
     client = nbclient.NotebookClient(
-        nb,
+        run,
         kernel_name="python3",
         timeout=240,  # per cell
         allow_errors=False,
@@ -76,7 +142,11 @@ def _execute(name: str) -> tuple[object, float]:
     )
     start = time.perf_counter()
     client.execute()
-    return nb, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    for ex in exercises:
+        wrong, right = probes[ex["cell"]]
+        ex.update(unanswered=_printed(nb.cells[ex["cell"]]), wrong=_printed(wrong), right_printed=_printed(right))
+    return nb, seconds, exercises
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -92,7 +162,7 @@ def test_notebook_is_stored_without_outputs(name):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, offline_env):
-    nb, seconds = _execute(name)
+    nb, seconds, exercises = _execute(name)
     print(f"\n[notebooks] {name}: {seconds:.1f} s")
     text = _text(nb)
     stderr = [
@@ -123,10 +193,18 @@ def test_notebook_runs(name, offline_env):
         assert "words with p >= 0.9:" in text  # the out-of-distribution lesson shows the probabilities
     if name != "01_dimensions.ipynb":
         assert "model.config" not in "".join(c.source for c in nb.cells), f"{name} reads model internals"
-    exercises = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "## Exercises" in c.source), None)
-    assert exercises is not None, f"{name} has no exercises"
-    checks = [c for c in nb.cells[exercises:] if c.cell_type == "code" and '"right" if' in c.source]
-    assert 2 <= len(checks) <= 3, f"{name}: {len(checks)} exercise checks"
+    start = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "## Exercises" in c.source), None)
+    assert start is not None, f"{name} has no exercises"
+    announced = re.findall(r"^\*\*(\d+)\.\*\*", "\n".join(c.source for c in nb.cells[start:] if c.cell_type == "markdown"), re.M)
+    assert announced == [str(k) for k in range(1, len(announced) + 1)] and 2 <= len(announced) <= 3, f"{name}: exercises {announced}"
+    assert len(exercises) == len(announced), f"{name}: {len(announced)} exercises announced, {len(exercises)} check cells"
+    for k, ex in enumerate(exercises, 1):
+        answer_cell = nb.cells[ex["cell"] - 1]  # the answer cell comes right before its check cell
+        assert ex["cell"] > start and re.search(rf"^{ex['placeholder']} = None\b", answer_cell.source, re.M), f"{name}: exercise {k}"
+        # never the answer: unanswered and wrong print one fixed line; only the right answer is confirmed
+        assert ex["unanswered"] == NOT_ANSWERED + "\n", f"{name}: exercise {k} printed {ex['unanswered']!r} unanswered"
+        assert ex["wrong"] == WRONG + "\n", f"{name}: exercise {k} printed {ex['wrong']!r} for a wrong answer"
+        assert ex["right_printed"].startswith(RIGHT) and ex["right_printed"].count("\n") == 1, f"{name}: exercise {k}: {ex['right_printed']!r}"
     if name.startswith("04_"):
         offline = [line for line in text.splitlines() if line.startswith("Offline:")]
         if offline:  # no network (the usual case here): one sentence, then the bundled model's figure
@@ -139,7 +217,7 @@ def test_notebook_runs(name, offline_env):
     elif name.startswith("08_"):
         assert "captioned 300 images" in text and "second run: 300 done earlier, 0 captioned" in text
         assert "entropy / log(S) per head" in text and "random patch" in text
-        assert text.count("-> not yet") == 3
+        assert text.count(NOT_ANSWERED) == 3
     elif name.startswith("07_"):
         from attnlab.hub import BUNDLED_CPTR
 
@@ -149,6 +227,7 @@ def test_notebook_runs(name, offline_env):
         assert "random map" in text and "relevance" in text and "rollout" in text and "share on CLS" in text
     elif name.startswith("06_"):
         assert text.count("pointing game") == 2  # both models' grounding numbers
-        assert text.count("peak on the named object for") == 2  # the word rows and the CLS row, measured
+        assert text.count("peak touches the named object for") == 2  # the word rows and the CLS row, measured
+        assert "chance  : a random patch touches it for" in text
         assert "rollout from CLS" in text
     assert seconds < LIMIT_S, f"{name} took {seconds:.0f} s (limit {LIMIT_S:.0f} s)"

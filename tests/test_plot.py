@@ -289,7 +289,7 @@ def test_word_grid_panels_titles_and_hot_spots():
     fig = word_grid(trace, alpha=1.0, ncols=2)
     panels = panels_of(fig)
     assert len(panels) == 4  # the image + 3 words: the trailing [SEP] is left out
-    assert panels[0].get_title() == "image"
+    assert panels[0].get_title() == "image (colour)"  # the photo as the model saw it; the maps lie over it in grey
     z = trace.logits.astype(np.float64)
     probs = np.exp(z[np.arange(4), trace.token_ids]) / np.exp(z).sum(axis=1)
     pixels = render(fig)

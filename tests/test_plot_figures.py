@@ -219,10 +219,11 @@ def test_titles_say_what_every_number_is():
     p = np.exp(z[np.arange(3), trace.token_ids] - z.max(1)) / np.exp(z - z.max(1, keepdims=True)).sum(1)
     fig = plot.word_grid(trace)
     titles = [ax.get_title() for ax in panels(fig)]
-    assert titles == ["image", f"a (p={p[0]:.2f})", f"red (p={p[1]:.2f})"]
+    assert titles == ["image (colour)", f"a (p={p[0]:.2f})", f"red (p={p[1]:.2f})"]
     top = fig._suptitle.get_text().split("\n")
     assert top[0] == "\u201ca red [SEP]\u201d"
-    assert top[1] == "model toy \u00b7 layer 2 (3rd of 3, last) \u00b7 mean of 2 heads \u00b7 6 x 8 patches, bilinear upsampling"
+    assert top[1] == ("model toy \u00b7 layer 2 (3rd of 3, last) \u00b7 mean of 2 heads \u00b7 6 x 8 patches, bilinear upsampling"
+                      " \u00b7 photo in grey under the map")
 
 
 def test_without_scores_the_p_label_is_left_out():
@@ -382,3 +383,82 @@ def test_the_numbers_need_no_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ================================================================ under the map
+RED = (230, 20, 20)
+
+
+def red_photo_trace() -> CaptionTrace:
+    """A red photo; step 0 all weight on patch (1, 2), so every other patch is the colour map's 0."""
+    att = np.zeros((1, 1, 1, *GRID))
+    att[0, 0, 0, 1, 2] = 1.0
+    trace = make_trace(att, words=["red"])
+    trace.image = np.zeros((*IMAGE, 3), dtype=np.uint8) + np.array(RED, dtype=np.uint8)
+    return trace
+
+
+@pytest.mark.parametrize("underlay", ["grey", "colour", "none"])
+def test_the_photo_lies_under_the_map_in_grey_by_default(underlay):
+    trace = red_photo_trace()
+    options = {} if underlay == "grey" else {"underlay": underlay}
+    fig = plot.overlay(trace, 0, alpha=0.5, interp="nearest", **options)
+    (ax,) = panels(fig)
+    zero = np.array(matplotlib.colormaps["inferno"](0.0)[:3]) * 255.0  # a patch with no weight
+    luma = 0.299 * RED[0] + 0.587 * RED[1] + 0.114 * RED[2]  # BT.601, written out here
+    under = {"grey": np.full(3, round(luma)), "colour": np.array(RED, float), "none": None}[underlay]
+    want = zero if under is None else 0.5 * zero + 0.5 * under  # "none": the map alone, opaque
+    got = pixel_box(ax, render(fig), patch_box(4, 6))
+    np.testing.assert_allclose(got.mean(0), want, atol=3)
+    if underlay == "grey":
+        assert np.ptp(got.mean(0) - 0.5 * zero) < 3  # no trace of the photo's red
+    note = {"grey": "photo in grey under the map", "colour": "photo in colour under the map", "none": "map only, no photo"}
+    assert fig._suptitle.get_text().split("\n")[-1].endswith(note[underlay])
+
+
+def test_every_map_view_takes_underlay_and_says_it():
+    trace = red_photo_trace()
+    for view in (plot.word_grid, plot.head_grid):
+        assert "photo in colour under the map" in view(trace, underlay="colour")._suptitle.get_text()
+    assert "photo in grey" in plot.layer_head_grid(trace, 0)._suptitle.get_text()
+    fig = plot.attention_row(trace, 0, underlay="none")
+    assert any("map only, no photo" in ax.get_title() for ax in fig.axes)
+    with pytest.raises(AttnlabError, match="underlay='sepia' is not supported: use 'grey'"):
+        plot.word_grid(trace, underlay="sepia")
+
+
+def test_outlines_are_drawn_in_cyan_on_the_object_border_only():
+    trace = red_photo_trace()
+    mask = np.zeros(IMAGE, dtype=bool)
+    mask[64:128, 96:160] = True  # patches (2..3, 3..4): 32 px each
+    fig = plot.overlay(trace, 0, alpha=1.0, interp="nearest", underlay="none", outlines=[mask])
+    (ax,) = panels(fig)
+    assert "1 object outline in cyan" in fig._suptitle.get_text()
+    pixels = render(fig)
+    cyan = np.array([0, 229, 255], float)
+    border = pixel_box(ax, pixels, (60, 68, 100, 156), inset=0)  # along the top edge of the square
+    inside = pixel_box(ax, pixels, (76, 116, 108, 148))  # well inside: the map's 0, no line
+    assert np.linalg.norm(border - cyan, axis=1).min() < 40
+    assert np.linalg.norm(inside - cyan, axis=1).min() > 150
+    with pytest.raises(AttnlabError, match="2-D boolean mask"):
+        plot.overlay(trace, 0, outlines=[np.zeros((2, 2, 2))])
+
+
+def test_the_gif_says_what_lies_under_the_map(tmp_path):
+    trace = red_photo_trace()
+    path = plot.save_gif(trace, tmp_path / "a.gif", underlay="colour")
+    with Image.open(path) as gif:
+        assert gif.size[0] > 0
+    with pytest.raises(AttnlabError, match="underlay="):
+        plot.save_gif(trace, tmp_path / "b.gif", underlay=3)
+
+
+def test_a_caption_cut_at_the_length_limit_says_so_in_the_title(tmp_path):
+    trace = red_photo_trace()
+    assert plot.word_grid(trace)._suptitle.get_text().split("\n")[0] == "\u201cred\u201d"  # the trace cannot tell
+    trace.meta = {"stopped": "max_len"}
+    assert plot.word_grid(trace)._suptitle.get_text().split("\n")[0] == "\u201cred\u201d (cut at the length limit: no end token)"
+    page = attnlab.export_html(trace, tmp_path / "p.html").read_text()
+    assert '<h1 id="caption">red (cut at the length limit: no end token)</h1>' in page
+    trace.meta = {"stopped": "end"}
+    assert "cut at" not in plot.word_grid(trace)._suptitle.get_text()

@@ -420,3 +420,25 @@ def test_encode_decode(scenes: list[Scene]) -> None:
     assert max(len(s.words) for s in scenes) == MAX_CAPTION_WORDS
     assert encode_caption("a huge red star") == [4, UNK_ID, 7, 15]
     assert decode_caption(np.array([1, 4, 5, 7, 12, 2, 13])) == "a small red circle"
+
+
+def test_sample_scenes_and_their_outlines():
+    from PIL import Image
+
+    from attnlab.samples import sample_path
+    from attnlab.shapes import outlines, sample_scene
+
+    scene = sample_scene("scene-0.png")
+    with Image.open(sample_path("scene-0.png")) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), scene.image)  # the scene behind the shipped file
+    assert scene.words[:4] == ["a", "small", "red", "triangle"]
+    every = outlines(scene)
+    assert len(every) == len(scene.objects) and all(m.shape == (128, 128) and m.dtype == bool for m in every)
+    (red,) = outlines(scene, words=[1, 2, 3])  # three words, one object
+    colour = scene.image[red].astype(float).mean(0)
+    assert colour[0] > 150 and colour[1] < 90 and colour[2] < 90  # the mask is the red triangle's pixels
+    assert outlines(scene, words=[4]) == []  # ",": names no object
+    with pytest.raises(AttnlabError, match="not a shapes sample"):
+        sample_scene("drawing-park.png")
+    with pytest.raises(AttnlabError, match="word indices"):
+        outlines(scene, words=[99])

@@ -8,7 +8,7 @@ objects, and scores each word's map against its object:
 * ``hit``: the map's peak patch has its centre pixel inside the object (the
   pointing game);
 * ``touch``: the peak patch overlaps the object by at least one pixel (the
-  criterion of ``attnlab evaluate``);
+  default criterion of ``attnlab evaluate``; ``--criterion hit`` there is ``hit``);
 * ``mass``: the share of the map's patch weight on the object, each patch
   counted with the fraction of its pixels inside;
 * ``random map``: the same for a map that knows nothing: the expected hit and
@@ -255,7 +255,7 @@ class GroundImage:
 # ---------------------------------------------------------------------- the benchmark
 def table_methods(model: Any) -> list[Method]:
     """The methods of the table: raw attention of every decoder layer (head mean), the layer mean,
-    the best head (when the model records one), rollout, grad x attention (last layer), relevance."""
+    the best head (when the model records one), rollout (causal), Chefer et al.'s rollout, grad x attention (last layer), relevance."""
     spec = as_captioner(model).spec
     from ..samples import sample_path
 
@@ -264,7 +264,7 @@ def table_methods(model: Any) -> list[Method]:
     methods = [Method("raw", layer, None) for layer in range(layers)] + [Method("layer_mean")]
     if spec.best_head is not None:
         methods.append(Method("best_head", *spec.best_head))
-    return methods + [Method("rollout"), Method("grad_attn", layers - 1), Method("relevance")]
+    return methods + [Method("rollout"), Method("chefer_rollout"), Method("grad_attn", layers - 1), Method("relevance")]
 
 
 def method_key(m: Method) -> str:

@@ -16,9 +16,15 @@ Methods (``Q`` decoding steps, ``K`` keys = prefix tokens + patches):
 * ``best_head``: one layer's one head: the one that grounds best on held-out
   scenes, as recorded in the bundled models' checkpoints
   (``spec.best_head``); for any other model name it, ``layer=L, head=H``.
-* ``rollout``: ``Roll(A^qq)^T . mean_h(A^qi of the last layer) . Roll(A^ii)``
+* ``rollout``: ``Roll(A^qq) . mean_h(A^qi of the last layer) . Roll(A^ii)``
   (:func:`attnlab.explain.rules.decoder_rollout`; ``Roll`` is
-  :func:`attnlab.rollout.rollout`). No gradients.
+  :func:`attnlab.rollout.rollout`). Causal: word ``i``'s map mixes the
+  cross-attention of words ``0..i`` only, what the model had when it wrote it.
+  No gradients.
+* ``chefer_rollout``: the same with ``Roll(A^qq)^T``, as Chefer et al.'s
+  ``generate_rollout`` (written for DETR's mutually visible queries); in a
+  causal decoder word ``i``'s map is then mostly made of the cross-attention
+  of *later* words that read word ``i``. Kept for comparison.
 * ``grad_attn``: per head of one layer (default the last) the gradient of the
   word's own score (the logit of ``token_ids[i]`` at step ``i``) with respect
   to the cross-attention weights times the weights, positive part, mean over
@@ -61,10 +67,11 @@ from ..util import is_int as _is_int
 from . import rules
 from .graph import Recording, record
 
-METHODS: tuple[str, ...] = ("raw", "layer_mean", "best_head", "rollout", "grad_attn", "relevance")
+METHODS: tuple[str, ...] = ("raw", "layer_mean", "best_head", "rollout", "chefer_rollout", "grad_attn", "relevance")
 """The names :func:`explain` takes."""
 GRADIENT_METHODS = ("grad_attn", "relevance")
-SCALED_METHODS = ("rollout", "grad_attn", "relevance")  # rows renormalised to sum 1 with the prefix
+ROLLOUT_METHODS = ("rollout", "chefer_rollout")
+SCALED_METHODS = ("rollout", "chefer_rollout", "grad_attn", "relevance")  # rows renormalised to sum 1 with the prefix
 
 __all__ = ["METHODS", "Method", "explain", "explain_prepared", "explanation_trace", "resolve_method"]
 
@@ -86,12 +93,14 @@ class Method:
             return f"best head (layer {self.layer}, head {self.head})"
         if self.name == "grad_attn":
             return f"grad x attention (layer {self.layer})"
-        return {"layer_mean": "mean of every layer and head", "rollout": "rollout", "relevance": "relevance (Chefer et al. 2021)"}[self.name]
+        return {"layer_mean": "mean of every layer and head", "rollout": "rollout (causal)",
+                "chefer_rollout": "rollout as Chefer et al. (reads later words)",
+                "relevance": "relevance (Chefer et al. 2021)"}[self.name]
 
     @property
     def quantity(self) -> str:
         """What a map's numbers are (the colour bar's words)."""
-        return {"rollout": "share of rollout", "grad_attn": "share of grad x attention", "relevance": "share of relevance"}.get(
+        return {"rollout": "share of rollout", "chefer_rollout": "share of rollout", "grad_attn": "share of grad x attention", "relevance": "share of relevance"}.get(
             self.name, "attention weight"
         )
 
@@ -105,7 +114,7 @@ def resolve_method(name: Any, layer: Any = None, head: Any = None, spec: Caption
         if value is not None and not _is_int(value) and not (label == "head" and value == "mean"):
             raise AttnlabError(f"{label}={value!r} must be an integer index" + (" or 'mean'" if label == "head" else ""))
     head = None if head == "mean" else head
-    if name in ("layer_mean", "rollout", "relevance") and (layer is not None or head is not None):
+    if name in ("layer_mean", *ROLLOUT_METHODS, "relevance") and (layer is not None or head is not None):
         raise AttnlabError(f"method {name!r} uses every layer and head: leave out layer= and head=")
     if name == "grad_attn" and head is not None:
         raise AttnlabError("method 'grad_attn' averages over the layer's heads: leave out head=")
@@ -167,7 +176,7 @@ def explain_prepared(
     """
     cap = as_captioner(model)
     grad = any(m.name in GRADIENT_METHODS for m in methods)
-    what = "all" if any(m.name in ("rollout", "relevance") for m in methods) else "cross"
+    what = "all" if any(m.name in (*ROLLOUT_METHODS, "relevance") for m in methods) else "cross"
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(pixels):
         groups.setdefault(tuple(p.shape), []).append(i)  # one size per recording: see attnlab.explain.graph
@@ -200,10 +209,11 @@ def _rows(rec: Recording, methods: list[Method]) -> list[dict[Method, np.ndarray
                 out[b][m] = (a.mean(dim=0) if m.head is None else a[m.head]).numpy()  # (T, K)
             elif m.name == "layer_mean":
                 out[b][m] = cross.mean(dim=(0, 1)).numpy()  # (T, K)
-            elif m.name == "rollout":
+            elif m.name in ROLLOUT_METHODS:
                 enc = rec.encoder_of([b])
                 selfs = rec.selfs([b], T)[:, 0]  # (layers, heads, T, T)
-                out[b][m] = rules.decoder_rollout(selfs, cross[-1], None if enc is None else enc[:, 0]).numpy()  # (T, K)
+                out[b][m] = rules.decoder_rollout(selfs, cross[-1], None if enc is None else enc[:, 0],
+                                                  causal=m.name == "rollout").numpy()  # (T, K)
     gradient = [m for m in methods if m.name in GRADIENT_METHODS]
     if gradient:
         maps = {m: [np.zeros((len(t), rec.keys)) for t in rec.tokens] for m in gradient}  # per image (T, K)
@@ -295,8 +305,8 @@ def explain(
         model: any captioner (a model from :func:`attnlab.load_model`, :func:`attnlab.wrap`,
             :func:`attnlab.from_huggingface`, or your own implementation of the seam).
         image: a path, PIL image, array or tensor, or a list of them (then a list of traces).
-        method: ``"raw"``, ``"layer_mean"``, ``"best_head"``, ``"rollout"``, ``"grad_attn"``
-            or ``"relevance"`` (see :mod:`attnlab.explain.methods`).
+        method: ``"raw"``, ``"layer_mean"``, ``"best_head"``, ``"rollout"`` (causal),
+            ``"chefer_rollout"``, ``"grad_attn"`` or ``"relevance"`` (see :mod:`attnlab.explain.methods`).
         tokens: explain this caption (token ids, teacher forcing) instead of the model's own.
         layer: the decoder layer of ``raw`` and ``grad_attn`` (default ``-1``, the last) and
             of ``best_head`` when you choose the head yourself.

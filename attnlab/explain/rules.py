@@ -15,15 +15,20 @@ explained word's score with respect to it.
   ``R^qi = 0``; each encoder layer ``R^ii += A-bar^ii R^ii``; then each decoder
   layer, its self-attention ``R^qq += A-bar^qq R^qq`` and ``R^qi += A-bar^qq R^qi``,
   then its cross-attention ``R^qi += norm(R^qq)^T A-bar^qi norm(R^ii)``.
-* :func:`decoder_rollout`: ``R^qi = Roll(A^qq)^T . mean_h(A^qi of the last layer) . Roll(A^ii)``,
-  with ``Roll`` the attention rollout of :func:`attnlab.rollout.rollout`.
+* :func:`decoder_rollout`: ``R^qi = Roll(A^qq) . mean_h(A^qi of the last layer) . Roll(A^ii)``
+  (``causal=True``, the ``"rollout"`` method), or with ``Roll(A^qq)^T`` as Chefer et al.'s
+  ``generate_rollout`` writes it (``causal=False``, the ``"chefer_rollout"`` method);
+  ``Roll`` is the attention rollout of :func:`attnlab.rollout.rollout`.
 
-Both ``R^qi`` formulas carry the transpose of the paper and of its reference code
-(written for DETR, whose object queries all see each other). In a causal
-captioning decoder ``Roll(A^qq)[j, i]`` is zero for ``j < i``, so word ``i``'s
-rollout row mixes its own cross-attention with that of the *later* words that
-read it; its row then need not sum to 1 (the explanation traces renormalise
-every row). In the relevance rules the gradient is zero for queries after the
+The relevance rules and ``chefer_rollout`` carry the transpose of the paper and of
+its reference code (written for DETR, whose object queries all see each other). In
+a causal captioning decoder ``Roll(A^qq)[j, i]`` is zero for ``j < i``, so with the
+transpose word ``i``'s rollout row mixes its own cross-attention with that of the
+*later* words that read it, which cannot have influenced word ``i``; its row then
+need not sum to 1 (the explanation traces renormalise every row). Without the
+transpose row ``i`` of ``Roll(A^qq)`` is how much word ``i``'s state came from each
+position ``j <= i``: the map mixes only cross-attention the model had when it wrote
+the word. In the relevance rules the gradient is zero for queries after the
 explained word, so there the transpose keeps only the word's own diagonal entry.
 """
 
@@ -75,12 +80,16 @@ def relevance(
     return r_qi
 
 
-def decoder_rollout(decoder_self: torch.Tensor, cross_last: torch.Tensor, encoder: torch.Tensor | None) -> torch.Tensor:
-    """``Roll(A^qq)^T . mean_h(A^qi) . Roll(A^ii)`` ``(Q, K)``.
+def decoder_rollout(
+    decoder_self: torch.Tensor, cross_last: torch.Tensor, encoder: torch.Tensor | None, causal: bool = True
+) -> torch.Tensor:
+    """``Roll(A^qq) . mean_h(A^qi) . Roll(A^ii)`` ``(Q, K)``; ``causal=False``: ``Roll(A^qq)^T`` (Chefer et al.).
 
     ``decoder_self`` ``(layers, heads, Q, Q)``; ``cross_last`` ``(heads, Q, K)``, the last
     decoder layer's; ``encoder`` ``(layers, heads, K, K)`` or ``None`` (then ``Roll(A^ii) = I``).
+    With ``causal=True`` row ``i`` uses only rows ``j <= i`` of the cross-attention when the
+    decoder's self-attention is causal; its rows then sum to 1 (each factor's rows do).
     """
     r_qq = roll(decoder_self.double())  # (Q, Q), rows sum to 1
-    mixed = r_qq.T @ cross_last.double().mean(dim=0)  # (Q, K)
+    mixed = (r_qq if causal else r_qq.T) @ cross_last.double().mean(dim=0)  # (Q, K)
     return mixed if encoder is None else mixed @ roll(encoder.double())  # (Q, K)

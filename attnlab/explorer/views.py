@@ -47,6 +47,8 @@ class Style:
     width: float  # inches
     dpi: float
     font_scale: float
+    underlay: str = "grey"  # what lies under the maps: "grey", "colour" or "none"
+    outlines: tuple = ()  # boolean object masks outlined over every panel
 
 
 class _MapView:
@@ -75,7 +77,7 @@ class _MapView:
                 ax.set_axis_off()
                 continue
             _, heat = draw_map(ax, trace.image, blank, self.scale, style.cmap, 0.5, grid=trace.grid,
-                               grid_lines=style.grid_lines)
+                               grid_lines=style.grid_lines, underlay=style.underlay, outlines=style.outlines)
             self.images.append(heat)
             if panel_titles:
                 ax.set_title(panel_titles[i], fontsize=self._font, y=1.0)
@@ -131,7 +133,7 @@ class _MapView:
             shown = g if self.style.interp == "nearest" else maps.resize(g, self.trace.image.shape[:2], self.style.interp)
             self.peaks[i] = float(g.max())
             heat.set_data(self.scale.values(shown, self.peaks[i]))
-            heat.set_alpha(state.alpha)
+            heat.set_alpha(1.0 if self.style.underlay == "none" else state.alpha)  # no photo: the map is opaque
             if self.notes:
                 self.notes[i].set_text(f"peak {self.peaks[i]:.3f}")
         first, second = title.split("\n", 1)

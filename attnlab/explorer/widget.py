@@ -13,6 +13,7 @@ import ipywidgets as widgets
 from ..errors import AttnlabError
 from ..plot import maps
 from ..plot.export import check_dpi, check_pixels, save_figure
+from ..plot.draw import underlay_note
 from ..plot.resolve import DEFAULT_ALPHA, by_word, resolve
 from .controls import VIEW_AVERAGED, VIEW_GRID, Controls
 from .views import AveragedView, GridView, Style
@@ -59,9 +60,11 @@ class AttentionExplorer(widgets.VBox):
         width_inches: float = 7.0,
         save_dpi: float = 150,
         font_scale: float = 1.0,
+        underlay: str = "grey",
+        outlines: Any = None,
     ) -> None:
         r = resolve(trace, layer=layer, head=head, cmap=cmap, alpha=alpha, smooth=smooth, scale=scale, interp=interp,
-                    grid_lines=grid_lines, font_scale=font_scale)
+                    grid_lines=grid_lines, font_scale=font_scale, underlay=underlay, outlines=outlines)
         t0 = maps.default_steps(trace)[0] if step is None else trace.check_step(step)
         dpi, self._save_dpi = check_dpi(dpi), check_dpi(save_dpi, "save_dpi")
         if not isinstance(width_inches, (int, float)) or isinstance(width_inches, bool) or not 2 <= width_inches <= 30:
@@ -69,7 +72,9 @@ class AttentionExplorer(widgets.VBox):
         check_pixels((width_inches, width_inches * 2), dpi, "the explorer's figure")
         self.trace = trace
         self._style = Style(cmap=r.cmap, scale=r.scale, interp=r.interp, grid_lines=r.grid_lines,
-                            width=float(width_inches), dpi=dpi, font_scale=r.font_scale)
+                            width=float(width_inches), dpi=dpi, font_scale=r.font_scale, underlay=r.underlay,
+                            outlines=r.outlines)
+        self._underlay = underlay_note(r.underlay, len(r.outlines), short=True)
         self._probs = r.probabilities()
         self._method = maps.explanation_label(trace)
         self._diagnostics = trace.diagnostics() if callable(getattr(trace, "diagnostics", None)) else None
@@ -128,7 +133,7 @@ class AttentionExplorer(widgets.VBox):
         else:
             heads = "every head and their mean" if grid else maps.head_label(head, self.trace.num_heads)
             where = f"{maps.layer_label(layer, self.trace.num_layers)} \u00b7 {heads}"
-        return f"step {step}: {word}", f"{where} \u00b7 model {self.trace.model_name}"
+        return f"step {step}: {word}", f"{where} \u00b7 model {self.trace.model_name} \u00b7 {self._underlay}"
 
     def _longest_title(self, grid: bool) -> list[str]:
         """The longest title lines a view will show (its figure is made wide enough for them)."""
@@ -142,7 +147,7 @@ class AttentionExplorer(widgets.VBox):
         first, second = self._title_lines(state.step, state.layer, state.head, grid)
         peak = "" if grid else f", peak {'' if self._method else 'weight '}{self._views[VIEW_AVERAGED].peaks[0]:.3f}"
         word = maps.word_label(self.trace, state.step, self._probs)
-        where = second.rsplit(" \u00b7 model ", 1)[0]
+        where = second.rsplit(" \u00b7 model ", 1)[0]  # the label beside the slider: no model, no underlay
         checks = ""
         if self._diagnostics is not None and not grid:
             checks = " \u00b7 " + self._diagnostics.line(state.step, state.layer, "mean" if state.head is None else state.head)
@@ -215,6 +220,9 @@ def explore(trace: Any, layer: int = -1, head: int | str = "mean", **options: An
     ``interp`` (``"nearest"`` = flat patches), ``grid_lines``, ``cmap``,
     ``alpha``, ``smooth``, ``path`` (default save name: unique per trace),
     ``width_inches`` (default 7) and ``dpi`` (default 80) set the figure's size
-    on screen, ``font_scale`` (e.g. 1.5 to project), ``save_dpi`` (default 150).
+    on screen, ``font_scale`` (e.g. 1.5 to project), ``save_dpi`` (default 150),
+    ``underlay`` (``"grey"``, default: the photo in grey under the map;
+    ``"colour"``; ``"none"``: the map alone) and ``outlines`` (boolean object
+    masks, e.g. :func:`attnlab.shapes.outlines`).
     """
     return AttentionExplorer(trace, layer=layer, head=head, **options)

@@ -8,6 +8,10 @@
   that never overlap, scaled down to stay within ``MAX_FIGURE_INCHES``.
 * :func:`draw_map`: the image and one attention map over it, in data
   coordinates = image pixels (x to the right, y down).
+* :func:`underlay_image` / :func:`underlay_note`: what is drawn under a map
+  (``underlay="grey"``, the default: the photo in grey, so no object colour reads
+  as a colour of the map; ``"colour"``; ``"none"``: the map alone, opaque).
+* :func:`draw_outlines`: object outlines (boolean masks) over a panel.
 * :func:`add_colorbar`: the colour bar of a :class:`~attnlab.plot.maps.Scale`,
   labelled with what a colour reads as.
 """
@@ -27,9 +31,19 @@ MAX_PANEL_ASPECT = 4.0  # a panel is at most 4 times as tall as wide (or wide as
 MAX_FIGURE_INCHES = (30.0, 40.0)  # width, height of a default figure: 3000 x 4000 px at 100 dpi
 BASE_FONT = 10.0  # points, at font_scale 1
 MIN_COLORBAR_INCHES = 2.7  # at font_scale 1: the longest colour-bar label fits along the bar
+UNDERLAYS = {  # what is drawn under a map, and how the figure says so
+    "grey": "photo in grey under the map",
+    "colour": "photo in colour under the map",
+    "none": "map only, no photo",
+}
+DEFAULT_UNDERLAY = "grey"
+OUTLINE_COLOR = "#00e5ff"  # cyan: in none of the default colour maps (inferno, RdBu_r)
+CUT_NOTE = " (cut at the length limit: no end token)"  # after a caption whose trace says stopped == "max_len"
 PEAK_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "black", "alpha": 0.55, "linewidth": 0}
 
-__all__ = ["BASE_FONT", "Layout", "MAX_PANEL_ASPECT", "add_colorbar", "draw_map", "panel_grid", "panel_size", "peak_note", "stretch_note"]
+__all__ = ["BASE_FONT", "DEFAULT_UNDERLAY", "Layout", "MAX_PANEL_ASPECT", "UNDERLAYS", "add_colorbar", "check_outlines",
+           "check_underlay", "draw_map", "draw_outlines", "panel_grid", "panel_size", "peak_note", "stretch_note",
+           "underlay_image", "underlay_note"]
 
 
 def panel_size(image_size: tuple[int, int], side: float) -> tuple[float, float, bool]:
@@ -182,6 +196,73 @@ def draw_image(ax, image: np.ndarray):
     return base
 
 
+def check_underlay(underlay: Any) -> str:
+    """``"grey"``, ``"colour"`` or ``"none"`` (``"gray"``/``"color"`` accepted), or a one-line error."""
+    value = {"gray": "grey", "color": "colour"}.get(underlay, underlay) if isinstance(underlay, str) else underlay
+    if value not in UNDERLAYS:
+        raise AttnlabError(f"underlay={underlay!r} is not supported: use 'grey' (photo in grey, default), 'colour' or 'none' (map only)")
+    return value
+
+
+def check_outlines(outlines: Any) -> tuple[np.ndarray, ...]:
+    """Object masks to outline: a sequence of 2-D boolean arrays (each stretched over the whole image), or a one-line error."""
+    if outlines is None:
+        return ()
+    if isinstance(outlines, np.ndarray) and outlines.ndim == 2:
+        outlines = [outlines]
+    if isinstance(outlines, (str, bytes)) or not hasattr(outlines, "__iter__"):
+        raise AttnlabError(f"outlines={type(outlines).__name__} is not a list of masks: pass 2-D boolean arrays, e.g. attnlab.shapes.outlines(scene)")
+    masks = []
+    for m in outlines:
+        mask = np.asarray(m)
+        if mask.ndim != 2 or 0 in mask.shape or mask.dtype.kind not in "bui" or mask.size > 4096 * 4096:
+            raise AttnlabError(f"outlines holds an array of shape {mask.shape} ({mask.dtype}): each must be a 2-D boolean mask of at most 4096 x 4096")
+        masks.append(mask.astype(bool))
+    return tuple(masks)
+
+
+def underlay_image(image: np.ndarray, underlay: str = DEFAULT_UNDERLAY) -> np.ndarray:
+    """What is drawn under a map: ``(height, width, 3)`` uint8.
+
+    ``"grey"``: the photo's luminance (ITU-R BT.601 weights) in every channel;
+    ``"colour"``: the photo as it is; ``"none"``: white (the map is then drawn opaque).
+    """
+    rgb = np.asarray(image)
+    if underlay == "colour":
+        return rgb
+    if underlay == "none":
+        return np.full(rgb.shape[:2] + (3,), 255, dtype=np.uint8)
+    luma = rgb[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # (height, width)
+    return np.repeat(np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def underlay_note(underlay: str, outlines: int = 0, short: bool = False) -> str:
+    """What a figure draws under its maps, for its title: ``"photo in grey under the map"`` (+ the outlines);
+    ``short``: ``"photo in grey"`` (the explorer's narrow title)."""
+    note = UNDERLAYS[underlay].replace(" under the map", "") if short else UNDERLAYS[underlay]
+    if outlines:
+        note += f", {outlines} outline{'s' if outlines != 1 else ''}" if short else \
+            f", {outlines} object outline{'s' if outlines != 1 else ''} in cyan"
+    return note
+
+
+def draw_outlines(ax, masks: Sequence[np.ndarray], size: tuple[int, int]) -> list:
+    """Outline each boolean mask (stretched over an image of ``size`` = (height, width) pixels) in ``OUTLINE_COLOR``."""
+    height, width = size
+    drawn = []
+    for mask in masks:
+        mh, mw = mask.shape
+        if not mask.any() or mask.all():
+            continue
+        padded = np.pad(mask.astype(np.float64), 1)  # (mh + 2, mw + 2): a mask touching the border still closes
+        xs = (np.arange(-1, mw + 1) + 0.5) * width / mw  # pixel centres, in image pixels
+        ys = (np.arange(-1, mh + 1) + 0.5) * height / mh
+        drawn.append(ax.contour(xs, ys, padded, levels=[0.5], colors=OUTLINE_COLOR, linewidths=1.3))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    return drawn
+
+
 def draw_map(
     ax,
     image: np.ndarray,
@@ -192,19 +273,24 @@ def draw_map(
     *,
     grid: tuple[int, int] | None = None,
     grid_lines: bool = False,
+    underlay: str = DEFAULT_UNDERLAY,
+    outlines: Sequence[np.ndarray] = (),
 ):
-    """Draw ``image`` and ``values`` over it on ``ax``; returns ``(image_artist, map_artist)``.
+    """Draw ``image`` (as ``underlay`` says) and ``values`` over it on ``ax``; returns ``(image_artist, map_artist)``.
 
     ``values`` (already passed through ``scale.values``) is either image-sized
     ``(height, width)`` or patch-sized ``(H, W)`` (flat patches): both are
-    stretched over the whole image. ``grid_lines`` draws the patch borders of
-    ``grid`` = ``(H, W)``.
+    stretched over the whole image. ``underlay``: ``"grey"`` (default),
+    ``"colour"`` or ``"none"`` (no photo: the map is drawn opaque, whatever
+    ``alpha``). ``grid_lines`` draws the patch borders of ``grid`` = ``(H, W)``;
+    ``outlines``: boolean masks of objects, outlined on top.
     """
     height, width = image.shape[:2]
-    base = draw_image(ax, image)
+    base = draw_image(ax, underlay_image(image, underlay))
     lo, hi = scale.limits
     heat = ax.imshow(
-        values, extent=(0, width, height, 0), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi, interpolation="nearest", aspect="auto"
+        values, extent=(0, width, height, 0), cmap=cmap, alpha=1.0 if underlay == "none" else alpha,
+        vmin=lo, vmax=hi, interpolation="nearest", aspect="auto"
     )
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
@@ -213,6 +299,8 @@ def draw_map(
         style = {"colors": "white", "linewidths": 0.6, "alpha": 0.55}
         ax.hlines(rows[1:-1], 0, width, **style)
         ax.vlines(cols[1:-1], 0, height, **style)
+    if outlines:
+        draw_outlines(ax, outlines, (height, width))
     return base, heat
 
 
@@ -238,8 +326,9 @@ def peak_note(ax, peak: float, font: float):
 
 
 def caption_line(trace: Any, limit: int = 90) -> str:
-    """The caption in quotes, cut at ``limit`` characters."""
+    """The caption in quotes, cut at ``limit`` characters; a caption the length limit cut says so."""
     text = trace.caption or " ".join(w for w in trace.words if w != "[SEP]")
     if len(text) > limit:
         text = text[: limit - 1] + "\u2026"
-    return "\u201c" + text + "\u201d"
+    cut = getattr(trace, "stopped", None) == "max_len"
+    return "\u201c" + text + "\u201d" + (CUT_NOTE if cut else "")

@@ -13,7 +13,8 @@ Conventions of the other views: inputs are checked first (one-line
 Maps show raw weights on the patches; what a row puts on the prefix tokens
 (class token, registers) is not drawn on the image and is printed in the
 panel's title instead, so nothing is renormalised silently. Colour bars start
-at 0 and say what the colour means.
+at 0 and say what the colour means. ``underlay`` (``"grey"``, default;
+``"colour"``; ``"none"``) says what lies under the maps, as in the other views.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .. import rollout as numeric
 from ..errors import AttnlabError
 from ..resample import axis_matrix
 from ..util import is_int
-from .draw import add_colorbar, draw_map, panel_grid, panel_size
+from .draw import add_colorbar, check_underlay, draw_map, panel_grid, panel_size, underlay_note
 from .maps import Scale, check_smooth, default_steps, resize
 from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, check_alpha, check_ax, check_cmap, check_count, check_figsize, check_font_scale
 
@@ -83,6 +84,7 @@ def cls_vs_words(
     alpha: float = DEFAULT_ALPHA,
     smooth: float = 0.0,
     font_scale: float = 1.0,
+    underlay: str = "grey",
 ):
     """The CLS row of the encoder next to the word rows of the decoder, on one colour scale.
 
@@ -100,7 +102,7 @@ def cls_vs_words(
         raise AttnlabError(f"words={words!r}: pass step indices 0..{len(trace.words) - 1} (or None for all)")
     ncols = check_count("ncols", ncols, allow_none=False)
     a, sigma, cm = check_alpha(alpha), check_smooth(smooth), check_cmap(cmap)
-    size, fs = check_figsize(figsize), check_font_scale(font_scale)
+    size, fs, under = check_figsize(figsize), check_font_scale(font_scale), check_underlay(underlay)
 
     grids = [data.cls_map, *(data.word_maps[t] for t in steps)]  # (h, w) each
     images = [_over_image(trace, g, sigma) for g in grids]  # (height, width) each
@@ -112,14 +114,15 @@ def cls_vs_words(
     title = [
         "what a classifier reads (CLS row, the same for every word)",
         f"vs what the captioner reads (word rows, decoder layer {data.decoder_layer}, mean of heads)",
+        underlay_note(under),
     ]
     layout = panel_grid(nrows, ncols, (pw, ph), font_scale=fs, title_lines=2, title=title, figsize=size)
     flat = layout.axes.ravel()
     font = layout.font
-    draw_map(flat[0], trace.image, images[0], scale, cm, a)
+    draw_map(flat[0], trace.image, images[0], scale, cm, a, underlay=under)
     flat[0].set_title(f"CLS row (encoder layer {data.encoder_layer})\n{_prefix_note(data.cls_prefix)}", fontsize=font)
     for ax, t, values in zip(flat[1:], steps, images[1:]):
-        draw_map(ax, trace.image, values, scale, cm, a)
+        draw_map(ax, trace.image, values, scale, cm, a, underlay=under)
         ax.set_title(f"{trace.words[t]!r}\noverlap with CLS {data.overlap[t]:.2f}", fontsize=font)
     for ax in flat[panels:]:
         ax.set_axis_off()
@@ -127,9 +130,12 @@ def cls_vs_words(
     return layout.fig
 
 
-def _one_map(trace: Any, grid_map: np.ndarray, title: str, label: str, patch, ax, figsize, cmap, alpha, smooth, font_scale):
+def _one_map(trace: Any, grid_map: np.ndarray, title: str, label: str, patch, ax, figsize, cmap, alpha, smooth, font_scale,
+             underlay):
     """Check the drawing options, then draw one ``(h, w)`` map over the image (``patch`` outlined) with its colour bar."""
     a, sigma, cm = check_alpha(alpha), check_smooth(smooth), check_cmap(cmap)
+    under = check_underlay(underlay)
+    title = f"{title}\n{underlay_note(under)}"
     ax, size, fs = check_ax(trace, ax), check_figsize(figsize), check_font_scale(font_scale)
     if ax is not None and size is not None:
         raise AttnlabError("pass either ax or figsize, not both")
@@ -137,11 +143,11 @@ def _one_map(trace: Any, grid_map: np.ndarray, title: str, label: str, patch, ax
     scale = _scale(trace, float(np.max(grid_map)), label)
     if ax is None:
         pw, ph, _ = panel_size(trace.image.shape[:2], 4.0)
-        layout = panel_grid(1, 1, (pw, ph), font_scale=fs, title_lines=2, figsize=size)
+        layout = panel_grid(1, 1, (pw, ph), font_scale=fs, title_lines=3, figsize=size)
         fig, ax, cax, font = layout.fig, layout.axes[0, 0], layout.cax, layout.font
     else:
         fig, cax, font = ax.figure, None, 10.0 * fs
-    draw_map(ax, trace.image, values, scale, cm, a)
+    draw_map(ax, trace.image, values, scale, cm, a, underlay=under)
     if patch is not None:
         _mark_patch(ax, trace, patch)
     ax.set_title(title, fontsize=font)
@@ -165,6 +171,7 @@ def patch_attention(
     alpha: float = DEFAULT_ALPHA,
     smooth: float = 0.0,
     font_scale: float = 1.0,
+    underlay: str = "grey",
 ):
     """What patch ``(row, col)`` (outlined) attends to in encoder ``layer`` (one head or the mean)."""
     _check_image(trace)
@@ -172,7 +179,7 @@ def patch_attention(
     n_layers = numeric.encoder_attention(trace).num_layers
     note = f"; {_prefix_note(prefix)}" if len(prefix) else ""
     title = f"patch {tuple(int(p) for p in patch)} (outlined), encoder layer {int(layer) % n_layers}\n{_head_name(head)}{note}"
-    return _one_map(trace, grid_map, title, WEIGHT, patch, ax, figsize, cmap, alpha, smooth, font_scale)
+    return _one_map(trace, grid_map, title, WEIGHT, patch, ax, figsize, cmap, alpha, smooth, font_scale, underlay)
 
 
 def rollout_map(
@@ -186,6 +193,7 @@ def rollout_map(
     alpha: float = DEFAULT_ALPHA,
     smooth: float = 0.0,
     font_scale: float = 1.0,
+    underlay: str = "grey",
 ):
     """Attention rollout through every encoder layer, from ``"cls"`` or a patch ``(row, col)``.
 
@@ -201,4 +209,4 @@ def rollout_map(
     source = "CLS" if patch is None else f"patch {tuple(int(q) for q in patch)} (outlined)"
     note = f"; {_prefix_note(prefix)}" if len(prefix) else ""
     title = f"rollout of {n_layers} encoder layers ({_head_name(head)})\nfrom {source}{note}"
-    return _one_map(trace, grid_map, title, "rolled-out share", patch, ax, figsize, cmap, alpha, smooth, font_scale)
+    return _one_map(trace, grid_map, title, "rolled-out share", patch, ax, figsize, cmap, alpha, smooth, font_scale, underlay)

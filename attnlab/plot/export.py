@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import AttnlabError
 from ..fileio import atomic_write
 from . import maps
-from .draw import add_colorbar, draw_map, panel_grid, panel_size, peak_note, stretch_note
+from .draw import add_colorbar, draw_map, panel_grid, panel_size, peak_note, stretch_note, underlay_note
 from .resolve import MapOptions, by_word, resolve
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+: annotations only
@@ -111,7 +111,8 @@ def save_gif(
     probs = r.probabilities()
     where = f"{maps.source_label(trace, r.layer, r.head)} \u00b7 model {trace.model_name}"
     H, W = trace.grid
-    detail = f"{H} x {W} patches" + (f" \u00b7 {stretch_note(r.image_size)}" if stretch_note(r.image_size) else "")
+    detail = f"{H} x {W} patches \u00b7 {underlay_note(r.underlay, len(r.outlines))}" + (
+        f" \u00b7 {stretch_note(r.image_size)}" if stretch_note(r.image_size) else "")
     heads = [f"word {i + 1}/{len(r.steps)}, step {t}: {maps.word_label(trace, t, probs)}" for i, t in enumerate(r.steps)]
     pw, ph, _ = panel_size(r.image_size, 4.0)
     layout = panel_grid(1, 1, (pw, ph), font_scale=r.font_scale, title_lines=0, title=[max(heads, key=len), where, detail],
@@ -122,7 +123,8 @@ def save_gif(
         raise AttnlabError(f"{len(r.steps)} frames of {w_px} x {h_px} px are too many pixels: lower dpi or figsize, or pass fewer words")
 
     canvas = FigureCanvasAgg(fig)
-    _, heat = draw_map(ax, trace.image, shown[0], sc, r.cmap, r.alpha, grid=trace.grid, grid_lines=r.grid_lines)
+    _, heat = draw_map(ax, trace.image, shown[0], sc, r.cmap, r.alpha, grid=trace.grid, grid_lines=r.grid_lines,
+                       underlay=r.underlay, outlines=r.outlines)
     note = peak_note(ax, peaks[0], layout.font) if sc.kind == "panel" else None
     add_colorbar(fig, layout.cax, sc, r.cmap, layout.font)
     title = layout.title

@@ -5,7 +5,9 @@ map of the trace as numbers (16-bit, ``round(weight * 65535)``; the error is at
 most ``1 / 131070`` of a patch weight) and a small script that colours them in
 the browser: a word slider (arrow keys move it), layer and head pickers, the
 colour scale (shared / panel / uniform, as in :mod:`attnlab.plot.views`),
-flat patches or bilinear, opacity. A Content-Security-Policy in the page
+flat patches or bilinear, opacity, and what lies under the map (the photo in
+grey, the default, so no object colour reads as attention; in colour; none),
+with optional object outlines. A Content-Security-Policy in the page
 forbids every network request. Made for homework reports and static notebook
 viewers, where no Python runs.
 """
@@ -26,7 +28,7 @@ import numpy as np
 from ..errors import AttnlabError
 from ..fileio import atomic_create, atomic_write
 from . import maps
-from .draw import MAX_PANEL_ASPECT, stretch_note
+from .draw import CUT_NOTE, MAX_PANEL_ASPECT, UNDERLAYS, stretch_note
 from .export import check_output_path
 from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, DEFAULT_UNIFORM_CMAP, by_word, check_count, resolve
 
@@ -62,6 +64,20 @@ def _display_size(image_size: tuple[int, int], long_side: int) -> tuple[int, int
     return long_side, max(1, round(long_side * ratio))
 
 
+def _outline_pixels(masks, size: tuple[int, int]) -> str:
+    """The border pixels of every mask, stretched to ``size`` = (height, width), as a base64 bitmap (1 byte per pixel)."""
+    from .maps import resize
+
+    height, width = size
+    edge = np.zeros((height, width), dtype=np.uint8)  # (height, width)
+    for mask in masks:
+        inside = resize(mask.astype(np.float64), size, "nearest") > 0.5  # (height, width)
+        padded = np.pad(inside, 1)
+        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        edge |= (inside & ~interior).astype(np.uint8)
+    return base64.b64encode(edge.tobytes()).decode("ascii")
+
+
 def _payload(trace: Any, r, long_side: int, cmap) -> dict:
     ca = trace.require_attention()  # (layers, heads, steps, H, W)
     if ca.size > MAX_ATTENTION_NUMBERS:
@@ -93,6 +109,9 @@ def _payload(trace: Any, r, long_side: int, cmap) -> dict:
         "stretched": stretch_note(r.image_size),
         "layerLabels": [maps.explanation_label(trace) or maps.layer_label(i, r.layers) for i in range(r.layers)],
         "method": maps.explanation_label(trace),
+        "underlays": UNDERLAYS,
+        "outlines": _outline_pixels(r.outlines, r.image_size) if r.outlines else None,
+        "outlineCount": len(r.outlines),
         "quant": QUANT,
         "attention": base64.b64encode(quantised.tobytes()).decode("ascii"),
         "lut": {"sequential": _lut(sequential), "diverging": _lut(diverging)},
@@ -105,6 +124,7 @@ def _payload(trace: Any, r, long_side: int, cmap) -> dict:
             "interp": "nearest" if r.interp == "nearest" else "bilinear",
             "alpha": r.alpha,
             "gridLines": r.grid_lines,
+            "underlay": r.underlay,
         },
     }
 
@@ -130,17 +150,22 @@ def export_html(
     alpha: float = DEFAULT_ALPHA,
     cmap=None,
     size: int = 480,
+    underlay: str = "grey",
+    outlines: Any = None,
 ) -> Path:
     """Write one self-contained HTML explorer of ``trace`` to ``path`` (``.html``); returns the path.
 
     Open the file in any browser, offline: a word slider (the arrow keys move
     it), layer and head pickers, the colour scale, flat patches or bilinear,
     opacity. ``layer``, ``head``, ``step`` (default: the first word), ``scale``,
-    ``interp``, ``grid_lines``, ``alpha`` and ``cmap`` set what it shows first;
+    ``interp``, ``grid_lines``, ``alpha``, ``cmap`` and ``underlay`` (``"grey"``,
+    default: the photo in grey; ``"colour"``; ``"none"``) set what it shows first;
+    ``outlines``: boolean object masks outlined on the page (e.g. :func:`attnlab.shapes.outlines`);
     ``size`` is the picture's long side in CSS pixels. An existing file is
     never replaced unless ``overwrite=True``; the file appears complete or not at all.
     """
-    r = resolve(trace, layer=layer, head=head, scale=scale, interp=interp, grid_lines=grid_lines, alpha=alpha, cmap=cmap)
+    r = resolve(trace, layer=layer, head=head, scale=scale, interp=interp, grid_lines=grid_lines, alpha=alpha, cmap=cmap,
+                underlay=underlay, outlines=outlines)
     r = replace(r, step=maps.default_steps(trace)[0] if step is None else trace.check_step(step))
     long_side = check_count("size", size, allow_none=False)
     if not 64 <= long_side <= 4000:
@@ -153,7 +178,7 @@ def export_html(
 
     page = PAGE.format(
         title=html.escape(f"attnlab: {trace.caption or ' '.join(trace.words)}"),
-        caption=html.escape(trace.caption or " ".join(trace.words)),
+        caption=html.escape((trace.caption or " ".join(trace.words)) + (CUT_NOTE if getattr(trace, "stopped", None) == "max_len" else "")),
         image=_png_data_url(trace.image),
         data=_json_for_script(_payload(trace, r, long_side, r.cmap)),
         script=SCRIPT,
@@ -205,6 +230,11 @@ h1 {{ font-size: 1.3em; margin: 0 0 0.2em 0; }}
   </select></label>
   <label><input id="patches" type="checkbox"> flat patches</label>
   <label><input id="gridlines" type="checkbox"> patch grid</label>
+  <label>under the map <select id="underlay" aria-label="under the map">
+    <option value="grey">photo in grey</option>
+    <option value="colour">photo in colour</option>
+    <option value="none">nothing (map only)</option>
+  </select></label>
   <label>opacity <input id="alpha" type="range" min="0" max="1" step="0.05"></label>
 </div>
 <div id="label" aria-live="polite"></div>
@@ -244,6 +274,29 @@ SCRIPT = r"""
   view.width = dw; view.height = dh; bar.width = 110; bar.height = dh;
   const overlay = document.createElement("canvas");
   overlay.width = dw; overlay.height = dh;
+  // what lies under the map: the photo in grey (BT.601 luminance, as attnlab.plot.draw.underlay_image), in colour, or white
+  const under = {};
+  function underlays() {
+    const [ih, iw] = D.imageSize;
+    const colour = document.createElement("canvas"); colour.width = iw; colour.height = ih;
+    colour.getContext("2d").drawImage(img, 0, 0);
+    const grey = document.createElement("canvas"); grey.width = iw; grey.height = ih;
+    const g = colour.getContext("2d").getImageData(0, 0, iw, ih), p = g.data;
+    for (let i = 0; i < p.length; i += 4) {
+      const y = Math.round(0.299 * p[i] + 0.587 * p[i + 1] + 0.114 * p[i + 2]);
+      p[i] = p[i + 1] = p[i + 2] = y;
+    }
+    grey.getContext("2d").putImageData(g, 0, 0);
+    under.colour = colour; under.grey = grey;
+    if (D.outlines) {  // the objects' border pixels, cyan, on a transparent canvas of the image's size
+      const edge = atob(D.outlines), lines = document.createElement("canvas");
+      lines.width = iw; lines.height = ih;
+      const o = lines.getContext("2d").createImageData(iw, ih);
+      for (let i = 0; i < edge.length; i++) if (edge.charCodeAt(i)) { o.data.set([0, 229, 255, 255], 4 * i); }
+      lines.getContext("2d").putImageData(o, 0, 0);
+      under.lines = lines;
+    }
+  }
 
   // a step's (H, W) map of one head, or the mean over heads
   function gridMap(layer, head, step) {
@@ -299,6 +352,7 @@ SCRIPT = r"""
   $("scale").value = D.start.scale;
   $("patches").checked = D.start.interp === "nearest";
   $("gridlines").checked = D.start.gridLines;
+  $("underlay").value = D.start.underlay;
   $("alpha").value = String(D.start.alpha);
   const slider = $("word");
   slider.max = String(T - 1); slider.value = String(D.start.step);
@@ -344,7 +398,8 @@ SCRIPT = r"""
   function render() {
     const step = Number(slider.value), layer = Number($("layer").value);
     const head = $("head").value === "mean" ? "mean" : Number($("head").value);
-    const kind = $("scale").value, nearest = $("patches").checked, alpha = Number($("alpha").value);
+    const kind = $("scale").value, nearest = $("patches").checked, beneath = $("underlay").value;
+    const alpha = beneath === "none" ? 1 : Number($("alpha").value);  // no photo: the map is opaque
     const m = gridMap(layer, head, step);
     const sc = scaleFor(kind, layer, head, m);
     const lut = luts[kind === "uniform" ? "diverging" : "sequential"];
@@ -363,9 +418,12 @@ SCRIPT = r"""
     oc.putImageData(data, 0, 0);
     const c = view.getContext("2d");
     c.globalAlpha = 1; c.imageSmoothingEnabled = false;  // image pixels stay crisp, as in the figures
-    c.drawImage(img, 0, 0, dw, dh);
+    if (!under.colour) underlays();
+    c.fillStyle = "#fff"; c.fillRect(0, 0, dw, dh);
+    if (beneath !== "none") c.drawImage(under[beneath], 0, 0, dw, dh);
     c.globalAlpha = alpha; c.drawImage(overlay, 0, 0);
     c.globalAlpha = 1;
+    if (under.lines) c.drawImage(under.lines, 0, 0, dw, dh);
     if ($("gridlines").checked) {
       c.strokeStyle = "rgba(255,255,255,0.55)"; c.lineWidth = 1; c.beginPath();
       for (let r = 1; r < H; r++) { const y = Math.round(r * dh / H) + 0.5; c.moveTo(0, y); c.lineTo(dw, y); }
@@ -377,13 +435,14 @@ SCRIPT = r"""
     $("label").textContent = step + ": " + D.wordLabels[step] + " \u00b7 " + D.layerLabels[layer] +
       headText + (D.method ? " \u00b7 peak " : " \u00b7 peak weight ") + peakOf(m).toFixed(3);
     $("note").textContent = "Colours: " + D.labels[kind] + ". " + H + " x " + W + " patches, " +
-      (nearest ? "drawn as flat patches." : "bilinear between patch centres.");
+      (nearest ? "drawn as flat patches. " : "bilinear between patch centres. ") + D.underlays[beneath] +
+      (D.outlineCount ? ", " + D.outlineCount + " object outline" + (D.outlineCount > 1 ? "s" : "") + " in cyan." : ".");
     words.querySelectorAll("span").forEach((s, t) => s.classList.toggle("current", t === step));
     document.body.dataset.step = String(step);
   }
 
   for (const id of ["word", "alpha"]) $(id).addEventListener("input", render);
-  for (const id of ["layer", "head", "scale", "patches", "gridlines"]) $(id).addEventListener("change", render);
+  for (const id of ["layer", "head", "scale", "patches", "gridlines", "underlay"]) $(id).addEventListener("change", render);
   if (img.complete) render(); else img.addEventListener("load", render);
 })();
 """

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import AttnlabError
 from ..util import is_int as _is_int
 from . import maps
+from .draw import DEFAULT_UNDERLAY, check_outlines, check_underlay
 
 DEFAULT_CMAP = "inferno"  # "shared" and "panel" scales: dark = little weight, bright = much
 """The colour map of the views (``"shared"`` and ``"panel"`` scales)."""
@@ -53,7 +54,10 @@ class MapOptions(TypedDict, total=False):
     ``scale``: ``"shared"`` (default), ``"panel"`` or ``"uniform"``; ``interp``: ``"bilinear"``
     (default), ``"bicubic"`` or ``"nearest"``; ``grid_lines`` (default False); ``cmap`` (default by
     scale); ``alpha`` (default 0.6); ``smooth`` (default 0, Gaussian sigma in patches); ``figsize``
-    (inches, default: fitted to the image); ``font_scale`` (default 1). See :mod:`attnlab.plot.views`.
+    (inches, default: fitted to the image); ``font_scale`` (default 1); ``underlay``: ``"grey"``
+    (default: the photo in grey, so object colours never read as attention), ``"colour"`` or
+    ``"none"`` (the map alone, opaque); ``outlines``: boolean object masks outlined over every map
+    (e.g. :func:`attnlab.shapes.outlines`). See :mod:`attnlab.plot.views`.
     """
 
     scale: str
@@ -64,6 +68,8 @@ class MapOptions(TypedDict, total=False):
     smooth: float
     figsize: tuple[float, float] | None
     font_scale: float
+    underlay: str
+    outlines: Any
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class Resolved:
     font_scale: float = 1.0
     grid_lines: bool = False
     ncols: int | None = None
+    underlay: str = DEFAULT_UNDERLAY  # "grey", "colour" or "none"
+    outlines: tuple = ()  # boolean object masks, each (h, w)
 
     @property
     def layers(self) -> int:
@@ -215,6 +223,8 @@ _CHECKS: dict[str, Callable[[Any, Any], Any]] = {
     "font_scale": lambda trace, v: check_font_scale(v),
     "grid_lines": _flag("grid_lines"),
     "ncols": lambda trace, v: check_count("ncols", v),
+    "underlay": lambda trace, v: check_underlay(v),
+    "outlines": lambda trace, v: check_outlines(v),
 }
 
 

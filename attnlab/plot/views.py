@@ -14,6 +14,10 @@ Options shared by the views (where they make sense):
   patches, the grid the model really saw); ``grid_lines=True`` draws the patch borders.
 * ``cmap`` (default ``"inferno"``, ``"RdBu_r"`` for ``scale="uniform"``),
   ``alpha`` (opacity over the image), ``smooth`` (Gaussian sigma in patches).
+* ``underlay``: what lies under each map: ``"grey"`` (default: the photo in
+  grey, so a red object never reads as weight), ``"colour"`` or ``"none"``
+  (the map alone, opaque); the figure's title says which. ``outlines``:
+  boolean object masks drawn as cyan outlines (:func:`attnlab.shapes.outlines`).
 * ``figsize`` (inches; the panels are fitted into it) and ``font_scale``
   (e.g. ``1.6`` for slides). Without ``figsize`` a figure has a bounded size
   whatever the image's shape.
@@ -33,11 +37,14 @@ from .draw import (
     caption_line,
     draw_image,
     draw_map,
+    draw_outlines,
     panel_grid,
     panel_size,
     peak_note,
     stretch_note,
+    underlay_note,
 )
+from .draw import check_outlines, check_underlay
 from .resolve import (
     by_word,
     DEFAULT_ALPHA,
@@ -74,7 +81,8 @@ def _panel_maps(r: Resolved, panels: Sequence[tuple[int, int, int | None]]) -> t
 
 
 def _draw_panel(r: Resolved, ax, values: np.ndarray, peak: float, scale: maps.Scale, font: float):
-    _, heat = draw_map(ax, r.trace.image, values, scale, r.cmap, r.alpha, grid=r.trace.grid, grid_lines=r.grid_lines)
+    _, heat = draw_map(ax, r.trace.image, values, scale, r.cmap, r.alpha, grid=r.trace.grid, grid_lines=r.grid_lines,
+                       underlay=r.underlay, outlines=r.outlines)
     if scale.kind == "panel":
         peak_note(ax, peak, font)
     return heat
@@ -91,7 +99,7 @@ def _details(r: Resolved, *parts: str) -> str:
     """The figure's second title line: model, what is shown, grid size and drawing."""
     H, W = r.trace.grid
     drawing = "flat patches" if r.interp == "nearest" else f"{r.interp} upsampling"
-    items = [f"model {r.trace.model_name}", *parts, f"{H} x {W} patches, {drawing}"]
+    items = [f"model {r.trace.model_name}", *parts, f"{H} x {W} patches, {drawing}", underlay_note(r.underlay, len(r.outlines))]
     note = stretch_note(r.image_size)
     return " \u00b7 ".join(items + ([note] if note else []))
 
@@ -125,7 +133,7 @@ def overlay(
         fig, ax, font = layout.fig, layout.axes[0, 0], layout.font
     else:
         fig, ax, font = r.ax.figure, r.ax, 10.0 * r.font_scale
-        ax.set_title(f"{word}\n{where}", fontsize=font)
+        ax.set_title(f"{word}\n{where} \u00b7 {underlay_note(r.underlay, len(r.outlines))}", fontsize=font)
         layout = None
     _draw_panel(r, ax, values, peak, sc, font)
     if colorbar:
@@ -162,8 +170,9 @@ def word_grid(
     title = [caption_line(trace), _details(r, maps.source_label(trace, r.layer, r.head))]
     layout = panel_grid(rows, cols, (pw, ph), font_scale=r.font_scale, title=title, figsize=r.figsize, pyplot=pyplot)
     flat = layout.axes.ravel()  # (rows * cols,)
-    draw_image(flat[0], trace.image)
-    flat[0].set_title("image", fontsize=layout.font)
+    draw_image(flat[0], trace.image)  # the photo as the model saw it, in colour
+    draw_outlines(flat[0], r.outlines, r.image_size)
+    flat[0].set_title("image (colour)", fontsize=layout.font)
     for ax, t, values, peak in zip(flat[1:], r.steps, shown, peaks):
         _draw_panel(r, ax, values, peak, sc, layout.font)
         ax.set_title(maps.word_label(trace, t, probs), fontsize=layout.font)
@@ -315,6 +324,8 @@ def matrix_row(
     figsize=None,
     font_scale: float = 1.0,
     quantity: str = "attention weight",
+    underlay: str = "grey",
+    outlines: Any = None,
 ):
     """Any ``(L, S)`` weight matrix with row ``row`` outlined, and that row as a map over the image beside it.
 
@@ -331,6 +342,8 @@ def matrix_row(
     L, S = mat.shape
     a, size, fs = check_alpha(alpha), check_figsize(figsize), check_font_scale(font_scale)
     mode, cm = maps.check_interp(interp), check_cmap(cmap)
+    underlay, masks = check_underlay(underlay), check_outlines(outlines)
+    underlay = underlay if image is not None else "none"  # no image: the map alone
 
     if not isinstance(quantity, str) or not quantity:
         raise AttnlabError(f"quantity={quantity!r} must name what the numbers are, e.g. 'attention weight'")
@@ -366,9 +379,10 @@ def matrix_row(
     grid_row = mat[row].reshape(H, W)  # (H, W)
     backdrop = image if image is not None else np.full((*map_size, 3), 255, dtype=np.uint8)
     values = grid_row if mode == "nearest" else maps.resize(grid_row, backdrop.shape[:2], mode)
-    draw_map(ax_i, backdrop, scale.values(values), scale, cm, a if image is not None else 1.0, grid=(H, W))
+    draw_map(ax_i, backdrop, scale.values(values), scale, cm, a, grid=(H, W), underlay=underlay, outlines=masks)
     named = f"row {row} ({names[row]})" if labels is not None else f"row {row}"
-    ax_i.set_title(f"{named} as a {H} x {W} map\npeak {grid_row.max():.3f}", fontsize=font)
+    ax_i.set_title(f"{named} as a {H} x {W} map\npeak {grid_row.max():.3f} \u00b7 {underlay_note(underlay, len(masks))}",
+                   fontsize=font)
     add_colorbar(fig, layout.cax, scale, cm, font)
     return fig
 
@@ -391,7 +405,7 @@ def attention_row(trace: Any, step: int, layer: int = -1, head: int | str = "mea
     title = f"{maps.word_label(trace, r.step, probs)} \u00b7 {maps.source_label(trace, r.layer, r.head)} \u00b7 model {trace.model_name}"
     return matrix_row(mat, r.step, grid=trace.grid, image=trace.image, labels=[f"{t}: {w}" for t, w in enumerate(trace.words)],
                       title=title, cmap=r.cmap, alpha=r.alpha, interp=r.interp, figsize=r.figsize, font_scale=r.font_scale,
-                      quantity=maps.quantity(trace))
+                      quantity=maps.quantity(trace), underlay=r.underlay, outlines=r.outlines)
 
 
 def head_stats(trace: Any, *, words: Sequence[int] | None = None, figsize=None, cmap="viridis", font_scale: float = 1.0):

@@ -31,10 +31,13 @@ from .scenes import (
 )
 
 from .evaluate import evaluate, patch_overlap, pointing
+from .known import outlines, sample_scene
 
 __all__ = [
     "evaluate",
+    "outlines",
     "patch_overlap",
+    "sample_scene",
     "pointing",
     "BOUND_RADIUS",
     "CLS_ID",

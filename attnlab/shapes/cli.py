@@ -68,7 +68,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise AttnlabError("--n must be at least 1")
     model = load_model(None if args.checkpoint else args.model, checkpoint=args.checkpoint)
-    print(format_report(evaluate(model, n=args.n, seed=args.seed)))
+    print(format_report(evaluate(model, n=args.n, seed=args.seed, criterion=args.criterion)))
     return 0
 
 
@@ -100,4 +100,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="eval-split seed (held out from training)")
     p.add_argument("--model", choices=("shapes", "shapes-cptr"), default="shapes", help="which bundled model (default shapes)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="evaluate this checkpoint (either kind) instead of a bundled one")
+    p.add_argument("--criterion", choices=("touch", "hit"), default="touch",
+                   help="pointing game: touch (default) = the peak patch overlaps the object; hit = its centre is inside")
     p.set_defaults(func=cmd_evaluate)

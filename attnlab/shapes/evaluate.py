@@ -2,12 +2,17 @@
 
 Pointing game: for every size, colour and shape word of a held-out scene's
 true caption, teacher-force the caption (so each word is emitted at a known
-step) and take the peak of the head-averaged cross-attention at the step that
-emits the word. It is a hit when the peak's patch overlaps the mask of the
-object the word names (the "touch" score of ``attnlab grounding``, whose
-geometry, :mod:`attnlab.explain.grounding`, this module shares). The baseline
-is a uniformly random patch: its hit rate is the share of patches that overlap
-the object, averaged over the same words.
+step) and take the peak patch of the head-averaged cross-attention at the step
+that emits the word. Two criteria, named as in ``attnlab grounding`` (whose
+geometry, :mod:`attnlab.explain.grounding`, this module shares):
+
+* ``"touch"`` (the default): the peak patch overlaps the object's mask by at
+  least one pixel;
+* ``"hit"``: the peak patch's centre pixel lies inside the object.
+
+The chance level is that of a uniformly random patch under the same criterion:
+the share of patches that touch the object (or whose centre is inside it),
+averaged over the same words. The report names the criterion and its chance.
 """
 
 from __future__ import annotations
@@ -17,22 +22,41 @@ from collections.abc import Callable
 import numpy as np
 
 from ..decode import caption
-from ..explain.grounding import patch_overlap, peak_hits
+from ..errors import AttnlabError
+from ..explain.grounding import patch_overlap, patch_region, peak_hits
 from ..trace import CaptionTrace
 from .scenes import COLORS, SEP_ID, SHAPES, SIZES, Scene, encode_caption, make_scenes
 
 CATEGORIES = {"size": set(SIZES), "color": set(COLORS), "shape": set(SHAPES)}
-__all__ = ["CATEGORIES", "evaluate", "format_report", "patch_overlap", "pointing"]
+CRITERIA = {  # the pointing game's two criteria, as attnlab grounding names them
+    "touch": "the peak patch overlaps the named object",
+    "hit": "the peak patch's centre lies inside the named object",
+}
+__all__ = ["CATEGORIES", "CRITERIA", "evaluate", "format_report", "patch_overlap", "pointing"]
 
 
-def pointing(trace: CaptionTrace, scene: Scene) -> list[tuple[int, str, np.ndarray, float]]:
+def _check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise AttnlabError(f"criterion={criterion!r} is not a pointing-game criterion: use 'touch' (the peak patch overlaps "
+                           "the object) or 'hit' (its centre is inside)")
+    return criterion
+
+
+def _where(mask: np.ndarray, grid: tuple[int, int], criterion: str) -> np.ndarray:
+    """``(gh, gw)`` bool: the patches a peak may fall on to count, under ``criterion``."""
+    return patch_overlap(mask, grid) if criterion == "touch" else patch_region(mask, grid).inside
+
+
+def pointing(trace: CaptionTrace, scene: Scene, criterion: str = "touch") -> list[tuple[int, str, np.ndarray, float]]:
     """The pointing game on one teacher-forced trace of ``scene``'s true caption.
 
     For every size, colour and shape word returns ``(step, category, hits, chance)``:
     ``hits`` ``(layers, heads + 1)`` bool says whether each head's map (and, in the
-    last column, the head mean) peaks on a patch overlapping the named object;
-    ``chance`` is the share of patches that overlap it (a random patch's hit rate).
+    last column, the head mean) peaks on the named object under ``criterion``
+    (``"touch"``: the peak patch overlaps it; ``"hit"``: the peak patch's centre is
+    inside it); ``chance`` is a random patch's rate under the same criterion.
     """
+    _check_criterion(criterion)
     ca = trace.cross_attention  # (layers, heads, steps, gh, gw)
     maps = np.concatenate([ca, ca.mean(axis=1, keepdims=True)], axis=1)  # (layers, heads + 1, steps, gh, gw)
     out = []
@@ -40,24 +64,27 @@ def pointing(trace: CaptionTrace, scene: Scene) -> list[tuple[int, str, np.ndarr
         category = next((k for k, words in CATEGORIES.items() if word in words), None)
         if category is None or obj is None:
             continue
-        overlap = patch_overlap(scene.objects[obj].mask, trace.grid)  # (gh, gw)
-        out.append((step, category, peak_hits(maps[:, :, step], overlap), float(overlap.mean())))  # hits (layers, heads + 1)
+        where = _where(scene.objects[obj].mask, trace.grid, criterion)  # (gh, gw)
+        out.append((step, category, peak_hits(maps[:, :, step], where), float(where.mean())))  # hits (layers, heads + 1)
     return out
 
 
 def evaluate(
-    model, n: int = 500, seed: int = 0, batch_size: int = 50, encode: Callable[[str], list[int]] = encode_caption
+    model, n: int = 500, seed: int = 0, batch_size: int = 50, encode: Callable[[str], list[int]] = encode_caption,
+    criterion: str = "touch",
 ) -> dict:
     """Score ``model`` (any captioner) on ``n`` held-out scenes (the "eval" split of ``seed``).
 
     Returns a dict: ``exact`` (share of exactly right captions), ``word_accuracy``
     (share of true caption tokens, end token included, predicted at their
-    position by greedy decoding), and ``pointing``: for each category
-    (size/color/shape/all) the hit rate per layer, for the layer mean, and the
-    random-patch baseline. ``encode``: the model's tokenisation of a caption
+    position by greedy decoding), ``criterion`` (``"touch"``, default, or ``"hit"``:
+    see the module) and ``pointing``: for each category (size/color/shape/all) the
+    rate under that criterion per layer, for the layer mean, and ``random_patch``,
+    the chance level under the same criterion. ``encode``: the model's tokenisation of a caption
     (default: the shapes vocabulary's words); a word made of several pieces is
     pointed with the mean of its pieces' maps (:meth:`CaptionTrace.by_word`).
     """
+    _check_criterion(criterion)
     scenes = make_scenes(n, seed, split="eval")
     exact = 0
     word_hits = word_total = 0
@@ -80,9 +107,9 @@ def evaluate(
             word_hits += sum(1 for i, tok in enumerate(t) if i < len(pred) and pred[i] == tok)
             word_total += len(t)
             mean_of_layers = f.mean_heads().mean(axis=0)  # (steps, gh, gw): heads and layers averaged
-            for step, cat, hit, chance in pointing(f, scene):
-                overlap = patch_overlap(scene.objects[scene.word_objects[step]].mask, f.grid)  # (gh, gw)
-                hit = np.append(hit[:, -1], peak_hits(mean_of_layers[step], overlap))  # (layers + 1,): head means
+            for step, cat, hit, chance in pointing(f, scene, criterion):
+                where = _where(scene.objects[scene.word_objects[step]].mask, f.grid, criterion)  # (gh, gw)
+                hit = np.append(hit[:, -1], peak_hits(mean_of_layers[step], where))  # (layers + 1,): head means
                 for k in (cat, "all"):
                     hits[k] += hit
                     base[k] += chance
@@ -96,19 +123,24 @@ def evaluate(
         }
         for k in hits
     }
-    return {"scenes": n, "seed": seed, "exact": exact / n, "word_accuracy": word_hits / word_total, "pointing": rates}
+    return {"scenes": n, "seed": seed, "exact": exact / n, "word_accuracy": word_hits / word_total, "criterion": criterion,
+            "pointing": rates}
 
 
 def format_report(result: dict) -> str:
-    """The evaluation as a small text table."""
+    """The evaluation as a small text table, naming its pointing-game criterion and that criterion's chance level."""
+    criterion = result.get("criterion", "touch")
+    other = "hit" if criterion == "touch" else "touch"
     lines = [
         f"held-out scenes        : {result['scenes']} (eval split, seed {result['seed']})",
         f"exact captions         : {result['exact']:.1%}",
         f"per-word accuracy      : {result['word_accuracy']:.1%}",
-        "pointing game (peak of the head-averaged cross-attention on the named object):",
+        "pointing game: the peak patch of the head-averaged cross-attention of each size, colour and shape word",
+        f"  criterion: {criterion} = {CRITERIA[criterion]} (--criterion {other}: {CRITERIA[other]})",
+        f"  chance: a uniformly random patch, under the same criterion ({criterion})",
     ]
     first = next(iter(result["pointing"].values()))
-    header = "  words   " + "".join(f"layer {i:<3d}" for i in range(len(first["layers"]))) + "mean     random"
+    header = "  words   " + "".join(f"layer {i:<3d}" for i in range(len(first["layers"]))) + "mean     chance"
     lines.append(header)
     for k, v in result["pointing"].items():
         row = "".join(f"{x:<9.1%}" for x in v["layers"])
