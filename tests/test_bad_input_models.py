@@ -1,0 +1,172 @@
+"""Bad input to the model and input surfaces (issue 18, items 6 and 8-12): ``grounding --boxes``
+files, ``train shapes --resume`` state files, CPTR checkpoints' ``encoder_args``, ``wrap`` and
+``from_huggingface``. Each case is one line of :class:`AttnlabError` (or a bounded result), never a
+traceback, a hang, gigabytes of memory or a silently wrong set-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import warnings
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from attnlab.cli import main
+from attnlab.errors import AttnlabError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def one_line(fn, *needles: str) -> str:
+    """``fn()`` raises AttnlabError with one line holding every needle."""
+    with pytest.raises(AttnlabError) as info:
+        fn()
+    message = str(info.value)
+    assert message and "\n" not in message, repr(message)
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+# ------------------------------------------------------------------------ grounding --boxes
+GOOD = {
+    "images": [{"id": 1, "file_name": "a.png"}],
+    "categories": [{"id": 1, "name": "dog"}],
+    "annotations": [{"image_id": 1, "bbox": [0, 0, 4, 4], "category_id": 1}],
+}
+
+
+def boxes_file(tmp_path: Path, data) -> tuple[Path, Path]:
+    folder = tmp_path / "img"
+    folder.mkdir(exist_ok=True)
+    if not (folder / "a.png").exists():
+        Image.new("RGB", (16, 12), (200, 10, 10)).save(folder / "a.png")
+    path = tmp_path / "boxes.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return folder, path
+
+
+def read(tmp_path, data):
+    from attnlab.explain.boxes import read_boxes
+
+    return read_boxes(*boxes_file(tmp_path, data))
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A valid 1 x 1 PNG whose header claims ``width`` x ``height`` pixels."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # over IHDR's type and 13 data bytes
+    path.write_bytes(bytes(data))
+    return path
+
+
+def without(key: str, record: dict, **changes) -> dict:
+    return {**{k: v for k, v in record.items() if k != key}, **changes}
+
+
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        ({"annotations": [without("x", GOOD["annotations"][0], image_id=[1])]}, ["annotation 0", "image_id", "[1]"]),
+        ({"annotations": [without("x", GOOD["annotations"][0], category_id={"a": 1})]}, ["annotation 0", "category_id"]),
+        ({"categories": [{"id": [1], "name": "dog"}]}, ["category 0", "id", "[1]"]),
+        ({"images": [{"id": [1], "file_name": "a.png"}]}, ["image 0", "id", "[1]"]),
+        ({"annotations": [{"image_id": [1], "caption": "a dog"}, *GOOD["annotations"]]}, ["annotation 0", "image_id"]),
+        ({"images": [{"id": True, "file_name": "a.png"}]}, ["image 0", "id", "True"]),
+        ({"annotations": [without("x", GOOD["annotations"][0], image_id=None)]}, ["annotation 0", "image_id"]),
+        ({"categories": [{"id": 1, "name": "dog"}, {"id": 1, "name": "cat"}]}, ["category 1", "repeats id 1"]),
+        ({"images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "a.png"}]}, ["image 1", "repeats id 1"]),
+    ],
+)
+def test_boxes_ids_of_the_wrong_kind_name_the_field_and_record(tmp_path, change, needles):
+    one_line(lambda: read(tmp_path, {**GOOD, **change}), "boxes.json", *needles)
+
+
+def test_boxes_bbox_beyond_any_float_and_huge_numbers(tmp_path):
+    text = json.dumps(GOOD).replace("[0, 0, 4, 4]", "[" + "1" + "0" * 400 + ", 0, 4, 4]")  # 10**400
+    one_line(lambda: read(tmp_path, text), "annotation 0", "bbox", "width and height > 0")
+    text = json.dumps(GOOD).replace("[0, 0, 4, 4]", "[" + "9" * 5000 + ", 0, 4, 4]")  # beyond Python's int parsing limit
+    one_line(lambda: read(tmp_path, text), "not a JSON boxes file")
+
+
+def test_boxes_image_that_is_a_decompression_bomb_is_refused_from_its_header(tmp_path):
+    folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": "bomb.png"}]})
+    png_header(folder / "bomb.png", 60000, 60000)  # 3.6 gigapixels: PIL's DecompressionBombError
+    from attnlab.explain.boxes import read_boxes
+
+    one_line(lambda: read_boxes(folder, path), "bomb.png", "image 1", "downscale")
+    png_header(folder / "bomb.png", 12000, 12000)  # 144 MP: within attnlab's limit (PIL only warns), read from the header
+    items, _ = read_boxes(folder, path)
+    assert items[0].source_size == (12000, 12000)
+
+
+def _without_blocking(fn, fifo: Path, seconds: float = 20.0):
+    """Run ``fn`` in a thread; if it is still blocked on ``fifo`` after ``seconds``, unblock it and fail."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    blocked = thread.is_alive()
+    if blocked:  # today's code: open() waits for a writer; give it one that writes nothing
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(10)
+    assert not blocked, f"reading blocked on the FIFO {fifo}"
+    return result
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_boxes_file_name_or_boxes_file_that_is_a_fifo_does_not_block(tmp_path):
+    from attnlab.explain.boxes import read_boxes
+
+    folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": "pipe.png"}]})
+    os.mkfifo(folder / "pipe.png")
+    result = _without_blocking(lambda: read_boxes(folder, path), folder / "pipe.png")
+    error = result.get("error")
+    assert isinstance(error, AttnlabError), result
+    assert "pipe.png" in str(error) and "not a regular file" in str(error) and "\n" not in str(error)
+    os.mkfifo(tmp_path / "boxes-pipe.json")
+    result = _without_blocking(lambda: read_boxes(folder, tmp_path / "boxes-pipe.json"), tmp_path / "boxes-pipe.json")
+    assert isinstance(result.get("error"), AttnlabError) and "not a regular file" in str(result["error"]), result
+
+
+def test_boxes_duplicate_annotations_are_dropped_and_said(tmp_path):
+    """100,000 copies of one object (the 4 GB case) become one object, with a warning that says so."""
+    data = {**GOOD, "annotations": GOOD["annotations"] * 100_000}
+    with pytest.warns(UserWarning, match="99,999 annotations repeat an earlier one"):
+        items, _ = read(tmp_path, data)
+    assert len(items) == 1 and len(items[0].objects) == 1
+    assert items[0].objects[0].box == (0.0, 0.0, 4.0, 4.0) and items[0].objects[0].phrase == ["dog"]
+    # distinct boxes are kept, up to the per-image bound
+    from attnlab.explain import boxes
+
+    many = [{"image_id": 1, "bbox": [0, 0, 4, 1 + k], "category_id": 1} for k in range(boxes.MAX_OBJECTS)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        items, _ = read(tmp_path, {**GOOD, "annotations": many})
+    assert len(items[0].objects) == boxes.MAX_OBJECTS
+    extra = [*many, {"image_id": 1, "bbox": [1, 0, 4, 4], "category_id": 1}]
+    one_line(lambda: read(tmp_path, {**GOOD, "annotations": extra}), f"more than {boxes.MAX_OBJECTS:,} distinct boxes", "image 1")
+
+
+def test_boxes_json_objects_are_counted_while_parsing(tmp_path, monkeypatch):
+    from attnlab.explain import boxes
+
+    monkeypatch.setattr(boxes, "MAX_JSON_OBJECTS", 50)
+    data = {**GOOD, "annotations": [{"image_id": 1, "caption": f"a dog {k}"} for k in range(60)] + GOOD["annotations"]}
+    one_line(lambda: read(tmp_path, data), "more than 50 JSON objects", "split it")
