@@ -170,3 +170,78 @@ def test_boxes_json_objects_are_counted_while_parsing(tmp_path, monkeypatch):
     monkeypatch.setattr(boxes, "MAX_JSON_OBJECTS", 50)
     data = {**GOOD, "annotations": [{"image_id": 1, "caption": f"a dog {k}"} for k in range(60)] + GOOD["annotations"]}
     one_line(lambda: read(tmp_path, data), "more than 50 JSON objects", "split it")
+
+
+# ------------------------------------------------------------------------ train shapes --resume
+TRAIN = dict(steps=4, batch_size=2, warmup=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def train_state(tmp_path_factory) -> dict:
+    """A real resume state (``PATH.train``) of two steps of a tiny run."""
+    from attnlab.shapes.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("train") / "s.pt"
+    train(out, cfg=TrainConfig(**TRAIN), progress=False, save_every=2, stop_after=2)
+    return torch.load(out.with_name("s.pt.train"), weights_only=True)
+
+
+def _bad_optimizer(state: dict, change) -> dict:
+    import copy
+
+    opt = copy.deepcopy(state["optimizer"])
+    change(opt)
+    return opt
+
+
+def _first_moments(opt: dict) -> dict:
+    return opt["state"][next(iter(opt["state"]))]
+
+
+BAD_STATES = {
+    "config string": (lambda s: {**s, "config": "x"}, "config"),
+    "config int keys": (lambda s: {**s, "config": {1: 2}}, "config"),
+    "model empty": (lambda s: {**s, "model": {}}, "does not fit"),
+    "model not tensors": (lambda s: {**s, "model": {k: 1 for k in s["model"]}}, "model is not a state dict"),
+    "model nan": (lambda s: {**s, "model": {k: v.float() * float("nan") for k, v in s["model"].items()}}, "NaN"),
+    "optimizer string": (lambda s: {**s, "optimizer": "x"}, "optimizer"),
+    "optimizer groups": (lambda s: {**s, "optimizer": _bad_optimizer(s, lambda o: o["param_groups"].pop())}, "optimizer"),
+    "optimizer betas": (lambda s: {**s, "optimizer": _bad_optimizer(s, lambda o: o["param_groups"][0].update(betas=("x", 0.9)))}, "betas"),
+    "optimizer eps": (lambda s: {**s, "optimizer": _bad_optimizer(s, lambda o: o["param_groups"][1].update(eps=float("nan")))}, "eps"),
+    "moment shape": (lambda s: {**s, "optimizer": _bad_optimizer(s, lambda o: _first_moments(o).update(exp_avg=torch.zeros(3)))}, "exp_avg"),
+    "moment nan": (lambda s: {**s, "optimizer": _bad_optimizer(s, lambda o: _first_moments(o)["exp_avg_sq"].fill_(float("nan")))}, "exp_avg_sq"),
+    "moment step": (lambda s: {**s, "optimizer": _bad_optimizer(s, lambda o: _first_moments(o).update(step="abc"))}, "optimizer state"),
+    "step nan": (lambda s: {**s, "step": float("nan")}, "step nan"),
+    "step string": (lambda s: {**s, "step": "abc"}, "step 'abc'"),
+    "step negative": (lambda s: {**s, "step": -10**12}, "step -1000000000000"),
+    "step beyond": (lambda s: {**s, "step": 5}, "0..4"),
+    "elapsed": (lambda s: {**s, "elapsed": float("inf")}, "elapsed"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STATES))
+def test_resume_state_with_wrong_values_is_refused_before_any_step(train_state, case, tmp_path, monkeypatch):
+    from attnlab.shapes import train as train_module
+
+    change, needle = BAD_STATES[case]
+    torch.save(change(train_state), tmp_path / "s.pt.train")
+
+    def no_work(*args):
+        raise AssertionError("a training step ran on a damaged state")
+
+    monkeypatch.setattr(train_module, "train_step", no_work)
+    cfg = train_module.TrainConfig(**TRAIN)
+    one_line(lambda: train_module.train(tmp_path / "s.pt", cfg=cfg, progress=False, resume=True), "s.pt.train", needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt.train"]  # nothing written
+
+
+def test_resume_of_a_good_state_still_works_and_bad_one_is_one_line_in_the_cli(train_state, tmp_path, capsys):
+    torch.save(train_state, tmp_path / "s.pt.train")
+    argv = ["train", "shapes", "--steps", "4", "--batch-size", "2", "--warmup", "1", "--seed", "3", "--out", str(tmp_path / "s.pt"), "--resume"]
+    assert main(argv) == 0
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["meta"]["steps"] == 4
+    capsys.readouterr()
+    torch.save({**train_state, "step": "abc"}, tmp_path / "s.pt.train")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step 'abc'" in err[0], err
