@@ -289,7 +289,10 @@ def _cptr_from_checkpoint(obj: dict[str, Any], path: str | Path, given_vocab: Vo
     """A :class:`CPTR` from an ``attnlab-cptr`` checkpoint; its shapes are checked on a
     skeleton without memory (``meta`` device) before the real model is built."""
     sd = state_dict_of(obj, str(path))
-    config = CPTRConfig.from_dict(obj.get("config"))
+    try:
+        config = CPTRConfig.from_dict(obj.get("config"))
+    except AttnlabError as exc:  # say which file
+        raise AttnlabError(f"{path} has a damaged config ({exc}); re-save the model with attnlab.save_checkpoint") from None
     config.pretrained = False  # the weights come from the file
     sizes = {  # cheap checks first: a hostile config must not build a huge skeleton
         "decoder layers": (config.dec_layers, _count_layers(sd, "layers.")),

@@ -245,3 +245,88 @@ def test_resume_of_a_good_state_still_works_and_bad_one_is_one_line_in_the_cli(t
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step 'abc'" in err[0], err
+
+
+# ------------------------------------------------------------------------ CPTR checkpoints
+SENTINEL = "attnlab-test-sentinel-never-opened"
+_opened: list[str] = []
+
+
+def _audit(event: str, args) -> None:
+    if event == "open" and args and SENTINEL in str(args[0]):
+        _opened.append(str(args[0]))
+
+
+@pytest.fixture(scope="module")
+def cptr_file(tmp_path_factory) -> Path:
+    import sys
+
+    import attnlab
+    from attnlab.models import CPTRConfig, build_cptr
+
+    if _audit not in getattr(sys, "_attnlab_test_hooks", []):  # audit hooks stay for the process: add ours once
+        sys.addaudithook(_audit)
+        sys._attnlab_test_hooks = [*getattr(sys, "_attnlab_test_hooks", []), _audit]  # type: ignore[attr-defined]
+    torch.manual_seed(0)
+    config = CPTRConfig(
+        encoder="vit_tiny_patch16_224", encoder_args={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        image_size=32, d_model=24, nheads=3, dec_layers=1, dim_feedforward=48, vocab_size=11, max_positions=9,
+        pad_token_id=0, start_token_id=1, end_token_id=2,
+    )  # fmt: skip
+    from attnlab.tokenizer import Vocab
+
+    model = build_cptr(config, vocab=Vocab([f"w{i}" for i in range(11)], wordpiece=False))
+    return attnlab.save_checkpoint(model, tmp_path_factory.mktemp("cptr") / "tiny.pt")
+
+
+BAD_ENCODER_ARGS = {
+    "patch 0": ({"patch_size": 0}, "patch_size=0"),
+    "patch beyond": ({"patch_size": 64}, "patch_size=64"),
+    "act": ({"act_layer": "nope"}, "act_layer='nope'"),
+    "mean in args": ({"mean": ["a", "b", "c"]}, "'mean' is not a ViT size or layout keyword"),
+    "checkpoint": ({"checkpoint_path": f"/tmp/{SENTINEL}.pth"}, "'checkpoint_path' is not"),
+    "cache": ({"cache_dir": f"/tmp/{SENTINEL}"}, "'cache_dir' is not"),
+    "depth string": ({"depth": "2"}, "depth='2'"),
+    "mlp nan": ({"mlp_ratio": float("nan")}, "mlp_ratio=nan"),
+    "heads": ({"num_heads": 5}, "divisible by num_heads (5)"),
+    "drop": ({"drop_path_rate": 1.5}, "drop_path_rate=1.5"),
+    "img size": ({"img_size": 10**6}, "img_size is set by attnlab"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENCODER_ARGS))
+def test_cptr_checkpoint_encoder_args_are_checked_and_never_open_a_file(cptr_file, case, tmp_path):
+    import attnlab
+
+    change, needle = BAD_ENCODER_ARGS[case]
+    obj = torch.load(cptr_file, weights_only=True)
+    obj["config"]["encoder_args"] = {**obj["config"]["encoder_args"], **change}
+    torch.save(obj, tmp_path / "bad.pt")
+    _opened.clear()
+    one_line(lambda: attnlab.load_model("cptr", checkpoint=tmp_path / "bad.pt"), "bad.pt", "encoder_args", needle)
+    assert not _opened, _opened
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"mean": ["a", "b", "c"]}, "mean must be three numbers"),
+        ({"std": [0.5, 0.0, 0.5]}, "std must be positive"),
+        ({"image_size": 10**6}, "image_size must be a whole number in 16..2048"),
+        ({"max_positions": 10**9}, "max_positions"),
+    ],
+)
+def test_cptr_checkpoint_config_values_are_bounded(cptr_file, change, needle, tmp_path):
+    import attnlab
+
+    obj = torch.load(cptr_file, weights_only=True)
+    obj["config"] = {**obj["config"], **change}
+    torch.save(obj, tmp_path / "bad.pt")
+    one_line(lambda: attnlab.load_model("cptr", checkpoint=tmp_path / "bad.pt"), "bad.pt", needle)
+
+
+def test_cptr_checkpoint_with_good_encoder_args_still_loads(cptr_file):
+    import attnlab
+
+    model = attnlab.load_model("cptr", checkpoint=cptr_file)
+    assert model.spec.prefix_tokens == 1 and model.grid(32, 32) == (4, 4)
