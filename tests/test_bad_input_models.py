@@ -330,3 +330,185 @@ def test_cptr_checkpoint_with_good_encoder_args_still_loads(cptr_file):
 
     model = attnlab.load_model("cptr", checkpoint=cptr_file)
     assert model.spec.prefix_tokens == 1 and model.grid(32, 32) == (4, 4)
+
+
+# ------------------------------------------------------------------------ attnlab.wrap
+WORDS = ["[PAD]", "[CLS]", "[SEP]", "a", "red", "green", "blue", "circle", "square", "left", "of", "the", "##s"]
+
+
+class TinyViTCaptioner(torch.nn.Module):
+    """Patch embedding (8 px) + ``prefix`` learned tokens -> one cross-attention layer -> head."""
+
+    def __init__(self, prefix: int = 1, dim: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, prefix, dim))
+        self.embed = torch.nn.Embedding(len(WORDS), dim)
+        self.pos = torch.nn.Embedding(16, dim)
+        self.cross = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.head = torch.nn.Linear(dim, len(WORDS))
+        self.eval()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.patch(x).flatten(2).transpose(1, 2)  # (N, h * w, D)
+        return torch.cat((self.cls.expand(len(x), -1, -1), patches), dim=1)  # (N, prefix + h * w, D)
+
+    def decode(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        q = self.embed(ids) + self.pos.weight[: ids.shape[1]]  # (N, t, D)
+        return self.head(self.cross(q, memory, memory)[0])  # (N, t, V)
+
+
+def wrapped(model=None, **changes):
+    import attnlab
+
+    model = model or TinyViTCaptioner()
+    args = dict(encode=model.encode, decode=model.decode, cross_attention="cross", grid=(8, 8), image_size=64,
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), bos=1, eos=2, vocab=WORDS, max_len=4)  # fmt: skip
+    args.update(changes)
+    return attnlab.wrap(model, **args)
+
+
+def ids_text(ids) -> str:
+    return " ".join(str(int(i)) for i in ids)
+
+
+@pytest.mark.parametrize(
+    "changes, needles",
+    [
+        ({"bos": 999}, ["bos=999", "vocab has 13", "0..12"]),
+        ({"bos": -1}, ["bos=-1"]),
+        ({"eos": 10**6}, ["eos=1000000", "vocab has 13"]),
+        ({"pad": 13}, ["pad=13"]),
+        ({"bos": 999, "vocab": ids_text}, ["decode(memory, ids) failed on the start token bos=999", "IndexError", "check bos="]),
+        ({"eos": 10**6, "vocab": ids_text}, ["eos=1000000", "the model predicts 13"]),
+        ({"image_size": 100_000}, ["image_size=100000", "2048"]),  # the probe image alone would be 120 GB
+        ({"grid": (2.7, 3.9)}, ["whole numbers", "(2.7, 3.9)"]),
+        ({"grid": lambda h, w: (h / 8.5, w / 8.5)}, ["whole numbers", "use //"]),
+        ({"grid": (4, 4)}, ["leaves 49 of encode()'s 65 tokens as prefix tokens", "grid=(8, 8) would fit", "prefix_tokens=49"]),
+        ({"grid": (8, 8), "prefix_tokens": 2}, ["not prefix_tokens=2 + the 8x8 = 64 patches"]),
+        ({"image_size": 40}, ["encode() failed on a blank 40x40 image"]),
+    ],
+)
+def test_wrap_refuses_ids_sizes_and_grids_that_cannot_be_right(changes, needles):
+    model = TinyViTCaptioner()
+    if changes.get("image_size") == 40:  # a model that only takes 64 px inputs (as a ViT without dynamic size)
+        encode = model.encode
+        model.encode = lambda x: encode(x) if x.shape[-1] == 64 else (_ for _ in ()).throw(AssertionError("input 40 != 64"))
+    one_line(lambda: wrapped(model, **changes), *needles)
+
+
+def test_wrap_grid_prefix_rules_that_are_right_still_work():
+    import numpy as np
+
+    import attnlab
+
+    assert wrapped().spec.prefix_tokens == 1
+    assert wrapped(grid=(8.0, np.int64(8))).spec.prefix_tokens == 1  # whole numbers in any type
+    assert wrapped(grid=(4, 4), prefix_tokens=49).spec.prefix_tokens == 49  # stated: accepted and checked
+    assert wrapped(TinyViTCaptioner(prefix=8)).spec.prefix_tokens == 8  # CLS + 7 registers: within the rule
+    one_line(lambda: wrapped(TinyViTCaptioner(prefix=9)), "leaves 9 of encode()'s 73 tokens", "prefix_tokens=9")
+    trace = attnlab.caption(wrapped(grid=(4, 4), prefix_tokens=49), np.zeros((64, 64, 3), np.uint8))
+    assert trace.grid == (4, 4) and trace.cross_attention.shape[-2:] == (4, 4)
+
+
+def test_wrap_of_a_model_on_the_meta_device_is_one_line():
+    with torch.device("meta"):
+        model = TinyViTCaptioner()
+    one_line(lambda: wrapped(model), "'meta' device", "load them first")
+
+
+def test_explain_with_a_decode_that_detaches_its_logits_is_one_line():
+    import numpy as np
+
+    import attnlab
+
+    model = TinyViTCaptioner()
+    cap = wrapped(model, decode=lambda memory, ids: model.decode(memory, ids).detach())
+    image = np.zeros((64, 64, 3), np.uint8)
+    assert attnlab.explain(cap, image, method="raw") is not None  # no gradient needed: works
+    one_line(lambda: attnlab.explain(cap, image, method="grad_attn"), "detach", "method='raw'")
+
+
+# ------------------------------------------------------------------------ attnlab.from_huggingface
+HF_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "on", "the", "left", "of", "##s", "."]
+
+
+def _hf(tmp_path: Path, kind: str = "ved", never_ends: bool = True):
+    """A tiny random DeiT + BERT VisionEncoderDecoder (or BLIP) with 32 decoder positions whose end token
+    is never produced (``never_ends``), its tokenizer and image processor, built offline."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "vocab.txt").write_text("\n".join(HF_WORDS) + "\n", encoding="utf-8")
+    tok = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    text = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, max_position_embeddings=32)
+    torch.manual_seed(0)
+    if kind == "blip":
+        tok.add_special_tokens({"bos_token": "[DEC]"})
+        config = transformers.BlipConfig(
+            text_config=dict(vocab_size=len(tok), encoder_hidden_size=32, bos_token_id=tok.bos_token_id,
+                             sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, **text),
+            vision_config=vision,
+        )  # fmt: skip
+        model = transformers.BlipForConditionalGeneration(config).eval()
+        head = model.text_decoder.cls.predictions
+        processor = transformers.BlipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+            transformers.DeiTConfig(**vision),
+            transformers.BertConfig(vocab_size=len(tok), is_decoder=True, add_cross_attention=True, **text),
+        )
+        model = transformers.VisionEncoderDecoderModel(config).eval()
+        gen = model.generation_config
+        gen.decoder_start_token_id, gen.eos_token_id, gen.pad_token_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+        head = model.decoder.cls.predictions
+        processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    if never_ends:
+        with torch.no_grad():
+            head.bias[tok.sep_token_id] = -1e4  # captions run to max_len
+            head.decoder.bias = head.bias
+    return model, tok, processor
+
+
+@pytest.mark.parametrize("kind", ["ved", "blip"])
+def test_from_huggingface_max_len_is_bounded_by_the_decoders_positions(kind, tmp_path):
+    import numpy as np
+
+    import attnlab
+
+    model, tok, processor = _hf(tmp_path, kind)
+    one_line(lambda: attnlab.from_huggingface(model, tok, processor, max_len=10**9), "max_len=1000000000", "32 positions", "max_len <= 32")
+    one_line(lambda: attnlab.from_huggingface(model, tok, processor, max_len=33), "max_len=33")
+    trace = attnlab.caption(attnlab.from_huggingface(model, tok, processor, max_len=32), np.zeros((20, 20, 3), np.uint8))
+    assert len(trace.token_ids) == 32  # the bound is exact: all 32 positions are used, no end token
+
+
+@pytest.mark.parametrize(
+    "key, needles",
+    [
+        ("decoder_start_token_id", ["bos token id 1000000", "generation_config.decoder_start_token_id", "vocabulary has 16"]),
+        ("eos_token_id", ["eos token id 1000000", "generation_config.eos_token_id"]),
+    ],
+)
+def test_from_huggingface_token_ids_out_of_vocabulary_name_the_setting(key, needles, tmp_path):
+    import attnlab
+
+    model, tok, processor = _hf(tmp_path, never_ends=False)
+    setattr(model.generation_config, key, 10**6)
+    message = one_line(lambda: attnlab.from_huggingface(model, tok, processor), *needles)
+    assert "add_cross_attention" not in message  # the real problem, not a guess
+
+
+def test_from_huggingface_of_a_model_on_the_meta_device_is_one_line(tmp_path):
+    import attnlab
+
+    model, tok, processor = _hf(tmp_path, never_ends=False)
+    one_line(lambda: attnlab.from_huggingface(model.to("meta"), tok, processor), "'meta' device", "load them first")
+
+
+def test_from_huggingface_image_processor_size_is_bounded_before_it_runs(tmp_path):
+    import attnlab
+
+    model, tok, processor = _hf(tmp_path, never_ends=False)
+    processor.size = {"height": 100_000, "width": 100_000}  # would make a 120 GB input from the probe image
+    one_line(lambda: attnlab.from_huggingface(model, tok, processor), "size", "2048 px")
