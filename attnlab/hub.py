@@ -236,7 +236,7 @@ def _warn_nonfinite(sd: dict[str, torch.Tensor], source: str) -> None:
         )
 
 
-def _stored_vocab(obj: dict[str, Any], config: CATRConfig, source: str) -> Vocab | None:
+def _stored_vocab(obj: dict[str, Any], config: CATRConfig | CPTRConfig, source: str) -> Vocab | None:
     """The vocabulary inside an attnlab-format checkpoint (``None`` when it has none)."""
     tokens = obj.get("vocab")
     if not tokens:
@@ -302,7 +302,7 @@ def _cptr_from_checkpoint(obj: dict[str, Any], path: str | Path, given_vocab: Vo
     for what, (declared, found) in sizes.items():
         if declared is not None and declared != found:
             raise AttnlabError(f"{path} does not fit its own configuration ({what}: {declared} declared, {found} in the weights): the file is damaged")
-    tokens = given_vocab or (Vocab(obj["vocab"], wordpiece=bool(obj.get("wordpiece", False))) if obj.get("vocab") else None)
+    tokens = given_vocab or _stored_vocab(obj, config, str(path))  # a list of as many strings as the head predicts
     if tokens is not None and len(tokens) != config.vocab_size:
         raise AttnlabError(f"the vocabulary has {len(tokens)} tokens but {path} predicts {config.vocab_size}: pass the model's own vocab.txt")
     name = obj.get("name", name) if isinstance(obj.get("name"), str) else name

@@ -512,3 +512,13 @@ def test_from_huggingface_image_processor_size_is_bounded_before_it_runs(tmp_pat
     model, tok, processor = _hf(tmp_path, never_ends=False)
     processor.size = {"height": 100_000, "width": 100_000}  # would make a 120 GB input from the probe image
     one_line(lambda: attnlab.from_huggingface(model, tok, processor), "size", "2048 px")
+
+
+@pytest.mark.parametrize("vocab", ["abcdefghijk", {f"w{i}": i for i in range(11)}, [f"w{i}" for i in range(10)] + [7]])  # 11 of each
+def test_cptr_checkpoint_vocabulary_is_checked_like_catrs(cptr_file, vocab, tmp_path):
+    import attnlab
+
+    obj = torch.load(cptr_file, weights_only=True)
+    obj["vocab"] = vocab
+    torch.save(obj, tmp_path / "bad.pt")
+    one_line(lambda: attnlab.load_model("cptr", checkpoint=tmp_path / "bad.pt"), "bad.pt", "damaged vocabulary (not a list of strings)")
