@@ -522,3 +522,12 @@ def test_cptr_checkpoint_vocabulary_is_checked_like_catrs(cptr_file, vocab, tmp_
     obj["vocab"] = vocab
     torch.save(obj, tmp_path / "bad.pt")
     one_line(lambda: attnlab.load_model("cptr", checkpoint=tmp_path / "bad.pt"), "bad.pt", "damaged vocabulary (not a list of strings)")
+
+
+@pytest.mark.parametrize("name, needle", [("a\x00.png", "cannot open"), ("sub", "not a regular file"), ("x" * 5000 + ".png", "cannot open"), ("", "file_name ''")])
+def test_boxes_file_names_that_cannot_be_opened_are_one_line(tmp_path, name, needle):
+    from attnlab.explain.boxes import read_boxes
+
+    folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": name}]})
+    (folder / "sub").mkdir()
+    one_line(lambda: read_boxes(folder, path), "image 1", needle)
