@@ -388,6 +388,7 @@ def ids_text(ids) -> str:
         ({"grid": (4, 4)}, ["leaves 49 of encode()'s 65 tokens as prefix tokens", "grid=(8, 8) would fit", "prefix_tokens=49"]),
         ({"grid": (8, 8), "prefix_tokens": 2}, ["not prefix_tokens=2 + the 8x8 = 64 patches"]),
         ({"image_size": 40}, ["encode() failed on a blank 40x40 image"]),
+        ({"bos": None}, ["bos= must be an integer, not None"]),
     ],
 )
 def test_wrap_refuses_ids_sizes_and_grids_that_cannot_be_right(changes, needles):

@@ -128,6 +128,20 @@ def refuse_meta(model: nn.Module, how: str) -> None:
         raise AttnlabError(f"the model's weights are on the 'meta' device ({meta} has no values): load them first ({how})")
 
 
+def _check_numbers(**values: Any) -> None:
+    """wrap()'s whole-number arguments: integers (``max_len``, ``prefix_tokens``: or None); ``image_size``
+    in ``1 .. MAX_IMAGE_SIZE`` (checked before the probe image is made); ``prefix_tokens`` >= 0."""
+    for label, value in values.items():
+        optional = value is None and label in ("max_len", "prefix_tokens")
+        if not optional and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise AttnlabError(f"{label}= must be an integer, not {value!r}")
+    size = values["image_size"]
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise AttnlabError(f"image_size={size} is outside 1..{MAX_IMAGE_SIZE} px: pass the side your model takes (e.g. 224 or 384)")
+    if values["prefix_tokens"] is not None and values["prefix_tokens"] < 0:
+        raise AttnlabError(f"prefix_tokens= must be 0 or more, not {values['prefix_tokens']}")
+
+
 def _whole(v: Any) -> int:
     """A whole number (``3``, ``np.int64(3)``, ``3.0``); ``ValueError`` for ``2.7``, ``True`` or text."""
     if isinstance(v, bool):
@@ -382,13 +396,7 @@ def wrap(
         raise AttnlabError("encode= and decode= must be functions: encode(pixels) -> memory, decode(memory, ids) -> logits")
     if resize not in ("stretch", "pad"):
         raise AttnlabError(f"resize must be 'stretch' or 'pad' for a wrapped model, not {resize!r}")
-    for label, value in (("bos", bos), ("eos", eos), ("pad", pad), ("image_size", image_size), ("max_len", max_len), ("prefix_tokens", prefix_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-            raise AttnlabError(f"{label}= must be an integer, not {value!r}")
-    if image_size is None or not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise AttnlabError(f"image_size={image_size} is outside 1..{MAX_IMAGE_SIZE} px: pass the side your model takes (e.g. 224 or 384)")
-    if prefix_tokens is not None and prefix_tokens < 0:
-        raise AttnlabError(f"prefix_tokens= must be 0 or more, not {prefix_tokens}")
+    _check_numbers(bos=bos, eos=eos, pad=pad, image_size=image_size, max_len=max_len, prefix_tokens=prefix_tokens)
     refuse_meta(model, "model.to_empty(device='cpu') then load_state_dict")
     spec_args = dict(
         name=name or type(model).__name__,
