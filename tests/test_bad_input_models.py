@@ -413,6 +413,19 @@ def test_wrap_grid_prefix_rules_that_are_right_still_work():
     assert trace.grid == (4, 4) and trace.cross_attention.shape[-2:] == (4, 4)
 
 
+def test_wrap_max_len_beyond_the_decoders_positions_is_one_line_that_says_so():
+    import numpy as np
+
+    import attnlab
+
+    model = TinyViTCaptioner()  # 16 learned positions
+    with torch.no_grad():
+        model.head.bias[2] = -1e4  # the end token is never produced
+    cap = wrapped(model, max_len=10**9)
+    one_line(lambda: attnlab.caption(cap, np.zeros((64, 64, 3), np.uint8)), "prefix of 17 tokens", "RuntimeError", "max_len=1000000000")
+    assert len(attnlab.caption(wrapped(model, max_len=16), np.zeros((64, 64, 3), np.uint8)).token_ids) == 16
+
+
 def test_wrap_of_a_model_on_the_meta_device_is_one_line():
     with torch.device("meta"):
         model = TinyViTCaptioner()

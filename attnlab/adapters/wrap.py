@@ -327,7 +327,9 @@ class WrappedCaptioner:
             self_cap = None
             if record == "all" and self._self:
                 self_cap = stack.enter_context(capture_attention(self.model, self._self, detach=not grad, substitute=hand))
-            logits = self._decode(state.memory, state.ids)  # (N, t, V)
+            t, most = state.ids.shape[1], self._spec_args["max_len"]
+            hint = f"if your decoder has fewer than max_len={most} positions, pass a smaller max_len="
+            logits = _run("decode(memory, ids)", f"a caption prefix of {t} tokens", hint, self._decode, state.memory, state.ids)  # (N, t, V)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != state.ids.shape[1]:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise AttnlabError(f"decode() returned {shape} for ids {tuple(state.ids.shape)}; it must return (N, t, V)")
