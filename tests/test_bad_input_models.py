@@ -545,3 +545,17 @@ def test_boxes_file_names_that_cannot_be_opened_are_one_line(tmp_path, name, nee
     folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": name}]})
     (folder / "sub").mkdir()
     one_line(lambda: read_boxes(folder, path), "image 1", needle)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_boxes_file_name_swapped_for_a_fifo_after_the_check_does_not_block(tmp_path, monkeypatch):
+    """The type is checked again on the opened file: a FIFO put in place after the first check cannot block."""
+    from attnlab.explain.boxes import read_boxes
+
+    folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": "pipe.png"}]})
+    os.mkfifo(folder / "pipe.png")
+    real_stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: real_stat(folder / "a.png" if self.name == "pipe.png" else self, **kw))
+    result = _without_blocking(lambda: read_boxes(folder, path), folder / "pipe.png")
+    error = result.get("error")
+    assert isinstance(error, AttnlabError) and "pipe.png" in str(error) and "not a regular file" in str(error), result

@@ -47,18 +47,35 @@ class _TooMany(Exception):
     pass
 
 
+class _NotRegular(OSError):
+    pass
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading only if it is still a regular file (opened without blocking, then
+    checked on the open file: a FIFO put in its place after the first check cannot block)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _json(path: Path, what: str) -> Any:
     """The JSON of ``path``, bounded before it is read (a regular file, at most ``MAX_BOXES_BYTES``)
     and while it is parsed (at most ``MAX_JSON_OBJECTS`` objects)."""
     try:
-        mode = path.stat().st_mode
-    except (OSError, ValueError):
+        with _open_regular(path) as fh:  # a FIFO or device would block or never end
+            raw = fh.read(MAX_BOXES_BYTES + 1)  # bounded even if the file grows after the check
+    except (FileNotFoundError, ValueError):
         raise AttnlabError(f"no {what} file at {path}: check the path") from None
-    if not stat.S_ISREG(mode):  # a folder, or a FIFO or device that would block or never end
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
-        raise AttnlabError(f"{path} is {kind}: pass a JSON {what} file")
-    with open(path, "rb") as fh:
-        raw = fh.read(MAX_BOXES_BYTES + 1)  # bounded even if the file grows after the check
+    except _NotRegular:
+        raise AttnlabError(f"{path} is not a regular file (a folder, pipe, socket or device): pass a JSON {what} file") from None
+    except OSError as exc:
+        raise AttnlabError(f"cannot read {path} ({exc.strerror or type(exc).__name__}): pass a readable JSON {what} file") from None
     if len(raw) > MAX_BOXES_BYTES:
         raise AttnlabError(f"{path} is larger than {MAX_BOXES_BYTES // 1024**2} MiB: split it into smaller {what} files")
     count = 0
@@ -111,26 +128,25 @@ def _box(value: Any, path: Path, n: int) -> tuple[float, float, float, float]:
 
 
 def _image_size(folder: Path, name: str, path: Path, where: str) -> tuple[int, int]:
-    """``(width, height)`` of the image file ``file`` from its header: a regular file (a FIFO would block)
-    of at most :data:`attnlab.preprocess.MAX_PIXELS` pixels (a decompression bomb is not decoded)."""
+    """``(width, height)`` of the image file ``folder / name`` from its header: a regular file (a FIFO
+    would block; checked on the file opened without blocking) of at most
+    :data:`attnlab.preprocess.MAX_PIXELS` pixels (a decompression bomb is not decoded)."""
     file = folder / name
-    try:
-        mode = file.stat().st_mode
-    except FileNotFoundError:
-        raise AttnlabError(f"{file} ({where} of {path}) is not in --images {folder}: check its file_name") from None
-    except (OSError, ValueError) as exc:  # too long a name, a NUL byte, no permission
-        raise AttnlabError(f"{path}: {where} has a file_name attnlab cannot open ({type(exc).__name__}): fix its file_name") from None
-    if not stat.S_ISREG(mode):
-        raise AttnlabError(f"{file} ({where} of {path}) is not a regular file (a folder, pipe or device): file_name must name an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(file) as img:
+            with _open_regular(file) as fh, Image.open(fh) as img:
                 width, height = img.size
+    except FileNotFoundError:
+        raise AttnlabError(f"{file} ({where} of {path}) is not in --images {folder}: check its file_name") from None
+    except _NotRegular:
+        raise AttnlabError(f"{file} ({where} of {path}) is not a regular file (a folder, pipe or device): file_name must name an image") from None
     except Image.DecompressionBombError:
         width = height = MAX_PIXELS  # beyond PIL's own limit: refused below
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, SyntaxError) as exc:
         raise AttnlabError(f"{file} ({where} of {path}) is not an image PIL can read ({type(exc).__name__})") from None
+    except (OSError, ValueError) as exc:  # too long a name, a NUL byte, no permission, a truncated header
+        raise AttnlabError(f"{path}: {where} has a file_name attnlab cannot open ({type(exc).__name__}): fix its file_name") from None
     if width * height > MAX_PIXELS:
         raise AttnlabError(f"{file} ({where} of {path}) has more pixels than attnlab reads ({MAX_PIXELS:,}): downscale it first")
     return width, height
