@@ -143,6 +143,10 @@ def test_boxes_file_name_or_boxes_file_that_is_a_fifo_does_not_block(tmp_path):
     os.mkfifo(tmp_path / "boxes-pipe.json")
     result = _without_blocking(lambda: read_boxes(folder, tmp_path / "boxes-pipe.json"), tmp_path / "boxes-pipe.json")
     assert isinstance(result.get("error"), AttnlabError) and "not a regular file" in str(result["error"]), result
+    from attnlab.explain.boxes import read_synonyms
+
+    result = _without_blocking(lambda: read_synonyms(tmp_path / "boxes-pipe.json"), tmp_path / "boxes-pipe.json")
+    assert isinstance(result.get("error"), AttnlabError) and "not a regular file" in str(result["error"]), result
 
 
 def test_boxes_duplicate_annotations_are_dropped_and_said(tmp_path):
