@@ -176,6 +176,31 @@ def test_boxes_json_objects_are_counted_while_parsing(tmp_path, monkeypatch):
     one_line(lambda: read(tmp_path, data), "more than 50 JSON objects", "split it")
 
 
+@pytest.mark.parametrize(
+    "name, needle", [("a\x00.png", "cannot open"), ("sub", "not a regular file"), ("x" * 5000 + ".png", "cannot open"), ("", "file_name ''")]
+)
+def test_boxes_file_names_that_cannot_be_opened_are_one_line(tmp_path, name, needle):
+    from attnlab.explain.boxes import read_boxes
+
+    folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": name}]})
+    (folder / "sub").mkdir()
+    one_line(lambda: read_boxes(folder, path), "image 1", needle)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_boxes_file_name_swapped_for_a_fifo_after_the_check_does_not_block(tmp_path, monkeypatch):
+    """The type is checked again on the opened file: a FIFO put in place after the first check cannot block."""
+    from attnlab.explain.boxes import read_boxes
+
+    folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": "pipe.png"}]})
+    os.mkfifo(folder / "pipe.png")
+    real_stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: real_stat(folder / "a.png" if self.name == "pipe.png" else self, **kw))
+    result = _without_blocking(lambda: read_boxes(folder, path), folder / "pipe.png")
+    error = result.get("error")
+    assert isinstance(error, AttnlabError) and "pipe.png" in str(error) and "not a regular file" in str(error), result
+
+
 # ------------------------------------------------------------------------ train shapes --resume
 TRAIN = dict(steps=4, batch_size=2, warmup=1, seed=3)
 
@@ -334,6 +359,16 @@ def test_cptr_checkpoint_with_good_encoder_args_still_loads(cptr_file):
 
     model = attnlab.load_model("cptr", checkpoint=cptr_file)
     assert model.spec.prefix_tokens == 1 and model.grid(32, 32) == (4, 4)
+
+
+@pytest.mark.parametrize("vocab", ["abcdefghijk", {f"w{i}": i for i in range(11)}, [f"w{i}" for i in range(10)] + [7]])  # 11 of each
+def test_cptr_checkpoint_vocabulary_is_checked_like_catrs(cptr_file, vocab, tmp_path):
+    import attnlab
+
+    obj = torch.load(cptr_file, weights_only=True)
+    obj["vocab"] = vocab
+    torch.save(obj, tmp_path / "bad.pt")
+    one_line(lambda: attnlab.load_model("cptr", checkpoint=tmp_path / "bad.pt"), "bad.pt", "damaged vocabulary (not a list of strings)")
 
 
 # ------------------------------------------------------------------------ attnlab.wrap
@@ -530,36 +565,3 @@ def test_from_huggingface_image_processor_size_is_bounded_before_it_runs(tmp_pat
     model, tok, processor = _hf(tmp_path, never_ends=False)
     processor.size = {"height": 100_000, "width": 100_000}  # would make a 120 GB input from the probe image
     one_line(lambda: attnlab.from_huggingface(model, tok, processor), "size", "2048 px")
-
-
-@pytest.mark.parametrize("vocab", ["abcdefghijk", {f"w{i}": i for i in range(11)}, [f"w{i}" for i in range(10)] + [7]])  # 11 of each
-def test_cptr_checkpoint_vocabulary_is_checked_like_catrs(cptr_file, vocab, tmp_path):
-    import attnlab
-
-    obj = torch.load(cptr_file, weights_only=True)
-    obj["vocab"] = vocab
-    torch.save(obj, tmp_path / "bad.pt")
-    one_line(lambda: attnlab.load_model("cptr", checkpoint=tmp_path / "bad.pt"), "bad.pt", "damaged vocabulary (not a list of strings)")
-
-
-@pytest.mark.parametrize("name, needle", [("a\x00.png", "cannot open"), ("sub", "not a regular file"), ("x" * 5000 + ".png", "cannot open"), ("", "file_name ''")])
-def test_boxes_file_names_that_cannot_be_opened_are_one_line(tmp_path, name, needle):
-    from attnlab.explain.boxes import read_boxes
-
-    folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": name}]})
-    (folder / "sub").mkdir()
-    one_line(lambda: read_boxes(folder, path), "image 1", needle)
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_boxes_file_name_swapped_for_a_fifo_after_the_check_does_not_block(tmp_path, monkeypatch):
-    """The type is checked again on the opened file: a FIFO put in place after the first check cannot block."""
-    from attnlab.explain.boxes import read_boxes
-
-    folder, path = boxes_file(tmp_path, {**GOOD, "images": [{"id": 1, "file_name": "pipe.png"}]})
-    os.mkfifo(folder / "pipe.png")
-    real_stat = Path.stat
-    monkeypatch.setattr(Path, "stat", lambda self, **kw: real_stat(folder / "a.png" if self.name == "pipe.png" else self, **kw))
-    result = _without_blocking(lambda: read_boxes(folder, path), folder / "pipe.png")
-    error = result.get("error")
-    assert isinstance(error, AttnlabError) and "pipe.png" in str(error) and "not a regular file" in str(error), result
