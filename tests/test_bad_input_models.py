@@ -562,6 +562,9 @@ def test_from_huggingface_of_a_model_on_the_meta_device_is_one_line(tmp_path):
 def test_from_huggingface_image_processor_size_is_bounded_before_it_runs(tmp_path):
     import attnlab
 
-    model, tok, processor = _hf(tmp_path, never_ends=False)
-    processor.size = {"height": 100_000, "width": 100_000}  # would make a 120 GB input from the probe image
-    one_line(lambda: attnlab.from_huggingface(model, tok, processor), "size", "2048 px")
+    transformers = pytest.importorskip("transformers")
+    model, tok, _ = _hf(tmp_path, never_ends=False)
+    processor = transformers.ViTImageProcessor(size={"height": 100_000, "width": 100_000})  # a 120 GB input from the probe image
+    one_line(lambda: attnlab.from_huggingface(model, tok, processor), "size height=100000", "2048 px")
+    processor.size = {"shortest_edge": 50_000}  # a plain dict works too
+    one_line(lambda: attnlab.from_huggingface(model, tok, processor), "size shortest_edge=50000", "2048 px")

@@ -205,6 +205,17 @@ def _triple(value: Any, default: float) -> tuple[float, float, float]:
     return out if len(out) == 3 else (out[0],) * 3  # type: ignore[return-value]
 
 
+_SIDE_KEYS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
+
+
+def _sides(sizes: Any) -> dict[str, float]:
+    """The pixel sides an image processor's ``size`` asks for: a number, a dict or transformers' ``SizeDict``."""
+    if isinstance(sizes, numbers.Real):
+        return {"side": sizes}
+    items = sizes.items() if isinstance(sizes, dict) else vars(sizes).items() if hasattr(sizes, "__dict__") else ()
+    return {k: v for k, v in items if k in _SIDE_KEYS and isinstance(v, numbers.Real)}
+
+
 def _pixels_of(image_processor: Any) -> _Pixels:
     """The processor as ``spec.transform``, checked on a synthetic wide image to stretch it to a square."""
     processor = getattr(image_processor, "image_processor", image_processor)  # a combined processor works too
@@ -218,10 +229,11 @@ def _pixels_of(image_processor: Any) -> _Pixels:
     std = _triple(getattr(processor, "image_std", None) if normalize else None, 1.0)
     scale = float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0
     for key in ("size", "crop_size"):
-        sizes = getattr(processor, key, None)
-        sides = [v for v in (sizes.values() if isinstance(sizes, dict) else [sizes]) if isinstance(v, numbers.Real)]
-        if any(v > MAX_SIDE for v in sides):
-            raise AttnlabError(f"the image processor's {key} {sizes} is larger than attnlab's limit of {MAX_SIDE} px: set it to the model's input size")
+        for side, value in _sides(getattr(processor, key, None)).items():
+            if value > MAX_SIDE:
+                raise AttnlabError(
+                    f"the image processor's {key} {side}={value} is larger than attnlab's limit of {MAX_SIDE} px: set it to the model's input size"
+                )
 
     def transform(img: Image.Image) -> torch.Tensor:
         out = processor(images=img, return_tensors="pt")
