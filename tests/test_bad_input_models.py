@@ -568,3 +568,25 @@ def test_from_huggingface_image_processor_size_is_bounded_before_it_runs(tmp_pat
     one_line(lambda: attnlab.from_huggingface(model, tok, processor), "size height=100000", "2048 px")
     processor.size = {"shortest_edge": 50_000}  # a plain dict works too
     one_line(lambda: attnlab.from_huggingface(model, tok, processor), "size shortest_edge=50000", "2048 px")
+
+
+# ------------------------------------------------------------------------ student checkpoints (the same class as CPTR's)
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"width": 10**6, "depth": 4, "dec_layers": 3}, "width=1000000"),
+        ({"width": "96", "depth": 4, "dec_layers": 3}, "width='96'"),
+        ({"width": 96, "heads": 0, "depth": 4, "dec_layers": 3}, "heads=0"),
+        ({"width": 96, "heads": 5, "depth": 4, "dec_layers": 3}, "does not divide into 5 heads"),
+        ({"width": 96, "depth": 4, "dec_layers": 3, "img_size": 10**5}, "'img_size' is not one of"),
+        ("x", "not a dict"),
+        ({"width": 96, "depth": 5, "dec_layers": 3}, "does not fit"),  # fits the rules, not the weights: checked on meta
+    ],
+)
+def test_student_checkpoint_config_is_checked_before_anything_is_built(config, needle, tmp_path):
+    from attnlab.shapes.student import BUNDLED_STUDENT, load_student
+
+    obj = torch.load(BUNDLED_STUDENT, weights_only=True)
+    torch.save({**obj, "config": config}, tmp_path / "student.pt")
+    one_line(lambda: load_student(tmp_path / "student.pt"), "student.pt", needle)
+    assert load_student().encoder.embed_dim == 96  # the shipped one still loads
