@@ -558,8 +558,10 @@ def run_plan(
         raise AttnlabError(f"--workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
     run = run_settings(model, max_len=max_len, beams=beams, length_penalty=length_penalty, half=half, mode=mode)
     spec = as_captioner(model).spec
+    out_real = os.path.realpath(plan.out)
     for folder in sorted({p.trace.parent for p in plan.plans}):
-        remove_stale_temps(folder)  # left by killed runs (never a live one of a parallel run)
+        if os.path.commonpath([os.path.realpath(folder), out_real]) == out_real:  # never through a link out of --out
+            remove_stale_temps(folder)  # left by killed runs (never a live one of a parallel run)
     state = _Run(plan, model, run, batch_size, progress)
     loader = DataLoader(
         _Images(plan, spec, run),
