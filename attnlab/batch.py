@@ -519,9 +519,10 @@ class _Run:
         overwrite = self.plan.overwrite
         try:  # checked again: a file may have appeared in the way since plan_run
             runlist.check_replaceable(self.plan.captions, "captions", overwrite)
-            runlist.write_run_list(self.plan.captions, "captions", captions)
             if errors:
                 runlist.check_replaceable(self.plan.errors, "errors", overwrite)
+            runlist.write_run_list(self.plan.captions, "captions", captions)
+            if errors:
                 runlist.write_run_list(self.plan.errors, "errors", errors)
             elif self.plan.errors.is_file() and (overwrite or runlist.is_own(self.plan.errors, "errors")):
                 self.plan.errors.unlink()  # attnlab's own list from an earlier run: all fixed now

@@ -50,6 +50,8 @@ def write_run_list(path: Path, kind: str, records: list[dict[str, Any]]) -> None
 def _split(path: Path) -> tuple[dict[str, Any] | None, bytes]:
     """The header record (``None`` when the file is not an intact run list of attnlab's) and the body."""
     try:
+        if not path.is_file() or path.stat().st_size > MAX_BYTES:  # a FIFO would block, a huge file is not a list
+            return None, b""
         with path.open("rb") as fh:
             data = fh.read(MAX_BYTES + 1)
     except OSError:
