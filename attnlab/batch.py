@@ -22,7 +22,9 @@
 5. ``captions.jsonl`` (one JSON object per image: image, name, caption, words,
    trace, and figure and html page when asked) and ``errors.jsonl`` (image, name, error) in the output
    folder; a shard ``k`` of ``n`` writes ``captions.k-of-n.jsonl`` and
-   ``errors.k-of-n.jsonl`` instead, so shards never write the same file.
+   ``errors.k-of-n.jsonl`` instead, so shards never write the same file. Each
+   starts with a header line only attnlab writes (:mod:`attnlab.runlist`): a file of
+   that name without it is never replaced or deleted unless ``overwrite``.
 
 Ctrl-C finishes the batch being decoded, writes the captions and errors files
 and stops (a second Ctrl-C stops at once and drops that batch); nothing
