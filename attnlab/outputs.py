@@ -310,7 +310,7 @@ def _conflict(path: Path, plan: Planned, inputs: _Inputs, overwrite: bool) -> st
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return f"cannot check {path} ({exc.strerror})"
+        return f"cannot check {path} ({exc.strerror}): a file may stand where a folder is needed; move it or give another --out folder"
     if stat.S_ISDIR(mode):
         return f"{path} is a folder in the way of an output: move it or give another --out folder"
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):

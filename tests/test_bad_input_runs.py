@@ -337,6 +337,17 @@ def test_an_input_subfolder_named_like_a_run_list(model, scenes, tmp_path):
         assert sorted(os.listdir(out)) == ["a.png.npz", "captions.jsonl", "errors.jsonl"]
 
 
+def test_an_input_subfolder_named_like_another_images_trace(model, scenes, tmp_path):
+    folder = photos(tmp_path / "photos", scenes[:2], names=("a.png", "a.png.npz/b.png"))
+    out = tmp_path / "out"
+    for _ in range(2):
+        report = caption_folder(model, folder, out, workers=0, progress=False)
+        assert (report.captioned + report.skipped, report.failed) == (1, 1)
+        (error,) = run_records(out / "errors.jsonl")
+        assert error["name"] == "a.png.npz/b.png" and "give another --out folder" in error["error"]
+        assert attnlab.CaptionTrace.load(out / "a.png.npz").meta["source"] == str((folder / "a.png").resolve())
+
+
 def test_an_output_folder_that_stops_being_writable(model, scenes, tmp_path, monkeypatch):
     from attnlab import fileio, outputs
 
