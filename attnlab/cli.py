@@ -15,7 +15,7 @@ from pathlib import Path
 from . import outputs
 from .errors import AttnlabError
 from .fileio import remove_stale_temps
-from .hub import model_names
+from .hub import NAMES
 
 
 def _error(message: str) -> None:
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE|DIR|GLOB")
     p.add_argument("--model", default=None, metavar="NAME",
-                   help=f"one of {', '.join(model_names())} (default shapes, bundled; shapes-cptr is bundled too; catr-v1..v3 are "
+                   help=f"one of {', '.join(NAMES)} (default shapes, bundled; shapes-cptr is bundled too; catr-v1..v3 are "
                         "downloaded once; catr and cptr need --checkpoint)")  # fmt: skip
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a checkpoint of your own: attnlab's (CATR-style or CPTR, from attnlab train) or a published CATR one")
