@@ -22,7 +22,9 @@
 5. ``captions.jsonl`` (one JSON object per image: image, name, caption, words,
    trace, and figure and html page when asked) and ``errors.jsonl`` (image, name, error) in the output
    folder; a shard ``k`` of ``n`` writes ``captions.k-of-n.jsonl`` and
-   ``errors.k-of-n.jsonl`` instead, so shards never write the same file.
+   ``errors.k-of-n.jsonl`` instead, so shards never write the same file. Each
+   starts with a header line only attnlab writes (:mod:`attnlab.runlist`): a file of
+   that name without it is never replaced or deleted unless ``overwrite``.
 
 Ctrl-C finishes the batch being decoded, writes the captions and errors files
 and stops (a second Ctrl-C stops at once and drops that batch); nothing
@@ -31,9 +33,7 @@ partial is left, and the same command resumes where it stopped.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
 import re
 import signal
@@ -49,12 +49,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import outputs
+from . import outputs, patterns, runlist
 from .captioner import CaptionerSpec, as_captioner
 from .decode import check_beams, check_max_len, decode_batch
 from .diagnostics import mark_padding
 from .errors import AttnlabError
-from .fileio import atomic_write, remove_stale_temps
+from .fileio import remove_stale_temps
 from .preprocess import prepare_for
 from .trace import CaptionTrace
 from .util import one_line
@@ -62,7 +62,9 @@ from .util import one_line
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 """File name endings (any case) taken from folders and glob patterns."""
 
-_MAGIC = re.compile(r"[*?[]")
+_MAGIC = patterns.MAGIC
+# the run lists of any shard: an input subfolder with such a name would put outputs where a list goes
+_RUN_LIST = re.compile(r"(captions|errors)(\.\d+-of-\d+)?\.jsonl")
 
 
 # ====================================================================== inputs
@@ -93,14 +95,12 @@ def _walk(root: Path) -> list[Path]:
     return found
 
 
-def _glob_root(pattern: str) -> Path:
-    """The folder a glob pattern's matches are named relative to: its parts before the first wildcard."""
-    fixed = []
-    for part in Path(pattern).parts[:-1]:
-        if _MAGIC.search(part):
-            break
-        fixed.append(part)
-    return Path(*fixed) if fixed else Path(".")
+def _check_name(name: str, path: Path) -> str:
+    """A relative output name that stays below ``--out``: no ``..``, ``.``, empty or absolute parts."""
+    parts = name.split("/")
+    if os.path.isabs(name) or any(part in ("", ".", "..") for part in parts):
+        raise AttnlabError(f"{path} would be named {name!r}, which leaves the output folder: name its folder or a pattern below it")
+    return name
 
 
 def _own_figure(path: Path, out: Path | None) -> bool:
@@ -136,8 +136,8 @@ def find_images(inputs: Sequence[str | os.PathLike], *, out: str | os.PathLike |
                 raise AttnlabError(f"no file, folder or glob match at {text}: check the path")
             root, paths, label = p.parent, [p], ""
         else:
-            root = _glob_root(text)
-            paths = [Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file() and _is_image(Path(m).name)]
+            root, matches = patterns.expand(text)  # bounded, every match below root
+            paths = [m for m in matches if m.is_file() and _is_image(m.name)]
             label = root.resolve().name or "root"
             if not paths:
                 raise AttnlabError(f"the pattern {text!r} matches no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -145,7 +145,7 @@ def find_images(inputs: Sequence[str | os.PathLike], *, out: str | os.PathLike |
         for path in paths:
             if _own_figure(path, out_dir):
                 continue
-            name = path.relative_to(root).as_posix() if root != Path(".") else path.as_posix()
+            name = _check_name(path.relative_to(root).as_posix() if root != Path(".") else path.as_posix(), path)
             named.append((path, f"{label}/{name}" if len(inputs) > 1 and label else name))
         found += sorted(named, key=lambda pn: pn[1])  # one order however the folder was named or walked
     seen: set[str] = set()
@@ -200,24 +200,6 @@ class RunPlan:
     html: bool = False
 
 
-def _check_sidecar(path: Path, overwrite: bool) -> None:
-    """A captions/errors file may be replaced only when it is attnlab's (JSON lines with an "image")."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not path.is_file() or path.is_symlink():
-        raise AttnlabError(f"{path} is in the way and is not a regular file: move it or give another --out folder")
-    if overwrite:
-        return
-    try:
-        with path.open("rb") as fh:
-            first = fh.readline(1 << 16).strip()
-        ours = not first or isinstance(record := json.loads(first), dict) and "image" in record
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise AttnlabError(f"{path} exists and attnlab did not write it: pass --overwrite to replace it, or give another --out folder")
-
-
 def plan_run(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -234,8 +216,8 @@ def plan_run(
     sources = [outputs.Source(item.name, str(item.path.resolve()), None, item.path) for item in items]
     plans = shard_items(outputs.plan_mirrored(sources, out_dir), shard)  # named over all shards, then sliced
     captions, errors = (out_dir / name for name in sidecar_names(shard))
-    for path in (captions, errors):
-        _check_sidecar(path, overwrite)
+    for path, kind in ((captions, "captions"), (errors, "errors")):
+        runlist.check_replaceable(path, kind, overwrite)
     return RunPlan(plans, len(items), shard, out_dir, captions, errors, figures, overwrite, html)
 
 
@@ -309,7 +291,7 @@ class _Images(Dataset):
     """Item ``i``: image ``i`` of the plan hashed, checked against earlier outputs, and prepared."""
 
     def __init__(self, plan: RunPlan, spec: CaptionerSpec, run: dict[str, Any]) -> None:
-        self.plans, self.spec, self.run = plan.plans, spec, run
+        self.plans, self.spec, self.run, self.out = plan.plans, spec, run, os.path.realpath(plan.out)
         self.figures, self.html, self.overwrite = plan.figures, plan.html, plan.overwrite
 
     def __len__(self) -> int:
@@ -318,6 +300,7 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> _Loaded:
         plan = self.plans[i]
         try:
+            _check_writable_name(plan, self.out)
             sha = outputs.file_sha256(plan.source.path)
             plan = replace(plan, source=replace(plan.source, sha256=sha))
             state, info = outputs.resume_state(plan, self.run, figure=self.figures, html=self.html, overwrite=self.overwrite)
@@ -332,6 +315,33 @@ class _Images(Dataset):
             return _Loaded(i, "error", error=str(exc))
         except Exception as exc:  # an image no reader expected: listed with its reason, the run goes on
             return _Loaded(i, "error", error=f"{plan.source.path}: cannot be read ({one_line(exc, 200, with_type=True)})")
+
+
+def _text(name: str) -> str:
+    """A file name as text that can be written as UTF-8: undecodable bytes shown as ``\\xff``."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file system decoding makes
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _check_writable_name(plan: outputs.Planned, out_real: str) -> None:
+    """Refuse (one line, listed in the errors file) an image whose outputs could not be named or
+    would leave ``--out``: an undecodable file name, a subfolder named like a run list, a link
+    in the output folder that leads elsewhere."""
+    name = plan.source.name
+    if _text(name) != name:
+        raise AttnlabError(f"{_text(str(plan.source.path))}: its file name is not valid UTF-8 text: rename the file")
+    top = name.split("/")[0]
+    if "/" in name and _RUN_LIST.fullmatch(top.casefold()):
+        raise AttnlabError(
+            f"{plan.source.path}: its outputs would go into the folder {top}/ of --out, where the run writes its list "
+            f"{top}: rename that input subfolder"
+        )
+    real = os.path.realpath(plan.trace.parent)
+    if os.path.commonpath([real, out_real]) != out_real:
+        raise AttnlabError(f"{plan.trace.parent} leads out of --out (to {real}): remove that link, or give another --out folder")
 
 
 def _as_is(item: _Loaded) -> _Loaded:
@@ -409,28 +419,6 @@ class RunReport:
     errors: Path | None  # None when there were no errors
 
 
-def _read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """An earlier captions/errors file by image name (lines cut short by a killed run are left out)."""
-    records: dict[str, dict[str, Any]] = {}
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("name"), str):
-                    records[record["name"]] = record
-    except OSError:
-        pass
-    return records
-
-
-def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
 class _Run:
     """One batch run's bookkeeping: results by image index, the progress bar, the writes."""
 
@@ -450,21 +438,21 @@ class _Run:
     def _record(self, i: int, caption: str, words: list[str]) -> dict[str, Any]:
         p = self.plan.plans[i]
         record = {
-            "image": str(p.source.path),
-            "name": p.source.name,
+            "image": _text(str(p.source.path)),
+            "name": _text(p.source.name),
             "caption": caption,
             "words": words,
-            "trace": p.trace.relative_to(self.plan.out).as_posix(),
+            "trace": _text(p.trace.relative_to(self.plan.out).as_posix()),
         }
         if self.plan.figures:
-            record["figure"] = p.figure.relative_to(self.plan.out).as_posix()
+            record["figure"] = _text(p.figure.relative_to(self.plan.out).as_posix())
         if self.plan.html:
-            record["html"] = p.html.relative_to(self.plan.out).as_posix()
+            record["html"] = _text(p.html.relative_to(self.plan.out).as_posix())
         return record
 
     def _fail(self, i: int, reason: str) -> None:
         p = self.plan.plans[i]
-        self.errors[i] = {"image": str(p.source.path), "name": p.source.name, "error": reason}
+        self.errors[i] = {"image": _text(str(p.source.path)), "name": _text(p.source.name), "error": _text(reason)}
 
     def _tick(self) -> None:
         self.bar.set_postfix(new=self.captioned, earlier=self.skipped, errors=len(self.errors), refresh=False)
@@ -519,7 +507,8 @@ class _Run:
         """Write the captions and errors files: this run's results, and for images this run
         did not reach (it was interrupted) what the earlier files said."""
         self.bar.close()
-        old_captions, old_errors = _read_records(self.plan.captions), _read_records(self.plan.errors)
+        old_captions = runlist.own_records(self.plan.captions, "captions")
+        old_errors = runlist.own_records(self.plan.errors, "errors")
         captions, errors = [], []
         for i, p in enumerate(self.plan.plans):
             if i in self.captions:
@@ -527,15 +516,26 @@ class _Run:
             elif i in self.errors:
                 errors.append(self.errors[i])
             elif i not in self.reached:
-                if p.source.name in old_captions:
-                    captions.append(old_captions[p.source.name])
-                elif p.source.name in old_errors:
-                    errors.append(old_errors[p.source.name])
-        _write_records(self.plan.captions, captions)
-        if errors:
-            _write_records(self.plan.errors, errors)
-        elif self.plan.errors.is_file():
-            self.plan.errors.unlink()  # attnlab's own list from an earlier run (checked by plan_run): all fixed now
+                name = _text(p.source.name)
+                if name in old_captions:
+                    captions.append(old_captions[name])
+                elif name in old_errors:
+                    errors.append(old_errors[name])
+        overwrite = self.plan.overwrite
+        try:  # checked again: a file may have appeared in the way since plan_run
+            runlist.check_replaceable(self.plan.captions, "captions", overwrite)
+            if errors:
+                runlist.check_replaceable(self.plan.errors, "errors", overwrite)
+            runlist.write_run_list(self.plan.captions, "captions", captions)
+            if errors:
+                runlist.write_run_list(self.plan.errors, "errors", errors)
+            elif self.plan.errors.is_file() and (overwrite or runlist.is_own(self.plan.errors, "errors")):
+                self.plan.errors.unlink()  # attnlab's own list from an earlier run: all fixed now
+        except OSError as exc:  # a full disk, a folder made read-only: one line, the traces stay
+            raise AttnlabError(
+                f"cannot write the run lists in {self.plan.out} ({exc.strerror or type(exc).__name__}); the traces written are "
+                "kept: make room or make the folder writable, then run the same command again (finished images are skipped)"
+            ) from None
 
 
 def run_plan(
@@ -567,8 +567,10 @@ def run_plan(
         raise AttnlabError(f"--workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
     run = run_settings(model, max_len=max_len, beams=beams, length_penalty=length_penalty, half=half, mode=mode)
     spec = as_captioner(model).spec
+    out_real = os.path.realpath(plan.out)
     for folder in sorted({p.trace.parent for p in plan.plans}):
-        remove_stale_temps(folder)  # left by killed runs (never a live one of a parallel run)
+        if os.path.commonpath([os.path.realpath(folder), out_real]) == out_real:  # never through a link out of --out
+            remove_stale_temps(folder)  # left by killed runs (never a live one of a parallel run)
     state = _Run(plan, model, run, batch_size, progress)
     loader = DataLoader(
         _Images(plan, spec, run),

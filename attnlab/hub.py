@@ -130,7 +130,7 @@ def _warn_nonfinite(sd: dict[str, torch.Tensor], source: str) -> None:
         )
 
 
-def _stored_vocab(obj: dict[str, Any], config: CATRConfig, source: str) -> Vocab | None:
+def _stored_vocab(obj: dict[str, Any], config: CATRConfig | CPTRConfig, source: str) -> Vocab | None:
     """The vocabulary inside an attnlab-format checkpoint (``None`` when it has none)."""
     tokens = obj.get("vocab")
     if not tokens:
@@ -183,7 +183,10 @@ def _cptr_from_checkpoint(obj: dict[str, Any], path: str | Path, given_vocab: Vo
     """A :class:`CPTR` from an ``attnlab-cptr`` checkpoint; its shapes are checked on a
     skeleton without memory (``meta`` device) before the real model is built."""
     sd = state_dict_of(obj, str(path))
-    config = CPTRConfig.from_dict(obj.get("config"))
+    try:
+        config = CPTRConfig.from_dict(obj.get("config"))
+    except AttnlabError as exc:  # say which file
+        raise AttnlabError(f"{path} has a damaged config ({exc}); re-save the model with attnlab.save_checkpoint") from None
     config.pretrained = False  # the weights come from the file
     sizes = {  # cheap checks first: a hostile config must not build a huge skeleton
         "decoder layers": (config.dec_layers, count_layers(sd, "layers.")),
@@ -193,7 +196,7 @@ def _cptr_from_checkpoint(obj: dict[str, Any], path: str | Path, given_vocab: Vo
     for what, (declared, found) in sizes.items():
         if declared is not None and declared != found:
             raise AttnlabError(f"{path} does not fit its own configuration ({what}: {declared} declared, {found} in the weights): the file is damaged")
-    tokens = given_vocab or (Vocab(obj["vocab"], wordpiece=bool(obj.get("wordpiece", False))) if obj.get("vocab") else None)
+    tokens = given_vocab or _stored_vocab(obj, config, str(path))  # a list of as many strings as the head predicts
     if tokens is not None and len(tokens) != config.vocab_size:
         raise AttnlabError(f"the vocabulary has {len(tokens)} tokens but {path} predicts {config.vocab_size}: pass the model's own vocab.txt")
     name = obj.get("name", name) if isinstance(obj.get("name"), str) else name

@@ -18,15 +18,19 @@ Rules (they protect the user's files):
 * A planned output is never one of the inputs (refused, ``--overwrite`` or not).
 * An existing file is replaced only when attnlab wrote it for the same input:
   traces record the input's resolved path and SHA-256 in ``meta["source"]`` and
-  ``meta["source_sha256"]``, figures in a PNG text chunk ``attnlab``, and a web
-  page is attnlab's when the trace beside it records the page's SHA-256
-  (``meta["html_sha256"]``). Anything
+  ``meta["source_sha256"]``, figures in a PNG text chunk ``attnlab`` and web
+  pages in a ``<meta name="attnlab-source">`` of their head (a page of an
+  earlier version, without one, is attnlab's when the trace beside it records
+  the page's SHA-256, ``meta["html_sha256"]``). Anything
   else (a photo, a file from another image, another program's file) is refused
   unless the user passes ``--overwrite``. Folders and other non-files in the way
   are always refused.
-* Trace and figure are written to temporary files first and renamed into place
-  only when both were written; if anything fails, every file that was there
-  before is left exactly as it was.
+* Trace, figure and page are written to temporary files first and renamed into
+  place only when all were written, the trace last; if anything fails, every
+  file that was there before is left exactly as it was. The trace records the
+  SHA-256 of the figure and page written with it (``meta["figure_sha256"]``,
+  ``meta["html_sha256"]``), so the outputs of a run killed between the renames
+  are never taken as done: the next run writes them again.
 
 Folders and glob patterns (``attnlab caption photos/ --out DIR``, see
 :mod:`attnlab.batch`) name outputs after each image's path relative to the
@@ -63,6 +67,8 @@ TRACE_SUFFIX = ".npz"
 FIGURE_SUFFIX = ".attn.png"
 HTML_SUFFIX = ".html"
 PNG_TAG = "attnlab"  # the PNG text chunk that names a figure's input
+PAGE_MARK = b'<meta name="attnlab-source" content="'  # the same for a web page, in its <head>
+_PAGE_ANCHOR = b'<meta name="generator" content="attnlab">\n'
 
 
 @dataclass(frozen=True)
@@ -237,8 +243,39 @@ def _recorded_source(path: Path, is_figure: bool) -> tuple[str, str] | None:
     return tag["source"], tag["source_sha256"]
 
 
+def _page_mark(page: Path) -> tuple[str, str] | None:
+    """The (source, sha256) a web page of attnlab's records in its ``<head>``, or None."""
+    import html
+
+    try:
+        with page.open("rb") as fh:
+            head = fh.read(1 << 16)
+        start = head.index(PAGE_MARK) + len(PAGE_MARK)
+        tag = json.loads(html.unescape(head[start : head.index(b'"', start)].decode("ascii")))
+    except (OSError, ValueError):  # no mark (ValueError: not found, not ASCII, not JSON)
+        return None
+    if not isinstance(tag, dict) or not isinstance(tag.get("source"), str) or not isinstance(tag.get("source_sha256"), str):
+        return None
+    return tag["source"], tag["source_sha256"]
+
+
+def _mark_page(path: Path, tag: dict[str, str]) -> None:
+    """Put ``tag`` (JSON, ASCII, HTML-escaped) into the ``<head>`` of a page :func:`attnlab.export_html` wrote."""
+    import html
+
+    data = path.read_bytes()
+    if _PAGE_ANCHOR not in data[: 1 << 12]:
+        raise OSError(errno.EINVAL, "the page is not one of attnlab's", str(path))
+    mark = PAGE_MARK + html.escape(json.dumps(tag), quote=True).encode("ascii") + b'">\n'
+    with path.open("wb") as fh:
+        fh.write(data.replace(_PAGE_ANCHOR, _PAGE_ANCHOR + mark, 1))
+
+
 def _recorded_page(page: Path, trace: Path) -> tuple[str, str] | None:
-    """The (source, sha256) of the trace beside a web page when that trace records the page's SHA-256."""
+    """The (source, sha256) of a web page: its own mark, or (pages of earlier versions, which
+    have none) the trace beside it when that trace records the page's SHA-256."""
+    if (marked := _page_mark(page)) is not None:
+        return marked
     try:
         meta = read_header(trace).get("meta", {})
     except Exception:
@@ -259,7 +296,7 @@ def _conflict(path: Path, plan: Planned, inputs: _Inputs, overwrite: bool) -> st
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return f"cannot check {path} ({exc.strerror})"
+        return f"cannot check {path} ({exc.strerror}): a file may stand where a folder is needed; move it or give another --out folder"
     if stat.S_ISDIR(mode):
         return f"{path} is a folder in the way of an output: move it or give another --out folder"
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
@@ -325,9 +362,12 @@ def resume_state(plan: Planned, run: dict, *, figure: bool, html: bool = False, 
     ours = meta.get("source") == plan.source.label and meta.get("source_sha256") == plan.source.sha256
     if not ours or meta.get("run") != run:
         return "todo", ""
-    if figure and _recorded_source(plan.figure, True) != (plan.source.label, plan.source.sha256):
+    mine = (plan.source.label, plan.source.sha256)
+    # the figure and page must be the very ones written with this trace (a run killed between the
+    # renames leaves newer ones beside an older trace, or none): their SHA-256 is in the trace
+    if figure and (_recorded_source(plan.figure, True) != mine or meta.get("figure_sha256") != file_sha256(plan.figure)):
         return "todo", ""
-    if html and _recorded_page(plan.html, plan.trace) != (plan.source.label, plan.source.sha256):
+    if html and (_recorded_page(plan.html, plan.trace) != mine or meta.get("html_sha256") != file_sha256(plan.html)):
         return "todo", ""
     return "done", header
 
@@ -416,7 +456,8 @@ def write_outputs(
         (plan.html, html, lambda: _recorded_page(plan.html, plan.trace)),
     ) if not kept and recorded() == mine]  # fmt: skip
     temps: list[Path] = []
-    pairs: list[tuple[Path, Path]] = []
+    pairs: list[tuple[Path, Path]] = []  # renamed in this order: the trace last, so that a run killed
+    # between the renames leaves no trace that records a figure or page other than the one beside it
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         extra = dict(meta or {})
@@ -426,14 +467,10 @@ def write_outputs(
             tmp_html = _temp_named(plan.html, HTML_SUFFIX)
             temps.append(tmp_html)
             export_html(trace, tmp_html, overwrite=True)
+            _mark_page(tmp_html, tag)  # the page tells it is attnlab's for this input on its own
             extra["html_sha256"] = file_sha256(tmp_html)
             pairs.append((tmp_html, plan.html))
         trace = replace(trace, meta={**trace.meta, **extra, **tag})
-        fd, tmp_npz = make_temp(plan.trace)
-        temps.append(tmp_npz)
-        with os.fdopen(fd, "wb") as fh:
-            write_npz(trace, fh)
-        pairs.insert(0, (tmp_npz, plan.trace))
         if figure:
             # "from . import plot" would go through attnlab.__getattr__("plot"), which does the same
             # import again and recurses until RecursionError while attnlab.plot is not yet imported
@@ -443,7 +480,13 @@ def write_outputs(
             tmp_png = _temp_named(plan.figure, ".png")
             temps.append(tmp_png)
             fig.savefig(tmp_png, format="png", metadata={PNG_TAG: json.dumps(tag)})  # a tEXt chunk "attnlab"
-            pairs.insert(1, (tmp_png, plan.figure))
+            pairs.append((tmp_png, plan.figure))
+            trace = replace(trace, meta={**trace.meta, "figure_sha256": file_sha256(tmp_png)})
+        fd, tmp_npz = make_temp(plan.trace)
+        temps.append(tmp_npz)
+        with os.fdopen(fd, "wb") as fh:
+            write_npz(trace, fh)
+        pairs.append((tmp_npz, plan.trace))
         _commit(pairs)
     except OSError as exc:  # disk full, read-only folder, ...: one line, not a traceback
         reason = exc.strerror or type(exc).__name__

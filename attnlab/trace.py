@@ -244,6 +244,9 @@ class CaptionTrace:
         """
         if self.logits is None:
             merged = self.meta.get("word_probabilities")
+            problem = _word_probabilities_problem(self.meta, self.steps)
+            if problem:
+                raise AttnlabError(f"trace.{problem}")
             return None if merged is None else np.asarray(merged, dtype=np.float32)
         z = self.logits.astype(np.float64)
         z = z - z.max(axis=1, keepdims=True)
@@ -309,9 +312,10 @@ class CaptionTrace:
 
     def nonfinite(self) -> list[str]:
         """Names of the arrays holding values that make no sense: NaN or infinite
-        attention, NaN or +inf logits (-inf logits are allowed: masked tokens)."""
+        attention, NaN or +inf logits, a step whose logits are all -inf (no token possible;
+        single -inf logits are allowed: masked tokens)."""
         bad = []
-        if self.logits is not None and (np.isnan(self.logits).any() or np.isposinf(self.logits).any()):
+        if self.logits is not None and _logits_problem(self.logits):
             bad.append("logits")
         for name in ("cross_attention", "prefix_share", "encoder_self_attention", "decoder_self_attention"):
             value = getattr(self, name)
@@ -489,6 +493,9 @@ def _npz_members(trace: CaptionTrace) -> dict[str, np.ndarray]:
     bad = trace.nonfinite()
     if bad:
         raise AttnlabError(f"{', '.join(bad)} hold NaN or infinite values (the model's weights may be broken)")
+    problem = _text_problem(trace.words, trace.caption, trace.model_name) or _word_probabilities_problem(trace.meta, trace.steps)
+    if problem:
+        raise AttnlabError(problem)
     header = {
         "format": TRACE_FORMAT,
         "version": TRACE_VERSION,
@@ -536,6 +543,38 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"a {type(value).__name__}")
+
+
+def _logits_problem(logits: np.ndarray) -> str | None:
+    """Why ``logits`` (steps, vocab) give no probabilities, or None (-inf alone is a masked token)."""
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        return "logits hold NaN or +inf"
+    if logits.size and np.isneginf(logits).all(axis=1).any():  # (steps,): softmax of such a row is NaN
+        return f"the logits of step {int(np.flatnonzero(np.isneginf(logits).all(axis=1))[0])} are all -inf (no token possible)"
+    return None
+
+
+def _text_problem(words: list[str], caption: str, model_name: str) -> str | None:
+    """Why the words, caption or model name cannot be written as UTF-8 (a lone surrogate), or None."""
+    for what, text in [*((f"word {i}", w) for i, w in enumerate(words)), ("caption", caption), ("model_name", model_name)]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{what} {ascii(text)[:60]} is not valid Unicode text (a lone surrogate); use real characters"
+    return None
+
+
+def _word_probabilities_problem(meta: dict[str, Any], steps: int) -> str | None:
+    """Why ``meta["word_probabilities"]`` (written by :meth:`CaptionTrace.by_word`) is not one
+    probability from 0 to 1 per word, or None."""
+    if "word_probabilities" not in meta:
+        return None
+    probs = meta["word_probabilities"]
+    ok = isinstance(probs, list) and len(probs) == steps
+    ok = ok and all(type(p) in (int, float) and math.isfinite(p) and 0.0 <= p <= 1.0 for p in probs)
+    if ok:
+        return None
+    return f"meta['word_probabilities'] must be one probability from 0 to 1 per word ({steps}), not {ascii(probs)[:60]}: remove it or caption again"
 
 
 def _damaged(path: Path, reason: str) -> AttnlabError:
@@ -618,6 +657,9 @@ def _check_header(path: Path, header: dict[str, Any], version: int) -> None:
     starts = header.get("word_starts")  # optional in version 2 (added without a version bump: older files lack it)
     if starts is not None and (not isinstance(starts, list) or len(starts) != len(words) or not all(isinstance(b, bool) for b in starts)):
         raise _damaged(path, "word_starts must be one true/false per word")
+    problem = _text_problem(words, header["caption"], header["model_name"]) or _word_probabilities_problem(header.get("meta", {}), len(words))
+    if problem:
+        raise _damaged(path, problem)
 
 
 def _peek(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -706,8 +748,8 @@ def _check_values(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise _damaged(path, f"token id {int(ids.min())} is negative")
     if ids.size and ids.max() >= (LIMITS["vocab"] if vocab is None else vocab):
         raise _damaged(path, f"token id {int(ids.max())} lies beyond the vocabulary ({'its logits have ' + str(vocab) if vocab else 'at most ' + str(LIMITS['vocab'])} tokens)")
-    if logits is not None and (np.isnan(logits).any() or np.isposinf(logits).any()):
-        raise _damaged(path, "logits hold NaN or +inf")
+    if logits is not None and (problem := _logits_problem(logits)):
+        raise _damaged(path, problem)
     for name in ("cross_attention", "prefix_share", "encoder_self_attention", "decoder_self_attention"):
         value = arrays.get(name)
         if value is not None and not np.isfinite(value).all():

@@ -74,7 +74,10 @@ def state_of(root: Path) -> dict[str, tuple[int, int, str]]:
 
 
 def lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The image records of a run list (its first line is attnlab's header record)."""
+    header, *records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert header["attnlab_run_list"] in ("captions", "errors") and header["records"] == len(records)
+    return records
 
 
 def assert_equals_alone(out: Path, alone: dict[str, attnlab.CaptionTrace], names=None) -> None:

@@ -45,10 +45,12 @@ from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record
 from ..errors import AttnlabError
 from ..tokenizer import BPEVocab, Vocab
 from ..util import one_line
+from .wrap import refuse_meta
 
 KINDS = "a VisionEncoderDecoderModel (ViT/DeiT/BEiT encoder + GPT-2/BERT decoder) or a BlipForConditionalGeneration"
 MAX_PREFIX = 8  # encoders with more leading non-patch tokens than this are not ViT-style
 STRETCH_TOLERANCE = 0.03  # largest difference (pixel values in [0, 1]) from a plain resize to a square
+MAX_SIDE = 2048  # the largest input side an image processor may ask for (checked before it runs)
 
 
 def _transformers() -> Any:
@@ -199,6 +201,17 @@ def _triple(value: Any, default: float) -> tuple[float, float, float]:
     return out if len(out) == 3 else (out[0],) * 3  # type: ignore[return-value]
 
 
+_SIDE_KEYS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
+
+
+def _sides(sizes: Any) -> dict[str, float]:
+    """The pixel sides an image processor's ``size`` asks for: a number, a dict or transformers' ``SizeDict``."""
+    if isinstance(sizes, numbers.Real):
+        return {"side": sizes}
+    items = sizes.items() if isinstance(sizes, dict) else vars(sizes).items() if hasattr(sizes, "__dict__") else ()
+    return {k: v for k, v in items if k in _SIDE_KEYS and isinstance(v, numbers.Real)}
+
+
 def _pixels_of(image_processor: Any) -> _Pixels:
     """The processor as ``spec.transform``, checked on a synthetic wide image to stretch it to a square."""
     processor = getattr(image_processor, "image_processor", image_processor)  # a combined processor works too
@@ -211,6 +224,12 @@ def _pixels_of(image_processor: Any) -> _Pixels:
     mean = _triple(getattr(processor, "image_mean", None) if normalize else None, 0.0)
     std = _triple(getattr(processor, "image_std", None) if normalize else None, 1.0)
     scale = float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0
+    for key in ("size", "crop_size"):
+        for side, value in _sides(getattr(processor, key, None)).items():
+            if value > MAX_SIDE:
+                raise AttnlabError(
+                    f"the image processor's {key} {side}={value} is larger than attnlab's limit of {MAX_SIDE} px: set it to the model's input size"
+                )
 
     def transform(img: Image.Image) -> torch.Tensor:
         out = processor(images=img, return_tensors="pt")
@@ -284,6 +303,8 @@ class HuggingFaceCaptioner:
             bos = _first_id(_ids(generation, model.config, "decoder_start_token_id"), _ids(generation, model.config, "bos_token_id"))
             eos = _first_id(_ids(generation, model.config, "eos_token_id"))
             pad = _first_id(_ids(generation, model.config, "pad_token_id"), eos)
+            fields = ("generation_config.decoder_start_token_id", "generation_config.eos_token_id", "generation_config.pad_token_id")
+            decoder_config = model.config.decoder
         else:
             self._encoder, self._decoder_call = model.vision_model, model.text_decoder.forward
             encoder_config, generation = model.config.vision_config, model.text_decoder.generation_config
@@ -291,15 +312,24 @@ class HuggingFaceCaptioner:
             # BlipForConditionalGeneration.generate: start at the text config's bos ([DEC]), end at [SEP]
             bos, eos = _first_id(getattr(text, "bos_token_id", None)), _first_id(getattr(text, "sep_token_id", None))
             pad = _first_id(getattr(text, "pad_token_id", None), 0)
+            fields = ("config.text_config.bos_token_id", "config.text_config.sep_token_id", "config.text_config.pad_token_id")
+            decoder_config = text
         if bos is None or eos is None:
             raise AttnlabError(
                 "the model names no start or end token: set model.generation_config.decoder_start_token_id and eos_token_id"
             )
+        self._id_fields = dict(zip(("bos", "eos", "pad"), fields))
+        _check_ids(dict(bos=bos, eos=eos, pad=pad), self._id_fields, getattr(decoder_config, "vocab_size", None), "the decoder's vocabulary has")
         _warn_if_not_greedy(generation)
         self._cache_kw = "cache" if "cache" in inspect.signature(self._decoder_call).parameters else "past_key_values"
         self._grid = _grid_of(encoder_config, pixels.side)
-        if max_len is None:
-            max_len = _generate_length(generation, tf.GenerationConfig().max_length)
+        positions = _positions(decoder_config)
+        if max_len is None:  # what generate would make, within the decoder's positions
+            max_len = min(_generate_length(generation, tf.GenerationConfig().max_length), positions or GENERATE_NEW_TOKENS)
+        elif positions is not None and max_len > positions:
+            raise AttnlabError(
+                f"max_len={max_len} is more than the decoder's {positions} positions (start token included): pass max_len <= {positions}"
+            )
         self._spec_args = dict(
             name=name or getattr(model, "name_or_path", "") or type(model).__name__,
             bos=int(bos), eos=int(eos), pad=int(pad), max_len=int(max_len), image_size=pixels.side, resize="stretch",
@@ -347,17 +377,20 @@ class HuggingFaceCaptioner:
                     )
                 self._prefix = tokens - h * w
                 state = HFState(out, torch.ones(out.shape[:2], dtype=torch.long, device=out.device))  # (1, T, D), (1, T)
+                bos = self._spec_args["bos"]
                 try:
-                    step = self.step(state, torch.tensor([self._spec_args["bos"]]), "cross")
+                    step = self.step(state, torch.tensor([bos]), "cross")
                 except Exception as exc:  # noqa: BLE001 - a foreign model's failure becomes one line
                     raise AttnlabError(
-                        f"the model's decoder failed on its start token ({one_line(exc, with_type=True)}): "
-                        "it needs cross-attention over the encoder's tokens (add_cross_attention=True)"
+                        f"the model's decoder failed on its start token {bos} ({self._id_fields['bos']}; {one_line(exc, with_type=True)}): "
+                        "check that id, and that the decoder has cross-attention over the encoder's tokens (add_cross_attention=True)"
                     ) from None
         finally:
             self.model.train(was_training)
         if not step.cross_attention or any(a is None or a.shape[-1] != tokens for a in step.cross_attention):
             raise AttnlabError("the decoder returned no cross-attention over the image tokens: it needs add_cross_attention=True")
+        ids = {k: self._spec_args[k] for k in ("bos", "eos", "pad")}
+        _check_ids(ids, self._id_fields, step.logits.shape[-1], "the model predicts")
         self._vocab = HFVocab(self._tokenizer, step.logits.shape[-1])
 
     # caption() puts a captioner in eval mode for the call and back afterwards
@@ -483,6 +516,24 @@ def _first_id(*candidates: Any) -> int | None:
     return None
 
 
+def _positions(decoder_config: Any) -> int | None:
+    """The most positions the text decoder has (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(decoder_config, key, None)
+        if isinstance(value, numbers.Integral) and value > 0:
+            return int(value)
+    return None
+
+
+def _check_ids(ids: dict[str, int], fields: dict[str, str], size: Any, where: str) -> None:
+    """The start, end and padding ids must be token ids ``0 .. size - 1`` (one line naming the setting)."""
+    if not isinstance(size, numbers.Integral) or size < 1:
+        return
+    for key, value in ids.items():
+        if not 0 <= value < size:
+            raise AttnlabError(f"the {key} token id {value} ({fields[key]}) is not a token id: {where} {size} (0..{size - 1}); set {fields[key]} to the model's own")
+
+
 def _model_type(model: Any, kind: str) -> str:
     config = model.config.encoder if kind == "ved" else model.config.vision_config
     return str(getattr(config, "model_type", type(model).__name__))
@@ -520,7 +571,8 @@ def from_huggingface(
             makes the model input; it must resize to a square (checked here).
         max_len: most tokens to generate, the end token included (default: what
             the model's ``generate`` would allow: ``max_new_tokens``, else
-            ``max_length - 1``).
+            ``max_length - 1``, at most the decoder's positions). More than the
+            decoder's positions (``max_position_embeddings``) is refused.
         name: shown in figures (default: the model's hub name or class).
 
     Decoding is greedy (``generate(do_sample=False, num_beams=1)``), from the
@@ -535,6 +587,7 @@ def from_huggingface(
     else:
         hint = " (load it first, e.g. VisionEncoderDecoderModel.from_pretrained(name))" if isinstance(model, str) else ""
         raise AttnlabError(f"from_huggingface takes {KINDS}, not a {type(model).__name__}{hint}")
+    refuse_meta(model, "from_pretrained(name) without device_map='meta', or to_empty(device='cpu') then load_state_dict")
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a combined processor works too
     if not callable(getattr(tokenizer, "convert_ids_to_tokens", None)) or not callable(getattr(tokenizer, "decode", None)):
         raise AttnlabError(f"tokenizer must be the model's Hugging Face tokenizer (AutoTokenizer.from_pretrained(...)), not a {type(tokenizer).__name__}")

@@ -54,6 +54,8 @@ GridArg = tuple[int, int] | Callable[[int, int], tuple[int, int]]
 
 
 CAUSAL_TOLERANCE = 1e-4  # largest change of an earlier query row allowed when the prefix grows
+MAX_IMAGE_SIZE = 2048  # the largest input side (a 100,000 px probe image alone would be 120 GB)
+MAX_PREFIX = 8  # most leading non-patch tokens (CLS, registers) inferred from grid= without prefix_tokens=
 
 
 @dataclass
@@ -119,6 +121,75 @@ def _triple(name: str, value: Any) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
+def refuse_meta(model: nn.Module, how: str) -> None:
+    """One line when a weight of ``model`` is on the ``meta`` device (shapes without values)."""
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise AttnlabError(f"the model's weights are on the 'meta' device ({meta} has no values): load them first ({how})")
+
+
+def _check_numbers(**values: Any) -> None:
+    """wrap()'s whole-number arguments: integers (``max_len``, ``prefix_tokens``: or None); ``image_size``
+    in ``1 .. MAX_IMAGE_SIZE`` (checked before the probe image is made); ``prefix_tokens`` >= 0."""
+    for label, value in values.items():
+        optional = value is None and label in ("max_len", "prefix_tokens")
+        if not optional and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise AttnlabError(f"{label}= must be an integer, not {value!r}")
+    size = values["image_size"]
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise AttnlabError(f"image_size={size} is outside 1..{MAX_IMAGE_SIZE} px: pass the side your model takes (e.g. 224 or 384)")
+    if values["prefix_tokens"] is not None and values["prefix_tokens"] < 0:
+        raise AttnlabError(f"prefix_tokens= must be 0 or more, not {values['prefix_tokens']}")
+
+
+def _whole(v: Any) -> int:
+    """A whole number (``3``, ``np.int64(3)``, ``3.0``); ``ValueError`` for ``2.7``, ``True`` or text."""
+    if isinstance(v, bool):
+        raise ValueError(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real) and float(v).is_integer():
+        return int(v)
+    raise ValueError(v)
+
+
+def _prefix(tokens: int, h: int, w: int, grid: Any, stated: int | None) -> int:
+    """The prefix tokens of ``tokens`` encoder tokens on an ``h`` x ``w`` grid: ``stated`` must fit
+    exactly; an inferred count above :data:`MAX_PREFIX` is a wrong grid, not a prefix."""
+    prefix = tokens - h * w
+    if stated is not None and prefix != stated:
+        raise AttnlabError(f"encode() gave {tokens} tokens, not prefix_tokens={stated} + the {h}x{w} = {h * w} patches of grid={grid!r}: check grid and prefix_tokens")
+    if prefix < 0:
+        raise AttnlabError(f"encode() gave {tokens} tokens, fewer than the {h}x{w} = {h * w} patches of grid={grid!r}: check grid")
+    if stated is None and prefix > MAX_PREFIX:
+        fits = [f"({r}, {r})" for p in range(MAX_PREFIX + 1) for r in [round((tokens - p) ** 0.5)] if r > 0 and r * r == tokens - p]
+        hint = f" (grid={fits[0]} would fit)" if fits else ""
+        raise AttnlabError(
+            f"grid={grid!r} leaves {prefix} of encode()'s {tokens} tokens as prefix tokens (a ViT has at most {MAX_PREFIX}: CLS, registers): "
+            f"check grid{hint}, or pass prefix_tokens={prefix} if that many are not patches"
+        )
+    return prefix
+
+
+def _run(what: str, on: str, hint: str, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)``: the probe's call of the user's function; its failure becomes one line (the cause chained)."""
+    try:
+        return fn(*args)
+    except AttnlabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code may fail any way; the cause stays chained
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise AttnlabError(f"{what} failed on {on} ({type(exc).__name__}: {first}): {hint}") from exc
+
+
+def _check_ids(spec_args: dict[str, Any], size: int, where: str) -> None:
+    """bos, eos and pad must be token ids ``0 .. size - 1``."""
+    for key in ("bos", "eos", "pad"):
+        value = spec_args[key]
+        if not 0 <= value < size:
+            raise AttnlabError(f"{key}={value} is not a token id: {where} {size} (0..{size - 1}); pass your model's {key} id")
+
+
 class WrappedCaptioner:
     """A user's model behind the captioner seam (built by :func:`wrap`)."""
 
@@ -132,6 +203,7 @@ class WrappedCaptioner:
         spec_args: dict[str, Any],
         self_attention: list[str] | None,
         encoder_attention: list[str] | None,
+        prefix_tokens: int | None = None,
     ) -> None:
         self.model = model
         self._encode = encode
@@ -141,6 +213,7 @@ class WrappedCaptioner:
         self._enc = encoder_attention
         self._grid = grid
         self._spec_args = spec_args
+        self._stated_prefix = prefix_tokens
         self._prefix = 0
         self._probe()
 
@@ -148,9 +221,12 @@ class WrappedCaptioner:
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         g = self._grid(height, width) if callable(self._grid) else self._grid
         try:
-            h, w = (int(v) for v in g)
+            h, w = (_whole(v) for v in g)
         except (TypeError, ValueError):
-            raise AttnlabError(f"grid must be (rows, columns) or a function of the input size giving that, not {g!r}") from None
+            raise AttnlabError(
+                f"grid must be (rows, columns), two whole numbers, or a function of the input size giving them, not {g!r} "
+                "(a function: use // to divide)"
+            ) from None
         if h < 1 or w < 1:
             raise AttnlabError(f"grid {g!r} must have at least one row and one column")
         return h, w
@@ -172,16 +248,13 @@ class WrappedCaptioner:
         self.model.eval()
         try:
             with torch.inference_mode():
-                memory = self._memory(x)  # (1, T, D)
+                memory = _run("encode()", f"a blank {side}x{side} image", "check image_size=", self._memory, x)  # (1, T, D)
                 h, w = self.grid_for(side, side)
-                self._prefix = memory.shape[1] - h * w
-                if self._prefix < 0:
-                    raise AttnlabError(
-                        f"encode() gave {memory.shape[1]} tokens, fewer than the {h}x{w} = {h * w} patches of grid={self._grid!r}: check grid"
-                    )
-                ids = torch.full((1, 1), self._spec_args["bos"], dtype=torch.long, device=x.device)
+                self._prefix = _prefix(memory.shape[1], h, w, self._grid, self._stated_prefix)
+                bos = self._spec_args["bos"]
+                ids = torch.full((1, 1), bos, dtype=torch.long, device=x.device)
                 with capture_attention(self.model, self._cross) as cap:
-                    logits = self._decode(memory, ids)
+                    logits = _run("decode(memory, ids)", f"the start token bos={bos}", "check bos= (your model's start id)", self._decode, memory, ids)
                 if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != (1, 1):
                     shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                     raise AttnlabError(f"decode(memory, ids (1, 1)) returned {shape}; it must return logits (N, t, V)")
@@ -201,6 +274,7 @@ class WrappedCaptioner:
         vocab_size = len(self._spec_args["vocab"])
         if vocab_size and logits.shape[-1] != vocab_size:
             raise AttnlabError(f"the model predicts {logits.shape[-1]} tokens but vocab has {vocab_size}: pass the model's own vocabulary")
+        _check_ids(self._spec_args, logits.shape[-1], "the model predicts")
 
     # caption() puts a captioner in eval mode for the call and back afterwards
     @property
@@ -253,7 +327,9 @@ class WrappedCaptioner:
             self_cap = None
             if record == "all" and self._self:
                 self_cap = stack.enter_context(capture_attention(self.model, self._self, detach=not grad, substitute=hand))
-            logits = self._decode(state.memory, state.ids)  # (N, t, V)
+            t, most = state.ids.shape[1], self._spec_args["max_len"]
+            hint = f"if your decoder has fewer than max_len={most} positions, pass a smaller max_len="
+            logits = _run("decode(memory, ids)", f"a caption prefix of {t} tokens", hint, self._decode, state.memory, state.ids)  # (N, t, V)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != state.ids.shape[1]:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise AttnlabError(f"decode() returned {shape} for ids {tuple(state.ids.shape)}; it must return (N, t, V)")
@@ -288,6 +364,7 @@ def wrap(
     encoder_attention: Patterns | None = None,
     resize: str = "stretch",
     pad: int = 0,
+    prefix_tokens: int | None = None,
 ) -> WrappedCaptioner:
     """Make your own encoder-decoder captioner a captioner of the seam.
 
@@ -297,10 +374,13 @@ def wrap(
             ``forward_features``: CLS + patch tokens).
         decode: ``(memory, ids (N, t)) -> logits (N, t, V)``, your teacher-forced forward.
         cross_attention: module name glob(s) of the decoder's cross-attention.
-        grid: the patch grid ``(rows, columns)``, or a function of the input
-            ``(height, width)`` returning it. ``T - rows * columns`` leading tokens
-            are prefix tokens (CLS, registers): reported, never hidden.
-        image_size: the side of the square input.
+        grid: the patch grid ``(rows, columns)`` (whole numbers), or a function of the
+            input ``(height, width)`` returning it. ``T - rows * columns`` leading tokens
+            are prefix tokens (CLS, registers): reported, never hidden. More than
+            :data:`MAX_PREFIX` (8) is refused as a wrong grid unless ``prefix_tokens`` says so.
+        prefix_tokens: the number of leading non-patch tokens, when you want it checked
+            (``encode`` must then give exactly ``prefix_tokens + rows * columns``).
+        image_size: the side of the square input (at most :data:`MAX_IMAGE_SIZE`).
         mean, std: per-channel normalisation of pixels in [0, 1].
         bos, eos: start and end token ids. ``pad``: padding id (default 0).
         vocab: a list of tokens, a ``vocab.txt`` path, or a function ``ids -> text``.
@@ -318,9 +398,8 @@ def wrap(
         raise AttnlabError("encode= and decode= must be functions: encode(pixels) -> memory, decode(memory, ids) -> logits")
     if resize not in ("stretch", "pad"):
         raise AttnlabError(f"resize must be 'stretch' or 'pad' for a wrapped model, not {resize!r}")
-    for label, value in (("bos", bos), ("eos", eos), ("pad", pad), ("image_size", image_size), ("max_len", max_len)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-            raise AttnlabError(f"{label}= must be an integer, not {value!r}")
+    _check_numbers(bos=bos, eos=eos, pad=pad, image_size=image_size, max_len=max_len, prefix_tokens=prefix_tokens)
+    refuse_meta(model, "model.to_empty(device='cpu') then load_state_dict")
     spec_args = dict(
         name=name or type(model).__name__,
         vocab=make_vocab(vocab),
@@ -334,6 +413,8 @@ def wrap(
         std=_triple("std", std),
     )
     CaptionerSpec(**spec_args)  # checks the values, one line each
+    if len(spec_args["vocab"]):
+        _check_ids(spec_args, len(spec_args["vocab"]), "vocab has")
     return WrappedCaptioner(
         model,
         encode,
@@ -343,4 +424,5 @@ def wrap(
         spec_args,
         _patterns("self_attention", self_attention),
         _patterns("encoder_attention", encoder_attention),
+        None if prefix_tokens is None else int(prefix_tokens),
     )

@@ -146,6 +146,11 @@ def record(cap: Captioner, pixels: list[torch.Tensor], tokens: list[list[int]], 
                     "the captioner gives no decoder self-attention (record='all'): rollout and relevance need it "
                     "(a wrapped model: pass self_attention='...' to attnlab.wrap)"
                 )
+            if grad and not out.logits.requires_grad:
+                raise AttnlabError(
+                    "the captioner's logits do not depend on its attention with autograd on (its decode detaches them or runs "
+                    "under torch.no_grad): return the logits without .detach() for gradient methods, or use method='raw' or 'rollout'"
+                )
             steps.append(StepRecord(rows, out.logits, list(out.cross_attention), out.self_attention))
             keep = [j for j, b in enumerate(rows) if len(tokens[b]) > i + 1]
             if not keep:

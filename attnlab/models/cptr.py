@@ -48,6 +48,7 @@ from ..captioner import (
 )
 from ..errors import AttnlabError
 from ..util import one_line
+from .cptr_check import check_values
 from .transformer import attend, padding_bias, project_heads
 
 
@@ -61,7 +62,8 @@ class CPTRConfig:
     Attributes:
         encoder: a ``timm.create_model`` name of a ViT (``"vit_base_patch16_384"``, ...).
         encoder_args: keyword overrides for that model (``embed_dim``, ``depth``,
-            ``num_heads``, ``patch_size``, ``reg_tokens``, ...): plain values only.
+            ``num_heads``, ``patch_size``, ``reg_tokens``, ...): only the ViT keywords of
+            :data:`attnlab.models.cptr_check.ENCODER_ARGS`, each checked (none opens a file).
         pretrained: load timm's pretrained encoder weights (needs the network).
         image_size: side of the square input in pixels (images are stretched to it).
         d_model, nheads, dec_layers, dim_feedforward, dropout: the decoder.
@@ -134,6 +136,7 @@ class CPTRConfig:
             raise AttnlabError("CPTR configuration: key_positions must be True or False (True needs d_model divisible by 4)")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise AttnlabError(f"CPTR configuration: dropout must lie in [0, 1), not {self.dropout!r}")
+        check_values(self)  # ranges, mean/std, and only the encoder_args of a plain ViT (nothing that opens a file)
 
 
 def build_vit(config: CPTRConfig) -> nn.Module:

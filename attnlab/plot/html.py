@@ -129,9 +129,25 @@ def _payload(trace: Any, r, long_side: int, cmap) -> dict:
     }
 
 
+def _check_showable(trace: Any) -> None:
+    """Refuse (one line) what a page cannot show: NaN or infinite numbers (``JSON.parse`` would
+    fail and leave the page blank), text with a lone surrogate (not UTF-8)."""
+    bad = trace.nonfinite()
+    if bad:
+        raise AttnlabError(f"the trace's {', '.join(bad)} hold NaN or infinite values, which a page cannot show: caption the image again")
+    for text in (trace.caption, *trace.words):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AttnlabError(f"the trace's text {ascii(text)[:60]} holds a lone surrogate, which a page cannot hold: use real characters") from None
+
+
 def _json_for_script(data: dict) -> str:
     """JSON that cannot end its ``<script>`` element early (``<``, ``>``, ``&`` and line separators escaped)."""
-    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+    try:  # NaN or infinity would make the page's JSON.parse fail: a blank page
+        text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise AttnlabError("the trace holds NaN or infinite values a web page cannot show: check trace.nonfinite()") from None
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
@@ -176,6 +192,7 @@ def export_html(
     if not overwrite and os.path.lexists(path):
         raise AttnlabError(f"{path} already exists: choose another name, or pass overwrite=True to replace it")
 
+    _check_showable(trace)
     page = PAGE.format(
         title=html.escape(f"attnlab: {trace.caption or ' '.join(trace.words)}"),
         caption=html.escape((trace.caption or " ".join(trace.words)) + (CUT_NOTE if getattr(trace, "stopped", None) == "max_len" else "")),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,11 +85,33 @@ def load_student(path: str | Path | None = None) -> StudentCaptioner:
 
     path = Path(path) if path is not None else BUNDLED_STUDENT
     obj = read_checkpoint(path)
-    model = StudentCaptioner(**obj.get("config", {}))
+    config = _stored_config(obj.get("config", {}), path)
     sd = {k: v.float() for k, v in state_dict_of(obj, str(path)).items()}  # stored as float16
-    check_state_dict(model, sd, str(path))
+    with torch.device("meta"):  # shapes only: a config that does not fit the weights fails before any memory
+        check_state_dict(StudentCaptioner(**config), sd, str(path))
+    model = StudentCaptioner(**config)
     model.load_state_dict(sd)
     return model.eval()
+
+
+# the student's sizes a checkpoint may set, with their inclusive bounds (far beyond the shipped 96 / 4 / 4 / 3)
+CONFIG_RANGES = {"width": (2, 1024), "depth": (1, 24), "heads": (1, 64), "dec_layers": (1, 24)}
+
+
+def _stored_config(raw: Any, path: Path) -> dict[str, int]:
+    """A student checkpoint's ``config``, every key and value checked before anything is built (one line)."""
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise AttnlabError(f"{path} has a damaged config (not a dict of sizes); re-save it with train_student")
+    for key, value in raw.items():
+        if key not in CONFIG_RANGES:
+            raise AttnlabError(f"{path} has a damaged config: {key!r} is not one of {', '.join(CONFIG_RANGES)}; re-save it with train_student")
+        low, high = CONFIG_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise AttnlabError(f"{path} has a damaged config: {key}={repr(value)[:30]} is not a whole number in {low}..{high}")
+    config = {**{"width": 64, "heads": 4}, **raw}
+    if config["width"] % config["heads"]:
+        raise AttnlabError(f"{path} has a damaged config: width {config['width']} does not divide into {config['heads']} heads")
+    return raw
 
 
 def train_student(

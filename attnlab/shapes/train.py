@@ -142,6 +142,69 @@ def check_train_args(out: Path, cfg: TrainConfig, minutes: float | None, overwri
     check_out_is_ours(out, overwrite)
 
 
+def _damaged(state_file: Path, what: str) -> AttnlabError:
+    return AttnlabError(f"{state_file} is damaged ({what}): train again without --resume (or restore the file attnlab wrote)")
+
+
+def _check_adam_state(state_file: Path, optimizer: torch.optim.Optimizer, expected: list[dict]) -> None:
+    """After loading: the hyperparameters are the ones this run's settings make, and every
+    parameter's moments are finite tensors of its shape (a bad state fails here, not mid-step)."""
+    for group, fresh in zip(optimizer.param_groups, expected):
+        odd = [k for k, v in fresh.items() if k != "lr" and group.get(k) != v]
+        if odd:
+            raise _damaged(state_file, f"optimizer {odd[0]}={group.get(odd[0])!r}, not {fresh[odd[0]]!r}")
+        for p in group["params"]:
+            moments = optimizer.state.get(p, {})
+            if not moments:
+                continue
+            if set(moments) != {"step", "exp_avg", "exp_avg_sq"}:
+                raise _damaged(state_file, f"optimizer state keys {sorted(map(str, moments))}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = moments[key]
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                    raise _damaged(state_file, f"optimizer {key} is not a finite tensor of shape {list(p.shape)}")
+            t = moments["step"]
+            if not isinstance(t, torch.Tensor) or t.numel() != 1 or not math.isfinite(float(t)) or float(t) < 0:
+                raise _damaged(state_file, f"optimizer step {t!r}")
+
+
+def _resume(state_file: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    """Load ``state_file`` (``PATH.train``) into ``model`` and ``optimizer``; every value is checked
+    first (one line naming it), so a damaged state fails before any training step."""
+    if not state_file.is_file():
+        raise AttnlabError(f"nothing to resume: {state_file} does not exist (train without --resume first)")
+    state = read_checkpoint(state_file)
+    missing = [k for k in ("model", "optimizer", "step", "elapsed", "config") if k not in state]
+    if missing:
+        raise _damaged(state_file, f"no {', '.join(missing)}")
+    if not isinstance(state["config"], dict) or not all(isinstance(k, str) for k in state["config"]):
+        raise _damaged(state_file, f"config is a {type(state['config']).__name__}, not a dict of the training settings")
+    saved = {"model": "catr", **state["config"]}  # files from before --model were CATR's
+    if saved != vars(cfg):
+        diff = ", ".join(f"{k}={saved.get(k)!r}"[:60] for k in sorted(set(saved) | set(vars(cfg)), key=str) if saved.get(k) != vars(cfg).get(k))
+        raise AttnlabError(f"{state_file} was trained with other settings ({diff}): resume with the same ones")
+    step, elapsed = state["step"], state["elapsed"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= cfg.steps:
+        raise _damaged(state_file, f"step {step!r} is not a whole number in 0..{cfg.steps}")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed) or elapsed < 0:
+        raise _damaged(state_file, f"elapsed {elapsed!r} is not a number of seconds")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise _damaged(state_file, "model is not a state dict of tensors")
+    check_state_dict(model, weights, str(state_file))
+    if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
+        raise _damaged(state_file, "model weights hold NaN or infinite values")
+    expected = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as exc:  # noqa: BLE001 - torch fails on a malformed state with any exception type
+        first = (str(exc).splitlines() or [""])[0][:80]
+        raise _damaged(state_file, f"optimizer state: {type(exc).__name__} {first}".strip()) from None
+    _check_adam_state(state_file, optimizer, expected)
+    model.load_state_dict(weights)
+    return step, float(elapsed)
+
+
 class _StopAtStepEnd:
     """While active (main thread only), Ctrl-C asks the loop to stop at the end of the
     current step instead of raising inside it; a second Ctrl-C raises at once."""
@@ -216,17 +279,7 @@ def train(
         lr=cfg.lr,
         fused=True,  # one kernel for all parameters: 5x faster than the loop on CPU
     )
-    step, elapsed = 0, 0.0
-    if resume:
-        state_file = _state_path(out)
-        if not state_file.is_file():
-            raise AttnlabError(f"nothing to resume: {state_file} does not exist (train without --resume first)")
-        state = read_checkpoint(state_file)
-        if {"model": "catr", **state["config"]} != vars(cfg):  # files from before --model were CATR's
-            raise AttnlabError(f"{state_file} was trained with other settings ({state['config']}): resume with the same ones")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
+    step, elapsed = _resume(_state_path(out), cfg, model, optimizer) if resume else (0, 0.0)
     bar = None
     if progress:
         from tqdm.auto import tqdm
