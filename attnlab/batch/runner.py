@@ -65,11 +65,11 @@ class _Images(Dataset):
             _check_writable_name(plan, self.out)
             sha = outputs.file_sha256(plan.source.path)
             plan = replace(plan, source=replace(plan.source, sha256=sha))
-            state, info = outputs.resume_state(plan, self.run, figure=self.figures, html=self.html, overwrite=self.overwrite)
-            if state == "done":
-                return _Loaded(i, "done", sha, header=info)
-            if state == "refused":
-                return _Loaded(i, "error", error=str(info))
+            state = outputs.resume_state(plan, self.run, figure=self.figures, html=self.html, overwrite=self.overwrite)
+            if state.action is outputs.Resume.DONE:
+                return _Loaded(i, "done", sha, header=state.header)
+            if state.action is outputs.Resume.REFUSED:
+                return _Loaded(i, "error", error=state.reason)
             content: list[tuple[int, int]] = []
             pixels, shown = prepare_for([plan.source.path], self.spec, content=content)
             return _Loaded(i, "image", sha, pixels[0].numpy(), shown[0], content=content[0])
