@@ -300,6 +300,18 @@ class _Run:
             ) from None
 
 
+def _loader(images: _Images, workers: int, batch_size: int) -> DataLoader:
+    """The images one by one, read and prepared by ``workers`` processes (0: in this one)."""
+    return DataLoader(
+        images,
+        batch_size=None,  # items one by one: the batches are made by the runner, of images that need captioning
+        num_workers=workers,
+        collate_fn=_as_is,
+        worker_init_fn=_worker_ignores_ctrl_c if workers else None,
+        prefetch_factor=2 * batch_size if workers else None,
+    )
+
+
 def run_plan(
     model: Any,
     plan: RunPlan,
@@ -334,14 +346,7 @@ def run_plan(
         if os.path.commonpath([os.path.realpath(folder), out_real]) == out_real:  # never through a link out of --out
             remove_stale_temps(folder)  # left by killed runs (never a live one of a parallel run)
     state = _Run(plan, model, run, batch_size, progress)
-    loader = DataLoader(
-        _Images(plan, spec, run),
-        batch_size=None,  # items one by one: the batches are made below, of images that need captioning
-        num_workers=workers,
-        collate_fn=_as_is,
-        worker_init_fn=_worker_ignores_ctrl_c if workers else None,
-        prefetch_factor=2 * batch_size if workers else None,
-    )
+    loader = _loader(_Images(plan, spec, run), workers, batch_size)
     start = time.perf_counter()
     batches = 0
     interrupted = False
