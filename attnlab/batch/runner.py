@@ -338,7 +338,7 @@ def run_plan(
         raise AttnlabError(f"--batch-size must be a whole number >= 1, not {batch_size!r}")
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise AttnlabError(f"--workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
+        raise AttnlabError(f"workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
     run = run_settings(model, max_len=max_len, beams=beams, length_penalty=length_penalty, half=half, mode=mode)
     spec = as_captioner(model).spec
     out_real = os.path.realpath(plan.out)
