@@ -579,7 +579,7 @@ def test_a_failed_rename_puts_the_older_pair_back(tmp_path, capsys, monkeypatch)
             raise OSError(errno.EIO, "Input/output error", str(dst))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(attnlab.outputs.os, "replace", failing_replace)
+    monkeypatch.setattr(attnlab.outputs.write.os, "replace", failing_replace)
     rc, out, err = cli(capsys, "caption", str(x), "--out", str(out_dir), "--max-len", "1")  # another trace
     monkeypatch.undo()
     line = error_line(err)

@@ -145,9 +145,9 @@ def test_a_list_of_the_earlier_version_needs_overwrite(model, scenes, tmp_path):
 # ---------------------------------------------------------------------- 2. interrupted multi-file writes
 def _interrupt_commit(monkeypatch, renames: int):
     """The first commit renames only ``renames`` of its files, then the run is stopped (as a kill would)."""
-    from attnlab import outputs
+    from attnlab.outputs import write
 
-    real = outputs._commit
+    real = write._commit
     calls = []
 
     def partial(pairs):
@@ -158,7 +158,7 @@ def _interrupt_commit(monkeypatch, renames: int):
             os.replace(tmp, final)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(outputs, "_commit", partial)
+    monkeypatch.setattr(write, "_commit", partial)
 
 
 @pytest.mark.parametrize(("html", "renames"), [(False, 1), (True, 1), (True, 2)])  # every point between two renames
@@ -362,7 +362,8 @@ def test_an_output_folder_that_stops_being_writable(model, scenes, tmp_path, mon
 
     real = fileio.make_temp
     monkeypatch.setattr(fileio, "make_temp", no_room)
-    monkeypatch.setattr(outputs, "make_temp", no_room)
+    monkeypatch.setattr(outputs.write, "make_temp", no_room)
+    monkeypatch.setattr(outputs.naming, "make_temp", no_room)
     message = assert_error(
         lambda: caption_folder(model, folder, out, workers=0, progress=False, batch_size=1, on_batch=lambda n: full.append(n)),
         "run the same command again",

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,50 @@ def test_names_mirror_relative_paths(folder):
     assert mirror_names(["x.png", "X.png", "X.png~2", "y.png"]) == ["x.png", "X.png~2", "X.png~2~2", "y.png"]
     with pytest.raises(AttnlabError, match="matches no image"):
         find_images([f"{folder}/*.gif"])
+
+
+def test_one_naming_scheme_for_single_files_and_folder_runs():
+    from attnlab.outputs import unique_names, unique_stems
+
+    def by_hand(names, mark, reserved):  # the rule of docs/files.md, written out independently
+        out, taken = [], set()
+        for name in names:
+            candidates = [name] + [f"{name}{mark}{n}" for n in range(2, 50)]
+            pick = next(c for c in candidates if c.casefold() not in taken and (c == name or c.casefold() not in reserved))
+            taken.add(pick.casefold())
+            out.append(pick)
+        return out
+
+    names = ["x", "X", "x-2", "y", "x", "X-2", "x-3"]
+    stems = unique_stems([f"{n}.png" for n in names])
+    assert stems == by_hand(names, "-", {n.casefold() for n in names}) == ["x", "X-4", "x-2", "y", "x-5", "X-2-2", "x-3"]
+    paths = ["a/x.png", "A/X.png", "a/x.png~2", "b/y.png", "a/X.PNG"]
+    assert mirror_names(paths) == by_hand(paths, "~", set()) == ["a/x.png", "A/X.png~2", "a/x.png~2~2", "b/y.png", "a/X.PNG~3"]
+    assert unique_names(["a", "A", "a"], lambda name, n: f"{name}({n})") == ["a", "A(2)", "a(3)"]
+
+
+def test_resume_state_is_an_object(model, folder, tmp_path):
+    from attnlab.batch import run_settings
+    from attnlab.outputs import Resume, file_sha256, resume_state
+
+    out = tmp_path / "o"
+    plan = plan_run([folder / "part-a"], out)
+    first = replace(plan.plans[1], source=replace(plan.plans[1].source, sha256=file_sha256(plan.plans[1].source.path)))
+    run = run_settings(model)
+    todo = resume_state(first, run, figure=False)
+    assert todo.action is Resume.TODO and todo.header is None and todo.reason == ""
+    caption_folder(model, folder / "part-a", out, workers=0, progress=False)
+    done = resume_state(first, run, figure=False)
+    assert done.action is Resume.DONE and done.header["caption"] == attnlab.CaptionTrace.load(first.trace).caption
+    assert resume_state(first, {**run, "beams": 2}, figure=False).action is Resume.TODO  # other settings: redo
+    first.figure.write_bytes(b"my own picture")
+    refused = resume_state(first, run, figure=True)
+    assert refused.action is Resume.REFUSED and "attnlab did not write it" in refused.reason and refused.header is None
+
+
+def test_library_errors_name_library_arguments(model, folder, tmp_path):
+    with pytest.raises(AttnlabError, match=r"^workers must be a whole number >= 0"):
+        caption_folder(model, folder, tmp_path / "o", workers=-1, progress=False)
 
 
 def test_shards_are_disjoint_and_name_like_the_whole_run(folder, tmp_path):

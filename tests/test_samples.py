@@ -14,7 +14,7 @@ import pytest
 import attnlab
 from attnlab.errors import AttnlabError
 from attnlab.samples import sample_names, sample_path, sample_paths
-from attnlab.shapes.cli import sample_images
+from attnlab.cli.caption import sample_images
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["drawing-park.png", "drawing-tabletop.jpg", "scene-0.png", "scene-1.png", "scene-2.png", "scene-3.png"]

@@ -6,7 +6,7 @@
 * :mod:`attnlab.explain.graph`: one teacher-forced run kept whole, with its gradients.
 * :mod:`attnlab.explain.grounding`: the benchmark (pointing hit, touch, mass,
   random map) on images whose objects are known; :mod:`attnlab.explain.boxes`:
-  COCO-style boxes of your own images (``attnlab grounding`` lives in :mod:`attnlab.cli_grounding`).
+  COCO-style boxes of your own images (``attnlab grounding`` lives in :mod:`attnlab.cli.grounding`).
   (:mod:`attnlab.shapes.grounding` runs it on shapes scenes.)
 """
 

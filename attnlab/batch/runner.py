@@ -1,39 +1,8 @@
-"""Captioning many images: folders, glob patterns, shards and resumable runs.
-
-``attnlab caption photos/ --out results`` (or :func:`caption_folder`) runs:
-
-1. :func:`plan_run`: the images of the folders (read recursively) and glob
-   patterns, sorted; each named after its path relative to the folder
-   (:func:`attnlab.outputs.mirror_names`: ``photos/cats/x.jpg`` ->
-   ``results/cats/x.jpg.npz``), so names are unique, the same in every run and
-   independent of sharding; ``shard=(k, n)`` keeps every ``n``-th image from
-   the ``k``-th on (disjoint, deterministic slices that together cover all).
-2. A :class:`torch.utils.data.DataLoader` whose worker processes hash each
-   image, check its earlier outputs (:func:`attnlab.outputs.resume_state`:
-   complete and written for the same file and the same settings -> skipped)
-   and read and resize it by the captioner's spec
-   (:func:`attnlab.preprocess.prepare_for`).
-3. The main process groups the prepared images (of any sizes) into batches of
-   ``batch_size`` and decodes each batch at once
-   (:func:`attnlab.decode.decode_batch`: finished captions leave the batch);
-   every image gets exactly what it gets alone.
-4. Each trace is written as soon as its batch is done (atomically, with the
-   run's settings in ``meta["run"]``) and never held: memory stays flat.
-5. ``captions.jsonl`` (one JSON object per image: image, name, caption, words,
-   trace, and figure and html page when asked) and ``errors.jsonl`` (image, name, error) in the output
-   folder; a shard ``k`` of ``n`` writes ``captions.k-of-n.jsonl`` and
-   ``errors.k-of-n.jsonl`` instead, so shards never write the same file. Each
-   starts with a header line only attnlab writes (:mod:`attnlab.runlist`): a file of
-   that name without it is never replaced or deleted unless ``overwrite``.
-
-Ctrl-C finishes the batch being decoded, writes the captions and errors files
-and stops (a second Ctrl-C stops at once and drops that batch); nothing
-partial is left, and the same command resumes where it stopped.
-"""
+"""The batch runner: worker processes read and prepare images, the main process decodes
+batches and writes each trace as it finishes (see :mod:`attnlab.batch`)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
@@ -49,225 +18,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import outputs, patterns, runlist
-from .captioner import CaptionerSpec, as_captioner
-from .decode import check_beams, check_max_len, decode_batch
-from .diagnostics import mark_padding
-from .errors import AttnlabError
-from .fileio import remove_stale_temps
-from .preprocess import prepare_for
-from .trace import CaptionTrace
-from .util import one_line
+from .. import outputs, runlist
+from ..captioner import CaptionerSpec, as_captioner
+from ..decode import decode_batch
+from ..diagnostics import mark_padding
+from ..errors import AttnlabError
+from ..fileio import remove_stale_temps
+from ..preprocess import prepare_for
+from ..util import one_line
+from .plan import RunPlan, as_half, plan_run, run_settings
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
-"""File name endings (any case) taken from folders and glob patterns."""
-
-_MAGIC = patterns.MAGIC
 # the run lists of any shard: an input subfolder with such a name would put outputs where a list goes
 _RUN_LIST = re.compile(r"(captions|errors)(\.\d+-of-\d+)?\.jsonl")
-
-
-# ====================================================================== inputs
-@dataclass(frozen=True)
-class Item:
-    """One input image: its file and the relative name its outputs mirror (``"cats/x.jpg"``)."""
-
-    path: Path
-    name: str
-
-
-def is_pattern(text: str) -> bool:
-    """True for a folder or a glob pattern (what makes ``attnlab caption`` a batch run)."""
-    p = Path(text)
-    return p.is_dir() or (not p.exists() and bool(_MAGIC.search(text)))
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-
-
-def _walk(root: Path) -> list[Path]:
-    """Image files below ``root``, hidden files and folders left out."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder) / f for f in files if _is_image(f)]
-    return found
-
-
-def _check_name(name: str, path: Path) -> str:
-    """A relative output name that stays below ``--out``: no ``..``, ``.``, empty or absolute parts."""
-    parts = name.split("/")
-    if os.path.isabs(name) or any(part in ("", ".", "..") for part in parts):
-        raise AttnlabError(f"{path} would be named {name!r}, which leaves the output folder: name its folder or a pattern below it")
-    return name
-
-
-def _own_figure(path: Path, out: Path | None) -> bool:
-    """A figure attnlab writes into ``out`` (never taken as an input, e.g. with ``--out`` inside the folder)."""
-    if out is None or not path.name.endswith(outputs.FIGURE_SUFFIX):
-        return False
-    return out.resolve() in path.resolve().parents
-
-
-def find_images(inputs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None) -> list[Item]:
-    """The images named by ``inputs``: folders (read recursively), glob patterns
-    (``"photos/**/*.jpg"``, recursive ``**`` allowed) and files.
-
-    Folders and patterns yield the files ending in one of :data:`IMAGE_SUFFIXES`
-    (hidden ones left out), sorted by name. Names are relative to the folder (to a
-    pattern's fixed leading folders); with several inputs each folder's name is
-    put in front (``photos/cats/x.jpg``). Figures attnlab wrote into ``out`` are
-    never inputs. The same file named twice is taken once.
-    """
-    if not inputs:
-        raise AttnlabError("no folder, pattern or image given")
-    out_dir = Path(out) if out is not None else None
-    found: list[tuple[Path, str]] = []
-    for arg in inputs:
-        text = os.fspath(arg)
-        p = Path(text)
-        if p.is_dir():
-            root, paths, label = p, _walk(p), p.resolve().name or "root"
-            if not paths:
-                raise AttnlabError(f"no images in folder {text} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, in subfolders too)")
-        elif p.exists() or not _MAGIC.search(text):
-            if not p.exists():
-                raise AttnlabError(f"no file, folder or glob match at {text}: check the path")
-            root, paths, label = p.parent, [p], ""
-        else:
-            root, matches = patterns.expand(text)  # bounded, every match below root
-            paths = [m for m in matches if m.is_file() and _is_image(m.name)]
-            label = root.resolve().name or "root"
-            if not paths:
-                raise AttnlabError(f"the pattern {text!r} matches no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        named = []
-        for path in paths:
-            if _own_figure(path, out_dir):
-                continue
-            name = _check_name(path.relative_to(root).as_posix() if root != Path(".") else path.as_posix(), path)
-            named.append((path, f"{label}/{name}" if len(inputs) > 1 and label else name))
-        found += sorted(named, key=lambda pn: pn[1])  # one order however the folder was named or walked
-    seen: set[str] = set()
-    unique = []
-    for path, name in found:
-        key = os.path.normcase(str(path.resolve()))
-        if key not in seen:
-            seen.add(key)
-            unique.append((path, name))
-    if not unique:
-        raise AttnlabError("no images to caption (only figures attnlab wrote were found)")
-    names = outputs.mirror_names([n for _, n in unique])
-    return [Item(path, name) for (path, _), name in zip(unique, names)]
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"3/8"`` -> ``(3, 8)``: the 3rd of 8 slices (``K`` from 1 to ``N``)."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
-        raise AttnlabError(f"--shard {text!r}: give K/N with K from 1 to N, e.g. 3/8 for the third of eight slices")
-    return int(m.group(1)), int(m.group(2))
-
-
-def shard_items(items: Sequence[Any], shard: tuple[int, int]) -> list[Any]:
-    """The ``k``-th of ``n`` disjoint slices: items ``k-1, k-1+n, k-1+2n, ...`` (together: all of them)."""
-    k, n = shard
-    if not 1 <= k <= n:
-        raise AttnlabError(f"shard {k}/{n}: K must lie from 1 to N")
-    return list(items[k - 1 :: n])
-
-
-def sidecar_names(shard: tuple[int, int]) -> tuple[str, str]:
-    """The captions and errors file names of a shard: ``captions.jsonl`` or ``captions.3-of-8.jsonl``."""
-    k, n = shard
-    tag = "" if n == 1 else f".{k}-of-{n}"
-    return f"captions{tag}.jsonl", f"errors{tag}.jsonl"
-
-
-# ====================================================================== the plan
-@dataclass
-class RunPlan:
-    """What a batch run will do, decided before the model is loaded (see :func:`plan_run`)."""
-
-    plans: list[outputs.Planned]  # this shard's images in order; sources without SHA-256 yet
-    total: int  # images in all shards together
-    shard: tuple[int, int]
-    out: Path
-    captions: Path
-    errors: Path
-    figures: bool
-    overwrite: bool
-    html: bool = False
-
-
-def plan_run(
-    inputs: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    shard: tuple[int, int] = (1, 1),
-    figures: bool = False,
-    overwrite: bool = False,
-    html: bool = False,
-) -> RunPlan:
-    """Find the images, name their outputs and check the output folder (no model needed, nothing written)."""
-    out_dir = Path(out)
-    outputs.check_out_dir(out_dir)
-    items = find_images(inputs, out=out_dir)
-    sources = [outputs.Source(item.name, str(item.path.resolve()), None, item.path) for item in items]
-    plans = shard_items(outputs.plan_mirrored(sources, out_dir), shard)  # named over all shards, then sliced
-    captions, errors = (out_dir / name for name in sidecar_names(shard))
-    for path, kind in ((captions, "captions"), (errors, "errors")):
-        runlist.check_replaceable(path, kind, overwrite)
-    return RunPlan(plans, len(items), shard, out_dir, captions, errors, figures, overwrite, html)
-
-
-# ====================================================================== settings
-def weights_digest(model: Any) -> str | None:
-    """A short SHA-256 of a torch model's weights (names, dtypes, shapes, bytes); ``None`` for other captioners."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    state = model.state_dict()
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # (bytes,)
-    return digest.hexdigest()[:16]
-
-
-def run_settings(
-    model: Any, *, max_len: int | None = None, beams: int = 1, length_penalty: float = 1.0, half: bool = False, mode: str = "incremental"
-) -> dict[str, Any]:
-    """What a trace of a batch run depends on besides its image (stored as ``meta["run"]``):
-    a rerun skips an image only when these are equal."""
-    spec = as_captioner(model).spec
-    beams, length_penalty = check_beams(beams, length_penalty)
-    return {
-        "model": spec.name,
-        "weights": weights_digest(model),
-        "mode": mode,
-        "max_len": check_max_len(max_len, spec.max_len),
-        "beams": beams,
-        "length_penalty": length_penalty,
-        "half": bool(half),
-    }
-
-
-def as_half(trace: CaptionTrace) -> CaptionTrace:
-    """The trace with its attention arrays as float16 (half the size; values within ~5e-4 of float32).
-
-    Logits stay float32 (the probabilities shown in figures come from them).
-    """
-    def half(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else a.astype(np.float16)
-
-    return replace(
-        trace,
-        cross_attention=half(trace.cross_attention),
-        prefix_share=half(trace.prefix_share),
-        encoder_self_attention=half(trace.encoder_self_attention),
-        decoder_self_attention=half(trace.decoder_self_attention),
-    )
 
 
 # ====================================================================== worker side
@@ -303,11 +65,11 @@ class _Images(Dataset):
             _check_writable_name(plan, self.out)
             sha = outputs.file_sha256(plan.source.path)
             plan = replace(plan, source=replace(plan.source, sha256=sha))
-            state, info = outputs.resume_state(plan, self.run, figure=self.figures, html=self.html, overwrite=self.overwrite)
-            if state == "done":
-                return _Loaded(i, "done", sha, header=info)
-            if state == "refused":
-                return _Loaded(i, "error", error=str(info))
+            state = outputs.resume_state(plan, self.run, figure=self.figures, html=self.html, overwrite=self.overwrite)
+            if state.action is outputs.Resume.DONE:
+                return _Loaded(i, "done", sha, header=state.header)
+            if state.action is outputs.Resume.REFUSED:
+                return _Loaded(i, "error", error=state.reason)
             content: list[tuple[int, int]] = []
             pixels, shown = prepare_for([plan.source.path], self.spec, content=content)
             return _Loaded(i, "image", sha, pixels[0].numpy(), shown[0], content=content[0])
@@ -538,6 +300,18 @@ class _Run:
             ) from None
 
 
+def _loader(images: _Images, workers: int, batch_size: int) -> DataLoader:
+    """The images one by one, read and prepared by ``workers`` processes (0: in this one)."""
+    return DataLoader(
+        images,
+        batch_size=None,  # items one by one: the batches are made by the runner, of images that need captioning
+        num_workers=workers,
+        collate_fn=_as_is,
+        worker_init_fn=_worker_ignores_ctrl_c if workers else None,
+        prefetch_factor=2 * batch_size if workers else None,
+    )
+
+
 def run_plan(
     model: Any,
     plan: RunPlan,
@@ -564,7 +338,7 @@ def run_plan(
         raise AttnlabError(f"--batch-size must be a whole number >= 1, not {batch_size!r}")
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise AttnlabError(f"--workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
+        raise AttnlabError(f"workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
     run = run_settings(model, max_len=max_len, beams=beams, length_penalty=length_penalty, half=half, mode=mode)
     spec = as_captioner(model).spec
     out_real = os.path.realpath(plan.out)
@@ -572,14 +346,7 @@ def run_plan(
         if os.path.commonpath([os.path.realpath(folder), out_real]) == out_real:  # never through a link out of --out
             remove_stale_temps(folder)  # left by killed runs (never a live one of a parallel run)
     state = _Run(plan, model, run, batch_size, progress)
-    loader = DataLoader(
-        _Images(plan, spec, run),
-        batch_size=None,  # items one by one: the batches are made below, of images that need captioning
-        num_workers=workers,
-        collate_fn=_as_is,
-        worker_init_fn=_worker_ignores_ctrl_c if workers else None,
-        prefetch_factor=2 * batch_size if workers else None,
-    )
+    loader = _loader(_Images(plan, spec, run), workers, batch_size)
     start = time.perf_counter()
     batches = 0
     interrupted = False

@@ -1,33 +1,27 @@
-"""The ``attnlab`` command line: ``caption``, ``demo``, ``train``, ``evaluate``, ``grounding``.
-
-Errors a user can fix are printed as one line, ``attnlab: error: ...``, on stderr.
-"""
+"""``attnlab caption`` (images one by one, folders and glob patterns) and ``attnlab demo``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
-from . import outputs
-from .errors import AttnlabError
-from .fileio import remove_stale_temps
-from .hub import MODELS
+from .. import outputs
+from ..errors import AttnlabError
+from ..fileio import remove_stale_temps
+from ..hub import MODELS
+from .messages import print_error
 
-
-def _error(message: str) -> None:
-    print(f"attnlab: error: {message}", file=sys.stderr)
+DEFAULT_DEMO_DIR = "attnlab-demo"
 
 
 _BATCH_ONLY = ("batch_size", "workers", "shard", "figures")
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from .batch import is_pattern
-    from .hub import check_device
+    from ..batch import is_pattern
+    from ..hub import check_device
 
     if args.model and args.checkpoint:
         raise AttnlabError("give --model or --checkpoint, not both")
@@ -45,9 +39,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def _caption_many(args: argparse.Namespace) -> int:
     """Folders and glob patterns: batches, worker processes, resume, shards (:mod:`attnlab.batch`)."""
-    from .batch import default_workers, parse_shard, plan_run, run_plan
-    from .decode import check_beams
-    from .hub import load_model
+    from ..batch import default_workers, parse_shard, plan_run, run_plan
+    from ..decode import check_beams
+    from ..hub import load_model
 
     if not args.out:
         raise AttnlabError("a folder or glob pattern needs --out DIR (one trace per image goes there)")
@@ -77,20 +71,20 @@ def _caption_many(args: argparse.Namespace) -> int:
     )
     if report.interrupted:
         done = report.captioned + report.skipped
-        _error(f"interrupted: {done} of {report.total} images are done; run the same command again to resume (finished images are skipped)")
+        print_error(f"interrupted: {done} of {report.total} images are done; run the same command again to resume (finished images are skipped)")
         return 130
     if report.failed:
-        _error(f"{report.failed} images could not be captioned: see {report.errors} (one JSON line each, with the reason)")
+        print_error(f"{report.failed} images could not be captioned: see {report.errors} (one JSON line each, with the reason)")
         return 1
     return 0
 
 
 def _caption_files(args: argparse.Namespace) -> int:
     """Images named one by one (outputs named by their stems, see :mod:`attnlab.outputs`)."""
-    from .batch import as_half
-    from .confidence import caption_notes, caption_summary
-    from .decode import caption
-    from .hub import load_model
+    from ..batch import as_half
+    from ..confidence import caption_notes, caption_summary
+    from ..decode import caption
+    from ..hub import load_model
 
     if args.html and not args.out:
         raise AttnlabError("--html writes a web page per image into --out DIR: give --out")
@@ -116,7 +110,7 @@ def _caption_files(args: argparse.Namespace) -> int:
             files = [str(p) for p in outputs.write_outputs(trace, plan, overwrite=args.overwrite, html=args.html)] if plan is not None else []
         except AttnlabError as exc:
             failures += 1
-            _error(str(exc))
+            print_error(str(exc))
             results.append({"image": image, "error": str(exc)})
             continue
         summary = caption_summary(trace)
@@ -138,10 +132,41 @@ def _caption_files(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnlab", description="Caption images and see where the model looks.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def sample_images() -> list[Path]:
+    """The sample images shipped inside the package (``attnlab/samples``, the same from a checkout or a wheel), sorted by name."""
+    from ..samples import sample_paths
 
+    return sample_paths()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..decode import caption
+    from ..hub import load_model
+    from ..shapes.scenes import make_scenes
+
+    out = Path(args.out)
+    outputs.check_out_dir(out)
+    images: list[object] = [str(p) for p in sample_images()]
+    sources = [outputs.Source.of_path(p) for p in images]
+    if not images:  # an installed wheel has no data/ folder: draw fresh scenes instead
+        scenes = make_scenes(4, seed=7, split="eval")
+        images = [s.image for s in scenes]
+        sources = [outputs.Source.of_array(f"scene-{i}.png", s.image, f"attnlab demo: eval scene {i} of seed 7") for i, s in enumerate(scenes)]
+    plans = outputs.plan_outputs(sources, out)
+    outputs.check_plan(plans, overwrite=args.overwrite)  # before the model load
+    remove_stale_temps(out)
+    model = load_model(args.model)
+    print(f"attnlab demo: model {model.spec.name!r}, {len(images)} images -> {out}/")
+    for image, plan in zip(images, plans):
+        trace = caption(model, image)
+        outputs.write_outputs(trace, plan, overwrite=args.overwrite)
+        print(f"  {plan.stem}: {trace.caption}")
+    print(f"wrote <name>{outputs.FIGURE_SUFFIX} (word grid) and <name>{outputs.TRACE_SUFFIX} (trace) per image into {out}/")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """The ``caption`` and ``demo`` commands."""
     p = sub.add_parser(
         "caption",
         help="caption images, folders or glob patterns; with --out, write each trace (.npz) and word grid (.attn.png)",
@@ -174,34 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--figures", action="store_true", help="also draw each word grid (<name>.attn.png); slower than captioning")
     p.set_defaults(func=cmd_caption)
 
-    from .shapes.cli import add_commands  # demo, train, evaluate live with the shapes world
-
-    add_commands(sub)
-    from .cli_grounding import add_commands as add_grounding
-
-    add_grounding(sub)
-    return parser
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"attnlab: warning: {message}", file=sys.stderr)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            warnings.showwarning = _one_line_warning  # restored when the block ends
-            return int(args.func(args) or 0)
-    except AttnlabError as exc:
-        _error(str(exc))
-        return 2
-    except KeyboardInterrupt as exc:
-        _error(f"interrupted{': ' + str(exc) if str(exc) else ''}")
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    p = sub.add_parser("demo", help="caption the sample images with the bundled model and write the figures (offline)")
+    p.add_argument("--out", default=DEFAULT_DEMO_DIR, metavar="DIR", help=f"output folder (default {DEFAULT_DEMO_DIR})")
+    p.add_argument("--model", default=None, help="model name (default: the bundled shapes model)")
+    p.add_argument("--overwrite", action="store_true", help="replace files in --out that attnlab did not write for the same image")
+    p.set_defaults(func=cmd_demo)

@@ -1,6 +1,6 @@
 """``attnlab grounding``: the grounding table on shapes scenes or on your own images with boxes.
 
-A command of the top layer (beside :mod:`attnlab.cli`): it uses both :mod:`attnlab.explain`
+A command of the top layer (in :mod:`attnlab.cli`): it uses both :mod:`attnlab.explain`
 and :mod:`attnlab.shapes`, which itself builds on :mod:`attnlab.explain`.
 """
 
@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from .errors import AttnlabError
-from .hub import model_names
+from ..errors import AttnlabError
+from ..hub import model_names
 
 DEFAULT_N = 500
 
 
 def cmd_grounding(args: argparse.Namespace) -> int:
-    from .explain.grounding import RANDOM, best_row, format_grounding, ground
-    from .hub import load_model
+    from ..explain.grounding import RANDOM, best_row, format_grounding, ground
+    from ..hub import load_model
 
     own = args.images is not None or args.boxes is not None
     if own and (args.images is None or args.boxes is None):
@@ -29,12 +29,12 @@ def cmd_grounding(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise AttnlabError("--batch-size must be at least 1")
     if own:  # every check of the inputs before the (slow) model load
-        from .explain.boxes import read_boxes, read_synonyms
+        from ..explain.boxes import read_boxes, read_synonyms
 
         items, classes = read_boxes(args.images, args.boxes)
         synonyms = read_synonyms(args.synonyms)
     else:
-        from .shapes.grounding import check_scene_count
+        from ..shapes.grounding import check_scene_count
 
         check_scene_count(DEFAULT_N if args.n is None else args.n)
     model = load_model(None if args.checkpoint else args.model, checkpoint=args.checkpoint)
@@ -45,7 +45,7 @@ def cmd_grounding(args: argparse.Namespace) -> int:
         result["source"] = f" ({args.images}, boxes {args.boxes})"
         kind, cls = "box", "all"
     else:
-        from .shapes.grounding import grounding
+        from ..shapes.grounding import grounding
 
         result = grounding(model, DEFAULT_N if args.n is None else args.n, 0 if args.seed is None else args.seed,
                            batch_size=args.batch_size, progress=progress)  # fmt: skip

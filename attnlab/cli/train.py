@@ -1,54 +1,16 @@
-"""Command-line parts that belong to the shapes world: ``demo``, ``train``, ``evaluate``."""
+"""``attnlab train`` and ``attnlab evaluate``: the shapes world's commands."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .. import outputs
 from ..errors import AttnlabError
-from ..fileio import remove_stale_temps
-from .model import MODELS
-from .train import TrainConfig
-
-DEFAULT_DEMO_DIR = "attnlab-demo"
-
-
-def sample_images() -> list[Path]:
-    """The sample images shipped inside the package (``attnlab/samples``, the same from a checkout or a wheel), sorted by name."""
-    from ..samples import sample_paths
-
-    return sample_paths()
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from ..decode import caption
-    from ..hub import load_model
-    from .scenes import make_scenes
-
-    out = Path(args.out)
-    outputs.check_out_dir(out)
-    images: list[object] = [str(p) for p in sample_images()]
-    sources = [outputs.Source.of_path(p) for p in images]
-    if not images:  # an installed wheel has no data/ folder: draw fresh scenes instead
-        scenes = make_scenes(4, seed=7, split="eval")
-        images = [s.image for s in scenes]
-        sources = [outputs.Source.of_array(f"scene-{i}.png", s.image, f"attnlab demo: eval scene {i} of seed 7") for i, s in enumerate(scenes)]
-    plans = outputs.plan_outputs(sources, out)
-    outputs.check_plan(plans, overwrite=args.overwrite)  # before the model load
-    remove_stale_temps(out)
-    model = load_model(args.model)
-    print(f"attnlab demo: model {model.spec.name!r}, {len(images)} images -> {out}/")
-    for image, plan in zip(images, plans):
-        trace = caption(model, image)
-        outputs.write_outputs(trace, plan, overwrite=args.overwrite)
-        print(f"  {plan.stem}: {trace.caption}")
-    print(f"wrote <name>{outputs.FIGURE_SUFFIX} (word grid) and <name>{outputs.TRACE_SUFFIX} (trace) per image into {out}/")
-    return 0
+from ..shapes.model import MODELS
+from ..shapes.train import TrainConfig
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from ..shapes.train import train
 
     cfg = TrainConfig(
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, model=args.model
@@ -63,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..hub import load_model
-    from .evaluate import evaluate, format_report
+    from ..shapes.evaluate import evaluate, format_report
 
     if args.n < 1:
         raise AttnlabError("--n must be at least 1")
@@ -73,12 +35,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="caption the sample images with the bundled model and write the figures (offline)")
-    p.add_argument("--out", default=DEFAULT_DEMO_DIR, metavar="DIR", help=f"output folder (default {DEFAULT_DEMO_DIR})")
-    p.add_argument("--model", default=None, help="model name (default: the bundled shapes model)")
-    p.add_argument("--overwrite", action="store_true", help="replace files in --out that attnlab did not write for the same image")
-    p.set_defaults(func=cmd_demo)
-
+    """The ``train`` and ``evaluate`` commands."""
     p = sub.add_parser("train", help="train the shapes captioner on generated scenes")
     p.add_argument("world", choices=("shapes",))
     p.add_argument("--model", choices=tuple(MODELS), default="catr", help="architecture: catr (CNN, default) or cptr (timm ViT)")
