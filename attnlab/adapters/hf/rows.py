@@ -75,7 +75,7 @@ def last_row(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.Te
     if mask is not None:
         m = mask[:, :, -1:, :k_len]  # (B, 1 or heads, 1, K)
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    elif q_len > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):
+    elif q_len > 1 and (kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)):
         # sdpa's is_causal is upper-left aligned: the last query sees keys 0 .. q_len - 1
         scores[..., q_len:] = float("-inf")
     return torch.softmax(scores, dim=-1)[:, :, 0, :]  # (B, heads, K)
@@ -96,9 +96,8 @@ class RowCapture:
             r.clear()
 
 
-def _wrapper(capture: RowCapture, original: str, eager_default: Callable) -> Callable:
-    tf = _transformers()
-    interface = tf.AttentionInterface()
+def _wrapper(capture: RowCapture, original: str, eager_default: Callable, interface: Any) -> Callable:
+    """The registered function: the original implementation's output, and the last row recorded."""
 
     def attnlab_rows(module, query, key, value, attention_mask, *args, **kwargs):
         fn = eager_default if original == "eager" else interface[original]
@@ -136,14 +135,16 @@ def capture_rows(model: Any) -> Iterator[RowCapture]:
     original = next(iter(originals.values()))
     if [a.layer_idx for a in attn] != list(range(len(attn))):
         raise AttnlabError(f"{type(model).__name__}: decoder layers are not numbered 0..n-1; capture_rows cannot record them")
-    eager_default = getattr(sys.modules[type(attn[0]).__module__], "eager_attention_forward", None)
+    modeling = sys.modules[type(attn[0]).__module__]
+    eager_default = getattr(modeling, "eager_attention_forward", None)
+    interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", tf.AttentionInterface())  # a family may override locally
     if original == "eager" and eager_default is None:
         raise AttnlabError(f"{type(attn[0]).__name__} has no eager_attention_forward; load the model with attn_implementation=\"sdpa\"")
     capture = RowCapture(len(attn))
     name = f"attnlab_rows_{next(_names)}"
     masks = AttentionMaskInterface._global_mapping
     functions = tf.AttentionInterface._global_mapping
-    functions[name] = _wrapper(capture, original, eager_default)
+    functions[name] = _wrapper(capture, original, eager_default, interface)
     masks[name] = masks[original]
     try:
         for c in configs.values():
