@@ -17,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5")
 
-import vlm_tiny  # noqa: E402  (tests/ is on the path under pytest's rootdir conftest)
+import vlm_tiny  # noqa: E402  (pytest puts tests/ on the path)
 
 from attnlab.adapters.hf import capture_rows, generate_rows, vlm_layout  # noqa: E402
 from attnlab.errors import AttnlabError  # noqa: E402

@@ -63,12 +63,11 @@ def last_row(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.Te
     if kwargs.get("s_aux") is not None:
         raise AttnlabError("attention sinks (s_aux) are not supported by capture_rows; use a model without them")
     b, heads, q_len, d = query.shape  # (B, heads, q, d)
-    k_len = key.shape[2]
-    groups = heads // key.shape[1]
-    k = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()  # (B, heads, K, d)
-    q = query[:, :, -1:, :].float()  # (B, heads, 1, d)
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    q = query[:, :, -1, :].float().reshape(b, kv_heads, heads // kv_heads, d)  # (B, kv heads, groups, d): head = kv * groups + g
     scale = scaling if scaling is not None else d**-0.5
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, heads, 1, K)
+    scores = torch.matmul(q, key.float().transpose(2, 3)) * scale  # (B, kv heads, groups, K), GQA without repeating keys
+    scores = scores.reshape(b, heads, 1, k_len)  # (B, heads, 1, K)
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
