@@ -285,3 +285,19 @@ def test_unsupported_inputs_get_one_line_errors(built):
     two["attention_mask"] = torch.ones_like(two["input_ids"])
     with pytest.raises(AttnlabError, match="exactly one image"):
         vlm_layout(model, processor, two, (640, 480))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_inputs_that_do_not_fit_the_photo_are_refused(built, family):
+    model, processor = built(family)
+    inputs = vlm_tiny.prompt(processor, vlm_tiny.photo(640, 480))
+    ids = inputs["input_ids"]
+    image = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep[int((ids[0] == image).nonzero()[0])] = False  # one image token short
+    short = {**inputs, "input_ids": ids[:, keep], "attention_mask": inputs["attention_mask"][:, keep]}
+    cases = [(short, (640, 480))] + ([(inputs, (1000, 200))] if family == "llava_next" else [])  # NeXT's grid follows the photo
+    for given, size in cases:
+        with pytest.raises(AttnlabError, match="image tokens|tokens for view") as err:
+            vlm_layout(model, processor, given, size)
+        assert "\n" not in str(err.value)

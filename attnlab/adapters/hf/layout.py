@@ -92,12 +92,8 @@ def llava_views(image_processor: Any, patch: int, photo: tuple[int, int]) -> lis
     return [View("image", (ch // patch, cw // patch), box)]
 
 
-def llava_next_views(config: Any, image_processor: Any, photo: tuple[int, int]) -> tuple[list[View], tuple[int, int, int]]:
-    """LLaVA-NeXT: the base view (the photo stretched to a square) and the unpadded high-resolution grid.
-
-    Also returns ``(rows, cols, first)``: the stitched grid before unpadding is ``rows x cols``
-    cells and the kept part starts at row (or column) ``first``.
-    """
+def llava_next_views(config: Any, photo: tuple[int, int]) -> list[View]:
+    """LLaVA-NeXT: the base view (the photo stretched to a square) and the unpadded high-resolution grid."""
     W, H = photo
     tile = config.vision_config.image_size
     cells = tile // config.vision_config.patch_size
@@ -118,7 +114,7 @@ def llava_next_views(config: Any, image_processor: Any, photo: tuple[int, int]) 
     cell = tile / cells
     box = ((c0 * cell - px) * W / nw, (r0 * cell - py) * H / nh, (c1 * cell - px) * W / nw, (r1 * cell - py) * H / nh)
     base = View("base", (cells, cells), (0.0, 0.0, float(W), float(H)))
-    return [base, View("high-res", (r1 - r0, c1 - c0), box)], (rows, cols, r0 if c0 == 0 else c0)
+    return [base, View("high-res", (r1 - r0, c1 - c0), box)]
 
 
 def _best_resolution(size: tuple[int, int], pinpoints: list) -> tuple[int, int]:
@@ -133,6 +129,14 @@ def _best_resolution(size: tuple[int, int], pinpoints: list) -> tuple[int, int]:
         if eff > best_eff or (eff == best_eff and waste < best_waste):
             best, best_eff, best_waste = (h, w), eff, waste
     return best
+
+
+def _extra(found: int, grid_tokens: int) -> int:
+    """Leading image tokens that are not patches: 0, or 1 (CLS, ``vision_feature_select_strategy="full"``)."""
+    if found - grid_tokens not in (0, 1):
+        raise AttnlabError(f"the prompt has {found} image tokens where the processor's layout gives {grid_tokens}: "
+                           "pass the photo and the inputs the processor made from it")
+    return found - grid_tokens
 
 
 def _family(model: Any) -> str:
@@ -155,26 +159,21 @@ def vlm_layout(model: Any, processor: Any, inputs: Any, photo: tuple[int, int]) 
     image_id = getattr(cfg, "image_token_id", None)
     image_id = getattr(cfg, "image_token_index", None) if image_id is None else image_id
     pos = _image_positions(ids, image_id)
-    kinds = {"prefix": [], "newline": []}
+    kinds = {"prefix": pos[:0], "newline": pos[:0]}
     if family.startswith("qwen"):
         views = qwen_views(inputs["image_grid_thw"][0], cfg.vision_config.spatial_merge_size, photo)
         view_keys = [pos]
     elif family == "llava":
         views = llava_views(processor.image_processor, cfg.vision_config.patch_size, photo)
-        extra = len(pos) - views[0].grid[0] * views[0].grid[1]
-        kinds["prefix"] = list(pos[:extra])
-        view_keys = [pos[extra:]]
+        extra = _extra(len(pos), views[0].grid[0] * views[0].grid[1])
+        kinds["prefix"], view_keys = pos[:extra], [pos[extra:]]
     else:
-        views, (rows, cols, first) = llava_next_views(cfg, processor.image_processor, photo)
+        views = llava_next_views(cfg, photo)
         (bh, bw), (h, w) = views[0].grid, views[1].grid
-        extra = len(pos) - bh * bw - h * (w + 1)
-        kinds["prefix"] = list(pos[:extra])
-        base = pos[extra: extra + bh * bw]
-        hi = pos[extra + bh * bw:].reshape(h, w + 1) if len(pos) - extra - bh * bw == h * (w + 1) else None
-        if hi is None:
-            raise AttnlabError(f"the prompt has {len(pos)} image tokens where the LLaVA-NeXT layout expects {bh * bw + h * (w + 1)}")
-        view_keys = [base, hi[:, :w].reshape(-1)]  # (h, w + 1) -> the last column is image_newline
-        kinds["newline"] = list(hi[:, w])
+        extra = _extra(len(pos), bh * bw + h * (w + 1))
+        hi = pos[extra + bh * bw:].reshape(h, w + 1)  # the last column is image_newline
+        kinds["prefix"], kinds["newline"] = pos[:extra], hi[:, w]
+        view_keys = [pos[extra: extra + bh * bw], hi[:, :w].reshape(-1)]
     for v, k in zip(views, view_keys):
         if len(k) != v.grid[0] * v.grid[1]:
             raise AttnlabError(f"the prompt has {len(k)} tokens for view {v.name!r} where its grid {v.grid} needs {v.grid[0] * v.grid[1]}")
@@ -185,7 +184,7 @@ def vlm_layout(model: Any, processor: Any, inputs: Any, photo: tuple[int, int]) 
         if getattr(cfg, attr, None) is not None:
             special.add(int(getattr(cfg, attr)))
     rest = np.ones(len(ids), bool)
-    rest[np.concatenate([pos])] = False
+    rest[pos] = False
     padding = rest & (mask == 0)
     specials = rest & ~padding & np.isin(ids, list(special))
     prompt = rest & ~padding & ~specials
