@@ -198,6 +198,30 @@ def test_boxes_are_where_the_processor_put_the_pixels(built, family, size):
         np.testing.assert_allclose(got[:, 1], want_y, atol=tol)
 
 
+@pytest.mark.parametrize("size", PHOTOS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_qwen_box_is_the_whole_photo_on_its_pixels(built, size):
+    """Qwen's pixel_values are (cells * m * m, C * t * p * p) in the order (h/m, w/m, m, m, C, t, p, p):
+    the centre of merged cell (r, c) is the corner shared by its m x m patches."""
+    model, processor = built("qwen2_vl")
+    W, H = size
+    inputs = vlm_tiny.prompt(processor, coded_photo(W, H))
+    view = vlm_layout(model, processor, inputs, size).views[0]
+    ip = processor.image_processor
+    m, p, t = ip.merge_size, ip.patch_size, ip.temporal_patch_size
+    h, w = view.grid
+    patches = inputs["pixel_values"].reshape(h, w, m, m, 3, t, p, p)[:, :, :, :, :, 0]  # (h, w, m, m, C, p, p)
+    cells = patches.permute(0, 2, 5, 1, 3, 6, 4).reshape(h * m * p, w * m * p, 3)  # the resized photo, (Y, X, C)
+    img = cells.numpy() * np.asarray(ip.image_std) + np.asarray(ip.image_mean)
+    x0, y0, x1, y1 = view.box
+    for r in range(h):
+        for c in range(w):
+            y, x = (2 * r + 1) * m * p // 2, (2 * c + 1) * m * p // 2
+            got = img[y - 1: y + 1, x - 1: x + 1].mean(axis=(0, 1))
+            tol = max((x1 - x0) / (w * m * p) / W, (y1 - y0) / (h * m * p) / H) + 3 / 255
+            assert abs(got[0] - (x0 + (c + 0.5) * (x1 - x0) / w) / W) < tol
+            assert abs(got[1] - (y0 + (r + 0.5) * (y1 - y0) / h) / H) < tol
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
 def test_capture_leaves_the_forward_unchanged_and_is_undone_on_exceptions(built, family):
     from transformers.masking_utils import AttentionMaskInterface
