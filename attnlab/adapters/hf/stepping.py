@@ -63,6 +63,7 @@ def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: in
     for layer, calls in enumerate(capture.rows):
         for step in range(n):
             row = calls[step][0].numpy()  # (heads, K)
+            calls[step] = None  # the maps replace the rows: never both whole in memory
             if row.shape[1] != layout.length + step:
                 raise AttnlabError(f"step {step} attended over {row.shape[1]} keys where {layout.length + step} were expected")
             view_maps, kind_shares = split_row(row, layout)
