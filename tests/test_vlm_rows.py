@@ -151,6 +151,22 @@ def test_tokens_maps_and_shares_match_generate_and_eager(built, family, size):
     assert run.maps[0].shape[:3] == (len(rows), rows[0][0].shape[0], len(run.tokens))
 
 
+def test_a_kept_cls_token_is_the_prefix_share(tmp_path):
+    """LLaVA with vision_feature_select_strategy="full" (LLaVA-NeXT's model cannot run it)."""
+    model, processor = vlm_tiny.build("llava", tmp_path, strategy="full")
+    inputs = vlm_tiny.prompt(processor, vlm_tiny.photo(640, 480))
+    run = generate_rows(model, inputs, vlm_layout(model, processor, inputs, (640, 480)), 3)
+    ids = inputs["input_ids"][0].numpy()
+    cls = int(np.flatnonzero(ids == model.config.image_token_index)[0])  # CLS comes first among the image tokens
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    for layer, steps in enumerate(eager_rows(model, inputs, run.tokens)):
+        for s, row in enumerate(steps):
+            np.testing.assert_allclose(run.shares["prefix"][layer, :, s], row[:, cls], atol=1e-5, rtol=0)
+            base = row[:, cls + 1: cls + 1 + side * side].reshape(-1, side, side)
+            np.testing.assert_allclose(run.maps[0][layer, :, s], base, atol=1e-5, rtol=0)
+    assert run.shares["prefix"].min() > 0
+
+
 def _pixel_centres(pixels, mean, std, points):
     """Photo coordinates (fractions of width, height) decoded from processed pixels at ``points`` (y, x) of (3, h, w)."""
     img = pixels.numpy() * np.asarray(std)[:, None, None] + np.asarray(mean)[:, None, None]

@@ -81,7 +81,7 @@ def _qwen(family: str, folder: Path):
     return model, processor
 
 
-def _llava(family: str, folder: Path):
+def _llava(family: str, folder: Path, strategy: str = "default"):
     import transformers as tf
 
     tokenizer, vocab = _tokenizer(LLAVA_SPECIAL, folder, eos_token="</s>", bos_token="<s>", pad_token="<pad>", unk_token="<unk>")
@@ -92,9 +92,9 @@ def _llava(family: str, folder: Path):
                           num_attention_heads=4, num_key_value_heads=2, eos_token_id=vocab["</s>"], bos_token_id=vocab["<s>"],
                           pad_token_id=vocab["<pad>"])
     kw = dict(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-              vision_feature_select_strategy="default", vision_feature_layer=-2)
+              vision_feature_select_strategy=strategy, vision_feature_layer=-2)
     image_kw = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_center_crop=True)
-    proc_kw = dict(tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+    proc_kw = dict(tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy=strategy,
                    num_additional_image_tokens=1, image_token="<image>", chat_template=LLAVA_TEMPLATE)
     if family == "llava":
         model = tf.LlavaForConditionalGeneration._from_config(tf.LlavaConfig(**kw), attn_implementation="sdpa")
@@ -107,12 +107,13 @@ def _llava(family: str, folder: Path):
     return model, processor
 
 
-def build(family: str, folder: Path, seed: int = 0):
-    """``(model, processor)``: the model in eval mode under sdpa, the processor reloaded from ``folder``."""
+def build(family: str, folder: Path, seed: int = 0, **options):
+    """``(model, processor)``: the model in eval mode under sdpa, the processor reloaded from ``folder``.
+    ``strategy="full"`` (LLaVA only) keeps CLS among the image tokens."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    model, processor = (_qwen if family.startswith("qwen") else _llava)(family, Path(folder) / "files")
+    model, processor = (_qwen if family.startswith("qwen") else _llava)(family, Path(folder) / "files", **options)
     # a random model may pick an image placeholder; generate's own suppress_tokens (a logits processor) keeps them out
     image = getattr(model.config, "image_token_id", None)
     model.generation_config.suppress_tokens = [image if image is not None else model.config.image_token_index]
