@@ -167,6 +167,27 @@ def test_a_kept_cls_token_is_the_prefix_share(tmp_path):
     assert run.shares["prefix"].min() > 0
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_left_padding_is_a_zero_share_and_changes_nothing_else(tmp_path, family):
+    model, processor = vlm_tiny.build(family, tmp_path)
+    image = vlm_tiny.photo(640, 480)
+    inputs = vlm_tiny.prompt(processor, image)
+    T = inputs["input_ids"].shape[1]
+    processor.tokenizer.padding_side = "left"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image ."}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    padded = dict(processor(text=[chat], images=[image], return_tensors="pt", padding="max_length", max_length=T + 3))
+    assert padded["attention_mask"][0, :3].tolist() == [0, 0, 0]
+    layout = vlm_layout(model, processor, padded, (640, 480))
+    assert layout.kinds["padding"].tolist() == [0, 1, 2]
+    plain = generate_rows(model, inputs, vlm_layout(model, processor, inputs, (640, 480)), 4)
+    run = generate_rows(model, padded, layout, 4)
+    assert run.tokens.tolist() == plain.tokens.tolist()
+    assert np.all(run.shares["padding"] == 0)  # masked keys get exactly nothing
+    for a, b in zip(run.maps, plain.maps):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
 def _pixel_centres(pixels, mean, std, points):
     """Photo coordinates (fractions of width, height) decoded from processed pixels at ``points`` (y, x) of (3, h, w)."""
     img = pixels.numpy() * np.asarray(std)[:, None, None] + np.asarray(mean)[:, None, None]
