@@ -1,0 +1,156 @@
+"""Attention rows under the model's own attention implementation, without eager.
+
+:func:`capture_rows` switches the language model's attention implementation to a
+function registered, for the duration of the ``with`` block, in transformers'
+attention-function registry (``AttentionInterface``) and its mask registry
+(``AttentionMaskInterface``). That function calls the original implementation (sdpa or
+eager) with exactly the arguments it was given, so the layer's output is the one the
+user's model computes, bit for bit, and the mask is built by the original mask function.
+Beside it, it computes ``softmax(q k^T * scaling + mask)`` for the LAST query position
+only (the prefill's last prompt position, or the one new token of a cached step), from the
+query/key states the layer already has: ``(B, heads, K)`` per layer and call, never
+``T x T``.
+
+Why the registry and not a patched forward: the registry is the one place every
+transformers >= 5 decoder (Qwen2/2.5/3-VL, Llama under LLaVA) hands its attention to, with
+the post-RoPE query, the cached keys, the layer's own ``scaling`` and the mask it built, so
+one small function serves every family, the forward code (RoPE variants, q/k norms,
+DeepStack) stays the model's, and undoing it is restoring one config attribute per
+sub-config and deleting the registered name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ...errors import AttnlabError
+
+SUPPORTED = ("sdpa", "eager")
+_names = itertools.count()
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise AttnlabError(
+            "vision-language models need transformers >= 5: pip install \"attnlab[hf]\" (or pip install -U transformers)"
+        ) from None
+    return transformers
+
+
+def language_model(model: Any) -> Any:
+    """The decoder of a vision-language model (``model.model.language_model`` in transformers 5)."""
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None)
+    if lm is None or not hasattr(lm, "layers"):
+        raise AttnlabError(
+            f"{type(model).__name__} has no model.language_model with layers: capture_rows supports transformers >= 5 "
+            "vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA, LLaVA-NeXT)"
+        )
+    return lm
+
+
+def last_row(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+             scaling: float | None, kwargs: dict) -> torch.Tensor:
+    """``softmax(q k^T * scaling + mask)`` of the last query position: ``(B, heads, K)``, float32."""
+    if kwargs.get("s_aux") is not None:
+        raise AttnlabError("attention sinks (s_aux) are not supported by capture_rows; use a model without them")
+    b, heads, q_len, d = query.shape  # (B, heads, q, d)
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    q = query[:, :, -1, :].float().reshape(b, kv_heads, heads // kv_heads, d)  # (B, kv heads, groups, d): head = kv * groups + g
+    scale = scaling if scaling is not None else d**-0.5
+    scores = torch.matmul(q, key.float().transpose(2, 3)) * scale  # (B, kv heads, groups, K), GQA without repeating keys
+    scores = scores.reshape(b, heads, 1, k_len)  # (B, heads, 1, K)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        m = mask[:, :, -1:, :k_len]  # (B, 1 or heads, 1, K)
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    elif q_len > 1 and (kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)):
+        # sdpa's is_causal is upper-left aligned: the last query sees keys 0 .. q_len - 1
+        scores[..., q_len:] = float("-inf")
+    return torch.softmax(scores, dim=-1)[:, :, 0, :]  # (B, heads, K)
+
+
+class RowCapture:
+    """The rows recorded so far: ``rows[layer][call]`` is ``(B, heads, K)`` (float32, on the CPU)."""
+
+    def __init__(self, layers: int) -> None:
+        self.rows: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+
+    @property
+    def calls(self) -> int:
+        return min((len(r) for r in self.rows), default=0)
+
+    def clear(self) -> None:
+        for r in self.rows:
+            r.clear()
+
+
+def _wrapper(capture: RowCapture, original: str, eager_default: Callable, interface: Any) -> Callable:
+    """The registered function: the original implementation's output, and the last row recorded."""
+
+    def attnlab_rows(module, query, key, value, attention_mask, *args, **kwargs):
+        fn = eager_default if original == "eager" else interface[original]
+        out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        with torch.no_grad():
+            row = last_row(module, query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), kwargs)
+        capture.rows[module.layer_idx].append(row.cpu())
+        return out
+
+    return attnlab_rows
+
+
+@contextlib.contextmanager
+def capture_rows(model: Any) -> Iterator[RowCapture]:
+    """Record the last query row of every decoder layer on every forward inside the block.
+
+    The language model's attention implementation (``sdpa`` or ``eager``) is switched to a
+    function registered under a fresh name, which calls the original one unchanged; the
+    previous setting of every config and the registries are restored on exit, exceptions
+    included. Yields a :class:`RowCapture`.
+    """
+    tf = _transformers()
+    from transformers.masking_utils import AttentionMaskInterface
+
+    lm = language_model(model)
+    attn = [layer.self_attn for layer in lm.layers]
+    configs = {id(c): c for c in [lm.config] + [a.config for a in attn]}
+    originals = {key: c._attn_implementation for key, c in configs.items()}
+    if len(set(originals.values())) != 1 or next(iter(originals.values())) not in SUPPORTED:
+        found = sorted({str(v) for v in originals.values()})
+        raise AttnlabError(
+            f"capture_rows needs the language model's attention implementation to be one of {', '.join(SUPPORTED)} "
+            f"(found {', '.join(found)}): load the model with attn_implementation=\"sdpa\""
+        )
+    original = next(iter(originals.values()))
+    if [a.layer_idx for a in attn] != list(range(len(attn))):
+        raise AttnlabError(f"{type(model).__name__}: decoder layers are not numbered 0..n-1; capture_rows cannot record them")
+    modeling = sys.modules[type(attn[0]).__module__]
+    eager_default = getattr(modeling, "eager_attention_forward", None)
+    interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", tf.AttentionInterface())  # a family may override locally
+    if original == "eager" and eager_default is None:
+        raise AttnlabError(f"{type(attn[0]).__name__} has no eager_attention_forward; load the model with attn_implementation=\"sdpa\"")
+    capture = RowCapture(len(attn))
+    name = f"attnlab_rows_{next(_names)}"
+    masks = AttentionMaskInterface._global_mapping
+    functions = tf.AttentionInterface._global_mapping
+    functions[name] = _wrapper(capture, original, eager_default, interface)
+    masks[name] = masks[original]
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield capture
+    finally:
+        for key, c in configs.items():
+            c._attn_implementation = originals[key]
+        functions.pop(name, None)
+        masks.pop(name, None)

@@ -1,0 +1,75 @@
+"""The model's own greedy decoding, with the attention rows of every step split by the layout.
+
+:func:`generate_rows` runs ``model.generate(**inputs, do_sample=False, num_beams=1,
+max_new_tokens=n)`` itself (prefill, then one cached step per token, the rest of the
+model's ``generation_config`` as it is: forced tokens, a list of end tokens, ...) inside
+:func:`~.rows.capture_rows`, so the tokens are the model's own by construction. Forward
+call ``i`` predicts token ``i``; its row of each layer is split into the views' maps and
+the kinds' shares, nothing renormalised: at every layer, head and step the maps plus the
+shares sum to 1. Keys after the prompt (tokens generated earlier) are the
+``"generated"`` share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import AttnlabError
+from .layout import KeyLayout
+from .rows import capture_rows
+
+
+@dataclass
+class VLMRun:
+    """One caption: ``tokens`` ``(n,)``, raw ``logits`` ``(n, V)``, ``maps[i]`` ``(layers, heads, n, h, w)``
+    for view ``layout.views[i]``, ``shares[kind]`` ``(layers, heads, n)`` (kinds of the layout plus
+    ``"generated"``)."""
+
+    tokens: np.ndarray
+    logits: np.ndarray
+    maps: list[np.ndarray]
+    shares: dict[str, np.ndarray]
+    layout: KeyLayout
+
+
+def split_row(row: np.ndarray, layout: KeyLayout) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """One layer's row ``(heads, K)`` (``K >= layout.length``) -> per-view ``(heads, h, w)`` and per-kind ``(heads,)``."""
+    maps = [row[:, keys].reshape(row.shape[0], *v.grid) for v, keys in zip(layout.views, layout.view_keys)]
+    shares = {kind: row[:, keys].sum(axis=1) for kind, keys in layout.kinds.items()}
+    shares["generated"] = row[:, layout.length:].sum(axis=1)
+    return maps, shares
+
+
+def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: int) -> VLMRun:
+    """Greedy ``generate`` of up to ``max_new_tokens`` generated tokens with every step's rows split by ``layout``."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise AttnlabError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    if inputs["input_ids"].shape[0] != 1 or inputs["input_ids"].shape[1] != layout.length:
+        raise AttnlabError("generate_rows takes one prompt (batch size 1) whose length matches its layout")
+    with capture_rows(model) as capture, torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, layout.length:].cpu().numpy()
+    n = len(tokens)
+    if capture.calls < n:
+        raise AttnlabError(f"{type(model).__name__}.generate made {capture.calls} forward calls for {n} tokens; cannot record its rows")
+    layers, heads = len(capture.rows), capture.rows[0][0].shape[1]
+    maps = [np.zeros((layers, heads, n, *v.grid), np.float32) for v in layout.views]
+    shares = {k: np.zeros((layers, heads, n), np.float32) for k in [*layout.kinds, "generated"]}
+    for layer, calls in enumerate(capture.rows):
+        for step in range(n):
+            row = calls[step][0].numpy()  # (heads, K)
+            calls[step] = None  # the maps replace the rows: never both whole in memory
+            if row.shape[1] != layout.length + step:
+                raise AttnlabError(f"step {step} attended over {row.shape[1]} keys where {layout.length + step} were expected")
+            view_maps, kind_shares = split_row(row, layout)
+            for i, m in enumerate(view_maps):
+                maps[i][layer, :, step] = m
+            for k, s in kind_shares.items():
+                shares[k][layer, :, step] = s
+    logits = torch.stack([lg[0] for lg in out.logits[:n]]).float().cpu().numpy()  # (n, V)
+    return VLMRun(tokens, logits, maps, shares, layout)

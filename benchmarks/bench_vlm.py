@@ -1,0 +1,191 @@
+"""Cost of attnlab's attention rows on a vision-language model, as ratios measured in one run.
+
+A random Qwen2-VL-like model (the language side of Qwen2-0.5B: 24 layers, hidden 896, 14
+heads of which 2 key/value heads, vocabulary 151,936; a small 2-layer vision tower so that
+the comparison is about the decoder, where the rows are taken), a 640 x 480 photo (391
+image tokens), 20 generated tokens (no end token), one thread. Three variants:
+
+* ``sdpa``: plain ``model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=20)``;
+* ``attnlab``: :func:`attnlab.adapters.hf.generate_rows` (the same generate under sdpa, with
+  the rows of every layer, head and step split into the view's map and the shares);
+* ``eager``: ``generate(..., output_attentions=True, return_dict_in_generate=True)`` under
+  eager attention, what the tools that force eager do.
+
+Time: one process builds the model once and the variants take turns in each of ``--rounds``
+rounds (a shared, noisy machine: separate processes measured minutes apart differ by more
+than the effect); printed are each variant's fastest CPU seconds (``process_time``: with
+one thread, the computation's own time, the least disturbed by other work) with the ratio to
+``sdpa``, and the median wall seconds.
+
+Memory: a fresh process per variant (glibc told to serve large blocks from mmap, so that
+freed memory leaves the resident set at once) builds the model, makes 2 tokens, then
+``--rounds`` times resets the peak resident memory (``/proc/self/clear_refs``) and makes the
+``--tokens``; printed are the median peak (whole process) and the median peak above the
+memory before the run (``run MB``), with their ratios to ``sdpa``.
+Targets: attnlab <= 1.10x sdpa in time and in peak memory.
+
+Usage: nice -n -5 python benchmarks/bench_vlm.py [--tokens 20] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("sdpa", "attnlab", "eager")
+IDS = dict(pad=0, im_start=1, im_end=2, vision_start=3, vision_end=4, image=5, video=6)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def build():
+    import numpy as np
+    import torch
+    import transformers as tf
+    from PIL import Image
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6},
+                tie_word_embeddings=True, eos_token_id=IDS["im_end"], bos_token_id=IDS["pad"])
+    vision = dict(depth=2, embed_dim=128, hidden_size=896, num_heads=2, patch_size=14)
+    cfg = tf.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IDS["image"], video_token_id=IDS["video"],
+                           vision_start_token_id=IDS["vision_start"], vision_end_token_id=IDS["vision_end"])
+    model = tf.Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None  # every run is --tokens long
+    model.generation_config.suppress_tokens = [IDS["image"]]
+    processor = tf.Qwen2VLImageProcessor()
+    photo = Image.fromarray(np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8))
+    pixels = processor(images=[photo], return_tensors="pt")
+    n = int(pixels["image_grid_thw"][0].prod()) // 4
+    words = list(range(100, 108))
+    ids = [IDS["im_start"], 20, IDS["vision_start"]] + [IDS["image"]] * n + [IDS["vision_end"]] + words + [IDS["im_end"], IDS["im_start"], 21]
+    input_ids = torch.tensor([ids])
+    mm = (input_ids == IDS["image"]).long()
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm, **pixels)
+    return model, inputs, photo.size, n
+
+
+def hwm_mb() -> float:
+    """Peak resident memory of this process since the last reset (Linux VmHWM), MB."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) * 1024 / 1e6  # kB are KiB
+
+
+def reset_hwm() -> bool:
+    """Reset the peak resident memory to the current level (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def runner(variant: str, model, inputs, size):
+    """A function of k that makes k tokens the variant's way."""
+    import torch
+
+    from attnlab.adapters.hf import generate_rows, vlm_layout
+
+    layout = vlm_layout(model, type("NoTokenizer", (), {"tokenizer": None})(), inputs, size)
+
+    def once(k: int):
+        model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
+        with torch.inference_mode():
+            if variant == "attnlab":
+                return generate_rows(model, inputs, layout, k)
+            extra = dict(output_attentions=True, return_dict_in_generate=True) if variant == "eager" else {}
+            return model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=k, **extra)
+
+    return once
+
+
+def memory(variant: str, tokens: int, repeats: int) -> dict:
+    """In a fresh process: the peak resident memory of one run, total and above the level after the build."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, inputs, size, n = build()
+    once = runner(variant, model, inputs, size)
+    once(2)  # first-call allocations (thread pools, caches) belong to no variant
+    peaks, added, exact = [], [], True
+    for _ in range(repeats):
+        before = rss_mb()
+        exact = reset_hwm() and exact
+        out = once(tokens)
+        peaks.append(hwm_mb() if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6)
+        added.append(peaks[-1] - before)
+        del out
+    peak, added = statistics.median(peaks), statistics.median(added)
+    return dict(variant=variant, peak_mb=peak, added_mb=added, exact=exact, image_tokens=n)
+
+
+def timing(tokens: int, rounds: int) -> dict:
+    """In one process, the variants taking turns in each round: the fastest CPU seconds of each
+    (one thread: the computation's own time, the least disturbed by other work on the machine)
+    and the median wall seconds."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, inputs, size, n = build()
+    runs = {v: runner(v, model, inputs, size) for v in VARIANTS}
+    runs["sdpa"](2)
+    cpu = {v: [] for v in VARIANTS}
+    wall = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for v, once in runs.items():
+            c, t = time.process_time(), time.perf_counter()
+            out = once(tokens)
+            cpu[v].append(time.process_time() - c)
+            wall[v].append(time.perf_counter() - t)
+            del out
+    return {v: dict(cpu=min(cpu[v]), wall=statistics.median(wall[v])) for v in VARIANTS}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--part", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.part:
+        result = timing(args.tokens, args.rounds) if args.part == "timing" else memory(args.part, args.tokens, args.rounds)
+        print(json.dumps(result))
+        return
+    root = Path(__file__).resolve().parents[1]
+    # large blocks straight from mmap, so that freed memory leaves the resident set at once and
+    # the peak is the peak of live memory, not of glibc's arena bookkeeping (the same for every variant)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def part(name: str) -> dict:
+        cmd = [sys.executable, __file__, "--part", name, "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    mem = {v: part(v) for v in VARIANTS}
+    times = part("timing")
+    base = mem["sdpa"]
+    print(f"Qwen2-VL-like: 24 layers x 14 heads, hidden 896, {base['image_tokens']} image tokens, {args.tokens} tokens, 1 thread")
+    print(f"{'variant':8s} {'CPU s':>7s} {'x sdpa':>7s} {'wall s':>7s} {'peak MB':>8s} {'x sdpa':>7s} {'run MB':>7s} {'x sdpa':>7s}")
+    for v in VARIANTS:
+        m, t = mem[v], times[v]
+        print(f"{v:8s} {t['cpu']:7.2f} {t['cpu'] / times['sdpa']['cpu']:7.3f} {t['wall']:7.2f} "
+              f"{m['peak_mb']:8.0f} {m['peak_mb'] / base['peak_mb']:7.3f} "
+              f"{m['added_mb']:7.0f} {m['added_mb'] / max(base['added_mb'], 1):7.3f}")
+    if not base["exact"]:
+        print("(peak memory from ru_maxrss: /proc/self/clear_refs could not be written, so the build's peak may hide the runs')")
+
+
+if __name__ == "__main__":
+    main()
