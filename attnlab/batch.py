@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import outputs, patterns, runlist
 from .captioner import CaptionerSpec, as_captioner
-from .decode import check_beams, check_max_len, decode_batch
+from .decode import decode_batch
+from .settings import check_count, decode_settings
 from .diagnostics import mark_padding
 from .errors import AttnlabError
 from .fileio import remove_stale_temps
@@ -241,16 +242,8 @@ def run_settings(
     """What a trace of a batch run depends on besides its image (stored as ``meta["run"]``):
     a rerun skips an image only when these are equal."""
     spec = as_captioner(model).spec
-    beams, length_penalty = check_beams(beams, length_penalty)
-    return {
-        "model": spec.name,
-        "weights": weights_digest(model),
-        "mode": mode,
-        "max_len": check_max_len(max_len, spec.max_len),
-        "beams": beams,
-        "length_penalty": length_penalty,
-        "half": bool(half),
-    }
+    settings = decode_settings(spec, max_len=max_len, beams=beams, length_penalty=length_penalty, mode=mode)
+    return {"model": spec.name, "weights": weights_digest(model), **settings.as_dict(), "half": bool(half)}
 
 
 def as_half(trace: CaptionTrace) -> CaptionTrace:
@@ -560,11 +553,8 @@ def run_plan(
     ``on_batch(n)`` is called after the ``n``-th batch has been written (e.g. to
     stop a test run after ``k`` batches: raise ``KeyboardInterrupt`` there).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AttnlabError(f"--batch-size must be a whole number >= 1, not {batch_size!r}")
-    workers = default_workers() if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise AttnlabError(f"--workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
+    batch_size = check_count("batch_size", batch_size, 1)
+    workers = check_count("workers", default_workers() if workers is None else workers, 0, " (0: read images in the main process)")
     run = run_settings(model, max_len=max_len, beams=beams, length_penalty=length_penalty, half=half, mode=mode)
     spec = as_captioner(model).spec
     out_real = os.path.realpath(plan.out)
