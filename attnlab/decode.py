@@ -56,11 +56,12 @@ def model_lock(model: Any) -> threading.RLock:
 
 # ---------------------------------------------------------------------- the loops
 @dataclass
-class _Step:
-    """One decoding step of the ``M`` rows still in the batch (captions or beam hypotheses)."""
+class Step:
+    """What one decoding step returned for the ``M`` rows still in the batch (captions or beam hypotheses)."""
 
+    images: list[int]  # (M,) the image of each batch row
     logits: torch.Tensor  # (M, V)
-    cross: torch.Tensor | None  # (layers, M, heads, K)
+    cross: list[torch.Tensor] | None  # per layer (M, heads, K), as the captioner returned them
     self_attention: list[torch.Tensor] | None  # per layer (M, heads, t)
 
 
@@ -73,22 +74,27 @@ class _Hypothesis:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _run_step(cap: Captioner, state: Any, ids: torch.Tensor, record: Record) -> _Step:
+def _run_step(cap: Captioner, state: Any, ids: torch.Tensor, record: Record, images: list[int]) -> Step:
     out = cap.step(state, ids, record)
-    cross = torch.stack(out.cross_attention) if out.cross_attention is not None else None  # (layers, M, heads, K)
-    return _Step(out.logits, cross, out.self_attention)
+    return Step(images, out.logits, None if out.cross_attention is None else list(out.cross_attention), out.self_attention)
 
 
-def _greedy(cap: Captioner, state: Any, n: int, forced: list[list[int]] | None, max_len: int, record: Record):
-    """The greedy (or teacher-forced) loop over ``n`` images; finished captions leave the batch."""
+def greedy_steps(cap: Captioner, state: Any, n: int, forced: list[list[int]] | None, max_len: int, record: Record):
+    """The greedy (or, with ``forced`` ids per image, teacher-forced) loop over ``n`` images.
+
+    Finished captions leave the batch (``state.select``). Returns every :class:`Step`
+    and each image's :class:`_Hypothesis` (its batch row and token at each step). The
+    explanation methods run the teacher-forced loop with autograd on
+    (:func:`attnlab.explain.graph.record`): the steps keep the tensors the captioner returned.
+    """
     spec = cap.spec
     rows = torch.arange(n)  # (M,) image of each state row
     ids = torch.full((n,), spec.bos, dtype=torch.long)  # (M,)
     lengths = None if forced is None else torch.tensor([len(f) for f in forced])  # (N,)
-    steps: list[_Step] = []
+    steps: list[Step] = []
     paths = [_Hypothesis() for _ in range(n)]
     for i in range(max_len):
-        step = _run_step(cap, state, ids, record)
+        step = _run_step(cap, state, ids, record, rows.tolist())
         steps.append(step)
         if forced is None:
             nxt = step.logits.argmax(dim=-1).cpu()  # (M,)
@@ -165,12 +171,12 @@ def _beam(cap: Captioner, state: Any, n: int, max_len: int, record: Record, beam
     scores = torch.zeros(n, dtype=torch.float64)  # (M,) summed log-probabilities of each row's tokens
     ids = torch.full((n,), spec.bos, dtype=torch.long)  # (M,)
     parent = [-1] * n  # (M,) each row's row at the step before
-    steps: list[_Step] = []
+    steps: list[Step] = []
     parents: list[list[int]] = []  # per step: the parent of each row
     fed: list[list[int]] = []  # per step: the token each row was fed (what its parent emitted)
     finished: list[list[_Ended]] = [[] for _ in range(n)]
     for t in range(max_len):
-        step = _run_step(cap, state, ids, record)
+        step = _run_step(cap, state, ids, record, list(owner))
         steps.append(step)
         parents.append(parent)
         fed.append(ids.tolist())
@@ -215,11 +221,11 @@ def _beam(cap: Captioner, state: Any, n: int, max_len: int, record: Record, beam
 
 
 def _assemble(
-    spec: CaptionerSpec, steps: list[_Step], enc: Encoded, paths: list[_Hypothesis], shown: list[np.ndarray], record: Record, mode: str
+    spec: CaptionerSpec, steps: list[Step], enc: Encoded, paths: list[_Hypothesis], shown: list[np.ndarray], record: Record, mode: str
 ) -> list[CaptionTrace]:
     """One trace per image from the steps its caption went through (rows: :func:`attnlab.assemble.trace_from_rows`)."""
     logits_all = [s.logits.detach().float().cpu() for s in steps]  # per step (M, V)
-    cross_all = [None if s.cross is None else s.cross.detach().float().cpu() for s in steps]  # (layers, M, heads, K)
+    cross_all = [None if s.cross is None else torch.stack(s.cross).detach().float().cpu() for s in steps]  # (layers, M, heads, K)
     traces = []
     for b, path in enumerate(paths):
         count, at, ids = len(path.ids), path.rows, path.ids  # this image's steps, its row at each, its tokens
@@ -239,7 +245,7 @@ def _assemble(
     return traces
 
 
-def _decoder_rows(steps: list[_Step], at: list[int]) -> np.ndarray | None:
+def _decoder_rows(steps: list[Step], at: list[int]) -> np.ndarray | None:
     """One caption's decoder self-attention ``(layers, heads, steps, steps)``: row ``s`` over steps ``0..s``."""
     per_layer = steps[0].self_attention or []  # a captioner without decoder self-attention gives none
     if not per_layer:
@@ -297,7 +303,7 @@ def decode_batch(
         if len(enc.grids) != len(pixels):
             raise AttnlabError(f"the captioner's begin() returned {len(enc.grids)} grids for {len(pixels)} images")
         if settings.beams == 1:
-            steps, paths = _greedy(runner, enc.state, len(pixels), settings.forced, settings.steps, settings.record)
+            steps, paths = greedy_steps(runner, enc.state, len(pixels), settings.forced, settings.steps, settings.record)
         else:
             steps, paths = _beam(runner, enc.state, len(pixels), settings.max_len, settings.record, settings.beams,
                                  settings.length_penalty)

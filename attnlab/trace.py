@@ -366,7 +366,8 @@ class CaptionTrace:
             atol: rows summing to 1 within ``atol`` pass silently; others are kept
                 as given with a warning that says how far off they are.
         """
-        from .preprocess import load_image  # floor-1 neighbour; only this constructor needs it
+        from .keys import KeyLayout  # the one rule for which keys are patches
+        from .preprocess import load_image  # the input layer; only this constructor needs it
 
         ids = np.asarray(token_ids)
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
@@ -383,7 +384,7 @@ class CaptionTrace:
         if not isinstance(prefix_tokens, (int, np.integer)) or isinstance(prefix_tokens, bool) or prefix_tokens < 0:
             raise AttnlabError(f"prefix_tokens={prefix_tokens!r} must be an integer >= 0")
         ca = np.asarray(cross_attention.detach().cpu() if hasattr(cross_attention, "detach") else cross_attention, dtype=np.float32)
-        keys = prefix_tokens + gh * gw
+        keys = KeyLayout(int(prefix_tokens), (gh, gw)).keys
         if ca.ndim == 5:
             if prefix_tokens or tuple(ca.shape[3:]) != (gh, gw):
                 raise AttnlabError(
@@ -408,8 +409,9 @@ class CaptionTrace:
                 "(did you drop prefix or padding keys, or pass pre-softmax scores?)",
                 stacklevel=2,
             )
-        share = ca[..., :prefix_tokens].sum(-1) if prefix_tokens else None  # (layers, heads, steps)
-        patches = ca[..., prefix_tokens:].reshape(*ca.shape[:3], gh, gw)  # (layers, heads, steps, H, W)
+        layout = KeyLayout(int(prefix_tokens), (gh, gw))
+        share = layout.share(ca)  # (layers, heads, steps) or None
+        patches = layout.split(ca)[1]  # (layers, heads, steps, H, W)
         arr = logits
         if arr is not None:
             arr = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr, dtype=np.float32)

@@ -269,19 +269,13 @@ def table_methods(model: Any) -> list[Method]:
 
 def method_key(m: Method) -> str:
     """The row name of a method in the table (``"raw, layer 1"``, ``"best_head (L1 H2)"``, ...)."""
-    if m.name == "raw":
-        return f"raw, layer {m.layer}"
-    if m.name == "best_head":
-        return f"best_head (L{m.layer} H{m.head})"
-    if m.name == "grad_attn":
-        return f"grad_attn (L{m.layer})"
-    return m.name
+    return m.kind.key(m)
 
 
 def explain_args(m: Method) -> dict[str, Any]:
     """The keyword arguments of :func:`attnlab.explain` that make method ``m``'s maps."""
     args: dict[str, Any] = {"method": m.name}
-    if m.name in ("raw", "best_head", "grad_attn"):
+    if m.kind.layer:
         args["layer"] = m.layer
     if m.head is not None:
         args["head"] = m.head
