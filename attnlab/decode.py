@@ -37,7 +37,7 @@ from .diagnostics import mark_padding
 from .errors import AttnlabError
 from .keys import KeyLayout
 from .preprocess import ImageInput, prepare_for
-from .settings import MAX_BEAMS, DecodeSettings, check_beams, check_max_len, check_tokens, decode_settings
+from .settings import DecodeSettings, decode_settings
 from .trace import CaptionTrace
 from .util import evaluating
 
