@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .errors import AttnlabError
 
 __all__ = ["KeyLayout"]
@@ -25,6 +27,19 @@ class KeyLayout:
 
     prefix: int
     grid: tuple[int, int]
+
+    @classmethod
+    def checked(cls, prefix_tokens: Any, grid: Any) -> "KeyLayout":
+        """A layout from a user's ``prefix_tokens`` and ``grid = (rows, columns)`` (one line if they are not)."""
+        try:
+            h, w = (int(v) for v in grid)
+        except (TypeError, ValueError):
+            raise AttnlabError(f"grid={grid!r} is not (rows, columns)") from None
+        if h < 1 or w < 1:
+            raise AttnlabError(f"grid={grid!r} must have at least one row and one column")
+        if not isinstance(prefix_tokens, (int, np.integer)) or isinstance(prefix_tokens, bool) or prefix_tokens < 0:
+            raise AttnlabError(f"prefix_tokens={prefix_tokens!r} must be an integer >= 0")
+        return cls(int(prefix_tokens), (h, w))
 
     @property
     def keys(self) -> int:
@@ -49,3 +64,30 @@ class KeyLayout:
         if not self.prefix:
             return None
         return self.split(rows, padded=padded)[0].sum(-1)  # (...)
+
+    def rows_of(self, weights: Any, steps: int) -> np.ndarray:
+        """Your weights as checked rows ``(layers, heads, steps, K)`` float32 (one line if they are not).
+
+        Accepts ``(layers, heads, steps, K)``, ``(heads, steps, K)``, ``(steps, K)``, or
+        ``(layers, heads, steps, h, w)`` when there are no prefix keys.
+        """
+        a = np.asarray(weights.detach().cpu() if hasattr(weights, "detach") else weights, dtype=np.float32)
+        (h, w), k = self.grid, self.keys
+        if a.ndim == 5:
+            if self.prefix or tuple(a.shape[3:]) != (h, w):
+                raise AttnlabError(
+                    f"cross_attention {a.shape}: a 5-D array must be (layers, heads, steps, {h}, {w}) with prefix_tokens=0"
+                )
+            a = a.reshape(*a.shape[:3], h * w)  # (layers, heads, steps, S)
+        elif 2 <= a.ndim <= 4:
+            a = a.reshape((1,) * (4 - a.ndim) + a.shape)  # (layers, heads, steps, K)
+        else:
+            raise AttnlabError(f"cross_attention has shape {a.shape}: expected (layers, heads, steps, K) or (steps, K)")
+        if a.shape[2] != steps or a.shape[3] != k:
+            raise AttnlabError(
+                f"cross_attention has shape {a.shape} but {steps} steps and {self.prefix} prefix + "
+                f"{h}x{w} patches = {k} keys were given: row i must be step i's weights over all keys"
+            )
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise AttnlabError("cross_attention holds negative, NaN or infinite values: pass softmax weights")
+        return a
