@@ -286,10 +286,14 @@ def decode_batch(
 
     ``pixels, shown = attnlab.preprocess.prepare_for(images, model.spec)`` makes
     the inputs (the batch runner does that in worker processes); every other
-    argument is :func:`caption`'s. Returns one trace per image, each exactly
-    what that image gives alone.
+    argument is :func:`caption`'s, or ``settings`` (from
+    :func:`attnlab.settings.decode_settings`) instead of them. Returns one trace
+    per image, each exactly what that image gives alone.
     """
     cap = as_captioner(model)
+    given = tokens is not None or (max_len, mode, record, beams, length_penalty) != (None, "incremental", "cross", 1, 1.0)
+    if settings is not None and given:
+        raise AttnlabError("decode_batch takes settings= or the separate arguments (max_len=, beams=, ...), not both")
     if settings is None:
         settings = decode_settings(cap.spec, max_len=max_len, tokens=tokens, mode=mode, record=record, beams=beams,
                                    length_penalty=length_penalty, n_images=len(pixels))

@@ -6,8 +6,8 @@ spec and returns a :class:`DecodeSettings`; :func:`attnlab.caption`,
 :func:`attnlab.decode.decode_batch`, the batch runner and
 :func:`attnlab.explain.explain` all take their settings from it, so each rule
 and its message is written here once. Errors name the library's arguments
-(``batch_size``, not ``--batch-size``); :data:`CLI_FLAGS` says which command-line
-flag sets each one, for the command line to name its own flags.
+(``batch_size``, not ``--batch-size``); the command line checks its flags itself
+and names them.
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ from .captioner import CaptionerSpec, check_record
 from .errors import AttnlabError
 from .util import is_int
 
-__all__ = ["CLI_FLAGS", "MAX_BEAMS", "MODES", "DecodeSettings", "check_beams", "check_count", "check_max_len",
+__all__ = ["MAX_BEAMS", "MODES", "DecodeSettings", "check_beams", "check_count", "check_max_len",
            "check_tokens", "decode_settings"]
 
 MAX_BEAMS = 64
 MODES = ("incremental", "template")
-CLI_FLAGS = {"batch_size": "--batch-size", "workers": "--workers", "max_len": "--max-len", "beams": "--beams",
-             "length_penalty": "--length-penalty", "mode": "--mode"}
-"""Library argument -> the ``attnlab caption`` flag that sets it."""
 
 
 @dataclass(frozen=True)

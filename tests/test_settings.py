@@ -66,6 +66,8 @@ def test_decode_batch_takes_settings_and_gives_what_caption_gives(model):
         assert a.token_ids.tolist() == b.token_ids.tolist() and len(b.token_ids) <= 4
         np.testing.assert_array_equal(a.cross_attention, b.cross_attention)
         np.testing.assert_array_equal(a.decoder_self_attention, b.decoder_self_attention)
+    with pytest.raises(AttnlabError, match="takes settings= or the separate arguments"):
+        decode_batch(model, pixels, shown, settings=settings, beams=2)
     with pytest.raises(AttnlabError, match="tokens gives 1 captions for 2 images"):
         decode_batch(model, pixels, shown, settings=decode_settings(spec, tokens=[[3, 2]], n_images=1))
 
