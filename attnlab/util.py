@@ -58,9 +58,11 @@ def file_sha256(path: Path) -> str | None:
 def evaluating(model: Any) -> Iterator[None]:
     """``model.eval()`` for the block; on exit (exceptions included) every submodule gets back its training flag.
 
-    A captioner that is not a module but has ``training``: ``eval()`` now, ``train(True)`` after if it was training.
+    A captioner that is not a module but holds one as ``.model`` (a wrapped or Hugging Face model): its
+    ``eval()``/``train(True)`` run, and the flags restored are those of the inner module's submodules.
     """
-    modules = list(model.modules()) if hasattr(model, "modules") else []
+    inner = model if hasattr(model, "modules") else getattr(model, "model", None)
+    modules = list(inner.modules()) if hasattr(inner, "modules") else []
     flags = [m.training for m in modules]
     was_training = getattr(model, "training", None)
     if was_training is not None:

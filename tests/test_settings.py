@@ -136,6 +136,30 @@ def test_evaluating_restores_every_submodules_flag_also_on_errors():
     assert not any(m.training for m in net.modules())
 
 
+def test_evaluating_a_wrapper_restores_its_inner_modules_flags():
+    class Wrapper:  # a captioner that is not a module but holds one (as attnlab.wrap's does)
+        def __init__(self) -> None:
+            self.model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+
+        @property
+        def training(self) -> bool:
+            return self.model.training
+
+        def train(self, mode: bool = True):
+            self.model.train(mode)
+            return self
+
+        def eval(self):
+            return self.train(False)
+
+    w = Wrapper()
+    w.train()
+    w.model[1].eval()
+    with evaluating(w):
+        assert not any(m.training for m in w.model.modules())
+    assert [m.training for m in w.model.modules()] == [True, True, False]
+
+
 def test_decoding_restores_a_submodules_own_flag(model):
     model.train()
     model.transformer.eval()  # the user froze one part
