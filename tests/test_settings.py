@@ -209,3 +209,16 @@ def test_explanation_run_is_decodings_teacher_forced_loop(model):
     for t, e in zip(traced, raw):
         np.testing.assert_allclose(e.logits, t.logits, atol=1e-5)
         np.testing.assert_allclose(e.cross_attention[0, 0], t.cross_attention[-1].mean(axis=0), atol=1e-6)
+
+
+def test_the_grounding_table_rows_come_from_the_registry(model):
+    from types import SimpleNamespace
+
+    from attnlab.explain.grounding import method_key, table_methods
+
+    want = [Method("raw", 0), Method("raw", 1), Method("layer_mean"), Method("rollout"), Method("chefer_rollout"),
+            Method("grad_attn", 1), Method("relevance")]  # the tiny model has 2 decoder layers and no best-head record
+    assert table_methods(model) == want
+    recorded = [m for k in KINDS.values() for m in k.table_methods(3, SimpleNamespace(best_head=(1, 2)))]
+    assert recorded[:5] == [Method("raw", 0), Method("raw", 1), Method("raw", 2), Method("layer_mean"), Method("best_head", 1, 2)]
+    assert [method_key(m) for m in recorded][-4:] == ["rollout", "chefer_rollout", "grad_attn (L2)", "relevance"]

@@ -39,6 +39,7 @@ from ..decode import caption, decode_batch
 from ..errors import AttnlabError
 from ..preprocess import ImageInput, prepare_for
 from .geometry import PatchRegion, box_to_shown, chance, mask_to_shown, patch_overlap, patch_region, peak_hits, scores
+from .kinds import KINDS
 from .methods import Method, explain_prepared, explanation_trace
 from .tables import METRICS, RANDOM, best_row, format_grounding
 from .words import STOP_WORDS, match_words, normal_words
@@ -96,10 +97,7 @@ def table_methods(model: Any) -> list[Method]:
 
     probe = caption(model, sample_path("scene-0.png"), max_len=1)
     layers = probe.num_layers
-    methods = [Method("raw", layer, None) for layer in range(layers)] + [Method("layer_mean")]
-    if spec.best_head is not None:
-        methods.append(Method("best_head", *spec.best_head))
-    return methods + [Method("rollout"), Method("chefer_rollout"), Method("grad_attn", layers - 1), Method("relevance")]
+    return [m for kind in KINDS.values() for m in kind.table_methods(layers, spec)]  # the registry's order
 
 
 def method_key(m: Method) -> str:

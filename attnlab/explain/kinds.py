@@ -47,6 +47,11 @@ class MethodKind:
     step_rows: StepRows | None = None  # gradients: row i of every image still captioning -> (B, K)
 
     table_key: Callable[["Method"], str] | None = None  # its row in the grounding table (default: the name)
+    table: Callable[[int, Any], list["Method"]] | None = None  # its rows: (decoder layers, spec) -> methods
+
+    def table_methods(self, layers: int, spec: Any) -> list["Method"]:
+        """The settings the grounding table scores (default: the method as it is, one row)."""
+        return [Method(self.name)] if self.table is None else self.table(layers, spec)
 
     def key(self, m: "Method") -> str:
         """The method's row name in the grounding table (``"raw, layer 1"``, ``"relevance"``, ...)."""
@@ -106,17 +111,19 @@ KINDS: dict[str, MethodKind] = {
     k.name: k
     for k in (
         MethodKind("raw", _raw_label, "attention weight", layer=True, head=True, rows=_one_layer,
-                   table_key=lambda m: f"raw, layer {m.layer}"),
+                   table_key=lambda m: f"raw, layer {m.layer}",
+                   table=lambda layers, spec: [Method("raw", layer) for layer in range(layers)]),
         MethodKind("layer_mean", lambda m: "mean of every layer and head", "attention weight", rows=_every_layer),
         MethodKind("best_head", lambda m: f"best head (layer {m.layer}, head {m.head})", "attention weight",
-                   layer=True, head=True, rows=_one_layer, table_key=lambda m: f"best_head (L{m.layer} H{m.head})"),
+                   layer=True, head=True, rows=_one_layer, table_key=lambda m: f"best_head (L{m.layer} H{m.head})",
+                   table=lambda layers, spec: [] if spec.best_head is None else [Method("best_head", *spec.best_head)]),
         MethodKind("rollout", lambda m: "rollout (causal)", "share of rollout", record="all", scaled=True,
                    rows=_rollout(causal=True)),
         MethodKind("chefer_rollout", lambda m: "rollout as Chefer et al. (reads later words)", "share of rollout",
                    record="all", scaled=True, rows=_rollout(causal=False)),
         MethodKind("grad_attn", lambda m: f"grad x attention (layer {m.layer})", "share of grad x attention",
                    gradients=True, scaled=True, layer=True, wants=_grad_attn_wants, step_rows=_grad_attn_rows,
-                   table_key=lambda m: f"grad_attn (L{m.layer})"),
+                   table_key=lambda m: f"grad_attn (L{m.layer})", table=lambda layers, spec: [Method("grad_attn", layers - 1)]),
         MethodKind("relevance", lambda m: "relevance (Chefer et al. 2021)", "share of relevance", record="all",
                    gradients=True, scaled=True, wants=_relevance_wants, step_rows=_relevance_rows),
     )
