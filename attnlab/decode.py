@@ -22,7 +22,6 @@ share a model and get what sequential calls would give, one after the other.
 
 from __future__ import annotations
 
-import numbers
 import threading
 import weakref
 from collections.abc import Sequence
@@ -32,12 +31,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .captioner import Captioner, CaptionerSpec, Encoded, Record, as_captioner, check_record
+from .assemble import trace_from_rows
+from .captioner import Captioner, CaptionerSpec, Encoded, Record, as_captioner
 from .diagnostics import mark_padding
 from .errors import AttnlabError
+from .keys import KeyLayout
 from .preprocess import ImageInput, prepare_for
+from .settings import DecodeSettings, decode_settings
 from .trace import CaptionTrace
-from .util import is_int as _is_int
+from .util import evaluating
 
 _LOCKS: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -52,103 +54,47 @@ def model_lock(model: Any) -> threading.RLock:
         return lock
 
 
-# ---------------------------------------------------------------------- arguments
-def check_max_len(max_len: Any, limit: int) -> int:
-    """``None`` -> ``limit``; else an integer (NumPy's too) from 1 to ``limit``."""
-    if max_len is None:
-        return limit
-    if not _is_int(max_len) or not 1 <= int(max_len) <= limit:
-        raise AttnlabError(f"max_len must be an integer from 1 to {limit}, not {max_len!r}")
-    return int(max_len)
-
-
-def _as_ids(seq: Any) -> list[int]:
-    """One caption's ids: a list/tuple/array/tensor of integers (no strings, floats, None)."""
-    if isinstance(seq, str):
-        raise AttnlabError(
-            f"tokens={seq!r} is text: pass token ids (e.g. model.spec.vocab.encode(...) for a word-level vocabulary)"
-        )
-    if isinstance(seq, (np.ndarray, torch.Tensor)):
-        if seq.dtype in (torch.bool, np.bool_) or (
-            seq.dtype.is_floating_point if isinstance(seq, torch.Tensor) else not np.issubdtype(seq.dtype, np.integer)
-        ):
-            raise AttnlabError(f"tokens must hold integer ids, not {seq.dtype}")
-        seq = seq.tolist()
-    ids = []
-    for t in seq:
-        if not _is_int(t):
-            raise AttnlabError(f"tokens must hold integer ids, not {t!r} ({type(t).__name__})")
-        ids.append(int(t))
-    return ids
-
-
-def check_tokens(tokens: Any, n_images: int, limit: int, vocab_size: int | None) -> list[list[int]] | None:
-    """Teacher-forcing ids: one list for all images or one per image -> ``n_images`` lists."""
-    if tokens is None:
-        return None
-    if isinstance(tokens, str):
-        _as_ids(tokens)
-    if isinstance(tokens, (np.ndarray, torch.Tensor)) and tokens.ndim == 0:
-        tokens = [tokens.item()]
-    if isinstance(tokens, (np.ndarray, torch.Tensor)) and tokens.ndim == 2:
-        tokens = list(tokens)
-    if not isinstance(tokens, (list, tuple, np.ndarray, torch.Tensor)):
-        raise AttnlabError(f"tokens must be a list of token ids (or one list per image), not {type(tokens).__name__}")
-    nested = len(tokens) > 0 and (
-        isinstance(tokens[0], (list, tuple)) or (isinstance(tokens[0], (np.ndarray, torch.Tensor)) and tokens[0].ndim >= 1)
-    )
-    per_image = list(tokens) if nested else [tokens] * n_images
-    if len(per_image) != n_images:
-        raise AttnlabError(f"tokens gives {len(per_image)} captions for {n_images} images")
-    out = []
-    for seq in per_image:
-        ids = _as_ids(seq)
-        if not ids:
-            raise AttnlabError("tokens is empty: give the ids of the caption to trace")
-        if len(ids) > limit:
-            raise AttnlabError(f"tokens has {len(ids)} ids; this model decodes at most {limit}")
-        top = vocab_size - 1 if vocab_size else None
-        if min(ids) < 0 or (top is not None and max(ids) > top):
-            raise AttnlabError(f"token ids must lie in 0..{top}" if top is not None else "token ids must be >= 0")
-        out.append(ids)
-    return out
-
-
 # ---------------------------------------------------------------------- the loops
 @dataclass
-class _Step:
-    """One decoding step of the ``M`` rows still in the batch (captions or beam hypotheses)."""
+class Step:
+    """What one decoding step returned for the ``M`` rows still in the batch (captions or beam hypotheses)."""
 
+    images: list[int]  # (M,) the image of each batch row
     logits: torch.Tensor  # (M, V)
-    cross: torch.Tensor | None  # (layers, M, heads, K)
-    selfs: list[torch.Tensor] | None  # per layer (M, heads, t)
+    cross: list[torch.Tensor] | None  # per layer (M, heads, K), as the captioner returned them
+    self_attention: list[torch.Tensor] | None  # per layer (M, heads, t)
 
 
 @dataclass
-class _Path:
-    """One image's caption through the steps: the row that held it and the token it emitted at each step."""
+class _Hypothesis:
+    """The caption (or beam hypothesis) an image ends with: the batch row that held it and the token it emitted at each step."""
 
     rows: list[int] = field(default_factory=list)  # (steps,) row of that step's batch
     ids: list[int] = field(default_factory=list)  # (steps,) emitted (or given) token
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _run_step(cap: Captioner, state: Any, ids: torch.Tensor, record: Record) -> _Step:
+def _run_step(cap: Captioner, state: Any, ids: torch.Tensor, record: Record, images: list[int]) -> Step:
     out = cap.step(state, ids, record)
-    cross = torch.stack(out.cross_attention) if out.cross_attention is not None else None  # (layers, M, heads, K)
-    return _Step(out.logits, cross, out.self_attention)
+    return Step(images, out.logits, None if out.cross_attention is None else list(out.cross_attention), out.self_attention)
 
 
-def _greedy(cap: Captioner, state: Any, n: int, forced: list[list[int]] | None, max_len: int, record: Record):
-    """The greedy (or teacher-forced) loop over ``n`` images; finished captions leave the batch."""
+def greedy_steps(cap: Captioner, state: Any, n: int, forced: list[list[int]] | None, max_len: int, record: Record):
+    """The greedy (or, with ``forced`` ids per image, teacher-forced) loop over ``n`` images.
+
+    Finished captions leave the batch (``state.select``). Returns every :class:`Step`
+    and each image's :class:`_Hypothesis` (its batch row and token at each step). The
+    explanation methods run the teacher-forced loop with autograd on
+    (:func:`attnlab.explain.graph.record`): the steps keep the tensors the captioner returned.
+    """
     spec = cap.spec
     rows = torch.arange(n)  # (M,) image of each state row
     ids = torch.full((n,), spec.bos, dtype=torch.long)  # (M,)
     lengths = None if forced is None else torch.tensor([len(f) for f in forced])  # (N,)
-    steps: list[_Step] = []
-    paths = [_Path() for _ in range(n)]
+    steps: list[Step] = []
+    paths = [_Hypothesis() for _ in range(n)]
     for i in range(max_len):
-        step = _run_step(cap, state, ids, record)
+        step = _run_step(cap, state, ids, record, rows.tolist())
         steps.append(step)
         if forced is None:
             nxt = step.logits.argmax(dim=-1).cpu()  # (M,)
@@ -225,12 +171,12 @@ def _beam(cap: Captioner, state: Any, n: int, max_len: int, record: Record, beam
     scores = torch.zeros(n, dtype=torch.float64)  # (M,) summed log-probabilities of each row's tokens
     ids = torch.full((n,), spec.bos, dtype=torch.long)  # (M,)
     parent = [-1] * n  # (M,) each row's row at the step before
-    steps: list[_Step] = []
+    steps: list[Step] = []
     parents: list[list[int]] = []  # per step: the parent of each row
     fed: list[list[int]] = []  # per step: the token each row was fed (what its parent emitted)
     finished: list[list[_Ended]] = [[] for _ in range(n)]
     for t in range(max_len):
-        step = _run_step(cap, state, ids, record)
+        step = _run_step(cap, state, ids, record, list(owner))
         steps.append(step)
         parents.append(parent)
         fed.append(ids.tolist())
@@ -270,83 +216,51 @@ def _beam(cap: Captioner, state: Any, n: int, max_len: int, record: Record, beam
         for s in range(best.step, 0, -1):  # back through the origins
             toks[s - 1] = fed[s][rows[s]]
             rows[s - 1] = parents[s][rows[s]]
-        paths.append(_Path(rows, toks, {"beams": beams, "length_penalty": alpha, "score": best.score}))
+        paths.append(_Hypothesis(rows, toks, {"beams": beams, "length_penalty": alpha, "score": best.score}))
     return steps, paths
 
 
 def _assemble(
-    spec: CaptionerSpec, steps: list[_Step], enc: Encoded, paths: list[_Path], shown: list[np.ndarray], record: Record, mode: str
+    spec: CaptionerSpec, steps: list[Step], enc: Encoded, paths: list[_Hypothesis], shown: list[np.ndarray], record: Record, mode: str
 ) -> list[CaptionTrace]:
-    prefix = spec.prefix_tokens
+    """One trace per image from the steps its caption went through (rows: :func:`attnlab.assemble.trace_from_rows`)."""
     logits_all = [s.logits.detach().float().cpu() for s in steps]  # per step (M, V)
-    cross_all = [None if s.cross is None else s.cross.detach().float().cpu() for s in steps]  # (layers, M, heads, K)
+    cross_all = [None if s.cross is None else torch.stack(s.cross).detach().float().cpu() for s in steps]  # (layers, M, heads, K)
     traces = []
     for b, path in enumerate(paths):
-        count = len(path.ids)  # this image's steps (always 0..count-1)
-        at = path.rows  # its row at each step
-        ids = path.ids
+        count, at, ids = len(path.ids), path.rows, path.ids  # this image's steps, its row at each, its tokens
         logits = torch.stack([logits_all[s][at[s]] for s in range(count)])  # (steps, V)
-        gh, gw = enc.grids[b]
-        ca = share = None
+        rows = None
         if record != "none":
             rows = torch.stack([cross_all[s][:, at[s]] for s in range(count)], dim=2)  # (layers, heads, steps, K)
-            ca = rows[..., prefix : prefix + gh * gw].reshape(*rows.shape[:3], gh, gw)  # (layers, heads, steps, gh, gw)
-            ca = np.ascontiguousarray(ca.numpy())
-            if prefix:
-                share = np.ascontiguousarray(rows[..., :prefix].sum(-1).numpy())  # (layers, heads, steps)
         enc_attn = dec_attn = None
         if record == "all":
-            keys = prefix + gh * gw
+            keys = KeyLayout(spec.prefix_tokens, enc.grids[b]).keys
             if enc.encoder_attention:
-                e = torch.stack([layer[b, :, :keys, :keys] for layer in enc.encoder_attention])  # (layers, heads, K_b, K_b)
-                enc_attn = np.ascontiguousarray(e.detach().float().cpu().numpy())
-            per_layer = steps[0].selfs or []  # a captioner without decoder self-attention gives none
-            if per_layer:
-                dec_attn = np.zeros((len(per_layer), per_layer[0].shape[1], count, count), np.float32)
-                for s in range(count):  # row s: step s over steps 0..s (of this caption's own history)
-                    for layer, w in enumerate(steps[s].selfs):
-                        dec_attn[layer, :, s, : s + 1] = w[at[s]].detach().float().cpu().numpy()  # (heads, s+1)
-        starts = getattr(spec.vocab, "word_starts", None)
-        traces.append(
-            CaptionTrace(
-                token_ids=np.array(ids, dtype=np.int64),
-                words=[spec.vocab.token(t) for t in ids],
-                logits=np.ascontiguousarray(logits.numpy()),
-                cross_attention=ca,
-                grid=(gh, gw),
-                image=shown[b],
-                model_name=spec.name,
-                caption=spec.vocab.decode(ids),
-                encoder_self_attention=enc_attn,
-                decoder_self_attention=dec_attn,
-                prefix_tokens=prefix,
-                prefix_share=share,
-                word_starts=None if starts is None else np.array(starts(ids), dtype=bool),
-                meta={"mode": mode, "end_token": spec.eos, "stopped": "end" if ids and ids[-1] == spec.eos else "max_len",
-                      **path.meta},
-            )
-        )
+                enc_attn = torch.stack([layer[b, :, :keys, :keys] for layer in enc.encoder_attention])  # (layers, heads, K_b, K_b)
+            dec_attn = _decoder_rows(steps, at)
+        meta = {"mode": mode, "end_token": spec.eos, "stopped": "end" if ids and ids[-1] == spec.eos else "max_len", **path.meta}
+        traces.append(trace_from_rows(spec, ids, rows, enc.grids[b], shown[b], logits=logits, meta=meta,
+                                      encoder=enc_attn, decoder=dec_attn))
     return traces
 
 
+def _decoder_rows(steps: list[Step], at: list[int]) -> np.ndarray | None:
+    """One caption's decoder self-attention ``(layers, heads, steps, steps)``: row ``s`` over steps ``0..s``."""
+    per_layer = steps[0].self_attention or []  # a captioner without decoder self-attention gives none
+    if not per_layer:
+        return None
+    count = len(at)
+    out = np.zeros((len(per_layer), per_layer[0].shape[1], count, count), np.float32)
+    for s in range(count):  # row s: step s over steps 0..s (of this caption's own history)
+        for layer, w in enumerate(steps[s].self_attention):
+            out[layer, :, s, : s + 1] = w[at[s]].detach().float().cpu().numpy()  # (heads, s+1)
+    return out
+
+
 # ---------------------------------------------------------------------- public
-MAX_BEAMS = 64
-
-
-def check_beams(beams: Any, length_penalty: Any) -> tuple[int, float]:
-    """``beams``: an integer (NumPy's too) from 1 to :data:`MAX_BEAMS`; ``length_penalty``: a number >= 0."""
-    if not _is_int(beams) or not 1 <= int(beams) <= MAX_BEAMS:
-        raise AttnlabError(f"beams must be an integer from 1 to {MAX_BEAMS}, not {beams!r}")
-    if isinstance(length_penalty, (bool, np.bool_)) or not isinstance(length_penalty, numbers.Real) or not (
-        0 <= float(length_penalty) < float("inf")
-    ):
-        raise AttnlabError(f"length_penalty must be a finite number >= 0, not {length_penalty!r}")
-    return int(beams), float(length_penalty)
-
-
 def _runner(cap: Captioner, mode: str) -> Captioner:
-    if mode not in ("incremental", "template"):
-        raise AttnlabError(f"mode must be 'incremental' or 'template', not {mode!r}")
+    """The captioner that runs ``mode`` (checked by :func:`attnlab.settings.decode_settings`)."""
     if mode == "incremental":
         return cap
     reference = getattr(cap, "reference_captioner", None)
@@ -366,44 +280,38 @@ def decode_batch(
     record: Record = "cross",
     beams: int = 1,
     length_penalty: float = 1.0,
+    settings: DecodeSettings | None = None,
 ) -> list[CaptionTrace]:
     """Caption a batch of images that were already prepared: the engine under :func:`caption`.
 
     ``pixels, shown = attnlab.preprocess.prepare_for(images, model.spec)`` makes
     the inputs (the batch runner does that in worker processes); every other
-    argument is :func:`caption`'s. Returns one trace per image, each exactly
-    what that image gives alone.
+    argument is :func:`caption`'s, or ``settings`` (from
+    :func:`attnlab.settings.decode_settings`) instead of them. Returns one trace
+    per image, each exactly what that image gives alone.
     """
-    record = check_record(record)
     cap = as_captioner(model)
-    spec = cap.spec
-    runner = _runner(cap, mode)
-    max_len = check_max_len(max_len, spec.max_len)
-    beams, length_penalty = check_beams(beams, length_penalty)
+    given = tokens is not None or (max_len, mode, record, beams, length_penalty) != (None, "incremental", "cross", 1, 1.0)
+    if settings is not None and given:
+        raise AttnlabError("decode_batch takes settings= or the separate arguments (max_len=, beams=, ...), not both")
+    if settings is None:
+        settings = decode_settings(cap.spec, max_len=max_len, tokens=tokens, mode=mode, record=record, beams=beams,
+                                   length_penalty=length_penalty, n_images=len(pixels))
+    runner = _runner(cap, settings.mode)
     if len(pixels) != len(shown) or not pixels:
         raise AttnlabError(f"decode_batch needs one shown image per input and at least one input ({len(pixels)} and {len(shown)} given)")
-    forced = check_tokens(tokens, len(pixels), spec.max_len, len(spec.vocab) or None)
-    if forced is not None:
-        if beams > 1:
-            raise AttnlabError("tokens= traces a given caption: beam search (beams > 1) has nothing to choose; drop one of them")
-        max_len = max(len(f) for f in forced)
-    with model_lock(model):
-        was_training = getattr(model, "training", None)
-        if was_training is not None:
-            model.eval()
-        try:
-            with torch.inference_mode():
-                enc = runner.begin(list(pixels), record)
-                if len(enc.grids) != len(pixels):
-                    raise AttnlabError(f"the captioner's begin() returned {len(enc.grids)} grids for {len(pixels)} images")
-                if beams == 1:
-                    steps, paths = _greedy(runner, enc.state, len(pixels), forced, max_len, record)
-                else:
-                    steps, paths = _beam(runner, enc.state, len(pixels), max_len, record, beams, length_penalty)
-                return _assemble(spec, steps, enc, paths, list(shown), record, mode)
-        finally:
-            if was_training:
-                model.train(True)
+    if settings.tokens is not None and len(settings.tokens) != len(pixels):
+        raise AttnlabError(f"tokens gives {len(settings.tokens)} captions for {len(pixels)} images")
+    with model_lock(model), evaluating(model), torch.inference_mode():
+        enc = runner.begin(list(pixels), settings.record)
+        if len(enc.grids) != len(pixels):
+            raise AttnlabError(f"the captioner's begin() returned {len(enc.grids)} grids for {len(pixels)} images")
+        if settings.beams == 1:
+            steps, paths = greedy_steps(runner, enc.state, len(pixels), settings.forced, settings.steps, settings.record)
+        else:
+            steps, paths = _beam(runner, enc.state, len(pixels), settings.max_len, settings.record, settings.beams,
+                                 settings.length_penalty)
+        return _assemble(cap.spec, steps, enc, paths, list(shown), settings.record, settings.mode)
 
 
 def caption(
@@ -451,21 +359,16 @@ def caption(
             log-probability (favours short captions), ``1`` (default) by the
             mean log-probability per token.
     """
-    record = check_record(record)
     cap = as_captioner(model)
-    spec = cap.spec
-    _runner(cap, mode)  # the argument checks of decode_batch, before the images are read
-    check_max_len(max_len, spec.max_len)
-    check_beams(beams, length_penalty)
     many = isinstance(image, (list, tuple))
     images = list(image) if many else [image]
+    settings = decode_settings(cap.spec, max_len=max_len, tokens=tokens, mode=mode, record=record, beams=beams,
+                               length_penalty=length_penalty, n_images=max(len(images), 1))
+    _runner(cap, settings.mode)  # a captioner without the template loop: one line before the images are read
     if not images:
         raise AttnlabError("no image given")
-    check_tokens(tokens, len(images), spec.max_len, len(spec.vocab) or None)
     content: list[tuple[int, int]] = []  # each image within its shown one (padding lies outside)
-    pixels, shown = prepare_for(images, spec, content=content)
-    traces = decode_batch(
-        model, pixels, shown, max_len=max_len, tokens=tokens, mode=mode, record=record, beams=beams, length_penalty=length_penalty
-    )
-    mark_padding(traces, content, spec)
+    pixels, shown = prepare_for(images, cap.spec, content=content)
+    traces = decode_batch(model, pixels, shown, settings=settings)
+    mark_padding(traces, content, cap.spec)
     return traces if many else traces[0]

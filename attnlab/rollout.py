@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from .errors import AttnlabError
-from .util import is_int as _is_int
+from .keys import KeyLayout
+from .util import is_int
 
 __all__ = ["EncoderAttention", "encoder_attention", "split_keys", "patch_row", "cls_row", "rollout", "rollout_row", "cls_vs_words", "CLSvsWords"]
 
@@ -86,15 +87,15 @@ def encoder_attention(source: Any, grid: tuple[int, int] | None = None, prefix_t
         grid = tuple(source.grid) if grid is None else grid
         if prefix_tokens is None:
             prefix_tokens = getattr(source, "prefix_tokens", None)
-            if not _is_int(prefix_tokens):
+            if not is_int(prefix_tokens):
                 prefix_tokens = int(np.shape(weights)[-1]) - int(grid[0]) * int(grid[1])
     if not hasattr(source, "encoder_self_attention"):
         weights = source
     if grid is None or prefix_tokens is None:
         raise AttnlabError("pass grid=(h, w) and prefix_tokens=N with an attention array (or pass a trace)")
-    if len(grid) != 2 or not all(_is_int(g) and g >= 1 for g in grid):
+    if len(grid) != 2 or not all(is_int(g) and g >= 1 for g in grid):
         raise AttnlabError(f"grid={grid!r} must be two positive integers (h, w)")
-    if not _is_int(prefix_tokens) or prefix_tokens < 0:
+    if not is_int(prefix_tokens) or prefix_tokens < 0:
         raise AttnlabError(f"prefix_tokens={prefix_tokens!r} must be an integer >= 0")
     a = _numpy(weights)
     h, w = int(grid[0]), int(grid[1])
@@ -111,7 +112,7 @@ def encoder_attention(source: Any, grid: tuple[int, int] | None = None, prefix_t
 
 def _layer(enc: EncoderAttention, layer: Any) -> int:
     n = enc.num_layers
-    if not _is_int(layer) or not -n <= int(layer) < n:
+    if not is_int(layer) or not -n <= int(layer) < n:
         raise AttnlabError(f"layer {layer!r} does not exist: the encoder has {n} layers (use 0..{n - 1} or -1 for the last)")
     return int(layer) % n
 
@@ -121,18 +122,14 @@ def _heads(enc: EncoderAttention, layer: int, head: Any) -> np.ndarray:
     if isinstance(head, str) and head == "mean":
         return enc.weights[layer].mean(axis=0)  # (K, K)
     n = enc.num_heads
-    if not _is_int(head) or not -n <= int(head) < n:
+    if not is_int(head) or not -n <= int(head) < n:
         raise AttnlabError(f"head {head!r} does not exist: the layer has {n} heads (use 0..{n - 1} or 'mean')")
     return enc.weights[layer, int(head) % n]  # (K, K)
 
 
 def split_keys(row: Any, grid: tuple[int, int], prefix_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Split rows over keys ``(..., K)`` into the prefix part ``(..., prefix)`` and patch maps ``(..., h, w)``."""
-    r = _numpy(row)
-    h, w = grid
-    if r.shape[-1] != prefix_tokens + h * w:
-        raise AttnlabError(f"rows of {r.shape[-1]} keys do not fit {prefix_tokens} prefix tokens + a {h} x {w} grid")
-    return r[..., :prefix_tokens], r[..., prefix_tokens:].reshape(*r.shape[:-1], h, w)
+    return KeyLayout(int(prefix_tokens), (int(grid[0]), int(grid[1]))).split(_numpy(row))  # (..., p), (..., h, w)
 
 
 def patch_row(source: Any, patch: tuple[int, int], *, layer: int = -1, head: int | str = "mean", **layout: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +140,7 @@ def patch_row(source: Any, patch: tuple[int, int], *, layer: int = -1, head: int
     """
     enc = encoder_attention(source, **layout)
     h, w = enc.grid
-    if len(patch) != 2 or not all(_is_int(p) for p in patch) or not (0 <= patch[0] < h and 0 <= patch[1] < w):
+    if len(patch) != 2 or not all(is_int(p) for p in patch) or not (0 <= patch[0] < h and 0 <= patch[1] < w):
         raise AttnlabError(f"patch={patch!r} is not on the {h} x {w} grid: pass (row, col) with 0 <= row < {h}, 0 <= col < {w}")
     query = enc.prefix_tokens + int(patch[0]) * w + int(patch[1])
     return split_keys(_heads(enc, _layer(enc, layer), head)[query], enc.grid, enc.prefix_tokens)
@@ -158,7 +155,7 @@ def cls_row(source: Any, *, layer: int = -1, head: int | str = "mean", token: in
     enc = encoder_attention(source, **layout)
     if enc.prefix_tokens == 0:
         raise AttnlabError("this encoder has no class token (prefix_tokens = 0): there is no CLS row to show")
-    if not _is_int(token) or not 0 <= token < enc.prefix_tokens:
+    if not is_int(token) or not 0 <= token < enc.prefix_tokens:
         raise AttnlabError(f"token={token!r}: the encoder has {enc.prefix_tokens} prefix tokens (0 = the class token)")
     return split_keys(_heads(enc, _layer(enc, layer), head)[int(token)], enc.grid, enc.prefix_tokens)
 
@@ -177,7 +174,7 @@ def rollout(attention: Any, *, head: int | str = "mean", residual: bool = True) 
         raise AttnlabError(f"rollout takes (layers, heads, K, K) weights, not shape {tuple(a.shape)}")
     if isinstance(head, str) and head == "mean":
         per_layer = a.mean(dim=1)  # (layers, K, K)
-    elif _is_int(head) and -a.shape[1] <= int(head) < a.shape[1]:
+    elif is_int(head) and -a.shape[1] <= int(head) < a.shape[1]:
         per_layer = a[:, int(head)]  # (layers, K, K)
     else:
         raise AttnlabError(f"head {head!r} does not exist: the layers have {a.shape[1]} heads (use 0..{a.shape[1] - 1} or 'mean')")
@@ -201,7 +198,7 @@ def rollout_row(source: Any, query: str | tuple[int, int] = "cls", *, head: int 
         if enc.prefix_tokens == 0:
             raise AttnlabError("this encoder has no class token (prefix_tokens = 0): pick a patch query=(row, col)")
         index = 0
-    elif isinstance(query, (tuple, list)) and len(query) == 2 and all(_is_int(q) for q in query) and 0 <= query[0] < h and 0 <= query[1] < w:
+    elif isinstance(query, (tuple, list)) and len(query) == 2 and all(is_int(q) for q in query) and 0 <= query[0] < h and 0 <= query[1] < w:
         index = enc.prefix_tokens + int(query[0]) * w + int(query[1])
     else:
         raise AttnlabError(f"query={query!r}: pass 'cls' or a patch (row, col) on the {h} x {w} grid")
@@ -242,7 +239,7 @@ def cls_vs_words(trace: Any, *, encoder_layer: int = -1, decoder_layer: int = -1
     if ca is None:
         raise AttnlabError("this trace holds no cross-attention: caption again with record='all'")
     n = ca.shape[0]
-    if not _is_int(decoder_layer) or not -n <= int(decoder_layer) < n:
+    if not is_int(decoder_layer) or not -n <= int(decoder_layer) < n:
         raise AttnlabError(f"decoder_layer {decoder_layer!r} does not exist: the decoder has {n} layers")
     e_layer, d_layer = _layer(enc, encoder_layer), int(decoder_layer) % n
     prefix, cls_map = cls_row(enc, layer=e_layer)

@@ -329,7 +329,8 @@ class CaptionTrace:
             atol: rows summing to 1 within ``atol`` pass silently; others are kept
                 as given with a warning that says how far off they are.
         """
-        from .preprocess import load_image  # floor-1 neighbour; only this constructor needs it
+        from .keys import KeyLayout  # the one rule for which keys are patches
+        from .preprocess import load_image  # the input layer; only this constructor needs it
 
         ids = np.asarray(token_ids)
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
@@ -337,33 +338,9 @@ class CaptionTrace:
         steps = len(ids)
         if len(words) != steps:
             raise AttnlabError(f"{len(words)} words for {steps} token ids: give one word per decoding step")
-        try:
-            gh, gw = (int(v) for v in grid)
-        except (TypeError, ValueError):
-            raise AttnlabError(f"grid={grid!r} is not (rows, columns)") from None
-        if gh < 1 or gw < 1:
-            raise AttnlabError(f"grid={grid!r} must have at least one row and one column")
-        if not isinstance(prefix_tokens, (int, np.integer)) or isinstance(prefix_tokens, bool) or prefix_tokens < 0:
-            raise AttnlabError(f"prefix_tokens={prefix_tokens!r} must be an integer >= 0")
-        ca = np.asarray(cross_attention.detach().cpu() if hasattr(cross_attention, "detach") else cross_attention, dtype=np.float32)
-        keys = prefix_tokens + gh * gw
-        if ca.ndim == 5:
-            if prefix_tokens or tuple(ca.shape[3:]) != (gh, gw):
-                raise AttnlabError(
-                    f"cross_attention {ca.shape}: a 5-D array must be (layers, heads, steps, {gh}, {gw}) with prefix_tokens=0"
-                )
-            ca = ca.reshape(*ca.shape[:3], gh * gw)  # (layers, heads, steps, S)
-        elif 2 <= ca.ndim <= 4:
-            ca = ca.reshape((1,) * (4 - ca.ndim) + ca.shape)  # (layers, heads, steps, K)
-        else:
-            raise AttnlabError(f"cross_attention has shape {ca.shape}: expected (layers, heads, steps, K) or (steps, K)")
-        if ca.shape[2] != steps or ca.shape[3] != keys:
-            raise AttnlabError(
-                f"cross_attention has shape {ca.shape} but {steps} steps and {prefix_tokens} prefix + "
-                f"{gh}x{gw} patches = {keys} keys were given: row i must be step i's weights over all keys"
-            )
-        if not np.isfinite(ca).all() or (ca < 0).any():
-            raise AttnlabError("cross_attention holds negative, NaN or infinite values: pass softmax weights")
+        layout = KeyLayout.checked(prefix_tokens, grid)
+        gh, gw = layout.grid
+        ca = layout.rows_of(cross_attention, steps)  # (layers, heads, steps, K)
         sums = ca.sum(axis=-1)  # (layers, heads, steps)
         if np.abs(sums - 1).max() > atol:
             warnings.warn(
@@ -371,8 +348,8 @@ class CaptionTrace:
                 "(did you drop prefix or padding keys, or pass pre-softmax scores?)",
                 stacklevel=2,
             )
-        share = ca[..., :prefix_tokens].sum(-1) if prefix_tokens else None  # (layers, heads, steps)
-        patches = ca[..., prefix_tokens:].reshape(*ca.shape[:3], gh, gw)  # (layers, heads, steps, H, W)
+        share = layout.share(ca)  # (layers, heads, steps) or None
+        patches = layout.split(ca)[1]  # (layers, heads, steps, H, W)
         arr = logits
         if arr is not None:
             arr = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr, dtype=np.float32)

@@ -2,20 +2,23 @@
 
 * :func:`is_int`: an integer argument (Python's or NumPy's), never a bool;
 * :func:`one_line`: an exception (or any message) as one short line for an error message;
-* :func:`file_sha256`: the SHA-256 of a regular file's bytes, read in chunks.
+* :func:`file_sha256`: the SHA-256 of a regular file's bytes, read in chunks;
+* :func:`evaluating`: eval mode for a block, every submodule's training flag restored after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import numbers
 import stat
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-__all__ = ["file_sha256", "is_int", "one_line"]
+__all__ = ["evaluating", "file_sha256", "is_int", "one_line"]
 
 
 def is_int(x: Any) -> bool:
@@ -49,3 +52,25 @@ def file_sha256(path: Path) -> str | None:
         return digest.hexdigest()
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """``model.eval()`` for the block; on exit (exceptions included) every submodule gets back its training flag.
+
+    A captioner that is not a module but holds one as ``.model`` (a wrapped or Hugging Face model): its
+    ``eval()``/``train(True)`` run, and the flags restored are those of the inner module's submodules.
+    """
+    inner = model if hasattr(model, "modules") else getattr(model, "model", None)
+    modules = list(inner.modules()) if hasattr(inner, "modules") else []
+    flags = [m.training for m in modules]
+    was_training = getattr(model, "training", None)
+    if was_training is not None:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train(True)  # the model's own train() runs (a wrapper may do more than set flags)
+        for m, flag in zip(modules, flags):
+            m.training = flag

@@ -23,7 +23,7 @@ from torch import nn
 import attnlab
 from attnlab import AttnlabError
 from attnlab.captioner import CaptionerSpec, Encoded, StepOutput
-from attnlab.decode import _assemble, _beam, _greedy
+from attnlab.decode import _assemble, _beam, greedy_steps
 from attnlab.preprocess import prepare_for
 from attnlab.tokenizer import Vocab
 
@@ -225,7 +225,7 @@ def _decode_internal(model, images, beams: int | None):
     with torch.inference_mode():
         enc = model.begin(pixels, "all")
         if beams is None:
-            steps, paths = _greedy(model, enc.state, len(pixels), None, model.spec.max_len, "all")
+            steps, paths = greedy_steps(model, enc.state, len(pixels), None, model.spec.max_len, "all")
         else:
             steps, paths = _beam(model, enc.state, len(pixels), model.spec.max_len, "all", beams, 1.0)
         return _assemble(model.spec, steps, enc, paths, shown, "all", "incremental")

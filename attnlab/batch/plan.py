@@ -14,7 +14,7 @@ import torch
 
 from .. import outputs, runlist
 from ..captioner import as_captioner
-from ..decode import check_beams, check_max_len
+from ..settings import decode_settings
 from ..trace import CaptionTrace
 from .inputs import find_images, shard_items, sidecar_names
 
@@ -75,16 +75,8 @@ def run_settings(
     """What a trace of a batch run depends on besides its image (stored as ``meta["run"]``):
     a rerun skips an image only when these are equal."""
     spec = as_captioner(model).spec
-    beams, length_penalty = check_beams(beams, length_penalty)
-    return {
-        "model": spec.name,
-        "weights": weights_digest(model),
-        "mode": mode,
-        "max_len": check_max_len(max_len, spec.max_len),
-        "beams": beams,
-        "length_penalty": length_penalty,
-        "half": bool(half),
-    }
+    settings = decode_settings(spec, max_len=max_len, beams=beams, length_penalty=length_penalty, mode=mode)
+    return {"model": spec.name, "weights": weights_digest(model), **settings.as_dict(), "half": bool(half)}
 
 
 def as_half(trace: CaptionTrace) -> CaptionTrace:

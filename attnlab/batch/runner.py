@@ -25,6 +25,7 @@ from ..diagnostics import mark_padding
 from ..errors import AttnlabError
 from ..fileio import remove_stale_temps
 from ..preprocess import prepare_for
+from ..settings import check_count
 from ..util import one_line
 from .plan import RunPlan, as_half, plan_run, run_settings
 
@@ -245,7 +246,7 @@ class _Run:
             mark_padding(traces, [b.content for b in batch], as_captioner(self.model).spec)
         except torch.cuda.OutOfMemoryError:
             raise AttnlabError(
-                f"out of GPU memory at batch size {self.batch_size}: run the same command with a smaller --batch-size "
+                f"out of GPU memory at batch size {self.batch_size}: run the same command with a smaller batch size (--batch-size) "
                 "(finished images are kept and skipped)"
             ) from None
         for loaded, trace in zip(batch, traces):
@@ -334,11 +335,8 @@ def run_plan(
     ``on_batch(n)`` is called after the ``n``-th batch has been written (e.g. to
     stop a test run after ``k`` batches: raise ``KeyboardInterrupt`` there).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AttnlabError(f"--batch-size must be a whole number >= 1, not {batch_size!r}")
-    workers = default_workers() if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise AttnlabError(f"workers must be a whole number >= 0 (0: read images in the main process), not {workers!r}")
+    batch_size = check_count("batch_size", batch_size, 1)
+    workers = check_count("workers", default_workers() if workers is None else workers, 0, " (0: read images in the main process)")
     run = run_settings(model, max_len=max_len, beams=beams, length_penalty=length_penalty, half=half, mode=mode)
     spec = as_captioner(model).spec
     out_real = os.path.realpath(plan.out)

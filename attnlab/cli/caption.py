@@ -40,7 +40,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def _caption_many(args: argparse.Namespace) -> int:
     """Folders and glob patterns: batches, worker processes, resume, shards (:mod:`attnlab.batch`)."""
     from ..batch import default_workers, parse_shard, plan_run, run_plan
-    from ..decode import check_beams
+    from ..settings import check_beams
     from ..hub import load_model
 
     if not args.out:

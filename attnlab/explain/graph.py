@@ -25,20 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from ..captioner import Captioner, Record, pad_to
+from ..decode import Step, greedy_steps
 from ..errors import AttnlabError
-
-
-@dataclass
-class StepRecord:
-    """What one step returned for the ``M`` captions still in the batch."""
-
-    rows: list[int]  # (M,) the image of each batch row
-    logits: torch.Tensor  # (M, V)
-    cross: list[torch.Tensor]  # per decoder layer (M, heads, K)
-    selfs: list[torch.Tensor] | None  # per decoder layer (M, heads, t), with record="all"
-
-    def __post_init__(self) -> None:
-        self.position = {b: j for j, b in enumerate(self.rows)}  # image -> its batch row
+from ..keys import KeyLayout
 
 
 @dataclass
@@ -46,7 +35,7 @@ class Recording:
     """A teacher-forced run of ``N`` same-size images (see the module docstring).
 
     Matrices come stacked over a list of images (``B`` of them), layers first:
-    :meth:`cross` ``(layers, B, heads, Q, K)``, :meth:`selfs` ``(layers, B, heads, Q, Q)``,
+    :meth:`cross` ``(layers, B, heads, Q, K)``, :meth:`self_attention` ``(layers, B, heads, Q, Q)``,
     :meth:`encoder_of` ``(layers, B, heads, K, K)``, for steps ``0 .. Q - 1`` (every image
     listed must have that many steps); with ``grads`` the gradients in their place.
     """
@@ -55,25 +44,25 @@ class Recording:
     grids: list[tuple[int, int]]  # per image (h, w)
     prefix: int  # leading non-patch keys of every row
     encoder: list[torch.Tensor] | None  # per encoder layer (N, heads, K, K), or None
-    steps: list[StepRecord]
+    steps: list[Step]  # per step, what the seam returned for the captions still in the batch
 
     def __post_init__(self) -> None:
         if len(set(self.grids)) != 1:
             raise AttnlabError("one recording holds images of one input size")
+        self.positions = [{b: j for j, b in enumerate(s.images)} for s in self.steps]  # per step: image -> its batch row
 
     @property
     def keys(self) -> int:
         """The keys of a row: prefix + patches (batch padding dropped)."""
-        h, w = self.grids[0]
-        return self.prefix + h * w
+        return KeyLayout(self.prefix, self.grids[0]).keys
 
     def row(self, step: int, image: int) -> int:
         """Where ``image`` sits in the batch at ``step``."""
-        return self.steps[step].position[image]
+        return self.positions[step][image]
 
     def _per_step(self, step: int, images: list[int], tensors: list[torch.Tensor], grads) -> torch.Tensor:
         """``tensors`` (per layer ``(M, heads, X)``) of one step, rows of ``images``: ``(layers, B, heads, X)``."""
-        idx = torch.tensor([self.steps[step].position[b] for b in images], device=tensors[0].device)  # (B,)
+        idx = torch.tensor([self.positions[step][b] for b in images], device=tensors[0].device)  # (B,)
         return torch.stack([_pick(grads, t).index_select(0, idx) for t in tensors])
 
     def cross(self, images: list[int], queries: int, grads: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -81,11 +70,11 @@ class Recording:
         parts = [self._per_step(s, images, self.steps[s].cross, grads)[..., : self.keys] for s in range(queries)]
         return torch.stack(parts, dim=3)  # (layers, B, heads, Q, K)
 
-    def selfs(self, images: list[int], queries: int, grads: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def self_attention(self, images: list[int], queries: int, grads: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Decoder self-attention ``(layers, B, heads, Q, Q)``: row ``s`` over steps ``0 .. s``, zeros after."""
-        if self.steps[0].selfs is None:
+        if self.steps[0].self_attention is None:
             raise AttnlabError("this run recorded no decoder self-attention")
-        parts = [pad_to(self._per_step(s, images, self.steps[s].selfs, grads), queries, 3) for s in range(queries)]
+        parts = [pad_to(self._per_step(s, images, self.steps[s].self_attention, grads), queries, 3) for s in range(queries)]
         return torch.stack(parts, dim=3)  # (layers, B, heads, Q, Q)
 
     def encoder_of(self, images: list[int], grads: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -100,7 +89,7 @@ class Recording:
     def targets(self, step: int) -> torch.Tensor:
         """The sum over the batch rows of ``step`` of each caption's own score: the logit of its token there."""
         s = self.steps[step]
-        want = torch.tensor([self.tokens[b][step] for b in s.rows], device=s.logits.device)  # (M,)
+        want = torch.tensor([self.tokens[b][step] for b in s.images], device=s.logits.device)  # (M,)
         return s.logits.gather(1, want[:, None]).sum()
 
     def gradients(self, step: int, tensors: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -123,42 +112,34 @@ def _pick(grads: dict[int, torch.Tensor] | None, t: torch.Tensor) -> torch.Tenso
 def record(cap: Captioner, pixels: list[torch.Tensor], tokens: list[list[int]], what: Record, grad: bool) -> Recording:
     """Feed ``tokens`` (one list per image, start token added here) through ``cap`` and keep every row.
 
+    The loop is decoding's own teacher-forced one (:func:`attnlab.decode.greedy_steps`).
     ``what``: ``"cross"`` or ``"all"`` (encoder and decoder self-attention too).
     ``grad``: run with autograd on (else under ``torch.no_grad``).
     """
-    spec = cap.spec
     with torch.inference_mode(False), torch.set_grad_enabled(grad):  # also when called inside inference_mode
         if grad:  # every attention tensor then hangs off the pixels, even in a frozen model
             pixels = [p.detach().clone().requires_grad_(True) for p in pixels]
         enc = cap.begin(pixels, what)
         if len(enc.grids) != len(pixels):
             raise AttnlabError(f"the captioner's begin() returned {len(enc.grids)} grids for {len(pixels)} images")
-        state = enc.state
-        rows = list(range(len(pixels)))
-        ids = torch.full((len(pixels),), spec.bos, dtype=torch.long)  # (M,)
-        steps: list[StepRecord] = []
-        for i in range(max(len(t) for t in tokens)):
-            out = cap.step(state, ids, what)
-            if not out.cross_attention:
-                raise AttnlabError("the captioner's step() returned no cross-attention: explanations need it")
-            if what == "all" and out.self_attention is None:
-                raise AttnlabError(
-                    "the captioner gives no decoder self-attention (record='all'): rollout and relevance need it "
-                    "(a wrapped model: pass self_attention='...' to attnlab.wrap)"
-                )
-            if grad and not out.logits.requires_grad:
-                raise AttnlabError(
-                    "the captioner's logits do not depend on its attention with autograd on (its decode detaches them or runs "
-                    "under torch.no_grad): return the logits without .detach() for gradient methods, or use method='raw' or 'rollout'"
-                )
-            steps.append(StepRecord(rows, out.logits, list(out.cross_attention), out.self_attention))
-            keep = [j for j, b in enumerate(rows) if len(tokens[b]) > i + 1]
-            if not keep:
-                break
-            nxt = [tokens[rows[j]][i] for j in keep]
-            if len(keep) < len(rows):
-                state = state.select(torch.tensor(keep, dtype=torch.long))
-            rows = [rows[j] for j in keep]
-            ids = torch.tensor(nxt, dtype=torch.long)
+        steps, _ = greedy_steps(cap, enc.state, len(pixels), tokens, max(len(t) for t in tokens), what)
+    _check_steps(steps, what, grad)
     encoder = list(enc.encoder_attention) if what == "all" and enc.encoder_attention else None
-    return Recording([list(t) for t in tokens], list(enc.grids), spec.prefix_tokens, encoder, steps)
+    return Recording([list(t) for t in tokens], list(enc.grids), cap.spec.prefix_tokens, encoder, steps)
+
+
+def _check_steps(steps: list[Step], what: Record, grad: bool) -> None:
+    """One line when the captioner did not return what the explanation methods need."""
+    for step in steps:
+        if not step.cross:
+            raise AttnlabError("the captioner's step() returned no cross-attention: explanations need it")
+        if what == "all" and step.self_attention is None:
+            raise AttnlabError(
+                "the captioner gives no decoder self-attention (record='all'): rollout and relevance need it "
+                "(a wrapped model: pass self_attention='...' to attnlab.wrap)"
+            )
+        if grad and not step.logits.requires_grad:
+            raise AttnlabError(
+                "the captioner's logits do not depend on its attention with autograd on (its decode detaches them or runs "
+                "under torch.no_grad): return the logits without .detach() for gradient methods, or use method='raw' or 'rollout'"
+            )

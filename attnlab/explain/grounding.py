@@ -20,27 +20,14 @@ captions, and the true captions fed by teacher forcing (when they are known).
 Maps are read per word: the pieces of a WordPiece / BPE word are merged (their
 maps averaged, :meth:`~attnlab.trace.CaptionTrace.by_word`).
 
-Geometry. Objects are given in the source image's pixels; they are carried to
-the image the model saw (the "shown" image of :func:`attnlab.preprocess.prepare_for`:
-resized, maybe padded) by pixel centres: shown pixel ``(i, j)`` of the image
-content is the source point ``((j + 0.5) W0 / w, (i + 0.5) H0 / h)``. A box
-``[x, y, width, height]`` (COCO's order, in pixel edges) covers the source
-points ``x <= X < x + width``, ``y <= Y < y + height``. The patch grid is
-stretched over the shown image.
-
-Matching words to objects (:func:`match_words`): words and phrases are
-lowercased, stripped of punctuation and of :data:`STOP_WORDS`. A word names an
-object when it equals a word of the object's phrase (or its category), when it
-does so after dropping a plural ``s``/``es``, or when the user's synonym list
-maps it to one (``{"puppy": ["dog"]}``). Consecutive naming words form a span
-("small red circle"); the span names the object(s) whose phrase shares the most
-of its words, and every word of the span is scored against that object (ties:
-against the union of the tied objects, as a word such as "dogs" names every dog).
+The parts live in their own modules: :mod:`attnlab.explain.geometry` (objects carried to
+the shown image, patch regions, scores), :mod:`attnlab.explain.words` (which words name
+which objects) and :mod:`attnlab.explain.tables` (the tables as text); their public names
+are importable from here too.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,32 +36,29 @@ import numpy as np
 
 from ..captioner import as_captioner
 from ..decode import caption, decode_batch
-from ..diagnostics import patch_share
 from ..errors import AttnlabError
 from ..preprocess import ImageInput, prepare_for
+from .geometry import PatchRegion, box_to_shown, chance, mask_to_shown, patch_overlap, patch_region, peak_hits, scores
+from .kinds import KINDS
 from .methods import Method, explain_prepared, explanation_trace
-
-STOP_WORDS = frozenset(
-    {"a", "an", "the", "of", "and", "or", "with", "in", "on", "at", "to", "is", "are", "its", "his", "her", "their",
-     "this", "that", "there", "some", "two", "three", "one", "it", "by", "for", "from", "near", "next"}
-)  # fmt: skip
-"""Words never matched to an object (articles, prepositions, numbers, ...)."""
-
-METRICS = ("hit", "touch", "mass")
-RANDOM = "random map"
+from .tables import METRICS, RANDOM, best_row, format_grounding
+from .words import STOP_WORDS, match_words, normal_words
 
 __all__ = [
     "GroundImage",
     "GroundObject",
     "METRICS",
     "PatchRegion",
+    "RANDOM",
     "STOP_WORDS",
+    "best_row",
     "box_to_shown",
     "chance",
     "format_grounding",
     "ground",
     "mask_to_shown",
     "match_words",
+    "normal_words",
     "patch_overlap",
     "patch_region",
     "peak_hits",
@@ -83,155 +67,7 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------- geometry
-def patch_overlap(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """``(gh, gw)`` bool: which grid patches overlap a ``(H, W)`` pixel mask.
-
-    The grid is stretched over the image: patch ``(r, c)`` covers rows
-    ``floor(r H / gh) .. ceil((r + 1) H / gh) - 1`` and likewise columns.
-    """
-    gh, gw = grid
-    h, w = mask.shape
-    out = np.zeros(grid, dtype=bool)
-    for r in range(gh):
-        y0, y1 = (r * h) // gh, -(-((r + 1) * h) // gh)
-        for c in range(gw):
-            x0, x1 = (c * w) // gw, -(-((c + 1) * w) // gw)
-            out[r, c] = mask[y0:y1, x0:x1].any()
-    return out
-
-
-@dataclass
-class PatchRegion:
-    """An object seen on the patch grid: ``inside`` (centre pixel in the object), ``touch``
-    (overlaps it) and ``share`` (the fraction of the patch's pixels in it), each ``(h, w)``."""
-
-    inside: np.ndarray
-    touch: np.ndarray
-    share: np.ndarray
-
-
-def patch_region(mask: np.ndarray, grid: tuple[int, int]) -> PatchRegion:
-    """The :class:`PatchRegion` of a pixel mask ``(H, W)`` (of the shown image) on ``grid``."""
-    gh, gw = grid
-    h, w = mask.shape
-    rows = np.minimum(((np.arange(gh) + 0.5) * h / gh).astype(np.int64), h - 1)  # (gh,) centre pixel rows
-    cols = np.minimum(((np.arange(gw) + 0.5) * w / gw).astype(np.int64), w - 1)  # (gw,)
-    return PatchRegion(mask[np.ix_(rows, cols)], patch_overlap(mask, grid), patch_share(mask, grid))
-
-
-def peak_hits(maps: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """Whether the peak patch of each map ``(..., h, w)`` lies in ``where`` ``(h, w)`` bool: ``(...)`` bool
-    (the first patch, row by row, of equal peaks)."""
-    flat = maps.reshape(*maps.shape[:-2], -1)  # (..., S)
-    return where.reshape(-1)[flat.argmax(axis=-1)]
-
-
-def scores(grid_map: np.ndarray, region: PatchRegion) -> tuple[float, float, float]:
-    """``(hit, touch, mass)`` of one map ``(h, w)`` (non-negative) against ``region``; an all-zero map scores 0."""
-    total = float(grid_map.sum())
-    if total <= 0:
-        return 0.0, 0.0, 0.0
-    hit = float(peak_hits(grid_map, region.inside))
-    touch = float(peak_hits(grid_map, region.touch))
-    return hit, touch, float((grid_map * region.share).sum() / total)
-
-
-def chance(region: PatchRegion) -> tuple[float, float, float]:
-    """``(hit, touch, mass)`` expected of a map that knows nothing: a uniformly random peak, the uniform map."""
-    return float(region.inside.mean()), float(region.touch.mean()), float(region.share.mean())
-
-
-def _source_points(shown: tuple[int, int], content: tuple[int, int], source: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Source coordinates ``(Y, X)`` of the shown pixels' centres ``(h,)``, ``(w,)`` (NaN on padding)."""
-    ys = (np.arange(shown[0]) + 0.5) * source[0] / content[0]  # (H,)
-    xs = (np.arange(shown[1]) + 0.5) * source[1] / content[1]  # (W,)
-    ys[np.arange(shown[0]) >= content[0]] = np.nan
-    xs[np.arange(shown[1]) >= content[1]] = np.nan
-    return ys, xs
-
-
-def mask_to_shown(mask: np.ndarray, shown: tuple[int, int], content: tuple[int, int]) -> np.ndarray:
-    """A source pixel mask ``(H0, W0)`` on the shown image ``(H, W)`` bool (by pixel centres; padding is outside)."""
-    ys, xs = _source_points(shown, content, mask.shape)
-    ok_y, ok_x = ~np.isnan(ys), ~np.isnan(xs)
-    out = np.zeros(shown, dtype=bool)
-    iy = np.floor(ys[ok_y]).astype(np.int64)
-    ix = np.floor(xs[ok_x]).astype(np.int64)
-    out[np.ix_(ok_y, ok_x)] = mask[np.ix_(iy, ix)]
-    return out
-
-
-def box_to_shown(box: Sequence[float], source: tuple[int, int], shown: tuple[int, int], content: tuple[int, int]) -> np.ndarray:
-    """A box ``[x, y, width, height]`` in source pixels (edges) on the shown image ``(H, W)`` bool."""
-    x, y, w, h = (float(v) for v in box)
-    ys, xs = _source_points(shown, content, source)
-    with np.errstate(invalid="ignore"):
-        rows = (ys >= y) & (ys < y + h)  # (H,), NaN compares False
-        cols = (xs >= x) & (xs < x + w)  # (W,)
-    return rows[:, None] & cols[None, :]
-
-
-# ---------------------------------------------------------------------- words and objects
-_PUNCT = re.compile(r"[^\w\s-]+")
-
-
-def normal_words(text: str) -> list[str]:
-    """Lowercase words of ``text`` without punctuation."""
-    return _PUNCT.sub(" ", text.lower()).split()
-
-
-def _forms(word: str, synonyms: Mapping[str, Iterable[str]]) -> set[str]:
-    """``word``, without a plural ending, and its synonyms (each lowercased)."""
-    found = {word}
-    if len(word) > 3 and word.endswith("es"):
-        found.add(word[:-2])
-    if len(word) > 2 and word.endswith("s"):
-        found.add(word[:-1])
-    for w in list(found):
-        found.update(str(s).lower() for s in synonyms.get(w, ()))
-    return found
-
-
-def match_words(
-    words: Sequence[str], phrases: Sequence[Iterable[str]], synonyms: Mapping[str, Iterable[str]] | None = None
-) -> list[tuple[int, ...]]:
-    """For each caption word, the objects it names (empty: not scored). See the module docstring for the rule.
-
-    ``phrases``: per object the words naming it (its phrase and category, any case).
-    """
-    syn = {str(k).lower(): v for k, v in (synonyms or {}).items()}
-    names = [{w for p in phrase for w in normal_words(str(p))} - STOP_WORDS for phrase in phrases]
-    named: list[set[int]] = []
-    for word in words:
-        parts = normal_words(word)
-        key = parts[0] if len(parts) == 1 else ""
-        if not key or key in STOP_WORDS:
-            named.append(set())
-            continue
-        forms = _forms(key, syn)
-        named.append({k for k, n in enumerate(names) if forms & n})
-    out: list[tuple[int, ...]] = [()] * len(words)
-    i = 0
-    while i < len(words):
-        if not named[i]:
-            i += 1
-            continue
-        j = i
-        while j < len(words) and named[j]:
-            j += 1
-        counts: dict[int, int] = {}
-        for t in range(i, j):
-            for k in named[t]:
-                counts[k] = counts.get(k, 0) + 1
-        best = max(counts.values())
-        chosen = tuple(sorted(k for k, c in counts.items() if c == best))
-        for t in range(i, j):
-            out[t] = chosen
-        i = j
-    return out
-
-
+# ---------------------------------------------------------------------- what is scored
 @dataclass
 class GroundObject:
     """One object of an image: the words naming it, and its mask and/or box in source pixels."""
@@ -261,27 +97,18 @@ def table_methods(model: Any) -> list[Method]:
 
     probe = caption(model, sample_path("scene-0.png"), max_len=1)
     layers = probe.num_layers
-    methods = [Method("raw", layer, None) for layer in range(layers)] + [Method("layer_mean")]
-    if spec.best_head is not None:
-        methods.append(Method("best_head", *spec.best_head))
-    return methods + [Method("rollout"), Method("chefer_rollout"), Method("grad_attn", layers - 1), Method("relevance")]
+    return [m for kind in KINDS.values() for m in kind.table_methods(layers, spec)]  # the registry's order
 
 
 def method_key(m: Method) -> str:
     """The row name of a method in the table (``"raw, layer 1"``, ``"best_head (L1 H2)"``, ...)."""
-    if m.name == "raw":
-        return f"raw, layer {m.layer}"
-    if m.name == "best_head":
-        return f"best_head (L{m.layer} H{m.head})"
-    if m.name == "grad_attn":
-        return f"grad_attn (L{m.layer})"
-    return m.name
+    return m.kind.key(m)
 
 
 def explain_args(m: Method) -> dict[str, Any]:
     """The keyword arguments of :func:`attnlab.explain` that make method ``m``'s maps."""
     args: dict[str, Any] = {"method": m.name}
-    if m.name in ("raw", "best_head", "grad_attn"):
+    if m.kind.layer:
         args["layer"] = m.layer
     if m.head is not None:
         args["head"] = m.head
@@ -439,56 +266,3 @@ def _region(
                 masks.append(box_to_shown(o.box, item.source_size, shown, content))
         cache[key] = patch_region(np.logical_or.reduce(masks), grid) if masks else None
     return cache[key]
-
-
-# ---------------------------------------------------------------------- the table as text
-CONDITION_TITLES = {
-    "generated": "the model's own captions (greedy)",
-    "true": "the true captions (teacher forcing)",
-}
-KIND_TITLES = {"mask": "object masks", "box": "object boxes"}
-
-
-def format_grounding(result: dict[str, Any], kind: str | None = None) -> str:
-    """The tables of :func:`ground` as text: per condition, rows = methods, then the random map;
-    columns = hit / touch / mass (%) per word class."""
-    kinds = [kind] if kind else result["kinds"]
-    classes = result["classes"]
-    lines = [f"attnlab grounding \u00b7 model {result['model']} \u00b7 {result['images']} images{result.get('source', '')}"]
-    lines.append("hit: the peak patch's centre lies in the named object; touch: the peak patch overlaps it;")
-    lines.append("mass: share of the map on the object; random map: a random peak patch / the uniform map (chance)")
-    width = max(len(r) for r in [*result["methods"], RANDOM]) + 2
-    for condition, per_kind in result["conditions"].items():
-        for k in kinds:
-            table = per_kind.get(k)
-            if not table:
-                continue
-            first = next(iter(table.values()))
-            counts = " \u00b7 ".join(f"{c} {first.get(c, {}).get('words', 0)}" for c in classes)
-            lines += ["", f"{CONDITION_TITLES.get(condition, condition)}, {KIND_TITLES.get(k, k)} (words: {counts})"]
-            lines.append(" " * width + "".join(f"{c + ' words' if c != 'all' else 'all words':<20}" for c in classes))
-            lines.append(f"{'method':<{width}}" + "hit   touch mass    " * len(classes))
-            for row in [*result["methods"], RANDOM]:
-                cells = table.get(row)
-                if cells is None:
-                    continue
-                text = ""
-                for c in classes:
-                    v = cells.get(c)
-                    text += "-" * 3 + " " * 17 if v is None else f"{v['hit']:>4.0%}  {v['touch']:>4.0%}  {v['mass']:>4.0%}    "
-                lines.append(f"{row:<{width}}{text.rstrip()}")
-    if result.get("unmatched"):
-        lines.append("")
-        lines.append("words not matched to any object (not scored): " + ", ".join(f"{c} {n}" for c, n in result["unmatched"].items()))
-    return "\n".join(lines)
-
-
-def best_row(result: dict[str, Any], condition: str = "true", kind: str = "mask", cls: str = "shape", metric: str = "hit") -> tuple[str, float, float]:
-    """The method with the highest ``metric`` for ``cls`` words, its score and the random map's."""
-    table = result["conditions"][condition][kind]
-    rows = [r for r in result["methods"] if r in table and cls in table[r]]
-    if not rows:
-        raise AttnlabError(f"no {cls} words were scored in the {condition} condition")
-    best = max(rows, key=lambda r: table[r][cls][metric])
-    return best, table[best][cls][metric], table[RANDOM][cls][metric]
-

@@ -50,89 +50,65 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..captioner import Captioner, CaptionerSpec, as_captioner
-from ..decode import caption, check_max_len, check_tokens, model_lock
+from ..assemble import trace_from_rows
+from ..captioner import Captioner, CaptionerSpec, as_captioner, size_groups
+from ..decode import caption, model_lock
 from ..diagnostics import mark_padding
 from ..errors import AttnlabError
 from ..preprocess import ImageInput, prepare_for
+from ..settings import decode_settings
 from ..trace import CaptionTrace
-from ..util import is_int as _is_int
-from . import rules
+from ..util import evaluating, is_int
 from .graph import Recording, record
+from .kinds import KINDS, Method, kind_of
 
-METHODS: tuple[str, ...] = ("raw", "layer_mean", "best_head", "rollout", "chefer_rollout", "grad_attn", "relevance")
+METHODS: tuple[str, ...] = tuple(KINDS)
 """The names :func:`explain` takes."""
-GRADIENT_METHODS = ("grad_attn", "relevance")
-ROLLOUT_METHODS = ("rollout", "chefer_rollout")
-SCALED_METHODS = ("rollout", "chefer_rollout", "grad_attn", "relevance")  # rows renormalised to sum 1 with the prefix
 
 __all__ = ["METHODS", "Method", "explain", "explain_prepared", "explanation_trace", "resolve_method"]
-
-
-@dataclass(frozen=True)
-class Method:
-    """One explanation method with its settings (``layer``/``head`` as given: negative counts from the end)."""
-
-    name: str
-    layer: int | None = None  # raw, best_head, grad_attn
-    head: int | None = None  # raw (None = mean over heads), best_head
-
-    @property
-    def label(self) -> str:
-        """What figures call it: ``"rollout"``, ``"raw attention, layer 2, mean of heads"``, ..."""
-        if self.name == "raw":
-            return f"raw attention, layer {self.layer}, " + ("mean of heads" if self.head is None else f"head {self.head}")
-        if self.name == "best_head":
-            return f"best head (layer {self.layer}, head {self.head})"
-        if self.name == "grad_attn":
-            return f"grad x attention (layer {self.layer})"
-        return {"layer_mean": "mean of every layer and head", "rollout": "rollout (causal)",
-                "chefer_rollout": "rollout as Chefer et al. (reads later words)",
-                "relevance": "relevance (Chefer et al. 2021)"}[self.name]
-
-    @property
-    def quantity(self) -> str:
-        """What a map's numbers are (the colour bar's words)."""
-        return {"rollout": "share of rollout", "chefer_rollout": "share of rollout", "grad_attn": "share of grad x attention", "relevance": "share of relevance"}.get(
-            self.name, "attention weight"
-        )
 
 
 def resolve_method(name: Any, layer: Any = None, head: Any = None, spec: CaptionerSpec | None = None) -> Method:
     """Check a method name and its settings (one line each); ``best_head`` without ``layer``/``head``
     takes the record in ``spec.best_head``."""
-    if not isinstance(name, str) or name not in METHODS:
+    kind = kind_of(name)
+    if kind is None:
         raise AttnlabError(f"method={name!r} is not an explanation method: use one of {', '.join(METHODS)}")
     for label, value in (("layer", layer), ("head", head)):
-        if value is not None and not _is_int(value) and not (label == "head" and value == "mean"):
+        if value is not None and not is_int(value) and not (label == "head" and value == "mean"):
             raise AttnlabError(f"{label}={value!r} must be an integer index" + (" or 'mean'" if label == "head" else ""))
     head = None if head == "mean" else head
-    if name in ("layer_mean", *ROLLOUT_METHODS, "relevance") and (layer is not None or head is not None):
+    if not kind.layer and (layer is not None or head is not None):
         raise AttnlabError(f"method {name!r} uses every layer and head: leave out layer= and head=")
-    if name == "grad_attn" and head is not None:
-        raise AttnlabError("method 'grad_attn' averages over the layer's heads: leave out head=")
+    if not kind.head and head is not None:
+        raise AttnlabError(f"method {name!r} averages over the layer's heads: leave out head=")
     if name == "best_head":
-        if layer is None and head is None:
-            record_ = None if spec is None else getattr(spec, "best_head", None)
-            if record_ is None:
-                who = f"model {spec.name!r}" if spec is not None else "this model"
-                raise AttnlabError(
-                    f"{who} has no best-head record (only attnlab's bundled models carry one): name the head, "
-                    "explain(model, image, 'best_head', layer=L, head=H), or find one with attnlab.explain.select_best_head"
-                )
-            layer, head = record_
-        elif layer is None or head is None:
-            raise AttnlabError("method 'best_head' with your own choice needs both layer= and head=")
-    if name in ("raw", "grad_attn") and layer is None:
+        layer, head = _best_head(layer, head, spec)
+    if kind.layer and layer is None:
         layer = -1
     return Method(name, None if layer is None else int(layer), None if head is None else int(head))
+
+
+def _best_head(layer: Any, head: Any, spec: CaptionerSpec | None) -> tuple[Any, Any]:
+    """``best_head``'s layer and head: the user's pair, or the record in ``spec.best_head``."""
+    if layer is not None and head is not None:
+        return layer, head
+    if layer is not None or head is not None:
+        raise AttnlabError("method 'best_head' with your own choice needs both layer= and head=")
+    found = None if spec is None else getattr(spec, "best_head", None)
+    if found is None:
+        who = f"model {spec.name!r}" if spec is not None else "this model"
+        raise AttnlabError(
+            f"{who} has no best-head record (only attnlab's bundled models carry one): name the head, "
+            "explain(model, image, 'best_head', layer=L, head=H), or find one with attnlab.explain.select_best_head"
+        )
+    return found
 
 
 def _checked(m: Method, layers: int, heads: int) -> Method:
@@ -146,14 +122,10 @@ def _checked(m: Method, layers: int, heads: int) -> Method:
 
 # ---------------------------------------------------------------------- the run
 @contextlib.contextmanager
-def _evaluating(model: Any, grad: bool) -> Iterator[None]:
-    """Eval mode for the block (the training flag comes back afterwards) and, for gradients,
-    every parameter tracked (frozen ones are frozen again afterwards, exceptions included)."""
-    was_training = getattr(model, "training", None)
+def _tracked(model: Any, grad: bool) -> Iterator[None]:
+    """For gradients, every parameter tracked (frozen ones are frozen again afterwards, exceptions included)."""
     module = model if isinstance(model, nn.Module) else getattr(model, "model", None)
     frozen = [p for p in module.parameters() if not p.requires_grad] if grad and isinstance(module, nn.Module) else []
-    if was_training is not None:
-        model.eval()
     try:
         for p in frozen:
             p.requires_grad_(True)
@@ -161,8 +133,6 @@ def _evaluating(model: Any, grad: bool) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(False)
-        if was_training:
-            model.train(True)
 
 
 def explain_prepared(
@@ -175,16 +145,13 @@ def explain_prepared(
     ``(recording, index in it)``.
     """
     cap = as_captioner(model)
-    grad = any(m.name in GRADIENT_METHODS for m in methods)
-    what = "all" if any(m.name in (*ROLLOUT_METHODS, "relevance") for m in methods) else "cross"
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(pixels):
-        groups.setdefault(tuple(p.shape), []).append(i)  # one size per recording: see attnlab.explain.graph
+    grad = any(m.kind.gradients for m in methods)
+    what = "all" if any(m.kind.record == "all" for m in methods) else "cross"
     out: list[dict[Method, np.ndarray]] = [{} for _ in pixels]
     where: list[tuple[int, int]] = [(0, 0)] * len(pixels)
     recordings = []
-    with model_lock(model), _evaluating(model, grad), torch.inference_mode(False), torch.set_grad_enabled(grad):
-        for members in groups.values():
+    with model_lock(model), evaluating(model), _tracked(model, grad), torch.inference_mode(False), torch.set_grad_enabled(grad):
+        for members in size_groups(pixels):  # one size per recording: see attnlab.explain.graph
             rec = record(cap, [pixels[i] for i in members], [list(tokens[i]) for i in members], what, grad)
             layers, heads = len(rec.steps[0].cross), rec.steps[0].cross[0].shape[1]
             checked = [_checked(m, layers, heads) for m in methods]
@@ -201,23 +168,14 @@ def _rows(rec: Recording, methods: list[Method]) -> list[dict[Method, np.ndarray
     n = len(rec.tokens)
     out: list[dict[Method, np.ndarray]] = [{} for _ in range(n)]
     for b in range(n):
-        T = len(rec.tokens[b])
-        cross = rec.cross([b], T)[:, 0].double()  # (layers, heads, T, K)
+        cross = rec.cross([b], len(rec.tokens[b]))[:, 0].double()  # (layers, heads, T, K)
         for m in methods:
-            if m.name in ("raw", "best_head"):
-                a = cross[m.layer]  # (heads, T, K)
-                out[b][m] = (a.mean(dim=0) if m.head is None else a[m.head]).numpy()  # (T, K)
-            elif m.name == "layer_mean":
-                out[b][m] = cross.mean(dim=(0, 1)).numpy()  # (T, K)
-            elif m.name in ROLLOUT_METHODS:
-                enc = rec.encoder_of([b])
-                selfs = rec.selfs([b], T)[:, 0]  # (layers, heads, T, T)
-                out[b][m] = rules.decoder_rollout(selfs, cross[-1], None if enc is None else enc[:, 0],
-                                                  causal=m.name == "rollout").numpy()  # (T, K)
-    gradient = [m for m in methods if m.name in GRADIENT_METHODS]
+            if m.kind.rows is not None:
+                out[b][m] = m.kind.rows(rec, b, cross, m)  # (T, K)
+    gradient = [m for m in methods if m.kind.step_rows is not None]
     if gradient:
         maps = {m: [np.zeros((len(t), rec.keys)) for t in rec.tokens] for m in gradient}  # per image (T, K)
-        for i, step in enumerate(rec.steps):
+        for i in range(len(rec.steps)):
             _explain_step(rec, i, gradient, maps)
         for m in gradient:
             for b in range(n):
@@ -227,26 +185,10 @@ def _rows(rec: Recording, methods: list[Method]) -> list[dict[Method, np.ndarray
 
 def _explain_step(rec: Recording, i: int, methods: list[Method], maps: dict[Method, list[np.ndarray]]) -> None:
     """Row ``i`` of each gradient method's map, for every image still captioning at step ``i``."""
-    step = rec.steps[i]
-    wanted: list[torch.Tensor] = [step.cross[m.layer] for m in methods if m.name == "grad_attn"]
-    relevance = any(m.name == "relevance" for m in methods)
-    if relevance:
-        wanted += [t for s in rec.steps[: i + 1] for t in (*s.cross, *(s.selfs or []))] + list(rec.encoder or [])
-    grads = rec.gradients(i, wanted)
-    images = list(step.rows)  # (B,)
-    k = rec.keys
+    grads = rec.gradients(i, [t for m in methods for t in m.kind.wants(rec, i, m)])
+    images = list(rec.steps[i].images)  # (B,)
     for m in methods:
-        if m.name == "grad_attn":
-            a = step.cross[m.layer].detach()[:, :, :k].double()  # (B, heads, K), in batch-row order = images
-            g = grads[id(step.cross[m.layer])][:, :, :k].double()
-            rows = rules.head_relevance(a[:, :, None], g[:, :, None])[:, 0]  # (B, K)
-        else:
-            # float32, as recorded: the rules only add and multiply non-negative numbers of order 1
-            a_c, g_c = rec.cross(images, i + 1), rec.cross(images, i + 1, grads)  # (layers, B, heads, Q, K)
-            a_s, g_s = rec.selfs(images, i + 1), rec.selfs(images, i + 1, grads)  # (layers, B, heads, Q, Q)
-            enc_a, enc_g = rec.encoder_of(images), rec.encoder_of(images, grads)  # (layers, B, heads, K, K) or None
-            encoder = [] if enc_a is None else list(zip(enc_a, enc_g))
-            rows = rules.relevance(encoder, list(zip(a_s, g_s)), list(zip(a_c, g_c)))[:, i].double()  # (B, K)
+        rows = m.kind.step_rows(rec, i, images, m, grads)  # (B, K)
         for b, r in zip(images, rows.numpy()):
             maps[m][b][i] = r
 
@@ -258,35 +200,16 @@ def explanation_trace(
 ) -> CaptionTrace:
     """The trace of one image's explanation: ``rows`` ``(steps, K)`` -> maps ``(1, 1, steps, h, w)``."""
     rows = np.asarray(rows, dtype=np.float64)  # (T, K)
-    scaled = m.name in SCALED_METHODS
+    scaled = m.kind.scaled
     if scaled:
         total = rows.sum(axis=1, keepdims=True)  # (T, 1)
         rows = np.where(total > 0, rows / np.where(total > 0, total, 1.0), rows)  # a row that is all zero stays so
-    p = spec.prefix_tokens
-    h, w = grid
-    maps = rows[:, p : p + h * w].reshape(1, 1, len(rows), h, w).astype(np.float32)  # (1, 1, T, h, w)
-    share = rows[:, :p].sum(axis=1).reshape(1, 1, -1).astype(np.float32) if p else None  # (1, 1, T)
-    ids = [int(t) for t in tokens]
-    starts = getattr(spec.vocab, "word_starts", None)
     info = {"method": m.name, "method_label": m.label, "quantity": m.quantity, "normalised": scaled, "end_token": spec.eos}
     if m.layer is not None:
         info["layer"] = m.layer
     if m.head is not None:
         info["head"] = m.head
-    return CaptionTrace(
-        token_ids=np.array(ids, dtype=np.int64),
-        words=[spec.vocab.token(t) for t in ids],
-        logits=logits,
-        cross_attention=maps,
-        grid=grid,
-        image=image,
-        model_name=spec.name,
-        caption=spec.vocab.decode(ids),
-        prefix_tokens=p,
-        prefix_share=share,
-        word_starts=None if starts is None else np.array(starts(ids), dtype=bool),
-        meta={**(meta or {}), **info},
-    )
+    return trace_from_rows(spec, tokens, rows[None, None], grid, image, logits=logits, meta={**(meta or {}), **info})  # (1, 1, T, K)
 
 
 def explain(
@@ -324,12 +247,12 @@ def explain(
     images = list(image) if many else [image]
     if not images:
         raise AttnlabError("no image given")
-    limit = check_max_len(max_len, spec.max_len)
-    if tokens is None:
-        greedy = caption(model, images, max_len=limit, record="none")
+    settings = decode_settings(spec, max_len=max_len, tokens=tokens, record="none", n_images=len(images))
+    if settings.tokens is None:
+        greedy = caption(model, images, max_len=settings.max_len, record="none")
         forced = [t.token_ids.tolist() for t in greedy]
     else:
-        forced = check_tokens(tokens, len(images), spec.max_len, len(spec.vocab) or None)
+        forced = settings.forced
     content: list[tuple[int, int]] = []
     pixels, shown = prepare_for(images, spec, content=content)
     rows, recordings, where = explain_prepared(model, pixels, forced, [chosen])

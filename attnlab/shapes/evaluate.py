@@ -4,7 +4,7 @@ Pointing game: for every size, colour and shape word of a held-out scene's
 true caption, teacher-force the caption (so each word is emitted at a known
 step) and take the peak patch of the head-averaged cross-attention at the step
 that emits the word. Two criteria, named as in ``attnlab grounding`` (whose
-geometry, :mod:`attnlab.explain.grounding`, this module shares):
+geometry, :mod:`attnlab.explain.geometry`, this module shares):
 
 * ``"touch"`` (the default): the peak patch overlaps the object's mask by at
   least one pixel;
@@ -23,7 +23,7 @@ import numpy as np
 
 from ..decode import caption
 from ..errors import AttnlabError
-from ..explain.grounding import patch_overlap, patch_region, peak_hits
+from ..explain.geometry import patch_overlap, patch_region, peak_hits
 from ..trace import CaptionTrace
 from .scenes import COLORS, SEP_ID, SHAPES, SIZES, Scene, encode_caption, make_scenes
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import AttnlabError
-from ..explain.grounding import GroundImage, GroundObject, ground, patch_region, peak_hits
+from ..explain.geometry import patch_region, peak_hits
+from ..explain.grounding import GroundImage, GroundObject, ground
 from ..explain.methods import Method
 from ..fileio import atomic_create, atomic_write
 from .scenes import COLORS, SEP_ID, SHAPES, SIZES, Scene, encode_caption, make_scene, make_scenes, scene_seed

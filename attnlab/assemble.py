@@ -1,0 +1,71 @@
+"""The one assembler: attention rows of a caption -> a :class:`~attnlab.trace.CaptionTrace`.
+
+Decoding (:mod:`attnlab.decode`) and the explanation methods
+(:mod:`attnlab.explain`) both end here: rows over the keys are split by the
+key layout (:class:`attnlab.keys.KeyLayout`) into the patch maps and the
+prefix share, and the words come from the captioner's vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .captioner import CaptionerSpec
+from .keys import KeyLayout
+from .trace import CaptionTrace
+
+__all__ = ["trace_from_rows"]
+
+
+def _float32(a: Any) -> np.ndarray | None:
+    """A tensor or array as a contiguous float32 NumPy array (``None`` stays ``None``)."""
+    if a is None:
+        return None
+    if hasattr(a, "detach"):
+        a = a.detach().float().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+
+
+def trace_from_rows(
+    spec: CaptionerSpec,
+    ids: Sequence[int],
+    rows: Any,
+    grid: tuple[int, int],
+    image: np.ndarray,
+    *,
+    logits: Any = None,
+    meta: dict[str, Any] | None = None,
+    encoder: Any = None,
+    decoder: Any = None,
+) -> CaptionTrace:
+    """One caption's trace from its cross-attention ``rows`` ``(layers, heads, steps, K)`` (or ``None``).
+
+    ``K`` may run past prefix + patches (batch padding, dropped). ``encoder`` and
+    ``decoder`` are the self-attention arrays of ``record="all"``.
+    """
+    layout = KeyLayout(spec.prefix_tokens, (int(grid[0]), int(grid[1])))
+    maps = share = None
+    if rows is not None:
+        maps = _float32(layout.split(rows, padded=True)[1])  # (layers, heads, steps, h, w)
+        share = _float32(layout.share(rows, padded=True))  # (layers, heads, steps) or None
+    ids = [int(t) for t in ids]
+    starts = getattr(spec.vocab, "word_starts", None)
+    return CaptionTrace(
+        token_ids=np.array(ids, dtype=np.int64),
+        words=[spec.vocab.token(t) for t in ids],
+        logits=_float32(logits),
+        cross_attention=maps,
+        grid=layout.grid,
+        image=image,
+        model_name=spec.name,
+        caption=spec.vocab.decode(ids),
+        encoder_self_attention=_float32(encoder),
+        decoder_self_attention=decoder,
+        prefix_tokens=layout.prefix,
+        prefix_share=share,
+        word_starts=None if starts is None else np.array(starts(ids), dtype=bool),
+        meta=dict(meta or {}),
+    )
