@@ -2,20 +2,23 @@
 
 * :func:`is_int`: an integer argument (Python's or NumPy's), never a bool;
 * :func:`one_line`: an exception (or any message) as one short line for an error message;
-* :func:`file_sha256`: the SHA-256 of a regular file's bytes, read in chunks.
+* :func:`file_sha256`: the SHA-256 of a regular file's bytes, read in chunks;
+* :func:`evaluating`: a model in eval mode for a block, every training flag restored after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import numbers
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["file_sha256", "is_int", "one_line"]
+__all__ = ["evaluating", "file_sha256", "is_int", "one_line"]
 
 
 def is_int(x: Any) -> bool:
@@ -49,3 +52,27 @@ def file_sha256(path: Path) -> str | None:
         return digest.hexdigest()
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[Any]:
+    """``model.eval()`` for the block; on exit (exceptions included) every submodule's
+    training flag is back as it was, so a half-frozen model (a BatchNorm left in eval
+    while the rest trains) stays exactly so.
+
+    ``model`` is a ``torch.nn.Module`` or an object with ``.training``/``.eval()``/``.train()``
+    around one in ``.model`` (a wrapped captioner); one with no training flag is left alone.
+    """
+    inner = model if callable(getattr(model, "modules", None)) else getattr(model, "model", None)
+    flags = [(m, m.training) for m in inner.modules()] if callable(getattr(inner, "modules", None)) else []
+    was_training = getattr(model, "training", None)
+    if was_training is not None or flags:
+        model.eval()
+    try:
+        yield model
+    finally:
+        if flags:
+            for module, flag in flags:
+                module.training = flag
+        elif was_training is not None:
+            model.train(was_training)

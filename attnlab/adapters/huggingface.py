@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record
 from ..errors import AttnlabError
 from ..tokenizer import BPEVocab, Vocab
-from ..util import one_line
+from ..util import evaluating, one_line
 from .wrap import refuse_meta
 
 KINDS = "a VisionEncoderDecoderModel (ViT/DeiT/BEiT encoder + GPT-2/BERT decoder) or a BlipForConditionalGeneration"
@@ -354,9 +354,7 @@ class HuggingFaceCaptioner:
         side = self._pixels.side
         x = self._pixels.transform(Image.new("RGB", (side, side), (128, 128, 128)))  # (3, S, S)
         h, w = self._grid
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             with torch.inference_mode():
                 try:
                     out, _ = self._encode(x[None].to(self._device(), self._dtype()))  # (1, T, D)
@@ -385,8 +383,6 @@ class HuggingFaceCaptioner:
                         f"the model's decoder failed on its start token {bos} ({self._id_fields['bos']}; {one_line(exc, with_type=True)}): "
                         "check that id, and that the decoder has cross-attention over the encoder's tokens (add_cross_attention=True)"
                     ) from None
-        finally:
-            self.model.train(was_training)
         if not step.cross_attention or any(a is None or a.shape[-1] != tokens for a in step.cross_attention):
             raise AttnlabError("the decoder returned no cross-attention over the image tokens: it needs add_cross_attention=True")
         ids = {k: self._spec_args[k] for k in ("bos", "eos", "pad")}

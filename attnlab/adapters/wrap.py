@@ -48,6 +48,7 @@ from ..capture import capture_attention
 from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
 from ..errors import AttnlabError
 from ..tokenizer import make_vocab
+from ..util import evaluating
 
 Patterns = str | Sequence[str]
 GridArg = tuple[int, int] | Callable[[int, int], tuple[int, int]]
@@ -244,9 +245,7 @@ class WrappedCaptioner:
         """Run encode and decode once on a blank image: wrong shapes fail here, in one line."""
         side = self._spec_args["image_size"]
         x = torch.zeros(1, 3, side, side, device=self._device())
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             with torch.inference_mode():
                 memory = _run("encode()", f"a blank {side}x{side} image", "check image_size=", self._memory, x)  # (1, T, D)
                 h, w = self.grid_for(side, side)
@@ -269,8 +268,6 @@ class WrappedCaptioner:
                         raise AttnlabError(
                             f"{name} attends over {keys} keys, not the encoder's {memory.shape[1]} tokens: is it a self-attention module?"
                         )
-        finally:
-            self.model.train(was_training)
         vocab_size = len(self._spec_args["vocab"])
         if vocab_size and logits.shape[-1] != vocab_size:
             raise AttnlabError(f"the model predicts {logits.shape[-1]} tokens but vocab has {vocab_size}: pass the model's own vocabulary")
