@@ -1,6 +1,7 @@
 """Small helpers every layer shares (no torch, no matplotlib): each rule is written once here.
 
 * :func:`is_int`: an integer argument (Python's or NumPy's), never a bool;
+* :func:`is_real`: a finite real number (Python's or NumPy's), never a bool;
 * :func:`one_line`: an exception (or any message) as one short line for an error message;
 * :func:`file_sha256`: the SHA-256 of a regular file's bytes, read in chunks;
 * :func:`evaluating`: a model in eval mode for a block, every training flag restored after.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import numbers
 import stat
 from collections.abc import Iterator
@@ -18,12 +20,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["evaluating", "file_sha256", "is_int", "one_line"]
+__all__ = ["evaluating", "file_sha256", "is_int", "is_real", "one_line"]
 
 
 def is_int(x: Any) -> bool:
     """True for an integer (``int``, ``np.int64``, ...) that is not a bool (``True`` is not a count)."""
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def is_real(x: Any) -> bool:
+    """True for a finite real number (``int``, ``float``, ``np.float32``, ...) that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(float(x))
 
 
 def one_line(exc: object, limit: int | None = None, *, with_type: bool = False) -> str:

@@ -69,3 +69,16 @@ def test_evaluating_leaves_an_object_without_a_training_flag_alone() -> None:
         with evaluating(m):
             pass
         assert not m.training
+
+
+def test_is_real_takes_finite_numbers_and_refuses_bools_and_non_finite() -> None:
+    import math
+
+    import numpy as np
+
+    from attnlab.util import is_real
+
+    for ok in (0, 1.5, -3, np.float32(0.25), np.int64(7)):
+        assert is_real(ok), ok
+    for bad in (True, np.bool_(False), math.nan, math.inf, -math.inf, np.float64("nan"), "1.0", None, [1.0], 1j):
+        assert not is_real(bad), bad

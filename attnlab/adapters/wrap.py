@@ -48,6 +48,7 @@ from ..capture import capture_attention
 from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
 from ..errors import AttnlabError
 from ..tokenizer import make_vocab
+from ..util import one_line
 from .module import ModuleCaptioner, refuse_meta
 
 Patterns = str | Sequence[str]
@@ -172,8 +173,7 @@ def _run(what: str, on: str, hint: str, fn: Callable, *args: Any) -> Any:
     except AttnlabError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's code may fail any way; the cause stays chained
-        first = (str(exc).strip().splitlines() or [""])[0][:120]
-        raise AttnlabError(f"{what} failed on {on} ({type(exc).__name__}: {first}): {hint}") from exc
+        raise AttnlabError(f"{what} failed on {on} ({one_line(exc, 120, with_type=True)}): {hint}") from exc
 
 
 def _check_ids(spec_args: dict[str, Any], size: int, where: str) -> None:
