@@ -263,7 +263,7 @@ def train(
     model = build_model(cfg.model, cfg.seed)
     lineage = _start_from(model, init) if init is not None else []
     model.train()
-    optimizer = _optimizer(model, cfg)
+    optimizer = adamw(model, cfg)
     step, elapsed = _resume(_state_path(out), cfg, model, optimizer) if resume else (0, 0.0)
     run = _Run(out, cfg, model, optimizer, step, time.perf_counter() - elapsed, init, lineage)
     bar = _ProgressBar(cfg, step) if progress else None
@@ -296,15 +296,13 @@ def _start_from(model: torch.nn.Module, init: str | Path) -> list:
     return [*(earlier if isinstance(earlier, list) else []), {k: v for k, v in meta.items() if k != "lineage"}]
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on the matrices only (not on biases and norms)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        fused=True,  # one kernel for all parameters: 5x faster than the loop on CPU
-    )
+def adamw(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only (not on biases and norms); ``fused``: one
+    kernel for all parameters (5x faster than the loop on CPU)."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
 
 @dataclass
