@@ -32,10 +32,10 @@ module imports it only when :func:`from_huggingface` is called.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 from ..errors import AttnlabError
+from ..util import is_int
 from .hf.base import HuggingFaceCaptioner
 from .hf.blip import BlipCaptioner
 from .hf.encoder_decoder import EncoderDecoderCaptioner
@@ -84,7 +84,7 @@ def from_huggingface(
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a combined processor works too
     if not callable(getattr(tokenizer, "convert_ids_to_tokens", None)) or not callable(getattr(tokenizer, "decode", None)):
         raise AttnlabError(f"tokenizer must be the model's Hugging Face tokenizer (AutoTokenizer.from_pretrained(...)), not a {type(tokenizer).__name__}")
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 1):
+    if max_len is not None and (not is_int(max_len) or max_len < 1):
         raise AttnlabError(f"max_len must be a positive integer, not {max_len!r}")
     if name is not None and not isinstance(name, str):
         raise AttnlabError(f"name must be a string, not {type(name).__name__}")

@@ -48,7 +48,7 @@ from ..capture import capture_attention
 from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
 from ..errors import AttnlabError
 from ..tokenizer import make_vocab
-from ..util import one_line
+from ..util import is_int, one_line
 from .module import ModuleCaptioner, refuse_meta
 
 Patterns = str | Sequence[str]
@@ -128,7 +128,7 @@ def _check_numbers(**values: Any) -> None:
     in ``1 .. MAX_IMAGE_SIZE`` (checked before the probe image is made); ``prefix_tokens`` >= 0."""
     for label, value in values.items():
         optional = value is None and label in ("max_len", "prefix_tokens")
-        if not optional and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        if not optional and not is_int(value):
             raise AttnlabError(f"{label}= must be an integer, not {value!r}")
     size = values["image_size"]
     if not 1 <= size <= MAX_IMAGE_SIZE:

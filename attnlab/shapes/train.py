@@ -24,7 +24,7 @@ from ..errors import AttnlabError
 from ..fileio import atomic_write, make_temp, remove_stale_temps
 from ..hub import check_state_dict, read_checkpoint, save_checkpoint, state_dict_of
 from ..preprocess import normalize
-from ..util import one_line
+from ..util import is_real, one_line
 from .model import build_model
 from .scenes import MAX_CAPTION_WORDS, PAD_ID, SEED_STRIDE, CLS_ID, SEP_ID, encode_caption, make_scene, scene_seed
 
@@ -124,7 +124,7 @@ def check_train_args(out: Path, cfg: TrainConfig, minutes: float | None, overwri
         value = getattr(cfg, key)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
             raise AttnlabError(f"{key} must be a finite {'positive' if key == 'lr' else 'non-negative'} number, not {value!r}")
-    if minutes is not None and not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+    if minutes is not None and not (is_real(minutes) and minutes > 0):
         raise AttnlabError(f"minutes must be a positive number, not {minutes!r}")
     for target in (out, _state_path(out)):
         if target.is_dir():
@@ -187,7 +187,7 @@ def _resume(state_file: Path, cfg: TrainConfig, model: torch.nn.Module, optimize
     step, elapsed = state["step"], state["elapsed"]
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= cfg.steps:
         raise _damaged(state_file, f"step {step!r} is not a whole number in 0..{cfg.steps}")
-    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed) or elapsed < 0:
+    if not is_real(elapsed) or elapsed < 0:
         raise _damaged(state_file, f"elapsed {elapsed!r} is not a number of seconds")
     weights = state["model"]
     if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
