@@ -28,6 +28,17 @@ MAX_PREFIX = 8  # encoders with more leading non-patch tokens than this are not 
 ID_NAMES = ("bos", "eos", "pad")
 
 
+@dataclass(frozen=True)
+class KindParts:
+    """Where a model kind keeps what the shared captioner needs."""
+
+    encoder: Any  # the vision encoder: pixel_values -> last_hidden_state (N, T, D)
+    encoder_config: Any  # its config (patch_size, model_type)
+    decoder_config: Any  # the text decoder's config (vocab_size, positions)
+    generation: Any  # the generation config its generate reads
+    decoder_forward: Callable  # the forward that takes the cache (keyword cache or past_key_values)
+
+
 @dataclass
 class HFState:
     """The decoding state: the encoder's tokens and the model's own key/value cache."""
@@ -50,8 +61,8 @@ class HFState:
 class HuggingFaceCaptioner(ModuleCaptioner):
     """A Hugging Face captioning model behind the captioner seam (built by :func:`~attnlab.from_huggingface`).
 
-    A kind sets :attr:`model_class` and :attr:`described` and implements the parts below
-    marked "the kind's".
+    A kind sets :attr:`model_class` and :attr:`described` and implements the three methods
+    under "the kind's": :meth:`_parts`, :meth:`_token_ids` and :meth:`_forward`.
     """
 
     model_class: ClassVar[str]  # the transformers class this kind captions
@@ -62,6 +73,9 @@ class HuggingFaceCaptioner(ModuleCaptioner):
         self.model = model
         self._configs = configs_of(model, tf.PretrainedConfig)
         self._pixels = pixels
+        parts = self._parts()
+        self._encoder, self._encoder_config, self._decoder_config = parts.encoder, parts.encoder_config, parts.decoder_config
+        self._generation = parts.generation
         ids, fields = self._token_ids()
         if ids["bos"] is None or ids["eos"] is None:
             raise AttnlabError(
@@ -70,7 +84,7 @@ class HuggingFaceCaptioner(ModuleCaptioner):
         self._id_fields = dict(zip(ID_NAMES, fields))
         check_ids(ids, self._id_fields, getattr(self._decoder_config, "vocab_size", None), "the decoder's vocabulary has")
         warn_if_not_greedy(self._generation, stacklevel=4)  # the line that called from_huggingface
-        self._cache_kw = "cache" if "cache" in inspect.signature(self._decoder_forward).parameters else "past_key_values"
+        self._cache_kw = "cache" if "cache" in inspect.signature(parts.decoder_forward).parameters else "past_key_values"
         self._grid = grid_of(self._encoder_config, pixels.side)
         self._spec_args = dict(
             name=name or getattr(model, "name_or_path", "") or type(model).__name__,
@@ -83,27 +97,8 @@ class HuggingFaceCaptioner(ModuleCaptioner):
         self._probe()
 
     # ------------------------------------------------------------ the kind's
-    @property
-    def _encoder(self) -> Any:
-        """The vision encoder: ``pixel_values`` -> ``last_hidden_state`` (N, T, D)."""
-        raise NotImplementedError
-
-    @property
-    def _encoder_config(self) -> Any:
-        raise NotImplementedError
-
-    @property
-    def _decoder_config(self) -> Any:
-        raise NotImplementedError
-
-    @property
-    def _generation(self) -> Any:
-        """The generation config its ``generate`` reads."""
-        raise NotImplementedError
-
-    @property
-    def _decoder_forward(self) -> Callable:
-        """The forward that takes the cache (its keyword is ``cache`` or ``past_key_values``)."""
+    def _parts(self) -> "KindParts":
+        """Where this kind keeps its encoder, configs and the decoder forward that takes the cache."""
         raise NotImplementedError
 
     def _token_ids(self) -> tuple[dict[str, int | None], tuple[str, str, str]]:

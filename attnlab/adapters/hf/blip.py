@@ -3,12 +3,11 @@ vision model and its text decoder, driven as its ``generate`` drives them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .base import HFState, HuggingFaceCaptioner
+from .base import HFState, HuggingFaceCaptioner, KindParts
 from .generation import first_id
 
 
@@ -18,25 +17,9 @@ class BlipCaptioner(HuggingFaceCaptioner):
     model_class = "BlipForConditionalGeneration"
     described = "a BlipForConditionalGeneration"
 
-    @property
-    def _encoder(self) -> Any:
-        return self.model.vision_model
-
-    @property
-    def _encoder_config(self) -> Any:
-        return self.model.config.vision_config
-
-    @property
-    def _decoder_config(self) -> Any:
-        return self.model.config.text_config
-
-    @property
-    def _generation(self) -> Any:
-        return self.model.text_decoder.generation_config
-
-    @property
-    def _decoder_forward(self) -> Callable:
-        return self.model.text_decoder.forward
+    def _parts(self) -> KindParts:
+        m = self.model
+        return KindParts(m.vision_model, m.config.vision_config, m.config.text_config, m.text_decoder.generation_config, m.text_decoder.forward)
 
     def _token_ids(self) -> tuple[dict[str, int | None], tuple[str, str, str]]:
         # BlipForConditionalGeneration.generate: start at the text config's bos ([DEC]), end at [SEP]

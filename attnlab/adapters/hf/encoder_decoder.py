@@ -3,12 +3,11 @@ with cross-attention (GPT-2, BERT, ...), e.g. ``nlpconnect/vit-gpt2-image-captio
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .base import HFState, HuggingFaceCaptioner
+from .base import HFState, HuggingFaceCaptioner, KindParts
 from .generation import first_id, setting, transformers_module
 
 
@@ -18,25 +17,9 @@ class EncoderDecoderCaptioner(HuggingFaceCaptioner):
     model_class = "VisionEncoderDecoderModel"
     described = "a VisionEncoderDecoderModel (ViT/DeiT/BEiT encoder + GPT-2/BERT decoder)"
 
-    @property
-    def _encoder(self) -> Any:
-        return self.model.encoder
-
-    @property
-    def _encoder_config(self) -> Any:
-        return self.model.config.encoder
-
-    @property
-    def _decoder_config(self) -> Any:
-        return self.model.config.decoder
-
-    @property
-    def _generation(self) -> Any:
-        return self.model.generation_config
-
-    @property
-    def _decoder_forward(self) -> Callable:
-        return self.model.forward
+    def _parts(self) -> KindParts:
+        m = self.model
+        return KindParts(m.encoder, m.config.encoder, m.config.decoder, m.generation_config, m.forward)
 
     def _token_ids(self) -> tuple[dict[str, int | None], tuple[str, str, str]]:
         # what generate uses: the generation config's start (else bos), end and pad (else end) ids
