@@ -16,7 +16,6 @@ must give one clear line, not a traceback or gigabytes of allocations. So:
 
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 from .checkpoints import check_state_dict
 from .errors import AttnlabError
 from .models.catr import CATR, CATRConfig
-from .util import is_int as _is_int
+from .util import is_int, is_real
 
 BACKBONES = ("resnet101", "small")
 # inclusive bounds of the whole-number fields (far beyond any real captioner)
@@ -52,10 +51,6 @@ def _fail(source: str, key: str, value: Any, reason: str, stored: bool) -> Attnl
     return AttnlabError(f"{source} holds weights attnlab cannot build a CATR from: {key}={shown} (read off the weights) {reason}")
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_config(raw: Any, source: str, *, stored: bool = True) -> CATRConfig:
     """The :class:`CATRConfig` stored as ``raw`` (a dict), every value checked; one-line errors.
 
@@ -72,7 +67,7 @@ def check_config(raw: Any, source: str, *, stored: bool = True) -> CATRConfig:
     values = {**defaults, **{k: v for k, v in raw.items() if k in known}}
     for key, (low, high) in INT_RANGES.items():
         v = values[key]
-        if not _is_int(v):
+        if not is_int(v):
             raise _fail(source, key, v, "is not a whole number", stored)
         if not low <= v <= high:
             raise _fail(source, key, v, f"is outside {low}..{high}", stored)
@@ -82,23 +77,23 @@ def check_config(raw: Any, source: str, *, stored: bool = True) -> CATRConfig:
         raise _fail(source, "d_model", values["d_model"], "is odd (the sine position embedding needs an even size)", stored)
     for key in TOKEN_IDS:
         v = values[key]
-        if not _is_int(v) or not 0 <= v < values["vocab_size"]:
+        if not is_int(v) or not 0 <= v < values["vocab_size"]:
             raise _fail(source, key, v, f"is not a token id in 0..{values['vocab_size'] - 1}", stored)
     v = values["backbone"]
     if v not in BACKBONES:
         raise _fail(source, "backbone", v, f"is not one of {', '.join(BACKBONES)}", stored)
     v = values["backbone_channels"]
-    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8 or not all(_is_int(c) and 1 <= c <= 4096 for c in v):
+    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8 or not all(is_int(c) and 1 <= c <= 4096 for c in v):
         raise _fail(source, "backbone_channels", v, "is not a list of 1 to 8 widths from 1 to 4096", stored)
     v = values["dropout"]
-    if not _is_real(v) or not 0 <= v < 1:
+    if not is_real(v) or not 0 <= v < 1:
         raise _fail(source, "dropout", v, "is not a probability in [0, 1)", stored)
     v = values["layer_norm_eps"]
-    if not _is_real(v) or not 0 < v < 1:
+    if not is_real(v) or not 0 < v < 1:
         raise _fail(source, "layer_norm_eps", v, "is not a small positive number", stored)
     for key in ("mean", "std"):
         v = values[key]
-        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_real(c) for c in v):
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(is_real(c) for c in v):
             raise _fail(source, key, v, "is not three numbers (one per colour channel)", stored)
         if key == "std" and not all(c > 0 for c in v):
             raise _fail(source, key, v, "holds a value that is not positive", stored)

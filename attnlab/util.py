@@ -1,29 +1,36 @@
 """Small helpers every layer shares (no torch, no matplotlib): each rule is written once here.
 
 * :func:`is_int`: an integer argument (Python's or NumPy's), never a bool;
+* :func:`is_real`: a finite real number (Python's or NumPy's), never a bool;
 * :func:`one_line`: an exception (or any message) as one short line for an error message;
 * :func:`file_sha256`: the SHA-256 of a regular file's bytes, read in chunks;
-* :func:`evaluating`: eval mode for a block, every submodule's training flag restored after.
+* :func:`evaluating`: a model in eval mode for a block, every training flag restored after.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import numbers
 import stat
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["evaluating", "file_sha256", "is_int", "one_line"]
+__all__ = ["evaluating", "file_sha256", "is_int", "is_real", "one_line"]
 
 
 def is_int(x: Any) -> bool:
     """True for an integer (``int``, ``np.int64``, ...) that is not a bool (``True`` is not a count)."""
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def is_real(x: Any) -> bool:
+    """True for a finite real number (``int``, ``float``, ``np.float32``, ...) that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(float(x))
 
 
 def one_line(exc: object, limit: int | None = None, *, with_type: bool = False) -> str:
@@ -55,22 +62,24 @@ def file_sha256(path: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def evaluating(model: Any) -> Iterator[None]:
-    """``model.eval()`` for the block; on exit (exceptions included) every submodule gets back its training flag.
+def evaluating(model: Any) -> Iterator[Any]:
+    """``model.eval()`` for the block; on exit (exceptions included) every submodule's
+    training flag is back as it was, so a half-frozen model (a BatchNorm left in eval
+    while the rest trains) stays exactly so.
 
-    A captioner that is not a module but holds one as ``.model`` (a wrapped or Hugging Face model): its
-    ``eval()``/``train(True)`` run, and the flags restored are those of the inner module's submodules.
+    ``model`` is a ``torch.nn.Module`` or an object with ``.training``/``.eval()``/``.train()``
+    around one in ``.model`` (a wrapped captioner); one with no training flag is left alone.
     """
-    inner = model if hasattr(model, "modules") else getattr(model, "model", None)
-    modules = list(inner.modules()) if hasattr(inner, "modules") else []
-    flags = [m.training for m in modules]
+    inner = model if callable(getattr(model, "modules", None)) else getattr(model, "model", None)
+    flags = [(m, m.training) for m in inner.modules()] if callable(getattr(inner, "modules", None)) else []
     was_training = getattr(model, "training", None)
-    if was_training is not None:
+    if was_training is not None or flags:
         model.eval()
     try:
-        yield
+        yield model
     finally:
-        if was_training:
-            model.train(True)  # the model's own train() runs (a wrapper may do more than set flags)
-        for m, flag in zip(modules, flags):
-            m.training = flag
+        if flags:
+            for module, flag in flags:
+                module.training = flag
+        elif was_training is not None:
+            model.train(was_training)

@@ -489,3 +489,23 @@ def test_relevance_of_a_hugging_face_model_equals_the_rules_on_its_own_forward(k
         t = attnlab.explain(cap, photo, name)
         assert t.meta["method"] == name and np.isfinite(t.cross_attention).all()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["vit-gpt2", "blip"])
+def test_one_captioner_class_per_model_kind_and_its_probe_keeps_every_training_flag(kind, files):
+    from attnlab.adapters.hf.blip import BlipCaptioner
+    from attnlab.adapters.hf.encoder_decoder import EncoderDecoderCaptioner
+    from attnlab.adapters.module import ModuleCaptioner
+
+    model, tok, processor = build(kind, files, SEEDS[kind])
+    model.train()
+    frozen = next(m for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    frozen.eval()  # a half-frozen model: the probe (eval mode) must give back exactly this
+    before = [m.training for m in model.modules()]
+    cap = attnlab.from_huggingface(model, tok, processor, max_len=MAX_LEN)
+    assert type(cap) is {"vit-gpt2": EncoderDecoderCaptioner, "blip": BlipCaptioner}[kind]
+    assert isinstance(cap, ModuleCaptioner)
+    assert [m.training for m in model.modules()] == before and not frozen.training  # model.train(True) would unfreeze it
+    assert cap.training
+    cap.eval()
+    assert not any(m.training for m in model.modules())

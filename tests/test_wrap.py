@@ -459,3 +459,15 @@ def test_a_decoder_without_causal_mask_is_refused_with_autograd():
     attnlab.caption(cap, photo(5))  # captioning reads the rows as they are
     with pytest.raises(AttnlabError, match="not causal"):
         attnlab.explain(cap, photo(5), "relevance")
+
+
+def test_wrap_probe_keeps_every_training_flag_of_a_half_frozen_model():
+    from attnlab.adapters.module import ModuleCaptioner
+
+    model = Student(1).train()
+    frozen = next(m for m in model.modules() if isinstance(m, nn.LayerNorm))
+    frozen.eval()
+    before = [m.training for m in model.modules()]
+    cap = wrap_student(model)  # runs encode and decode once, in eval mode
+    assert isinstance(cap, ModuleCaptioner)
+    assert [m.training for m in model.modules()] == before and not frozen.training  # model.train(True) would unfreeze it

@@ -48,6 +48,8 @@ from ..capture import capture_attention
 from ..captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
 from ..errors import AttnlabError
 from ..tokenizer import make_vocab
+from ..util import is_int, one_line
+from .module import ModuleCaptioner, refuse_meta
 
 Patterns = str | Sequence[str]
 GridArg = tuple[int, int] | Callable[[int, int], tuple[int, int]]
@@ -73,10 +75,10 @@ class WrapState:
         return WrapState(self.memory.index_select(0, idx), self.ids.index_select(0, idx), history)
 
 
-def _hand_back(history: dict[str, list[torch.Tensor]], fresh: dict[str, torch.Tensor]):
+def _history_substitute(history: dict[str, list[torch.Tensor]], this_step: dict[str, torch.Tensor]):
     """The ``substitute`` of one step with autograd on: a module's weights ``(N, heads, t, S)``
     become the rows returned at the earlier steps (zero-padded to ``S``) and this step's
-    last row, which is kept in ``fresh`` (the row :meth:`WrappedCaptioner.step` returns)."""
+    last row, which is kept in ``this_step`` (the row :meth:`WrappedCaptioner.step` returns)."""
 
     def substitute(name: str, w: torch.Tensor) -> torch.Tensor:
         row = w[:, :, -1]  # (N, heads, S): this step's query
@@ -86,7 +88,7 @@ def _hand_back(history: dict[str, list[torch.Tensor]], fresh: dict[str, torch.Te
                 f"{name} gave {w.shape[2]} query rows at a step after {len(past)} recorded ones: call it once per "
                 "decode() and keep one record setting through a decoding run"
             )
-        fresh[name] = row
+        this_step[name] = row
         if not past:
             return row[:, :, None]  # (N, heads, 1, S)
         earlier = torch.stack([pad_to(r, w.shape[-1], 2) for r in past], dim=2)  # (N, heads, t - 1, S)
@@ -121,19 +123,12 @@ def _triple(name: str, value: Any) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
-def refuse_meta(model: nn.Module, how: str) -> None:
-    """One line when a weight of ``model`` is on the ``meta`` device (shapes without values)."""
-    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
-    if meta is not None:
-        raise AttnlabError(f"the model's weights are on the 'meta' device ({meta} has no values): load them first ({how})")
-
-
 def _check_numbers(**values: Any) -> None:
     """wrap()'s whole-number arguments: integers (``max_len``, ``prefix_tokens``: or None); ``image_size``
     in ``1 .. MAX_IMAGE_SIZE`` (checked before the probe image is made); ``prefix_tokens`` >= 0."""
     for label, value in values.items():
         optional = value is None and label in ("max_len", "prefix_tokens")
-        if not optional and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        if not optional and not is_int(value):
             raise AttnlabError(f"{label}= must be an integer, not {value!r}")
     size = values["image_size"]
     if not 1 <= size <= MAX_IMAGE_SIZE:
@@ -178,8 +173,7 @@ def _run(what: str, on: str, hint: str, fn: Callable, *args: Any) -> Any:
     except AttnlabError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's code may fail any way; the cause stays chained
-        first = (str(exc).strip().splitlines() or [""])[0][:120]
-        raise AttnlabError(f"{what} failed on {on} ({type(exc).__name__}: {first}): {hint}") from exc
+        raise AttnlabError(f"{what} failed on {on} ({one_line(exc, 120, with_type=True)}): {hint}") from exc
 
 
 def _check_ids(spec_args: dict[str, Any], size: int, where: str) -> None:
@@ -190,7 +184,7 @@ def _check_ids(spec_args: dict[str, Any], size: int, where: str) -> None:
             raise AttnlabError(f"{key}={value} is not a token id: {where} {size} (0..{size - 1}); pass your model's {key} id")
 
 
-class WrappedCaptioner:
+class WrappedCaptioner(ModuleCaptioner):
     """A user's model behind the captioner seam (built by :func:`wrap`)."""
 
     def __init__(
@@ -244,53 +238,32 @@ class WrappedCaptioner:
         """Run encode and decode once on a blank image: wrong shapes fail here, in one line."""
         side = self._spec_args["image_size"]
         x = torch.zeros(1, 3, side, side, device=self._device())
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                memory = _run("encode()", f"a blank {side}x{side} image", "check image_size=", self._memory, x)  # (1, T, D)
-                h, w = self.grid_for(side, side)
-                self._prefix = _prefix(memory.shape[1], h, w, self._grid, self._stated_prefix)
-                bos = self._spec_args["bos"]
-                ids = torch.full((1, 1), bos, dtype=torch.long, device=x.device)
-                with capture_attention(self.model, self._cross) as cap:
-                    logits = _run("decode(memory, ids)", f"the start token bos={bos}", "check bos= (your model's start id)", self._decode, memory, ids)
-                if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != (1, 1):
-                    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                    raise AttnlabError(f"decode(memory, ids (1, 1)) returned {shape}; it must return logits (N, t, V)")
-                called = [n for n in cap.names if cap.weights[n]]
-                if not called:
+        with self._probing():
+            memory = _run("encode()", f"a blank {side}x{side} image", "check image_size=", self._memory, x)  # (1, T, D)
+            h, w = self.grid_for(side, side)
+            self._prefix = _prefix(memory.shape[1], h, w, self._grid, self._stated_prefix)
+            bos = self._spec_args["bos"]
+            ids = torch.full((1, 1), bos, dtype=torch.long, device=x.device)
+            with capture_attention(self.model, self._cross) as cap:
+                logits = _run("decode(memory, ids)", f"the start token bos={bos}", "check bos= (your model's start id)", self._decode, memory, ids)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != (1, 1):
+                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise AttnlabError(f"decode(memory, ids (1, 1)) returned {shape}; it must return logits (N, t, V)")
+            called = [n for n in cap.names if cap.weights[n]]
+            if not called:
+                raise AttnlabError(
+                    f"no module matching cross_attention={self._cross!r} was called by decode(): name the decoder's cross-attention modules"
+                )
+            for name in called:
+                keys = cap.last(name).shape[-1]
+                if keys != memory.shape[1]:
                     raise AttnlabError(
-                        f"no module matching cross_attention={self._cross!r} was called by decode(): name the decoder's cross-attention modules"
+                        f"{name} attends over {keys} keys, not the encoder's {memory.shape[1]} tokens: is it a self-attention module?"
                     )
-                for name in called:
-                    keys = cap.last(name).shape[-1]
-                    if keys != memory.shape[1]:
-                        raise AttnlabError(
-                            f"{name} attends over {keys} keys, not the encoder's {memory.shape[1]} tokens: is it a self-attention module?"
-                        )
-        finally:
-            self.model.train(was_training)
         vocab_size = len(self._spec_args["vocab"])
         if vocab_size and logits.shape[-1] != vocab_size:
             raise AttnlabError(f"the model predicts {logits.shape[-1]} tokens but vocab has {vocab_size}: pass the model's own vocabulary")
         _check_ids(self._spec_args, logits.shape[-1], "the model predicts")
-
-    # caption() puts a captioner in eval mode for the call and back afterwards
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def train(self, mode: bool = True) -> "WrappedCaptioner":
-        self.model.train(mode)
-        return self
-
-    def eval(self) -> "WrappedCaptioner":
-        return self.train(False)
-
-    def _device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
 
     # ------------------------------------------------------------ the seam
     @property
@@ -320,29 +293,41 @@ class WrappedCaptioner:
     def step(self, state: WrapState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
         state.ids = torch.cat((state.ids, ids.to(state.ids.device)[:, None]), dim=1)  # (N, t)
         grad = torch.is_grad_enabled() and record != "none"
-        fresh: dict[str, torch.Tensor] = {}  # with autograd on: name -> the row handed to the model (N, heads, S)
-        hand = _hand_back(state.history, fresh) if grad else None
+        this_step: dict[str, torch.Tensor] = {}  # with autograd on: name -> the row handed to the model (N, heads, S)
+        substitute = _history_substitute(state.history, this_step) if grad else None
         with ExitStack() as stack:
-            cross_cap = stack.enter_context(capture_attention(self.model, self._cross, detach=not grad, substitute=hand))
+            cross_cap = stack.enter_context(capture_attention(self.model, self._cross, detach=not grad, substitute=substitute))
             self_cap = None
             if record == "all" and self._self:
-                self_cap = stack.enter_context(capture_attention(self.model, self._self, detach=not grad, substitute=hand))
+                self_cap = stack.enter_context(capture_attention(self.model, self._self, detach=not grad, substitute=substitute))
             t, most = state.ids.shape[1], self._spec_args["max_len"]
             hint = f"if your decoder has fewer than max_len={most} positions, pass a smaller max_len="
             logits = _run("decode(memory, ids)", f"a caption prefix of {t} tokens", hint, self._decode, state.memory, state.ids)  # (N, t, V)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != state.ids.shape[1]:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise AttnlabError(f"decode() returned {shape} for ids {tuple(state.ids.shape)}; it must return (N, t, V)")
-        for name, row in fresh.items():
+        for name, row in this_step.items():
             state.history.setdefault(name, []).append(row)
 
         def rows(cap) -> list[torch.Tensor]:
             # the last of the t query rows predicts the next token: row i at step i
-            return [fresh[n] if grad else cap.last(n)[:, :, -1] for n in cap.names if cap.weights[n]]
+            return [this_step[n] if grad else cap.last(n)[:, :, -1] for n in cap.names if cap.weights[n]]
 
         cross = rows(cross_cap) if record != "none" else None  # per layer (N, heads, T)
-        selfs = rows(self_cap) if self_cap else None  # per layer (N, heads, t)
-        return StepOutput(logits[:, -1], cross, selfs)  # (N, V)
+        self_rows = rows(self_cap) if self_cap else None  # per layer (N, heads, t)
+        return StepOutput(logits[:, -1], cross, self_rows)  # (N, V)
+
+
+def _spec_args(name: str, vocab: Any, bos: int, eos: int, pad: int, max_len: int, image_size: int, resize: str, mean: Any, std: Any) -> dict[str, Any]:
+    """wrap()'s spec values, checked (one line each): what :class:`CaptionerSpec` takes but the prefix."""
+    spec_args = dict(
+        name=name, vocab=make_vocab(vocab), bos=int(bos), eos=int(eos), pad=int(pad), max_len=int(max_len),
+        image_size=int(image_size), resize=resize, mean=_triple("mean", mean), std=_triple("std", std),
+    )  # fmt: skip
+    CaptionerSpec(**spec_args)  # checks the values, one line each
+    if len(spec_args["vocab"]):
+        _check_ids(spec_args, len(spec_args["vocab"]), "vocab has")
+    return spec_args
 
 
 def wrap(
@@ -400,21 +385,9 @@ def wrap(
         raise AttnlabError(f"resize must be 'stretch' or 'pad' for a wrapped model, not {resize!r}")
     _check_numbers(bos=bos, eos=eos, pad=pad, image_size=image_size, max_len=max_len, prefix_tokens=prefix_tokens)
     refuse_meta(model, "model.to_empty(device='cpu') then load_state_dict")
-    spec_args = dict(
-        name=name or type(model).__name__,
-        vocab=make_vocab(vocab),
-        bos=int(bos),
-        eos=int(eos),
-        pad=int(pad),
-        max_len=30 if max_len is None else int(max_len),
-        image_size=int(image_size),
-        resize=resize,
-        mean=_triple("mean", mean),
-        std=_triple("std", std),
+    spec_args = _spec_args(
+        name or type(model).__name__, vocab, bos, eos, pad, 30 if max_len is None else max_len, image_size, resize, mean, std
     )
-    CaptionerSpec(**spec_args)  # checks the values, one line each
-    if len(spec_args["vocab"]):
-        _check_ids(spec_args, len(spec_args["vocab"]), "vocab has")
     return WrappedCaptioner(
         model,
         encode,

@@ -11,6 +11,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..errors import AttnlabError
+from ..util import is_real
 from ..plot import maps
 from ..plot.export import check_dpi, check_pixels, save_figure
 from ..plot.draw import underlay_note
@@ -67,7 +68,7 @@ class AttentionExplorer(widgets.VBox):
                     grid_lines=grid_lines, font_scale=font_scale, underlay=underlay, outlines=outlines)
         t0 = maps.default_steps(trace)[0] if step is None else trace.check_step(step)
         dpi, self._save_dpi = check_dpi(dpi), check_dpi(save_dpi, "save_dpi")
-        if not isinstance(width_inches, (int, float)) or isinstance(width_inches, bool) or not 2 <= width_inches <= 30:
+        if not is_real(width_inches) or not 2 <= width_inches <= 30:
             raise AttnlabError(f"width_inches={width_inches!r} is out of range: use a number from 2 to 30")
         check_pixels((width_inches, width_inches * 2), dpi, "the explorer's figure")
         self.trace = trace

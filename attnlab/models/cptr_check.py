@@ -12,10 +12,10 @@ checkpoint never makes attnlab open another file.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ..errors import AttnlabError
+from ..util import is_int, is_real
 
 # inclusive bounds of the whole-number fields (far beyond any real captioner; as attnlab.config_check's for CATR)
 INT_RANGES: dict[str, tuple[int, int]] = {
@@ -56,14 +56,6 @@ _INTS = {"embed_dim": (1, 8192), "depth": (1, 64), "num_heads": (1, 256), "reg_t
 SET_BY_ATTNLAB = {"img_size": "image_size", "num_classes": "0", "dynamic_img_size": "True", "in_chans": "3", "pretrained": "pretrained"}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -72,19 +64,19 @@ def _shown(value: Any) -> str:
 def _fits(key: str, v: Any, image_size: int) -> bool:
     if key == "patch_size":
         sides = v if isinstance(v, (list, tuple)) and len(v) == 2 else [v]
-        return all(_is_int(p) and 1 <= p <= image_size for p in sides)
+        return all(is_int(p) and 1 <= p <= image_size for p in sides)
     if key in _INTS:
         low, high = _INTS[key]
-        return _is_int(v) and low <= v <= high
+        return is_int(v) and low <= v <= high
     if key == "mlp_ratio":
-        return _is_real(v) and 0 < v <= 64
+        return is_real(v) and 0 < v <= 64
     if key == "init_values":
-        return _is_real(v) and v > 0
+        return is_real(v) and v > 0
     if key in _CHOICES:
         return isinstance(v, str) and v in _CHOICES[key]
     if ENCODER_ARGS[key] == _BOOL:
         return isinstance(v, bool)
-    return _is_real(v) and 0 <= v < 1  # a rate
+    return is_real(v) and 0 <= v < 1  # a rate
 
 
 def check_encoder_args(args: Any, image_size: int) -> None:
@@ -110,11 +102,11 @@ def check_values(config: Any) -> None:
     """One line for a whole number out of :data:`INT_RANGES`, a bad ``mean``/``std`` or ``encoder_args``."""
     for name, (low, high) in INT_RANGES.items():
         value = getattr(config, name)
-        if not _is_int(value) or not low <= value <= high:
+        if not is_int(value) or not low <= value <= high:
             raise AttnlabError(f"CPTR configuration: {name} must be a whole number in {low}..{high}, not {_shown(value)}")
     for name in ("mean", "std"):
         value = getattr(config, name)
-        if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_real(c) for c in value):
+        if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(is_real(c) for c in value):
             raise AttnlabError(f"CPTR configuration: {name} must be three numbers (one per colour channel), not {_shown(value)}")
         if name == "std" and not all(c > 0 for c in value):
             raise AttnlabError(f"CPTR configuration: std must be positive, not {_shown(value)}")

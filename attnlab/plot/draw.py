@@ -135,22 +135,9 @@ def panel_grid(
     fixed_w = left + (cols - 1) * gap_x + margin + cbar_w
     fixed_h = sup_h + sum(row_titles) + (rows - 1) * gap_y + margin + extra_margins[1]
     ph = panel[1]
-    if figsize is not None:
-        width, height = figsize
-        scale = min((width - fixed_w) / sum(widths), (height - fixed_h) / (rows * ph))
-        if scale * min(min(widths), ph) < 0.15:
-            raise AttnlabError(
-                f"figsize={figsize} is too small for {rows} x {cols} panels and their labels: "
-                "give a larger figsize, fewer words or a smaller font_scale"
-            )
-    else:
-        max_w, max_h = max_size
-        wanted = 1.0 if fit_width is None else (fit_width - fixed_w) / sum(widths)
-        scale = min(wanted, (max_w - fixed_w) / sum(widths), (max_h - fixed_h) / (rows * ph))
-        scale = max(scale, 0.0)
-        if scale * min(min(widths), ph) < 0.15:
-            raise AttnlabError(f"a width of {fit_width} inches is too small for {rows} x {cols} panels: give a larger width")
-        width, height = max(min_width, fixed_w + sum(widths) * scale), fixed_h + rows * ph * scale
+    scale, width, height = _fit(figsize, fit_width, max_size, (fixed_w, fixed_h), widths, ph, rows, cols)
+    if figsize is None:
+        width = max(min_width, width)
     widths, ph = [w * scale for w in widths], ph * scale
     block_h = rows * ph + sum(row_titles[1:]) + (rows - 1) * gap_y  # first panel's top to last panel's bottom
     bar_min = MIN_COLORBAR_INCHES * font_scale  # room for the colour bar's label along it
@@ -160,14 +147,7 @@ def panel_grid(
     off_y = (height - fixed_h - rows * ph) / 2
     lefts = left + off_x + np.concatenate([[0.0], np.cumsum(np.asarray(widths) + gap_x)])  # (cols + 1,) inches
 
-    if pyplot:
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=(width, height), dpi=dpi)
-    else:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(width, height), dpi=dpi)
+    fig = _new_figure(width, height, dpi, pyplot)
     axes = np.empty((rows, cols), dtype=object)  # (rows, cols) Axes
     top = sup_h + off_y
     for r in range(rows):
@@ -183,6 +163,48 @@ def panel_grid(
         cax = fig.add_axes((x0 / width, 1 - (y0 + bar_h) / height, 0.16 / width, bar_h / height), label="<colorbar>")
     text = fig.suptitle("\n".join(title), y=1 - 0.06 / height, va="top", fontsize=font * 1.1) if title else None
     return Layout(fig, axes, cax, font, text)
+
+
+def _fit(
+    figsize: tuple[float, float] | None,
+    fit_width: float | None,
+    max_size: tuple[float, float],
+    fixed: tuple[float, float],
+    widths: list[float],
+    ph: float,
+    rows: int,
+    cols: int,
+) -> tuple[float, float, float]:
+    """(scale of the panels, figure width, figure height) inches: ``figsize`` when given, else
+    the natural size (``fit_width`` wide if given) within ``max_size``; ``fixed`` = (width,
+    height) inches that do not scale (labels, gaps, colour bar). Panels under 0.15 in are refused."""
+    fixed_w, fixed_h = fixed
+    if figsize is not None:
+        width, height = figsize
+        scale = min((width - fixed_w) / sum(widths), (height - fixed_h) / (rows * ph))
+        if scale * min(min(widths), ph) < 0.15:
+            raise AttnlabError(
+                f"figsize={figsize} is too small for {rows} x {cols} panels and their labels: "
+                "give a larger figsize, fewer words or a smaller font_scale"
+            )
+        return scale, width, height
+    max_w, max_h = max_size
+    wanted = 1.0 if fit_width is None else (fit_width - fixed_w) / sum(widths)
+    scale = max(min(wanted, (max_w - fixed_w) / sum(widths), (max_h - fixed_h) / (rows * ph)), 0.0)
+    if scale * min(min(widths), ph) < 0.15:
+        raise AttnlabError(f"a width of {fit_width} inches is too small for {rows} x {cols} panels: give a larger width")
+    return scale, fixed_w + sum(widths) * scale, fixed_h + rows * ph * scale
+
+
+def _new_figure(width: float, height: float, dpi: float | None, pyplot: bool) -> Any:
+    """A figure of ``width x height`` inches; ``pyplot=False``: one pyplot does not manage."""
+    if pyplot:
+        import matplotlib.pyplot as plt
+
+        return plt.figure(figsize=(width, height), dpi=dpi)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=dpi)
 
 
 def draw_image(ax, image: np.ndarray):

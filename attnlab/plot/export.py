@@ -8,7 +8,6 @@ The self-contained HTML page is :func:`attnlab.plot.html.export_html`.
 
 from __future__ import annotations
 
-import numbers
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..errors import AttnlabError
+from ..util import is_real
 from ..fileio import atomic_write
 from . import maps
 from .draw import add_colorbar, draw_map, panel_grid, panel_size, peak_note, stretch_note, underlay_note
@@ -35,7 +35,7 @@ __all__ = ["FIGURE_SUFFIXES", "check_dpi", "check_output_path", "save_figure", "
 def check_dpi(dpi: Any, name: str = "dpi") -> float:
     """Dots per inch from 10 to 1000, or a one-line error."""
     lo, hi = DPI_RANGE
-    if not isinstance(dpi, numbers.Real) or isinstance(dpi, bool) or not lo <= float(dpi) <= hi:
+    if not is_real(dpi) or not lo <= float(dpi) <= hi:
         raise AttnlabError(f"{name}={dpi!r} is out of range: use a number from {lo:g} to {hi:g}")
     return float(dpi)
 
@@ -102,7 +102,7 @@ def save_gif(
     from PIL import Image
 
     r = resolve(trace, layer=layer, head=head, words=words, **options)
-    if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not 0 < float(fps) <= 100:
+    if not is_real(fps) or not 0 < float(fps) <= 100:
         raise AttnlabError(f"fps={fps!r} is not a frame rate: use a number above 0 (at most 100)")
     dpi = check_dpi(dpi)
     path = check_output_path(path, (".gif",), "an animation")

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import AttnlabError
+from ..util import is_real
 from ..resample import axis_matrix
 
 END_TOKEN = "[SEP]"
@@ -68,12 +69,7 @@ __all__ = [
 # ---------------------------------------------------------------- checks
 def check_smooth(smooth: Any) -> float:
     """A Gaussian sigma in grid cells, ``0 <= smooth <= MAX_SMOOTH``, or a one-line error."""
-    if (
-        not isinstance(smooth, numbers.Real)
-        or isinstance(smooth, bool)
-        or not math.isfinite(float(smooth))
-        or not 0.0 <= float(smooth) <= MAX_SMOOTH
-    ):
+    if not is_real(smooth) or not 0.0 <= float(smooth) <= MAX_SMOOTH:
         raise AttnlabError(
             f"smooth={smooth!r} is not a Gaussian sigma: use a number from 0 (no blur) to {MAX_SMOOTH:g} grid cells"
         )

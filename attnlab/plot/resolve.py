@@ -10,8 +10,6 @@ what to pass instead, before anything is drawn or written.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 import functools
 from typing import Any, Callable, TypedDict
@@ -19,7 +17,7 @@ from typing import Any, Callable, TypedDict
 import numpy as np
 
 from ..errors import AttnlabError
-from ..util import is_int as _is_int
+from ..util import is_int, is_real
 from . import maps
 from .draw import DEFAULT_UNDERLAY, check_outlines, check_underlay
 
@@ -116,10 +114,6 @@ class Resolved:
         return self.trace.probabilities()  # None without scores; a by-word trace gives each word's product
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(float(x))
-
-
 def check_trace(trace: Any) -> Any:
     """A :class:`~attnlab.trace.CaptionTrace` with attention and an RGB image, or a one-line error."""
     if not all(hasattr(trace, name) for name in ("words", "image", "require_attention", "check_layer")):
@@ -149,7 +143,7 @@ def _steps(trace: Any, words: Any) -> list[int]:
 
 def check_alpha(alpha: Any) -> float:
     """An opacity from 0 to 1, or a one-line error."""
-    if not _is_real(alpha) or not 0.0 <= float(alpha) <= 1.0:
+    if not is_real(alpha) or not 0.0 <= float(alpha) <= 1.0:
         raise AttnlabError(f"alpha={alpha!r} is not an opacity: use a number from 0 to 1")
     return float(alpha)
 
@@ -180,7 +174,7 @@ def check_ax(trace: Any, ax: Any) -> Any:
 
 def check_font_scale(value: Any) -> float:
     """A factor for every font of a figure, from 0.25 to ``MAX_FONT_SCALE``."""
-    if not _is_real(value) or not 0.25 <= float(value) <= MAX_FONT_SCALE:
+    if not is_real(value) or not 0.25 <= float(value) <= MAX_FONT_SCALE:
         raise AttnlabError(f"font_scale={value!r} is out of range: use a number from 0.25 to {MAX_FONT_SCALE:g} (1 = normal, 1.6 = slides)")
     return float(value)
 
@@ -198,7 +192,7 @@ def check_count(name: str, value: Any, allow_none: bool = True) -> int | None:
     """A positive integer (or ``None`` when allowed), or a one-line error naming the option."""
     if value is None and allow_none:
         return None
-    if not _is_int(value) or int(value) < 1:
+    if not is_int(value) or int(value) < 1:
         raise AttnlabError(f"{name}={value!r} must be a positive integer" + (" (or None)" if allow_none else ""))
     return int(value)
 

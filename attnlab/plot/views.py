@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..errors import AttnlabError
+from ..util import is_int
 from . import maps
 from .draw import (
     add_colorbar,
@@ -296,9 +297,9 @@ def _matrix_inputs(weights: Any, row: Any, grid: Any, image: Any, filled: Any, l
     if H * W != S or H < 1:
         raise AttnlabError(f"grid={grid!r} has {H * W} patches but the matrix has S = {S} columns")
     filled = L if filled is None else filled
-    if not isinstance(filled, (int, np.integer)) or isinstance(filled, bool) or not 1 <= int(filled) <= L:
+    if not is_int(filled) or not 1 <= int(filled) <= L:
         raise AttnlabError(f"filled={filled!r} must be a number of rows from 1 to {L}")
-    if not isinstance(row, (int, np.integer)) or isinstance(row, bool) or not 0 <= int(row) < int(filled):
+    if not is_int(row) or not 0 <= int(row) < int(filled):
         raise AttnlabError(f"row={row!r} does not exist: use 0..{int(filled) - 1} (the filled rows)")
     if labels is not None and len(labels) != L:
         raise AttnlabError(f"labels has {len(labels)} names for {L} rows")

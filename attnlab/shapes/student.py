@@ -122,7 +122,7 @@ def train_student(
     that attnlab's training did not write is refused unless ``overwrite``."""
     from tqdm.auto import tqdm
 
-    from .train import TrainConfig, lr_factor, scene_batch, train_step, written_by_training
+    from .train import TrainConfig, adamw, lr_factor, scene_batch, train_step, written_by_training
 
     out = Path(out)
     if out.is_dir():
@@ -132,9 +132,7 @@ def train_student(
     cfg = TrainConfig(steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=200)
     torch.manual_seed(seed)
     model = StudentCaptioner(**config).train()
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    rest = [p for p in model.parameters() if p.dim() <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    optimizer = adamw(model, cfg, fused=False)  # the loop, as the shipped student was trained
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train student", unit="step")
     loss = acc = float("nan")

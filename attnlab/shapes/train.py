@@ -24,6 +24,7 @@ from ..errors import AttnlabError
 from ..fileio import atomic_write, make_temp, remove_stale_temps
 from ..hub import check_state_dict, read_checkpoint, save_checkpoint, state_dict_of
 from ..preprocess import normalize
+from ..util import is_real, one_line
 from .model import build_model
 from .scenes import MAX_CAPTION_WORDS, PAD_ID, SEED_STRIDE, CLS_ID, SEP_ID, encode_caption, make_scene, scene_seed
 
@@ -123,7 +124,7 @@ def check_train_args(out: Path, cfg: TrainConfig, minutes: float | None, overwri
         value = getattr(cfg, key)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
             raise AttnlabError(f"{key} must be a finite {'positive' if key == 'lr' else 'non-negative'} number, not {value!r}")
-    if minutes is not None and not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+    if minutes is not None and not (is_real(minutes) and minutes > 0):
         raise AttnlabError(f"minutes must be a positive number, not {minutes!r}")
     for target in (out, _state_path(out)):
         if target.is_dir():
@@ -186,7 +187,7 @@ def _resume(state_file: Path, cfg: TrainConfig, model: torch.nn.Module, optimize
     step, elapsed = state["step"], state["elapsed"]
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= cfg.steps:
         raise _damaged(state_file, f"step {step!r} is not a whole number in 0..{cfg.steps}")
-    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed) or elapsed < 0:
+    if not is_real(elapsed) or elapsed < 0:
         raise _damaged(state_file, f"elapsed {elapsed!r} is not a number of seconds")
     weights = state["model"]
     if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
@@ -198,8 +199,7 @@ def _resume(state_file: Path, cfg: TrainConfig, model: torch.nn.Module, optimize
     try:
         optimizer.load_state_dict(state["optimizer"])
     except Exception as exc:  # noqa: BLE001 - torch fails on a malformed state with any exception type
-        first = (str(exc).splitlines() or [""])[0][:80]
-        raise _damaged(state_file, f"optimizer state: {type(exc).__name__} {first}".strip()) from None
+        raise _damaged(state_file, f"optimizer state: {one_line(exc, 80, with_type=True)}") from None
     _check_adam_state(state_file, optimizer, expected)
     model.load_state_dict(weights)
     return step, float(elapsed)
@@ -261,76 +261,117 @@ def train(
     check_train_args(out, cfg, minutes, overwrite)
     remove_stale_temps(out.parent)
     model = build_model(cfg.model, cfg.seed)
-    lineage = []
-    if init is not None:
-        start_from = read_checkpoint(init)
-        weights = state_dict_of(start_from, str(init))  # {'model': ...} or a bare state dict
-        check_state_dict(model, weights, str(init))
-        model.load_state_dict(weights)
-        meta = start_from.get("meta", {}) if "model" in start_from else {}
-        meta = meta if isinstance(meta, dict) else {}
-        earlier = meta.get("lineage", [])
-        lineage = [*(earlier if isinstance(earlier, list) else []), {k: v for k, v in meta.items() if k != "lineage"}]
+    lineage = _start_from(model, init) if init is not None else []
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        fused=True,  # one kernel for all parameters: 5x faster than the loop on CPU
-    )
+    optimizer = adamw(model, cfg)
     step, elapsed = _resume(_state_path(out), cfg, model, optimizer) if resume else (0, 0.0)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train shapes ({cfg.model})")
-    start = time.perf_counter() - elapsed
-    loss = acc = float("nan")
-
-    def save() -> None:
-        meta = {
-            "steps": step,
-            "seconds": round(time.perf_counter() - start, 1),
-            "train_config": vars(cfg),
-            "init": None if init is None else str(init),
-            "lineage": lineage,  # the meta of the checkpoints this one was fine-tuned from
-        }
-        save_checkpoint(model, out, meta=meta)
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "elapsed": time.perf_counter() - start,
-            "config": vars(cfg),
-        }
-        atomic_write(_state_path(out), lambda fh: torch.save(state, fh))
-
-    t_last, n_last = time.perf_counter(), 0
+    run = _Run(out, cfg, model, optimizer, step, time.perf_counter() - elapsed, init, lineage)
+    bar = _ProgressBar(cfg, step) if progress else None
     with _StopAtStepEnd() as interrupt:  # Ctrl-C: finish the step, save, then stop
-        while step < cfg.steps and not interrupt.requested:
-            if minutes is not None and time.perf_counter() - start >= minutes * 60:
-                break
-            if stop_after is not None and step >= stop_after:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg)
-            pixels, ids = scene_batch(step, cfg.batch_size, cfg.seed)
-            loss, acc = train_step(model, optimizer, pixels, ids, cfg.clip)
-            step += 1
-            n_last += cfg.batch_size
+        while run.step < cfg.steps and not interrupt.requested and not run.stop_now(minutes, stop_after):
+            run.train_one()
             if bar is not None:
-                now = time.perf_counter()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", samples_s=f"{n_last / max(now - t_last, 1e-9):.0f}")
-                if now - t_last > 10:
-                    t_last, n_last = now, 0
-            if step % save_every == 0:
-                save()
-        save()
+                bar.update(run)
+            if run.step % save_every == 0:
+                run.save()
+        run.save()
     if bar is not None:
         bar.close()
     model.eval()
     if interrupt.requested:
-        raise KeyboardInterrupt(f"saved step {step} of {cfg.steps} to {out} and {_state_path(out)}; continue with --resume")
-    return {"steps": step, "seconds": time.perf_counter() - start, "loss": loss, "token_accuracy": acc, "out": str(out)}
+        raise KeyboardInterrupt(f"saved step {run.step} of {cfg.steps} to {out} and {_state_path(out)}; continue with --resume")
+    return {"steps": run.step, "seconds": time.perf_counter() - run.start, "loss": run.loss, "token_accuracy": run.acc, "out": str(out)}
+
+
+def _start_from(model: torch.nn.Module, init: str | Path) -> list:
+    """Load the weights of ``init`` (a shapes checkpoint or a bare state dict) into ``model``;
+    returns the lineage the new file records: the earlier ones, then ``init``'s meta."""
+    start_from = read_checkpoint(init)
+    weights = state_dict_of(start_from, str(init))  # {'model': ...} or a bare state dict
+    check_state_dict(model, weights, str(init))
+    model.load_state_dict(weights)
+    meta = start_from.get("meta", {}) if "model" in start_from else {}
+    meta = meta if isinstance(meta, dict) else {}
+    earlier = meta.get("lineage", [])
+    return [*(earlier if isinstance(earlier, list) else []), {k: v for k, v in meta.items() if k != "lineage"}]
+
+
+def adamw(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only (not on biases and norms); ``fused``: one
+    kernel for all parameters (5x faster than the loop on CPU)."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+
+
+@dataclass
+class _Run:
+    """A training run in progress: where it is, and how to take a step and save."""
+
+    out: Path
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int
+    start: float  # perf_counter() at the (resumed) run's start, earlier sessions included
+    init: str | Path | None
+    lineage: list
+    loss: float = float("nan")
+    acc: float = float("nan")
+
+    def stop_now(self, minutes: float | None, stop_after: int | None) -> bool:
+        """``minutes`` have passed or ``stop_after`` steps are done (checked at a step boundary)."""
+        if minutes is not None and time.perf_counter() - self.start >= minutes * 60:
+            return True
+        return stop_after is not None and self.step >= stop_after
+
+    def train_one(self) -> None:
+        """Batch ``step`` at the schedule's learning rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
+        pixels, ids = scene_batch(self.step, self.cfg.batch_size, self.cfg.seed)
+        self.loss, self.acc = train_step(self.model, self.optimizer, pixels, ids, self.cfg.clip)
+        self.step += 1
+
+    def save(self) -> None:
+        """``out`` (the model, attnlab format) and ``out.train`` (the state to resume from)."""
+        meta = {
+            "steps": self.step,
+            "seconds": round(time.perf_counter() - self.start, 1),
+            "train_config": vars(self.cfg),
+            "init": None if self.init is None else str(self.init),
+            "lineage": self.lineage,  # the meta of the checkpoints this one was fine-tuned from
+        }
+        save_checkpoint(self.model, self.out, meta=meta)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "elapsed": time.perf_counter() - self.start,
+            "config": vars(self.cfg),
+        }
+        atomic_write(_state_path(self.out), lambda fh: torch.save(state, fh))
+
+
+class _ProgressBar:
+    """A tqdm bar with the loss, the token accuracy and the samples per second of the last ~10 s."""
+
+    def __init__(self, cfg: TrainConfig, step: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train shapes ({cfg.model})")
+        self.batch_size = cfg.batch_size
+        self.since, self.samples = time.perf_counter(), 0
+
+    def update(self, run: _Run) -> None:
+        self.samples += self.batch_size
+        now = time.perf_counter()
+        self.bar.update(1)
+        rate = self.samples / max(now - self.since, 1e-9)
+        self.bar.set_postfix(loss=f"{run.loss:.3f}", acc=f"{run.acc:.3f}", samples_s=f"{rate:.0f}")
+        if now - self.since > 10:
+            self.since, self.samples = now, 0
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,4 +1,17 @@
-"""Vision-language models from Hugging Face (``transformers`` >= 5), imported lazily.
+"""Hugging Face models through the seam, one file per model kind, imported lazily.
+
+Captioners (:func:`attnlab.from_huggingface`, entry in :mod:`attnlab.adapters.huggingface`):
+
+* :mod:`.base`: :class:`HuggingFaceCaptioner`, what every kind shares (spec, probe,
+  ``begin``, ``step`` on the model's own cache under eager attention), on
+  :class:`attnlab.adapters.module.ModuleCaptioner`;
+* :mod:`.encoder_decoder` (``VisionEncoderDecoderModel``), :mod:`.blip`
+  (``BlipForConditionalGeneration``): the kinds, each its encoder, ids and decoder step;
+* :mod:`.processor` (the image processor, checked to stretch), :mod:`.vocab` (the
+  tokenizer as a token table), :mod:`.attention` (eager attention, the row tap),
+  :mod:`.generation` (what ``generate`` would do, from the configs).
+
+Vision-language models (``transformers`` >= 5; the engine, not yet behind ``from_huggingface``):
 
 * :mod:`.rows`: :func:`capture_rows`, the attention rows of the last query position of
   every decoder layer, computed beside the model's own attention implementation (sdpa);
