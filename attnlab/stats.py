@@ -158,69 +158,87 @@ def aggregate(
     """
     size = _check_size(size)
     traces = iter_traces(source) if isinstance(source, (str, os.PathLike)) else source
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    entropy = border = None  # (layers, heads) sums over steps
-    border_share = 0.0
-    n_traces = n_steps = 0
-    shape: tuple[int, int] | None = None
-    chosen = 0
+    acc = _Totals(layer, size, group)
     for trace in traces:
+        acc.add(trace)
+    return acc.result()
+
+
+def _map_statistics(ca: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Of every map of ``ca`` ``(layers, heads, steps, H, W)``: summed over steps, its entropy over
+    log(S) and whether its peak patch is on the grid's border; and the border's share of the grid times steps."""
+    layers, heads, steps, h, w = ca.shape
+    # entropy of every map, renormalised over its S patches, over log(S)
+    p = ca.reshape(layers, heads, steps, h * w)  # (layers, heads, steps, S)
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)  # (layers, heads, steps, S)
+    entropy = (-plogp.sum(-1) / np.log(h * w)).sum(-1) if h * w > 1 else np.zeros((layers, heads))  # (layers, heads)
+    # the peak patch of every map, and whether it is on the border of the grid
+    peak = p.argmax(-1)  # (layers, heads, steps)
+    row, col = peak // w, peak % w
+    on_border = (row == 0) | (row == h - 1) | (col == 0) | (col == w - 1)  # (layers, heads, steps)
+    inner = max(h - 2, 0) * max(w - 2, 0)
+    return entropy, on_border.sum(-1), steps * (1.0 - inner / (h * w))
+
+
+class _Totals:
+    """The running sums of :func:`aggregate`, one trace at a time."""
+
+    def __init__(self, layer: int, size: tuple[int, int], group: Callable[[str], str | None] | None) -> None:
+        self.layer, self.size, self.group = layer, size, group
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.entropy = self.border = None  # (layers, heads) sums over steps
+        self.border_share = 0.0
+        self.n_traces = self.n_steps = 0
+        self.shape: tuple[int, int] | None = None
+        self.chosen = 0
+
+    def _check_model(self, trace: CaptionTrace, layers: int, heads: int) -> None:
+        if self.shape is None:
+            self.shape = (layers, heads)
+            if not -layers <= self.layer < layers:
+                raise AttnlabError(f"layer {self.layer} does not exist: the decoder has {layers} layers")
+            self.chosen = self.layer % layers
+            self.entropy, self.border = np.zeros(self.shape), np.zeros(self.shape)
+        elif self.shape != (layers, heads):
+            raise AttnlabError(
+                f"the traces mix models: {trace.model_name!r} ({trace.caption!r}) has {layers} layers x {heads} heads, "
+                f"earlier ones {self.shape[0]} x {self.shape[1]}; aggregate one model's traces at a time"
+            )
+
+    def add(self, trace: CaptionTrace) -> None:
         if trace.cross_attention is None:
             raise AttnlabError(f"a trace of {trace.model_name!r} ({trace.caption!r}) holds no attention: caption with record='cross'")
         ca = trace.cross_attention.astype(np.float64)  # (layers, heads, steps, H, W)
-        layers, heads, steps, h, w = ca.shape
-        if shape is None:
-            shape = (layers, heads)
-            if not -layers <= layer < layers:
-                raise AttnlabError(f"layer {layer} does not exist: the decoder has {layers} layers")
-            chosen = layer % layers
-            entropy, border = np.zeros(shape), np.zeros(shape)
-        elif shape != (layers, heads):
-            raise AttnlabError(
-                f"the traces mix models: {trace.model_name!r} ({trace.caption!r}) has {layers} layers x {heads} heads, "
-                f"earlier ones {shape[0]} x {shape[1]}; aggregate one model's traces at a time"
-            )
-        n_traces += 1
-        n_steps += steps
-        # entropy of every map, renormalised over its S patches, over log(S)
-        p = ca.reshape(layers, heads, steps, h * w)  # (layers, heads, steps, S)
-        p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)  # (layers, heads, steps, S)
-        if h * w > 1:
-            entropy += (-plogp.sum(-1) / np.log(h * w)).sum(-1)  # (layers, heads)
-        # the peak patch of every map, and whether it is on the border of the grid
-        peak = p.argmax(-1)  # (layers, heads, steps)
-        row, col = peak // w, peak % w
-        on_border = (row == 0) | (row == h - 1) | (col == 0) | (col == w - 1)  # (layers, heads, steps)
-        border += on_border.sum(-1)
-        inner = max(h - 2, 0) * max(w - 2, 0)
-        border_share += steps * (1.0 - inner / (h * w))
+        layers, heads, steps = ca.shape[:3]
+        self._check_model(trace, layers, heads)
+        self.n_traces += 1
+        self.n_steps += steps
+        entropy, border, border_share = _map_statistics(ca)
+        self.entropy += entropy
+        self.border += border
+        self.border_share += border_share
         # per word: this layer's head mean on the common grid
-        mean = ca[chosen].mean(axis=0)  # (steps, H, W)
+        mean = ca[self.chosen].mean(axis=0)  # (steps, H, W)
         for t, word in enumerate(trace.words):
-            key = word if group is None else group(word)
+            key = word if self.group is None else self.group(word)
             if key is None:
                 continue
-            d = normalised_map(mean[t], size)  # (R, C)
-            if key in sums:
-                sums[key] += d
-                counts[key] += 1
+            d = normalised_map(mean[t], self.size)  # (R, C)
+            if key in self.sums:
+                self.sums[key] += d
+                self.counts[key] += 1
             else:
-                sums[key], counts[key] = d.copy(), 1
-    if shape is None:
-        raise AttnlabError("no traces to aggregate")
-    maps = {k: WordMap(k, counts[k], sums[k] / counts[k]) for k in sums}
-    return FolderStats(
-        traces=n_traces,
-        steps=n_steps,
-        layer=chosen,
-        size=size,
-        maps=maps,
-        entropy=entropy / n_steps,
-        border=border / n_steps,
-        border_share=border_share / n_steps,
-    )
+                self.sums[key], self.counts[key] = d.copy(), 1
+
+    def result(self) -> FolderStats:
+        if self.shape is None:
+            raise AttnlabError("no traces to aggregate")
+        maps = {k: WordMap(k, self.counts[k], self.sums[k] / self.counts[k]) for k in self.sums}
+        n = self.n_steps
+        return FolderStats(traces=self.n_traces, steps=n, layer=self.chosen, size=self.size, maps=maps,
+                           entropy=self.entropy / n, border=self.border / n, border_share=self.border_share / n)
 
 
 # ---------------------------------------------------------------------- the figure
