@@ -46,6 +46,7 @@ from .draw import (
     underlay_note,
 )
 from .draw import check_outlines, check_underlay
+from .multiview import is_multiview, views_overlay
 from .resolve import (
     by_word,
     DEFAULT_ALPHA,
@@ -123,6 +124,8 @@ def overlay(
     Pass ``ax`` to draw into an existing Axes (the figure title goes into the
     Axes title then).
     """
+    if is_multiview(trace):  # several views of the image: each drawn at its box, shares printed
+        return views_overlay(trace, step, layer, head, ax=ax, colorbar=colorbar, **options)
     r = resolve(trace, step=step, layer=layer, head=head, ax=ax, **options)
     (values,), (peak,), sc = _panel_maps(r, [(r.step, r.layer, r.head)])
     word = maps.word_label(trace, r.step, r.probabilities())

@@ -1,0 +1,120 @@
+"""Figures of multi-view traces (issue 21 item 2): views on the photo where their boxes say, shares printed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")
+
+from attnlab import plot  # noqa: E402
+from attnlab.errors import AttnlabError  # noqa: E402
+from attnlab.plot import multiview  # noqa: E402
+
+
+class FakeViews:
+    """A multi-view trace built by hand (the contract of issue 21: views, view_attention, key_shares)."""
+
+    def __init__(self, image, views, maps, key_shares, words):
+        self.image, self.views, self._maps, self.key_shares = image, tuple(views), maps, key_shares
+        self.words = list(words)
+        self.token_ids = np.arange(len(words))
+        self.model_name, self.meta, self.caption = "fake-vlm", {}, " ".join(words)
+
+    def view_attention(self, i):
+        return self._maps[i]  # (layers, heads, steps, h, w)
+
+    def probabilities(self):
+        return None
+
+    def check_step(self, t):
+        n = len(self.words)
+        if not isinstance(t, int) or not -n <= t < n:
+            raise AttnlabError(f"step {t!r} does not exist")
+        return t % n
+
+
+def tiles_and_base(layers=2, heads=2, steps=2, width=200, height=100):
+    """Two tiles side by side (left 0..100, right 100..200, the right one overhanging by 20 px) and a base view
+    of the whole photo. Step 0 of head 0 and 1: 40% on the left tile's patch (0, 1), 20% spread on the right
+    tile, 10% on the base, 20% prompt, 10% special."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    View = SimpleNamespace
+    views = [View(name="tile 0", grid=(2, 2), box=(0.0, 0.0, 100.0, 100.0)),
+             View(name="tile 1", grid=(2, 3), box=(100.0, 0.0, 220.0, 100.0)),
+             View(name="base", grid=(3, 3), box=(0.0, 0.0, 200.0, 100.0))]
+    m = [np.zeros((layers, heads, steps) + v.grid, dtype=np.float32) for v in views]
+    m[0][:, :, :, 0, 1] = 0.4
+    m[1][:, :, :] = 0.2 / 6
+    m[2][:, :, :] = 0.1 / 9
+    shares = {"prompt": np.full((layers, heads, steps), 0.2, np.float32),
+              "special": np.full((layers, heads, steps), 0.1, np.float32)}
+    return FakeViews(image, views, m, shares, ["a", "cat"][:steps])
+
+
+def test_place_views_puts_the_base_view_in_its_own_panel():
+    tr = tiles_and_base()
+    assert multiview.place_views(tr.views, (100, 200)) == [[0, 1], [2]]
+
+
+def test_shares_line_prints_every_view_and_kind_and_adds_up():
+    tr = tiles_and_base()
+    line = multiview.shares_line(multiview.view_maps(tr, 0), multiview.key_share_values(tr, 0))
+    assert line == "image 70.0% (tile 0 40.0% \u00b7 tile 1 20.0% \u00b7 base 10.0%) \u00b7 prompt 20.0% \u00b7 special 10.0%"
+    tr.key_shares["special"][:] = 0.05  # 5% of the row is in no view and no share: said, not hidden
+    line = multiview.shares_line(multiview.view_maps(tr, 0), multiview.key_share_values(tr, 0))
+    assert line.endswith("unaccounted 5.0%")
+
+
+def test_off_photo_weight_is_the_overhanging_patch_area():
+    tr = tiles_and_base()
+    vms = multiview.view_maps(tr, 0)
+    # tile 1: 3 columns of 40 px from x=100 to 220; the last column 200..240? no: 180..220, half off the photo
+    assert vms[1].off_photo == pytest.approx(2 * (0.2 / 6) * 0.5)
+    assert vms[0].off_photo == 0.0 and vms[2].off_photo == 0.0
+
+
+def _rgb(fig):
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3]
+
+
+def test_figure_draws_each_view_inside_its_box_on_the_photo():
+    tr = tiles_and_base()
+    tr.image[:] = 128  # a flat grey photo: any coloured pixel is a map
+    fig = plot.overlay(tr, 0, interp="nearest", underlay="colour", alpha=1.0)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in fig.texts] + [t.get_text() for t in ax.texts]
+    assert any("tile 0 40.0%" in t for t in texts) and any("tile 1 20.0%, 3.3% off the photo" in t for t in texts)
+    assert any("prompt 20.0%" in t and "special 10.0%" in t for t in texts)
+    assert ax.get_xlim() == (0.0, 200.0) and ax.get_ylim() == (100.0, 0.0)  # clipped to the photo
+    extents = [tuple(im.get_extent()) for im in ax.get_images()[1:]]
+    assert extents == [(0.0, 100.0, 100.0, 0.0), (100.0, 220.0, 100.0, 0.0)]
+    # the pixels of the scale's top colour (weight 0.4) lie in tile 0's patch (0, 1): x 50..100, y 0..50
+    top = np.array(matplotlib.colormaps["inferno"](1.0)[:3]) * 255
+    rgb = _rgb(fig).astype(int)
+    bb = ax.get_window_extent()
+    H = rgb.shape[0]
+    panel = rgb[int(H - bb.y1) + 2:int(H - bb.y0) - 2, int(bb.x0) + 2:int(bb.x1) - 2]
+    ys, xs = np.nonzero(np.abs(panel - top).max(axis=2) <= 6)
+    assert len(xs) > 0.1 * panel.shape[0] * panel.shape[1]  # the patch is an eighth of the panel
+    px = xs / panel.shape[1] * 200
+    py = ys / panel.shape[0] * 100
+    assert px.min() >= 49 and px.max() <= 101 and py.max() <= 51
+    assert fig.axes[1].get_title().startswith("view 'base' (3 x 3 patches): 10.0%")
+
+
+def test_single_view_traces_are_not_multiview():
+    assert not multiview.is_multiview(SimpleNamespace(views=(SimpleNamespace(name="image"),)))
+    assert not multiview.is_multiview(SimpleNamespace())
+
+
+def test_bad_layer_and_head_get_one_line():
+    tr = tiles_and_base()
+    with pytest.raises(AttnlabError, match="layer 5 does not exist"):
+        plot.overlay(tr, 0, layer=5)
+    with pytest.raises(AttnlabError, match="head 'max'"):
+        plot.overlay(tr, 0, head="max")
