@@ -118,3 +118,27 @@ def test_bad_layer_and_head_get_one_line():
         plot.overlay(tr, 0, layer=5)
     with pytest.raises(AttnlabError, match="head 'max'"):
         plot.overlay(tr, 0, head="max")
+
+
+def test_explorer_of_a_multiview_trace_draws_every_view_and_keeps_one_scale(tmp_path):
+    pytest.importorskip("ipywidgets")
+    from attnlab.explorer import explore
+
+    tr = tiles_and_base()
+    tr._maps[0][1, :, 1, 0, 0] = 0.6  # step 1 of the last layer: a stronger patch; step 0's colours must know it
+    tr._maps[0][1, :, 1, 0, 1] = 0.0  # (keeps the row at 100%)
+    tr._maps[1][1, :, 1] = (0.2 - 0.2) / 6
+    ex = explore(tr)
+    assert type(ex).__name__ == "ViewsExplorer" and bytes(ex.image.value).startswith(b"\x89PNG")
+    titles = [t.get_text() for t in ex.figure.texts]
+    assert any(t.startswith("step 0: a") for t in titles) and any("prompt 20.0%" in t for t in titles)
+    assert ex.figure.axes[-1].get_ylim()[1] == pytest.approx(0.6)  # the colour bar: every word of the layer
+    ex.slider.value = 1
+    assert any(t.startswith("step 1: cat") for t in (x.get_text() for x in ex.figure.texts))
+    assert any("tile 0 60.0%" in t.get_text() for t in ex.figure.axes[0].texts)
+    saved = ex.save(str(tmp_path / "w.png"))
+    assert saved.stat().st_size > 0
+    (tmp_path / "mine.png").write_bytes(b"keep")
+    with pytest.raises(AttnlabError, match="already exists"):
+        ex.save(str(tmp_path / "mine.png"))
+    assert (tmp_path / "mine.png").read_bytes() == b"keep"

@@ -28,8 +28,8 @@ from . import maps
 from .draw import add_colorbar, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
 from .resolve import DEFAULT_ALPHA, check_alpha, check_cmap, check_figsize, check_font_scale
 
-__all__ = ["ViewMap", "draw_views", "is_multiview", "key_share_values", "place_views", "shares_line", "view_maps",
-           "views_overlay"]
+__all__ = ["ViewMap", "draw_views", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "view_maps",
+           "views_figure", "views_overlay"]
 
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "black", "alpha": 0.6, "linewidth": 0}
 BOX_COLOR = "#00e5ff"  # cyan, as the object outlines: in none of the default colour maps
@@ -105,6 +105,17 @@ def key_share_values(trace: Any, step: int, layer: int = -1, head: int | str = "
         a = np.asarray(arr, dtype=np.float64)[li, :, t]  # (heads,)
         out[str(kind)] = float(a.mean() if hi is None else a[hi])
     return out
+
+
+def layer_peak(trace: Any, layer: int = -1, head: int | str = "mean") -> float:
+    """The largest patch weight of any view at any step of ``layer`` (one head, or the mean over heads): the top
+    of a colour scale that means the same for every word."""
+    _, li, hi = _check_view_args(trace, 0, layer, head)
+    peak = 0.0
+    for i in range(len(trace.views)):
+        a = np.asarray(trace.view_attention(i))[li].astype(np.float64)  # (heads, steps, h, w)
+        peak = max(peak, float((a.mean(axis=0) if hi is None else a[hi]).max()))
+    return peak if peak > 0 else 1.0
 
 
 def _pct(x: float) -> str:
@@ -199,6 +210,16 @@ def views_overlay(trace: Any, step: int, layer: int = -1, head: int | str = "mea
         name = "ax" if ax is not None else sorted(other)[0]
         raise AttnlabError(f"{name}= is not drawn for a trace with several views yet: leave it out (the figure "
                            f"takes cmap, alpha, interp, underlay, figsize, font_scale)")
+    return views_figure(trace, step, layer, head, colorbar=colorbar, cmap=cmap, alpha=alpha, interp=interp,
+                        underlay=underlay, figsize=figsize, font_scale=font_scale)
+
+
+def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean", *, colorbar: bool = True,
+                 cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
+                 figsize=None, font_scale: float = 1.0, pyplot: bool = True, dpi: float | None = None,
+                 vmax: float | None = None):
+    """:func:`views_overlay`'s figure; ``pyplot=False`` (with ``dpi``): one pyplot does not manage (the
+    explorer's); ``vmax``: the top of the colour scale (default: the word's own largest patch weight)."""
     vms = view_maps(trace, step, layer, head)
     shares = key_share_values(trace, step, layer, head)
     t, li, hi = _check_view_args(trace, step, layer, head)
@@ -209,6 +230,8 @@ def views_overlay(trace: Any, step: int, layer: int = -1, head: int | str = "mea
     size = tuple(image.shape[:2])
     groups = place_views(trace.views, size)
     scale = maps.build_scale("shared", [v.amap for v in vms], sum(v.amap.size for v in vms), maps.quantity(trace))
+    if vmax is not None:
+        scale = maps.Scale("shared", float(vmax), scale.patches, scale.quantity)
     first = np.asarray(trace.view_attention(0))
     where = f"{maps.layer_label(li, first.shape[0])} \u00b7 {maps.head_label(hi, first.shape[1])}"
     drawing = "flat patches" if interp == "nearest" else f"{interp} upsampling"
@@ -218,7 +241,7 @@ def views_overlay(trace: Any, step: int, layer: int = -1, head: int | str = "mea
     layout = panel_grid(1, len(groups), (pw, ph), font_scale=check_font_scale(font_scale), title_lines=1,
                         title=[f"step {t}: {maps.word_label(trace, t, trace.probabilities())}", where,
                                shares_line(vms, shares), details],
-                        colorbar=colorbar, figsize=check_figsize(figsize))
+                        colorbar=colorbar, figsize=check_figsize(figsize), pyplot=pyplot, dpi=dpi)
     for col, group in enumerate(groups):
         ax = layout.axes[0, col]
         draw_views(ax, image, [vms[i] for i in group], scale, cmap, alpha, interp=interp, underlay=underlay,
