@@ -142,3 +142,72 @@ def test_explorer_of_a_multiview_trace_draws_every_view_and_keeps_one_scale(tmp_
     with pytest.raises(AttnlabError, match="already exists"):
         ex.save(str(tmp_path / "mine.png"))
     assert (tmp_path / "mine.png").read_bytes() == b"keep"
+
+
+def _page_data(path):
+    import json
+    import re
+
+    found = re.search(r'<script type="application/json" id="attnlab-data">(.*?)</script>', path.read_text(), flags=re.S)
+    return json.loads(found.group(1))
+
+
+def test_html_page_of_a_multiview_trace_holds_every_view_box_and_share(tmp_path):
+    import base64
+
+    import attnlab
+
+    tr = tiles_and_base()
+    path = attnlab.export_html(tr, tmp_path / "v.html")
+    d = _page_data(path)
+    assert [v["box"] for v in d["views"]] == [list(v.box) for v in tr.views] and d["groups"] == [[0, 1], [2]]
+    for v, a in zip(d["views"], tr._maps):
+        got = np.frombuffer(base64.b64decode(v["attention"]), dtype="<u2").reshape(a.shape) / d["quant"]
+        assert np.abs(got - a).max() <= 0.5 / d["quant"] + 1e-9
+        share = np.asarray(v["share"]).reshape(2, 3, 2)  # (layers, heads + mean, steps)
+        assert np.allclose(share[:, :2], a.sum(axis=(-2, -1)), atol=1e-6)
+        assert np.allclose(share[:, 2], a.mean(axis=1).sum(axis=(-2, -1)), atol=1e-6)
+    assert np.allclose(np.asarray(d["views"][1]["off"]).reshape(2, 3, 2), 2 * (0.2 / 6) * 0.5, atol=1e-6)
+    assert np.allclose(d["shares"]["prompt"], 0.2, atol=1e-6)
+    with pytest.raises(AttnlabError, match="one shared scale"):
+        attnlab.export_html(tr, tmp_path / "w.html", scale="panel")
+    assert not (tmp_path / "w.html").exists()
+
+
+def test_html_page_of_a_multiview_trace_in_chromium(tmp_path):
+    from test_browser import CHROMIUM_FLAGS, _prerequisites
+
+    chromium = _prerequisites()
+    from playwright.sync_api import sync_playwright
+
+    import attnlab
+
+    tr = tiles_and_base()
+    path = attnlab.export_html(tr, tmp_path / "v.html", interp="nearest", underlay="none")
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.goto(path.as_uri(), timeout=30_000)
+            page.wait_for_function("document.body.dataset.step === '0'", timeout=30_000)
+            line = multiview.shares_line(multiview.view_maps(tr, 0), multiview.key_share_values(tr, 0))
+            assert page.inner_text("#label") == "0: a \u00b7 layer 1 (2nd of 2, last) \u00b7 mean of 2 heads \u00b7 " + line
+            assert page.locator("canvas.panel").count() == 2
+            caps = page.locator("figcaption").all_inner_texts()
+            assert caps == ["2 views on the photo (10 patches): 60.0%", "view 'base' (3 x 3 patches): 10.0%"]
+            page.locator("canvas.panel").first.screenshot(path=str(tmp_path / "panel.png"))
+            w, h = page.evaluate("[document.querySelector('canvas.panel').width, document.querySelector('canvas.panel').height]")
+        finally:
+            browser.close()
+    assert not problems, problems
+    from PIL import Image
+
+    with Image.open(tmp_path / "panel.png") as im:
+        px = np.asarray(im.convert("RGB")).astype(int)[:h, :w]
+    top = np.array(matplotlib.colormaps["inferno"](1.0)[:3]) * 255
+    ys, xs = np.nonzero(np.abs(px - top).max(axis=2) <= 6)  # the top colour: tile 0's patch (0, 1) only
+    assert len(xs) > 0.1 * w * h
+    assert xs.min() >= 0.25 * w - 2 and xs.max() <= 0.5 * w + 2 and ys.max() <= 0.5 * h + 2

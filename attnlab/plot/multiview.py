@@ -28,7 +28,7 @@ from . import maps
 from .draw import add_colorbar, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
 from .resolve import DEFAULT_ALPHA, check_alpha, check_cmap, check_figsize, check_font_scale
 
-__all__ = ["ViewMap", "draw_views", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "view_maps",
+__all__ = ["ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "view_maps",
            "views_figure", "views_overlay"]
 
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "black", "alpha": 0.6, "linewidth": 0}
@@ -61,7 +61,7 @@ def _index(value: Any, n: int, what: str, hint: str) -> int:
     return int(value) % n
 
 
-def _check_view_args(trace: Any, step: Any, layer: Any, head: Any) -> tuple[int, int, int | None]:
+def check_view_args(trace: Any, step: Any, layer: Any, head: Any) -> tuple[int, int, int | None]:
     first = np.asarray(trace.view_attention(0))  # (layers, heads, steps, h, w)
     layers, heads = first.shape[:2]
     t = trace.check_step(step)
@@ -70,22 +70,27 @@ def _check_view_args(trace: Any, step: Any, layer: Any, head: Any) -> tuple[int,
     return t, li, hi
 
 
-def off_photo_weight(amap: np.ndarray, box: Sequence[float], size: tuple[int, int]) -> float:
-    """The weight of ``amap``'s patches on area outside the photo of ``size`` = ``(height, width)``: each patch's
-    weight times the fraction of its area that overhangs (patches cover ``box`` evenly)."""
-    h, w = amap.shape
+def inside_fraction(grid: tuple[int, int], box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
+    """``(h, w)``: the fraction of each patch's area (patches cover ``box`` evenly) that lies on the photo of
+    ``size`` = ``(height, width)``."""
+    h, w = grid
     x0, y0, x1, y1 = (float(v) for v in box)
     xs = np.linspace(x0, x1, w + 1)  # (w + 1,) patch edges
     ys = np.linspace(y0, y1, h + 1)  # (h + 1,)
     inside_x = (np.clip(xs[1:], 0, size[1]) - np.clip(xs[:-1], 0, size[1])) / np.diff(xs)  # (w,)
     inside_y = (np.clip(ys[1:], 0, size[0]) - np.clip(ys[:-1], 0, size[0])) / np.diff(ys)  # (h,)
-    inside = inside_y[:, None] * inside_x[None, :]  # (h, w)
-    return float(np.sum(amap * (1.0 - inside)))
+    return inside_y[:, None] * inside_x[None, :]  # (h, w)
+
+
+def off_photo_weight(amap: np.ndarray, box: Sequence[float], size: tuple[int, int]) -> float:
+    """The weight of ``amap``'s patches on area outside the photo: each patch's weight times the fraction of
+    its area that overhangs."""
+    return float(np.sum(amap * (1.0 - inside_fraction(amap.shape, box, size))))
 
 
 def view_maps(trace: Any, step: int, layer: int = -1, head: int | str = "mean") -> list[ViewMap]:
     """Every view's map of step ``step`` at ``layer`` (one head, or the mean over heads), as the trace holds it."""
-    t, li, hi = _check_view_args(trace, step, layer, head)
+    t, li, hi = check_view_args(trace, step, layer, head)
     size = tuple(np.asarray(trace.image).shape[:2])
     out = []
     for i, view in enumerate(trace.views):
@@ -99,7 +104,7 @@ def view_maps(trace: Any, step: int, layer: int = -1, head: int | str = "mean") 
 
 def key_share_values(trace: Any, step: int, layer: int = -1, head: int | str = "mean") -> dict[str, float]:
     """The weight of each kind of key that is no image patch (``trace.key_shares``), for one word, layer and head."""
-    t, li, hi = _check_view_args(trace, step, layer, head)
+    t, li, hi = check_view_args(trace, step, layer, head)
     out = {}
     for kind, arr in (getattr(trace, "key_shares", None) or {}).items():
         a = np.asarray(arr, dtype=np.float64)[li, :, t]  # (heads,)
@@ -110,7 +115,7 @@ def key_share_values(trace: Any, step: int, layer: int = -1, head: int | str = "
 def layer_peak(trace: Any, layer: int = -1, head: int | str = "mean") -> float:
     """The largest patch weight of any view at any step of ``layer`` (one head, or the mean over heads): the top
     of a colour scale that means the same for every word."""
-    _, li, hi = _check_view_args(trace, 0, layer, head)
+    _, li, hi = check_view_args(trace, 0, layer, head)
     peak = 0.0
     for i in range(len(trace.views)):
         a = np.asarray(trace.view_attention(i))[li].astype(np.float64)  # (heads, steps, h, w)
@@ -222,7 +227,7 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
     explorer's); ``vmax``: the top of the colour scale (default: the word's own largest patch weight)."""
     vms = view_maps(trace, step, layer, head)
     shares = key_share_values(trace, step, layer, head)
-    t, li, hi = _check_view_args(trace, step, layer, head)
+    t, li, hi = check_view_args(trace, step, layer, head)
     cmap = check_cmap(cmap, "shared")
     alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
     interp, underlay = maps.check_interp(interp), check_underlay(underlay)
