@@ -211,3 +211,9 @@ def test_html_page_of_a_multiview_trace_in_chromium(tmp_path):
     ys, xs = np.nonzero(np.abs(px - top).max(axis=2) <= 6)  # the top colour: tile 0's patch (0, 1) only
     assert len(xs) > 0.1 * w * h
     assert xs.min() >= 0.25 * w - 2 and xs.max() <= 0.5 * w + 2 and ys.max() <= 0.5 * h + 2
+
+
+@pytest.mark.parametrize("view", ["word_grid", "head_grid", "attention_matrix", "head_stats"])
+def test_one_grid_figures_refuse_a_multiview_trace_naming_those_that_draw_it(view):
+    with pytest.raises(AttnlabError, match=r"3 views of its image: use plot.overlay\(trace, step\)"):
+        getattr(plot, view)(tiles_and_base())

@@ -116,6 +116,10 @@ class Resolved:
 
 def check_trace(trace: Any) -> Any:
     """A :class:`~attnlab.trace.CaptionTrace` with attention and an RGB image, or a one-line error."""
+    views = getattr(trace, "views", None)
+    if views is not None and len(views) > 1:
+        raise AttnlabError(f"this figure draws one grid and the trace has {len(views)} views of its image: use "
+                           "plot.overlay(trace, step), attnlab.explore(trace) or attnlab.export_html, which draw every view")
     if not all(hasattr(trace, name) for name in ("words", "image", "require_attention", "check_layer")):
         raise AttnlabError(f"expected a CaptionTrace, got {type(trace).__name__}: pass the result of attnlab.caption")
     ca = trace.require_attention()
