@@ -11,48 +11,31 @@ matplotlib = pytest.importorskip("matplotlib")
 
 from attnlab import plot  # noqa: E402
 from attnlab.errors import AttnlabError  # noqa: E402
+from attnlab.keys import View  # noqa: E402
 from attnlab.plot import multiview  # noqa: E402
+from attnlab.trace import CaptionTrace  # noqa: E402
 
 
-class FakeViews:
-    """A multi-view trace built by hand (the contract of issue 21: views, view_attention, key_shares)."""
-
-    def __init__(self, image, views, maps, key_shares, words):
-        self.image, self.views, self._maps, self.key_shares = image, tuple(views), maps, key_shares
-        self.words = list(words)
-        self.token_ids = np.arange(len(words))
-        self.model_name, self.meta, self.caption = "fake-vlm", {}, " ".join(words)
-
-    def view_attention(self, i):
-        return self._maps[i]  # (layers, heads, steps, h, w)
-
-    def probabilities(self):
-        return None
-
-    def check_step(self, t):
-        n = len(self.words)
-        if not isinstance(t, int) or not -n <= t < n:
-            raise AttnlabError(f"step {t!r} does not exist")
-        return t % n
-
-
-def tiles_and_base(layers=2, heads=2, steps=2, width=200, height=100):
+def tiles_and_base(layers=2, heads=2, steps=2, width=200, height=100, tweak=None, flat=False, words=("a", "cat"), starts=None):
     """Two tiles side by side (left 0..100, right 100..200, the right one overhanging by 20 px) and a base view
     of the whole photo. Step 0 of head 0 and 1: 40% on the left tile's patch (0, 1), 20% spread on the right
     tile, 10% on the base, 20% prompt, 10% special."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    View = SimpleNamespace
-    views = [View(name="tile 0", grid=(2, 2), box=(0.0, 0.0, 100.0, 100.0)),
-             View(name="tile 1", grid=(2, 3), box=(100.0, 0.0, 220.0, 100.0)),
-             View(name="base", grid=(3, 3), box=(0.0, 0.0, 200.0, 100.0))]
+    if flat:
+        image[:] = 128  # a flat grey photo: any coloured pixel is a map
+    views = [View("tile 0", (2, 2), (0.0, 0.0, 100.0, 100.0)), View("tile 1", (2, 3), (100.0, 0.0, 220.0, 100.0)),
+             View("base", (3, 3), (0.0, 0.0, 200.0, 100.0))]
     m = [np.zeros((layers, heads, steps) + v.grid, dtype=np.float32) for v in views]
     m[0][:, :, :, 0, 1] = 0.4
     m[1][:, :, :] = 0.2 / 6
     m[2][:, :, :] = 0.1 / 9
     shares = {"prompt": np.full((layers, heads, steps), 0.2, np.float32),
               "special": np.full((layers, heads, steps), 0.1, np.float32)}
-    return FakeViews(image, views, m, shares, ["a", "cat"][:steps])
+    if tweak is not None:
+        tweak(m)
+    return CaptionTrace.from_views(list(words)[:steps], np.arange(steps), views, m, image, key_shares=shares,
+                                   model_name="fake-vlm", word_starts=starts)
 
 
 def test_place_views_puts_the_base_view_in_its_own_panel():
@@ -64,8 +47,8 @@ def test_shares_line_prints_every_view_and_kind_and_adds_up():
     tr = tiles_and_base()
     line = multiview.shares_line(multiview.view_maps(tr, 0), multiview.key_share_values(tr, 0))
     assert line == "image 70.0% (tile 0 40.0% \u00b7 tile 1 20.0% \u00b7 base 10.0%) \u00b7 prompt 20.0% \u00b7 special 10.0%"
-    tr.key_shares["special"][:] = 0.05  # 5% of the row is in no view and no share: said, not hidden
-    line = multiview.shares_line(multiview.view_maps(tr, 0), multiview.key_share_values(tr, 0))
+    shares = dict(multiview.key_share_values(tr, 0), special=0.05)  # 5% in no view and no share: said, not hidden
+    line = multiview.shares_line(multiview.view_maps(tr, 0), shares)
     assert line.endswith("unaccounted 5.0%")
 
 
@@ -83,8 +66,7 @@ def _rgb(fig):
 
 
 def test_figure_draws_each_view_inside_its_box_on_the_photo():
-    tr = tiles_and_base()
-    tr.image[:] = 128  # a flat grey photo: any coloured pixel is a map
+    tr = tiles_and_base(flat=True)
     fig = plot.overlay(tr, 0, interp="nearest", underlay="colour", alpha=1.0)
     ax = fig.axes[0]
     texts = [t.get_text() for t in fig.texts] + [t.get_text() for t in ax.texts]
@@ -124,10 +106,10 @@ def test_explorer_of_a_multiview_trace_draws_every_view_and_keeps_one_scale(tmp_
     pytest.importorskip("ipywidgets")
     from attnlab.explorer import explore
 
-    tr = tiles_and_base()
-    tr._maps[0][1, :, 1, 0, 0] = 0.6  # step 1 of the last layer: a stronger patch; step 0's colours must know it
-    tr._maps[0][1, :, 1, 0, 1] = 0.0  # (keeps the row at 100%)
-    tr._maps[1][1, :, 1] = (0.2 - 0.2) / 6
+    def stronger(m):  # step 1 of the last layer: a stronger patch; step 0's colours must know it
+        m[0][1, :, 1, 0, 0], m[0][1, :, 1, 0, 1], m[1][1, :, 1] = 0.6, 0.0, 0.0  # (the row still sums to 1)
+
+    tr = tiles_and_base(tweak=stronger)
     ex = explore(tr)
     assert type(ex).__name__ == "ViewsExplorer" and bytes(ex.image.value).startswith(b"\x89PNG")
     titles = [t.get_text() for t in ex.figure.texts]
@@ -161,7 +143,7 @@ def test_html_page_of_a_multiview_trace_holds_every_view_box_and_share(tmp_path)
     path = attnlab.export_html(tr, tmp_path / "v.html")
     d = _page_data(path)
     assert [v["box"] for v in d["views"]] == [list(v.box) for v in tr.views] and d["groups"] == [[0, 1], [2]]
-    for v, a in zip(d["views"], tr._maps):
+    for v, a in zip(d["views"], (tr.view_attention(i) for i in range(3))):
         got = np.frombuffer(base64.b64decode(v["attention"]), dtype="<u2").reshape(a.shape) / d["quant"]
         assert np.abs(got - a).max() <= 0.5 / d["quant"] + 1e-9
         share = np.asarray(v["share"]).reshape(2, 3, 2)  # (layers, heads + mean, steps)
@@ -217,3 +199,13 @@ def test_html_page_of_a_multiview_trace_in_chromium(tmp_path):
 def test_one_grid_figures_refuse_a_multiview_trace_naming_those_that_draw_it(view):
     with pytest.raises(AttnlabError, match=r"3 views of its image: use plot.overlay\(trace, step\)"):
         getattr(plot, view)(tiles_and_base())
+
+
+def test_pieces_are_merged_into_words_and_a_saved_trace_draws_the_same(tmp_path):
+    tr = tiles_and_base(steps=3, words=("a", "c", "##at"), starts=[True, True, False])
+    fig = plot.overlay(tr, 1)  # words: "a", "cat" (the mean of its two pieces' maps)
+    assert fig.texts[0].get_text().startswith("step 1: cat\n")
+    assert plot.overlay(tr, 2, pieces=True).texts[0].get_text().startswith("step 2: ##at\n")
+    back = CaptionTrace.load(tr.save(tmp_path / "t.npz"))
+    texts = lambda f: [t.get_text() for t in f.texts] + [t.get_text() for ax in f.axes for t in ax.texts]  # noqa: E731
+    assert texts(plot.overlay(back, 0)) == texts(plot.overlay(tr, 0))

@@ -148,8 +148,6 @@ def _views_payload(trace: Any, start: dict, long_side: int, cmap) -> dict:
     if sum(a.size for a in arrays) > MAX_ATTENTION_NUMBERS:
         raise AttnlabError(f"the trace's views hold more than {MAX_ATTENTION_NUMBERS:,} attention weights, too many for one page: "
                            "export a shorter caption")
-    if not all(np.isfinite(a).all() for a in arrays):
-        raise AttnlabError("the trace's view maps hold NaN or infinite values, which a page cannot show: caption the image again")
     layers, heads = arrays[0].shape[:2]
     views = []
     for view, a in zip(trace.views, arrays):
@@ -242,6 +240,7 @@ def export_html(
         raise AttnlabError(f"{path} already exists: choose another name, or pass overwrite=True to replace it")
 
     if multiview.is_multiview(trace):  # several views of the image: each at its box on the photo, shares printed
+        _check_showable(trace)
         start = _views_start(trace, step, layer, head, scale, interp, grid_lines, alpha, underlay, outlines)
         data, script = _views_payload(trace, start, long_side, check_cmap(cmap, "shared")), VIEWS_SCRIPT
     else:

@@ -271,7 +271,7 @@ def by_word(view: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(trace: Any, *args: Any, pieces: bool = False, **kwargs: Any) -> Any:
         if not isinstance(pieces, (bool, np.bool_)):
             raise AttnlabError(f"pieces={pieces!r} must be True (one panel per token) or False (per word)")
-        if not pieces and callable(getattr(trace, "by_word", None)) and len(getattr(trace, "views", ())) < 2:
+        if not pieces and callable(getattr(trace, "by_word", None)):
             trace = trace.by_word()
         return view(trace, *args, **kwargs)
 
