@@ -86,11 +86,12 @@ def test_figure_draws_each_view_inside_its_box_on_the_photo():
     px = xs / panel.shape[1] * 200
     py = ys / panel.shape[0] * 100
     assert px.min() >= 49 and px.max() <= 101 and py.max() <= 51
-    assert fig.axes[1].get_title().startswith("view 'base' (3 x 3 patches): 10.0%")
+    assert fig.axes[1].get_title() == "view 'base' (3 x 3 patches of 66.7 x 33.3 px): 10.0%"
 
 
 def test_single_view_traces_are_not_multiview():
-    assert not multiview.is_multiview(SimpleNamespace(views=(SimpleNamespace(name="image"),)))
+    whole = SimpleNamespace(name="image", grid=(2, 2), box=(0.0, 0.0, 200.0, 100.0))
+    assert not multiview.is_multiview(SimpleNamespace(views=(whole,), image=np.zeros((100, 200, 3), np.uint8)))
     assert not multiview.is_multiview(SimpleNamespace())
 
 
@@ -179,7 +180,7 @@ def test_html_page_of_a_multiview_trace_in_chromium(tmp_path):
             assert page.inner_text("#label") == "0: a \u00b7 layer 1 (2nd of 2, last) \u00b7 mean of 2 heads \u00b7 " + line
             assert page.locator("canvas.panel").count() == 2
             caps = page.locator("figcaption").all_inner_texts()
-            assert caps == ["2 views on the photo (10 patches): 60.0%", "view 'base' (3 x 3 patches): 10.0%"]
+            assert caps == ["2 views on the photo (10 patches): 60.0%", "view 'base' (3 x 3 patches of 66.7 x 33.3 px): 10.0%"]
             page.locator("canvas.panel").first.screenshot(path=str(tmp_path / "panel.png"))
             w, h = page.evaluate("[document.querySelector('canvas.panel').width, document.querySelector('canvas.panel').height]")
         finally:
@@ -209,3 +210,20 @@ def test_pieces_are_merged_into_words_and_a_saved_trace_draws_the_same(tmp_path)
     back = CaptionTrace.load(tr.save(tmp_path / "t.npz"))
     texts = lambda f: [t.get_text() for t in f.texts] + [t.get_text() for ax in f.axes for t in ax.texts]  # noqa: E731
     assert texts(plot.overlay(back, 0)) == texts(plot.overlay(tr, 0))
+
+
+def test_one_view_of_a_crop_is_drawn_on_the_crop_and_figures_of_the_whole_image_refuse():
+    image = np.full((100, 200, 3), 128, np.uint8)
+    m = np.zeros((1, 1, 1, 2, 2), np.float32)
+    m[..., 1, 1] = 0.9
+    tr = CaptionTrace.from_views(["a"], [0], [("image", (2, 2), (50.0, 0.0, 150.0, 100.0))], [m], image,
+                                 key_shares={"prefix": np.full((1, 1, 1), 0.1, np.float32)})
+    fig = plot.overlay(tr, 0)
+    assert [tuple(im.get_extent()) for im in fig.axes[0].get_images()[1:]] == [(50.0, 150.0, 100.0, 0.0)]
+    assert "image 90.0% (image 90.0%) \u00b7 prefix 10.0%" in fig.texts[0].get_text()
+    assert "1 view, box in cyan" in fig.texts[0].get_text()
+    with pytest.raises(AttnlabError, match="one view of a part of its image"):
+        plot.word_grid(tr)
+    whole = CaptionTrace.from_views(["a"], [0], [("image", (2, 2), (0.0, 0.0, 200.0, 100.0))], [m], image,
+                                    key_shares={"prefix": np.full((1, 1, 1), 0.1, np.float32)})
+    assert not multiview.is_multiview(whole)  # a view of the whole image: today's figures

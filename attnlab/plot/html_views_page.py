@@ -141,7 +141,9 @@ VIEWS_SCRIPT = r"""
         x.fillStyle = "rgba(0,0,0,0.6)"; x.fillRect(lx - 2, ly - 1, x.measureText(text).width + 4, 14);
         x.fillStyle = "#fff"; x.fillText(text, lx, ly);
       }
-      cap.textContent = g.length === 1 ? "view '" + V[g[0]].name + "' (" + V[g[0]].grid[0] + " x " + V[g[0]].grid[1] + " patches): " + pct(total)
+      const v0 = V[g[0]], pw = (v0.box[2] - v0.box[0]) / v0.grid[1], ph = (v0.box[3] - v0.box[1]) / v0.grid[0];
+      cap.textContent = g.length === 1 ? "view '" + v0.name + "' (" + v0.grid[0] + " x " + v0.grid[1] + " patches of " +
+        Number(pw.toPrecision(3)) + " x " + Number(ph.toPrecision(3)) + " px): " + pct(total)
         : g.length + " views on the photo (" + patches + " patches): " + pct(total);
     }
     drawColorbar(top);

@@ -26,7 +26,7 @@ from ..errors import AttnlabError
 from ..util import is_int
 from . import maps
 from .draw import add_colorbar, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
-from .resolve import DEFAULT_ALPHA, check_alpha, check_cmap, check_figsize, check_font_scale
+from .resolve import DEFAULT_ALPHA, is_multiview, check_alpha, check_cmap, check_figsize, check_font_scale
 
 __all__ = ["ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "view_maps",
            "views_figure", "views_overlay"]
@@ -47,12 +47,6 @@ class ViewMap:
     amap: np.ndarray
     share: float
     off_photo: float
-
-
-def is_multiview(trace: Any) -> bool:
-    """True when ``trace`` holds more than one view of its image (single-view traces keep today's figures)."""
-    views = getattr(trace, "views", None)
-    return views is not None and len(views) > 1
 
 
 def _index(value: Any, n: int, what: str, hint: str) -> int:
@@ -200,7 +194,8 @@ def draw_views(ax, image: np.ndarray, vms: Sequence[ViewMap], scale: maps.Scale,
 def _panel_title(views: Sequence[ViewMap], size: tuple[int, int]) -> str:
     if len(views) == 1:
         v = views[0]
-        return f"view {v.name!r} ({v.grid[0]} x {v.grid[1]} patches): {_pct(v.share)}"
+        pw, ph = (v.box[2] - v.box[0]) / v.grid[1], (v.box[3] - v.box[1]) / v.grid[0]
+        return f"view {v.name!r} ({v.grid[0]} x {v.grid[1]} patches of {pw:.3g} x {ph:.3g} px): {_pct(v.share)}"
     patches = sum(v.grid[0] * v.grid[1] for v in views)
     return f"{len(views)} views on the photo ({patches} patches): {_pct(sum(v.share for v in views))}"
 
@@ -240,8 +235,9 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
     first = np.asarray(trace.view_attention(0))
     where = f"{maps.layer_label(li, first.shape[0])} \u00b7 {maps.head_label(hi, first.shape[1])}"
     drawing = "flat patches" if interp == "nearest" else f"{interp} upsampling"
-    details = f"model {trace.model_name} \u00b7 {len(vms)} views, boxes in cyan, clipped to the photo \u00b7 " \
-              f"{drawing} \u00b7 {underlay_note(underlay)}"
+    n = len(vms)
+    details = f"model {trace.model_name} \u00b7 {n} view{'s' if n > 1 else ''}, box{'es' if n > 1 else ''} in cyan, " \
+              f"clipped to the photo \u00b7 {drawing} \u00b7 {underlay_note(underlay)}"
     pw, ph, _ = panel_size(size, 4.0)
     layout = panel_grid(1, len(groups), (pw, ph), font_scale=check_font_scale(font_scale), title_lines=1,
                         title=[f"step {t}: {maps.word_label(trace, t, trace.probabilities())}", where,
