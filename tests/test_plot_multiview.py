@@ -196,10 +196,13 @@ def test_html_page_of_a_multiview_trace_in_chromium(tmp_path):
     assert xs.min() >= 0.25 * w - 2 and xs.max() <= 0.5 * w + 2 and ys.max() <= 0.5 * h + 2
 
 
-@pytest.mark.parametrize("view", ["word_grid", "head_grid", "attention_matrix", "head_stats"])
-def test_one_grid_figures_refuse_a_multiview_trace_naming_those_that_draw_it(view):
+@pytest.mark.parametrize("view", ["word_grid", "head_grid", "attention_matrix", "head_stats", "layer_head_grid",
+                                  "attention_row", "save_gif"])
+def test_one_grid_figures_refuse_a_multiview_trace_naming_those_that_draw_it(view, tmp_path):
+    args = {"layer_head_grid": (0,), "attention_row": (0,), "save_gif": (tmp_path / "x.gif",)}.get(view, ())
     with pytest.raises(AttnlabError, match=r"3 views of its image: use plot.overlay\(trace, step\)"):
-        getattr(plot, view)(tiles_and_base())
+        getattr(plot, view)(tiles_and_base(), *args)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pieces_are_merged_into_words_and_a_saved_trace_draws_the_same(tmp_path):
