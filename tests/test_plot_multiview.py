@@ -196,7 +196,7 @@ def test_html_page_of_a_multiview_trace_in_chromium(tmp_path):
     assert xs.min() >= 0.25 * w - 2 and xs.max() <= 0.5 * w + 2 and ys.max() <= 0.5 * h + 2
 
 
-@pytest.mark.parametrize("view", ["word_grid", "head_grid", "attention_matrix", "head_stats", "layer_head_grid",
+@pytest.mark.parametrize("view", ["head_grid", "attention_matrix", "head_stats", "layer_head_grid",
                                   "attention_row", "save_gif"])
 def test_one_grid_figures_refuse_a_multiview_trace_naming_those_that_draw_it(view, tmp_path):
     args = {"layer_head_grid": (0,), "attention_row": (0,), "save_gif": (tmp_path / "x.gif",)}.get(view, ())
@@ -226,7 +226,25 @@ def test_one_view_of_a_crop_is_drawn_on_the_crop_and_figures_of_the_whole_image_
     assert "image 90.0% (image 90.0%) \u00b7 prefix 10.0%" in fig.texts[0].get_text()
     assert "1 view, box in cyan" in fig.texts[0].get_text()
     with pytest.raises(AttnlabError, match="one view of a part of its image"):
-        plot.word_grid(tr)
+        plot.head_grid(tr)
+    assert len(plot.word_grid(tr).axes) == 1 + 1 + 1  # the photo with the crop's box, the word, the colour bar
     whole = CaptionTrace.from_views(["a"], [0], [("image", (2, 2), (0.0, 0.0, 200.0, 100.0))], [m], image,
                                     key_shares={"prefix": np.full((1, 1, 1), 0.1, np.float32)})
     assert not multiview.is_multiview(whole)  # a view of the whole image: today's figures
+
+
+def test_word_grid_of_a_multiview_trace_has_the_photo_row_then_a_row_per_word_with_its_shares():
+    tr = tiles_and_base(steps=2)
+    fig = plot.word_grid(tr, pyplot=False)
+    import matplotlib.pyplot as plt
+
+    assert fig not in [plt.figure(n) for n in plt.get_fignums()]  # pyplot never saw it (folder runs)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 3 * 2  # rows: the photo, "a", "cat"; columns: the photo's views, the base view
+    assert len(panels[0].get_images()) == 1  # the photo row: the photo in colour and the boxes, no map
+    for row, t in ((1, 0), (2, 1)):
+        line = multiview.shares_line(multiview.view_maps(tr, t), multiview.key_share_values(tr, t))
+        assert panels[2 * row].get_title(loc="left") == f"{tr.words[t]}: {line}"
+        assert [tuple(im.get_extent()) for im in panels[2 * row].get_images()[1:]] == [(0, 100, 100, 0), (100, 220, 100, 0)]
+    with pytest.raises(AttnlabError, match="ncols= is not drawn"):
+        plot.word_grid(tr, ncols=3)

@@ -25,12 +25,13 @@ import numpy as np
 from ..errors import AttnlabError
 from ..util import is_int
 from . import maps
-from .draw import add_colorbar, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
+from .draw import add_colorbar, caption_line, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
 from .resolve import DEFAULT_ALPHA, is_multiview, check_alpha, check_cmap, check_figsize, check_font_scale
 
-__all__ = ["ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "view_maps",
-           "views_figure", "views_overlay"]
+__all__ = ["MULTIVIEW_OPTIONS", "ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "view_maps",
+           "views_figure", "views_overlay", "views_word_grid"]
 
+MULTIVIEW_OPTIONS = frozenset({"cmap", "alpha", "interp", "underlay", "figsize", "font_scale"})  # what they draw
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "black", "alpha": 0.6, "linewidth": 0}
 BOX_COLOR = "#00e5ff"  # cyan, as the object outlines: in none of the default colour maps
 
@@ -166,12 +167,22 @@ def _label(vm: ViewMap) -> str:
     return f"{vm.name} {_pct(vm.share)}{off}"
 
 
+def _draw_box(ax, vm: ViewMap, text: str, size: tuple[int, int], font: float) -> None:
+    """``vm``'s box outlined in cyan (clipped by the panel) and ``text`` in its top-left corner on the photo."""
+    from matplotlib.patches import Rectangle
+
+    height, width = size
+    x0, y0, x1, y1 = vm.box
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOR, linewidth=1.0))
+    tx, ty = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
+    ax.text(tx + 0.01 * width, ty + 0.01 * height, text, fontsize=font * 0.8, color="white", ha="left", va="top",
+            bbox=LABEL_BOX, clip_on=True)
+
+
 def draw_views(ax, image: np.ndarray, vms: Sequence[ViewMap], scale: maps.Scale, cmap, alpha: float, *,
                interp: str = "bilinear", underlay: str = "grey", font: float = 10.0) -> list:
     """Draw the photo (as ``underlay`` says) and each view's map at its box, clipped to the photo, outlined in cyan,
     its share printed in its top-left corner; returns the map artists (one per view)."""
-    from matplotlib.patches import Rectangle
-
     height, width = image.shape[:2]
     draw_image(ax, underlay_image(image, underlay))
     lo, hi = scale.limits
@@ -182,10 +193,7 @@ def draw_views(ax, image: np.ndarray, vms: Sequence[ViewMap], scale: maps.Scale,
             vm.amap, (max(1, round(y1 - y0)), max(1, round(x1 - x0))), interp)  # (box h px, box w px)
         heats.append(ax.imshow(scale.values(shown), extent=(x0, x1, y1, y0), cmap=cmap, vmin=lo, vmax=hi,
                                alpha=1.0 if underlay == "none" else alpha, interpolation="nearest", aspect="auto"))
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOR, linewidth=1.0))
-        tx, ty = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
-        ax.text(tx + 0.01 * width, ty + 0.01 * height, _label(vm), fontsize=font * 0.8, color="white", ha="left",
-                va="top", bbox=LABEL_BOX, clip_on=True)
+        _draw_box(ax, vm, _label(vm), (height, width), font)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     return heats
@@ -208,8 +216,8 @@ def views_overlay(trace: Any, step: int, layer: int = -1, head: int | str = "mea
     patch), every view's share and every other kind of key's share printed."""
     if ax is not None or other:
         name = "ax" if ax is not None else sorted(other)[0]
-        raise AttnlabError(f"{name}= is not drawn for a trace with several views yet: leave it out (the figure "
-                           f"takes cmap, alpha, interp, underlay, figsize, font_scale)")
+        raise AttnlabError(f"{name}= is not drawn for a trace with several views: leave it out (the figure "
+                           f"takes {', '.join(sorted(MULTIVIEW_OPTIONS))})")
     return views_figure(trace, step, layer, head, colorbar=colorbar, cmap=cmap, alpha=alpha, interp=interp,
                         underlay=underlay, figsize=figsize, font_scale=font_scale)
 
@@ -250,4 +258,46 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
         ax.set_title(_panel_title([vms[i] for i in group], size), fontsize=layout.font)
     if colorbar:
         add_colorbar(layout.fig, layout.cax, scale, cmap, layout.font)
+    return layout.fig
+
+
+def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, words: Sequence[int] | None = None,
+                    cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
+                    figsize=None, font_scale: float = 1.0, pyplot: bool = True):
+    """``word_grid`` of a multi-view trace: a first row with the photo in colour and where each view lies,
+    then one row per word (its panels as :func:`views_overlay`'s, its word and where its whole row went above)."""
+    steps = maps.default_steps(trace) if words is None else [trace.check_step(t) for t in words]
+    if not steps:
+        raise AttnlabError("words=[] selects nothing: pass at least one step index or None for all")
+    rows = [view_maps(trace, t, layer, head) for t in steps]
+    _, li, hi = check_view_args(trace, steps[0], layer, head)
+    cmap, alpha = check_cmap(cmap, "shared"), check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
+    interp, underlay = maps.check_interp(interp), check_underlay(underlay)
+    image = np.asarray(trace.image)
+    size = tuple(image.shape[:2])
+    groups = place_views(trace.views, size)
+    scale = maps.build_scale("shared", [v.amap for vms in rows for v in vms], sum(v.amap.size for v in rows[0]),
+                             maps.quantity(trace))
+    first = np.asarray(trace.view_attention(0))
+    pw, ph, _ = panel_size(size, 3.0)
+    layout = panel_grid(len(steps) + 1, len(groups), (pw, ph), font_scale=check_font_scale(font_scale), title_lines=2,
+                        title=[caption_line(trace), f"model {trace.model_name} \u00b7 {maps.layer_label(li, first.shape[0])} "
+                               f"\u00b7 {maps.head_label(hi, first.shape[1])} \u00b7 {underlay_note(underlay)}"],
+                        figsize=check_figsize(figsize), pyplot=pyplot)
+    probs = trace.probabilities()
+    for col, group in enumerate(groups):
+        ax = layout.axes[0, col]
+        draw_image(ax, image)
+        for i in group:
+            _draw_box(ax, rows[0][i], rows[0][i].name, size, layout.font)
+        ax.set_title(("the photo (colour) and its views\n" if col == 0 else "\n") + _panel_title(
+            [rows[0][i] for i in group], size).rsplit(":", 1)[0], fontsize=layout.font)
+    for r, (t, vms) in enumerate(zip(steps, rows), start=1):
+        heading = f"{maps.word_label(trace, t, probs)}: {shares_line(vms, key_share_values(trace, t, layer, head))}"
+        for col, group in enumerate(groups):
+            ax = layout.axes[r, col]
+            draw_views(ax, image, [vms[i] for i in group], scale, cmap, alpha, interp=interp, underlay=underlay,
+                       font=layout.font)
+            ax.set_title(heading if col == 0 else " ", fontsize=layout.font, loc="left", wrap=True)
+    add_colorbar(layout.fig, layout.cax, scale, cmap, layout.font)
     return layout.fig

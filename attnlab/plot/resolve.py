@@ -132,7 +132,7 @@ def check_trace(trace: Any) -> Any:
         n = len(trace.views)
         what = f"{n} views of its image" if n > 1 else "one view of a part of its image (a crop)"
         raise AttnlabError(f"this figure draws one grid over the whole image and the trace has {what}: use "
-                           "plot.overlay(trace, step), attnlab.explore(trace) or attnlab.export_html, which draw every view")
+                           "plot.overlay(trace, step), plot.word_grid, attnlab.explore(trace) or attnlab.export_html, which draw every view")
     if not all(hasattr(trace, name) for name in ("words", "image", "require_attention", "check_layer")):
         raise AttnlabError(f"expected a CaptionTrace, got {type(trace).__name__}: pass the result of attnlab.caption")
     ca = trace.require_attention()
