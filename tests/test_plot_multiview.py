@@ -125,6 +125,8 @@ def test_explorer_of_a_multiview_trace_draws_every_view_and_keeps_one_scale(tmp_
     with pytest.raises(AttnlabError, match="already exists"):
         ex.save(str(tmp_path / "mine.png"))
     assert (tmp_path / "mine.png").read_bytes() == b"keep"
+    with pytest.raises(AttnlabError, match="scale= is not drawn for a trace with several views"):
+        explore(tr, scale="panel")
 
 
 def _page_data(path):

@@ -18,7 +18,7 @@ import ipywidgets as widgets
 from ..errors import AttnlabError
 from ..plot import maps
 from ..plot.export import check_dpi, save_figure
-from ..plot.multiview import layer_peak, views_figure
+from ..plot.multiview import MULTIVIEW_OPTIONS, layer_peak, views_figure
 from ..plot.resolve import DEFAULT_ALPHA, check_alpha
 
 __all__ = ["ViewsExplorer"]
@@ -31,6 +31,10 @@ class ViewsExplorer(widgets.VBox):
     def __init__(self, trace: Any, layer: int = -1, head: int | str = "mean", *, step: int | None = None,
                  alpha: float = DEFAULT_ALPHA, path: str | None = None, dpi: float = 80, save_dpi: float = 150,
                  **style: Any) -> None:
+        unknown = sorted(set(style) - (MULTIVIEW_OPTIONS - {"alpha"}))
+        if unknown:
+            raise AttnlabError(f"{unknown[0]}= is not drawn for a trace with several views: leave it out (the explorer "
+                               f"takes step, alpha, path, dpi, save_dpi, {', '.join(sorted(MULTIVIEW_OPTIONS - {'alpha'}))})")
         layers, heads = trace.view_attention(0).shape[:2]
         self.trace, self._style = trace, style
         self._dpi, self._save_dpi = check_dpi(dpi), check_dpi(save_dpi, "save_dpi")
