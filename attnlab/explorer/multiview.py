@@ -41,6 +41,7 @@ class ViewsExplorer(widgets.VBox):
         self.figure = views_figure(trace, 0 if step is None else step, layer, head, alpha=alpha, pyplot=False,
                                    dpi=self._dpi, **style)  # checks every argument once
         self._written: set[Path] = set()
+        self._peaks: dict[tuple, float] = {}  # (layer, head) -> the top of the colour scale
         self.slider = widgets.IntSlider(value=trace.check_step(0 if step is None else step), min=0,
                                         max=len(trace.words) - 1, description="word")
         self.layer_dropdown = widgets.Dropdown(options=[(maps.layer_label(i, layers), i) for i in range(layers)],
@@ -67,8 +68,10 @@ class ViewsExplorer(widgets.VBox):
 
         start = time.perf_counter()
         layer, head = int(self.layer_dropdown.value), self.head_dropdown.value
+        if (layer, head) not in self._peaks:
+            self._peaks[(layer, head)] = layer_peak(self.trace, layer, head)
         self.figure = views_figure(self.trace, int(self.slider.value), layer, head, alpha=self.alpha_slider.value,
-                                   pyplot=False, dpi=self._dpi, vmax=layer_peak(self.trace, layer, head), **self._style)
+                                   pyplot=False, dpi=self._dpi, vmax=self._peaks[(layer, head)], **self._style)
         buffer = io.BytesIO()
         self.figure.savefig(buffer, format="png", dpi=self._dpi)
         self.image.value = buffer.getvalue()
