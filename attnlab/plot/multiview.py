@@ -263,9 +263,13 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
 
 def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, words: Sequence[int] | None = None,
                     cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
-                    figsize=None, font_scale: float = 1.0, pyplot: bool = True):
+                    figsize=None, font_scale: float = 1.0, pyplot: bool = True, ncols=None, **other: Any):
     """``word_grid`` of a multi-view trace: a first row with the photo in colour and where each view lies,
     then one row per word (its panels as :func:`views_overlay`'s, its word and where its whole row went above)."""
+    if ncols is not None or other:
+        name = "ncols" if ncols is not None else sorted(other)[0]
+        raise AttnlabError(f"{name}= is not drawn for a trace with several views: leave it out (the figure "
+                           f"takes words, {', '.join(sorted(MULTIVIEW_OPTIONS))})")
     steps = maps.default_steps(trace) if words is None else [trace.check_step(t) for t in words]
     if not steps:
         raise AttnlabError("words=[] selects nothing: pass at least one step index or None for all")

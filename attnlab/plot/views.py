@@ -46,7 +46,7 @@ from .draw import (
     underlay_note,
 )
 from .draw import check_outlines, check_underlay
-from .multiview import MULTIVIEW_OPTIONS, is_multiview, views_overlay, views_word_grid
+from .multiview import is_multiview, views_overlay, views_word_grid
 from .resolve import (
     by_word,
     DEFAULT_ALPHA,
@@ -165,10 +165,7 @@ def word_grid(
     manage (for files: no backend is touched).
     """
     if is_multiview(trace):  # several views: a row per word, each view at its box, shares above the row
-        if ncols is not None or set(options) - MULTIVIEW_OPTIONS:
-            name = "ncols" if ncols is not None else sorted(set(options) - MULTIVIEW_OPTIONS)[0]
-            raise AttnlabError(f"{name}= is not drawn for a trace with several views: leave it out")
-        return views_word_grid(trace, layer, head, words=words, pyplot=pyplot, **options)
+        return views_word_grid(trace, layer, head, words=words, ncols=ncols, pyplot=pyplot, **options)
     r = resolve(trace, layer=layer, head=head, words=words, ncols=ncols, **options)
     shown, peaks, sc = _panel_maps(r, [(t, r.layer, r.head) for t in r.steps])
     probs = r.probabilities()
