@@ -225,7 +225,7 @@ def test_one_view_of_a_crop_is_drawn_on_the_crop_and_figures_of_the_whole_image_
                                  key_shares={"prefix": np.full((1, 1, 1), 0.1, np.float32)})
     fig = plot.overlay(tr, 0)
     assert [tuple(im.get_extent()) for im in fig.axes[0].get_images()[1:]] == [(50.0, 150.0, 100.0, 0.0)]
-    assert "image 90.0% (image 90.0%) \u00b7 prefix 10.0%" in fig.texts[0].get_text()
+    assert "\nimage 90.0% \u00b7 prefix 10.0%\n" in fig.texts[0].get_text()
     assert "1 view, box in cyan" in fig.texts[0].get_text()
     with pytest.raises(AttnlabError, match="one view of a part of its image"):
         plot.head_grid(tr)
@@ -250,3 +250,29 @@ def test_word_grid_of_a_multiview_trace_has_the_photo_row_then_a_row_per_word_wi
         assert [tuple(im.get_extent()) for im in panels[2 * row].get_images()[1:]] == [(0, 100, 100, 0), (100, 220, 100, 0)]
     with pytest.raises(AttnlabError, match="ncols= is not drawn"):
         plot.word_grid(tr, ncols=3)
+
+
+def test_html_page_of_one_crop_view_in_chromium(tmp_path):
+    from test_browser import CHROMIUM_FLAGS, _prerequisites
+
+    chromium = _prerequisites()
+    from playwright.sync_api import sync_playwright
+
+    import attnlab
+
+    m = np.zeros((1, 1, 1, 2, 2), np.float32)
+    m[..., 1, 1] = 0.9
+    tr = CaptionTrace.from_views(["a"], [0], [("image", (2, 2), (50.0, 0.0, 150.0, 100.0))], [m],
+                                 np.full((100, 200, 3), 128, np.uint8),
+                                 key_shares={"prefix": np.full((1, 1, 1), 0.1, np.float32)})
+    path = attnlab.export_html(tr, tmp_path / "c.html")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(path.as_uri(), timeout=30_000)
+            page.wait_for_function("document.body.dataset.step === '0'", timeout=30_000)
+            assert page.inner_text("#label").endswith("\u00b7 image 90.0% \u00b7 prefix 10.0%")
+            assert page.locator("figcaption").all_inner_texts() == ["view 'image' (2 x 2 patches of 50 x 50 px): 90.0%"]
+        finally:
+            browser.close()

@@ -113,7 +113,7 @@ VIEWS_SCRIPT = r"""
   function sharesLine(layer, head, step) {  // as attnlab.plot.multiview.shares_line
     const vs = V.map((v) => share(v.share, layer, head, step)), image = vs.reduce((a, b) => a + b, 0);
     const kinds = Object.keys(D.shares).map((k) => [k, share(D.shares[k], layer, head, step)]).sort((a, b) => b[1] - a[1]);
-    const parts = ["image " + pct(image) + " (" + V.map((v, i) => v.name + " " + pct(vs[i])).join(" \u00b7 ") + ")"];
+    const parts = ["image " + pct(image) + (V.length > 1 ? " (" + V.map((v, i) => v.name + " " + pct(vs[i])).join(" \u00b7 ") + ")" : "")];
     for (const [k, s] of kinds) parts.push(k + " " + pct(s));
     const rest = 1 - image - kinds.reduce((a, b) => a + b[1], 0);
     if (Math.abs(rest) >= 5e-4) parts.push("unaccounted " + pct(rest));

@@ -125,10 +125,11 @@ def _pct(x: float) -> str:
 def shares_line(vms: Sequence[ViewMap], shares: dict[str, float]) -> str:
     """``"image 62.0% (tiles 45.0% · base 17.0%) · prompt 31.0% · special 7.0%"``: where the whole row went.
 
-    Kinds are listed largest first; what neither the views nor the shares account for is printed as ``unaccounted``.
+    One view: just ``"image 90.0%"``. Kinds are listed largest first; what neither the views nor the shares account for is printed as ``unaccounted``.
     """
     image = sum(v.share for v in vms)
-    parts = [f"image {_pct(image)} (" + " \u00b7 ".join(f"{v.name} {_pct(v.share)}" for v in vms) + ")"]
+    views = " (" + " \u00b7 ".join(f"{v.name} {_pct(v.share)}" for v in vms) + ")" if len(vms) > 1 else ""
+    parts = [f"image {_pct(image)}{views}"]
     parts += [f"{k} {_pct(s)}" for k, s in sorted(shares.items(), key=lambda kv: -kv[1])]
     rest = 1.0 - image - sum(shares.values())
     if abs(rest) >= 5e-4:
