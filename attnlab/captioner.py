@@ -25,7 +25,12 @@ Key layout of a cross-attention row ``(K,)`` for image ``b`` with grid
 ``(h, w)``: ``prefix_tokens`` prefix keys, then the ``h * w`` patches in
 row-major order, then zero-weight padding up to ``K`` (images of a batch may
 have different grids; padding keys are masked). The same layout indexes both
-axes of the encoder's self-attention ``(N, heads, K, K)``.
+axes of the encoder's self-attention ``(N, heads, K, K)``. A captioner whose rows
+are laid out otherwise (a vision-language model: several views of the photo among
+prompt, special and newline keys) gives each image's layout in ``Encoded.layouts``
+(:meth:`attnlab.keys.KeyLayout.of_views`: which keys are each view's cells, which
+keys are of which kind); a layout of one view also carries that view's box on the
+photo (a processor's centre crop).
 
 ``state.select(indices)`` keeps or reorders the batch entries of a decoding
 state (finished captions leave the batch; beam search reorders hypotheses).
@@ -42,9 +47,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from .errors import AttnlabError
+from .keys import KeyLayout, View
 
 Record = Literal["none", "cross", "all"]
 RECORDS: tuple[str, ...] = ("none", "cross", "all")
@@ -84,6 +91,9 @@ class CaptionerSpec:
             instead of the resize rule and mean/std to make the model input
             (e.g. a Hugging Face image processor). The figures still follow
             ``resize``: it must describe how the transform maps the image.
+        crop: optional ``(width, height) -> (x0, y0, x1, y1)``: the box of a photo of that
+            size that ``transform`` keeps (a processor that cuts out the centre); traces
+            then have one view with that box on the shown image (``trace.views``).
         best_head: optional ``(layer, head)``: the decoder cross-attention head
             that grounds words best, chosen on held-out data (attnlab's bundled
             models carry their record; ``attnlab.explain(..., "best_head")`` uses it).
@@ -102,6 +112,7 @@ class CaptionerSpec:
     prefix_tokens: int = 0
     transform: Callable[[Any], torch.Tensor] | None = field(default=None, compare=False)
     best_head: tuple[int, int] | None = None
+    crop: Callable[[int, int], tuple[float, float, float, float]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for attr in ("bos", "eos", "pad", "max_len", "image_size", "prefix_tokens"):
@@ -122,6 +133,15 @@ class CaptionerSpec:
             object.__setattr__(self, attr, value)
         if self.best_head is not None:
             object.__setattr__(self, "best_head", check_best_head(self.best_head))
+
+    def layout(self, grid: tuple[int, int], shown: np.ndarray) -> KeyLayout:
+        """The key layout of an image with patch ``grid`` shown as ``shown`` ``(h, w, 3)``: ``prefix_tokens``
+        + the grid; with ``crop``, one view whose box is the crop on the shown image."""
+        layout = KeyLayout(self.prefix_tokens, (int(grid[0]), int(grid[1])))
+        if self.crop is None:
+            return layout
+        height, width = shown.shape[:2]
+        return layout.boxed(View.checked("image", layout.grid, self.crop(width, height)))
 
 
 def spec_from_config(
@@ -193,11 +213,20 @@ class Encoded:
         encoder_attention: with ``record="all"`` (when the encoder has
             attention), per encoder layer ``(N, heads, K, K)`` over the key
             layout of the module docstring; else ``None``.
+        layouts: ``N`` key layouts (:class:`attnlab.keys.KeyLayout`), one per image,
+            for rows not laid out as prefix + grid (or a view with a box); ``None``:
+            every image's row is ``prefix_tokens`` + its grid.
     """
 
     state: DecodeState
     grids: list[tuple[int, int]]
     encoder_attention: list[torch.Tensor] | None = None
+    layouts: list[KeyLayout] | None = None
+
+    def layout(self, b: int, spec: CaptionerSpec, shown: np.ndarray) -> KeyLayout:
+        """Image ``b``'s key layout: ``layouts[b]``, or ``spec.prefix_tokens`` + its grid (with
+        ``spec.crop``: one view whose box is the crop on the ``shown`` image ``(h, w, 3)``)."""
+        return self.layouts[b] if self.layouts is not None else spec.layout(self.grids[b], shown)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import ipywidgets as widgets
 from ..errors import AttnlabError
 from ..util import is_real
 from ..plot import maps
+from ..plot.multiview import is_multiview
 from ..plot.export import check_dpi, check_pixels, save_figure
 from ..plot.draw import underlay_note
 from ..plot.resolve import DEFAULT_ALPHA, by_word, resolve
@@ -225,5 +226,12 @@ def explore(trace: Any, layer: int = -1, head: int | str = "mean", **options: An
     ``underlay`` (``"grey"``, default: the photo in grey under the map;
     ``"colour"``; ``"none"``: the map alone) and ``outlines`` (boolean object
     masks, e.g. :func:`attnlab.shapes.outlines`).
+    A trace with several views of its image (a vision-language model's) gets a
+    :class:`~attnlab.explorer.multiview.ViewsExplorer`: every view at its box on
+    the photo, with the word, layer, head and opacity controls and a save row.
     """
+    if is_multiview(trace):  # several views of the image: each at its box on the photo, shares printed
+        from .multiview import ViewsExplorer
+
+        return ViewsExplorer(trace, layer=layer, head=head, **options)
     return AttentionExplorer(trace, layer=layer, head=head, **options)

@@ -28,10 +28,13 @@ import numpy as np
 from ..errors import AttnlabError
 from ..fileio import atomic_create, atomic_write
 from . import maps
-from .draw import CUT_NOTE, MAX_PANEL_ASPECT, UNDERLAYS, stretch_note
+from . import multiview
+from .draw import CUT_NOTE, check_underlay, MAX_PANEL_ASPECT, UNDERLAYS, stretch_note
 from .export import check_output_path
 from .html_page import PAGE, SCRIPT
-from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, DEFAULT_UNIFORM_CMAP, by_word, check_count, resolve
+from .html_views_page import VIEWS_SCRIPT
+from .maps import check_interp
+from .resolve import DEFAULT_ALPHA, DEFAULT_CMAP, DEFAULT_UNIFORM_CMAP, by_word, check_alpha, check_cmap, check_count, resolve
 
 HTML_SUFFIXES = (".html", ".htm")
 FORMAT = "attnlab-html"
@@ -130,6 +133,52 @@ def _payload(trace: Any, r, long_side: int, cmap) -> dict:
     }
 
 
+def _with_mean(a: np.ndarray) -> list[float]:
+    """``(layers, heads, steps)`` -> ``(layers, heads + 1, steps)`` (the mean over heads last), flat, 6 decimals."""
+    a = np.asarray(a, dtype=np.float64)
+    both = np.concatenate([a, a.mean(axis=1, keepdims=True)], axis=1)  # (layers, heads + 1, steps)
+    return [round(float(x), 6) for x in both.ravel()]
+
+
+def _views_payload(trace: Any, start: dict, long_side: int, cmap) -> dict:
+    """The page's data for a trace with several views: each view's maps (16-bit, as :func:`_payload`'s), box and
+    grid, its share and off-photo share per layer, head (and their mean) and step, every other kind's share."""
+    size = tuple(np.asarray(trace.image).shape[:2])
+    arrays = [np.asarray(trace.view_attention(i)) for i in range(len(trace.views))]  # each (layers, heads, steps, h, w)
+    if sum(a.size for a in arrays) > MAX_ATTENTION_NUMBERS:
+        raise AttnlabError(f"the trace's views hold more than {MAX_ATTENTION_NUMBERS:,} attention weights, too many for one page: "
+                           "export a shorter caption")
+    layers, heads = arrays[0].shape[:2]
+    views = []
+    for view, a in zip(trace.views, arrays):
+        inside = multiview.inside_fraction(a.shape[-2:], view.box, size)  # (h, w)
+        views.append({"name": str(view.name), "grid": [int(g) for g in a.shape[-2:]], "box": [float(v) for v in view.box],
+                      "attention": base64.b64encode(np.rint(np.clip(a.astype(np.float64), 0.0, 1.0) * QUANT).astype("<u2").tobytes()).decode("ascii"),
+                      "share": _with_mean(a.sum(axis=(-2, -1))), "off": _with_mean((a * (1.0 - inside)).sum(axis=(-2, -1)))})
+    probs = trace.probabilities()
+    return {
+        "format": FORMAT, "version": VERSION, "model": str(trace.model_name), "caption": str(trace.caption),
+        "words": list(trace.words), "wordLabels": [maps.word_label(trace, t, probs) for t in range(len(trace.words))],
+        "layers": layers, "heads": heads, "steps": len(trace.words), "imageSize": list(size),
+        "display": list(_display_size(size, long_side)), "views": views,
+        "groups": multiview.place_views(trace.views, size),
+        "shares": {str(k): _with_mean(v) for k, v in (getattr(trace, "key_shares", None) or {}).items()},
+        "layerLabels": [maps.layer_label(i, layers) for i in range(layers)], "underlays": UNDERLAYS, "quant": QUANT,
+        "lut": _lut(cmap), "label": f"{maps.quantity(trace)} of a patch", "start": start,
+    }
+
+
+def _views_start(trace: Any, step, layer, head, scale, interp, grid_lines, alpha, underlay, outlines) -> dict:
+    """The first state of a multi-view page, checked (one line for what such a page cannot draw)."""
+    if scale != "shared" or grid_lines or outlines is not None:
+        raise AttnlabError("a trace with several views is drawn with one shared scale, no patch grid and no outlines: "
+                           "leave scale, grid_lines and outlines out")
+    t, li, hi = multiview.check_view_args(trace, 0 if step is None else step, layer, head)
+    return {"step": t, "layer": li, "head": "mean" if hi is None else hi,
+            "interp": "nearest" if check_interp(interp) == "nearest" else "bilinear",
+            "alpha": check_alpha(alpha), "underlay": check_underlay(underlay)}
+
+
 def _check_showable(trace: Any) -> None:
     """Refuse (one line) what a page cannot show: NaN or infinite numbers (``JSON.parse`` would
     fail and leave the page blank), text with a lone surrogate (not UTF-8)."""
@@ -181,9 +230,6 @@ def export_html(
     ``size`` is the picture's long side in CSS pixels. An existing file is
     never replaced unless ``overwrite=True``; the file appears complete or not at all.
     """
-    r = resolve(trace, layer=layer, head=head, scale=scale, interp=interp, grid_lines=grid_lines, alpha=alpha, cmap=cmap,
-                underlay=underlay, outlines=outlines)
-    r = replace(r, step=maps.default_steps(trace)[0] if step is None else trace.check_step(step))
     long_side = check_count("size", size, allow_none=False)
     if not 64 <= long_side <= 4000:
         raise AttnlabError(f"size={size!r} is out of range: use a number of pixels from 64 to 4000")
@@ -193,13 +239,22 @@ def export_html(
     if not overwrite and os.path.lexists(path):
         raise AttnlabError(f"{path} already exists: choose another name, or pass overwrite=True to replace it")
 
-    _check_showable(trace)
+    if multiview.is_multiview(trace):  # several views of the image: each at its box on the photo, shares printed
+        _check_showable(trace)
+        start = _views_start(trace, step, layer, head, scale, interp, grid_lines, alpha, underlay, outlines)
+        data, script = _views_payload(trace, start, long_side, check_cmap(cmap, "shared")), VIEWS_SCRIPT
+    else:
+        r = resolve(trace, layer=layer, head=head, scale=scale, interp=interp, grid_lines=grid_lines, alpha=alpha,
+                    cmap=cmap, underlay=underlay, outlines=outlines)
+        r = replace(r, step=maps.default_steps(trace)[0] if step is None else trace.check_step(step))
+        _check_showable(trace)
+        data, script = _payload(trace, r, long_side, r.cmap), SCRIPT
     page = PAGE.format(
         title=html.escape(f"attnlab: {trace.caption or ' '.join(trace.words)}"),
         caption=html.escape((trace.caption or " ".join(trace.words)) + (CUT_NOTE if getattr(trace, "stopped", None) == "max_len" else "")),
         image=_png_data_url(trace.image),
-        data=_json_for_script(_payload(trace, r, long_side, r.cmap)),
-        script=SCRIPT,
+        data=_json_for_script(data),
+        script=script,
     ).encode("utf-8")
     try:
         if overwrite:

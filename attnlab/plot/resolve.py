@@ -114,8 +114,25 @@ class Resolved:
         return self.trace.probabilities()  # None without scores; a by-word trace gives each word's product
 
 
+def is_multiview(trace: Any) -> bool:
+    """True when ``trace`` must be drawn view by view (:mod:`attnlab.plot.multiview`): it holds several views of
+    its image, or one view whose box is not the whole image (a processor's crop). Every earlier trace is neither."""
+    views = getattr(trace, "views", None)
+    if views is None or len(views) == 0:
+        return False
+    if len(views) > 1:
+        return True
+    height, width = np.asarray(trace.image).shape[:2]
+    return any(abs(float(a) - b) > 0.5 for a, b in zip(views[0].box, (0.0, 0.0, width, height)))
+
+
 def check_trace(trace: Any) -> Any:
     """A :class:`~attnlab.trace.CaptionTrace` with attention and an RGB image, or a one-line error."""
+    if is_multiview(trace):
+        n = len(trace.views)
+        what = f"{n} views of its image" if n > 1 else "one view of a part of its image (a crop)"
+        raise AttnlabError(f"this figure draws one grid over the whole image and the trace has {what}: use "
+                           "plot.overlay(trace, step), plot.word_grid, attnlab.explore(trace) or attnlab.export_html, which draw every view")
     if not all(hasattr(trace, name) for name in ("words", "image", "require_attention", "check_layer")):
         raise AttnlabError(f"expected a CaptionTrace, got {type(trace).__name__}: pass the result of attnlab.caption")
     ca = trace.require_attention()

@@ -46,6 +46,7 @@ from .draw import (
     underlay_note,
 )
 from .draw import check_outlines, check_underlay
+from .multiview import is_multiview, views_overlay, views_word_grid
 from .resolve import (
     by_word,
     DEFAULT_ALPHA,
@@ -123,6 +124,8 @@ def overlay(
     Pass ``ax`` to draw into an existing Axes (the figure title goes into the
     Axes title then).
     """
+    if is_multiview(trace):  # several views of the image: each drawn at its box, shares printed
+        return views_overlay(trace, step, layer, head, ax=ax, colorbar=colorbar, **options)
     r = resolve(trace, step=step, layer=layer, head=head, ax=ax, **options)
     (values,), (peak,), sc = _panel_maps(r, [(r.step, r.layer, r.head)])
     word = maps.word_label(trace, r.step, r.probabilities())
@@ -161,6 +164,8 @@ def word_grid(
     columns from the image's shape. ``pyplot=False`` gives a figure that pyplot does not
     manage (for files: no backend is touched).
     """
+    if is_multiview(trace):  # several views: a row per word, each view at its box, shares above the row
+        return views_word_grid(trace, layer, head, words=words, ncols=ncols, pyplot=pyplot, **options)
     r = resolve(trace, layer=layer, head=head, words=words, ncols=ncols, **options)
     shown, peaks, sc = _panel_maps(r, [(t, r.layer, r.head) for t in r.steps])
     probs = r.probabilities()
