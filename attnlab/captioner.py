@@ -97,6 +97,8 @@ class CaptionerSpec:
         best_head: optional ``(layer, head)``: the decoder cross-attention head
             that grounds words best, chosen on held-out data (attnlab's bundled
             models carry their record; ``attnlab.explain(..., "best_head")`` uses it).
+        end_tokens: further token ids that end a caption as ``eos`` does (a model whose
+            ``generate`` stops at any of a list of end tokens); ``()`` by default.
     """
 
     name: str
@@ -113,6 +115,11 @@ class CaptionerSpec:
     transform: Callable[[Any], torch.Tensor] | None = field(default=None, compare=False)
     best_head: tuple[int, int] | None = None
     crop: Callable[[int, int], tuple[float, float, float, float]] | None = field(default=None, compare=False)
+    end_tokens: tuple[int, ...] = ()
+
+    def ends(self, token: int) -> bool:
+        """True for a token that ends a caption: ``eos`` or one of ``end_tokens``."""
+        return token == self.eos or token in self.end_tokens
 
     def __post_init__(self) -> None:
         for attr in ("bos", "eos", "pad", "max_len", "image_size", "prefix_tokens"):
@@ -124,6 +131,8 @@ class CaptionerSpec:
                 f"captioner spec: max_len ({self.max_len}) and image_size ({self.image_size}) must be >= 1, "
                 f"prefix_tokens ({self.prefix_tokens}) >= 0"
             )
+        if not isinstance(self.end_tokens, tuple) or not all(isinstance(t, int) and not isinstance(t, bool) for t in self.end_tokens):
+            raise AttnlabError(f"captioner spec: end_tokens must be a tuple of integers, not {self.end_tokens!r}")
         if self.resize not in RESIZE_RULES:
             raise AttnlabError(f"captioner spec: resize must be one of {', '.join(RESIZE_RULES)}, not {self.resize!r}")
         for attr in ("mean", "std"):
@@ -216,12 +225,15 @@ class Encoded:
         layouts: ``N`` key layouts (:class:`attnlab.keys.KeyLayout`), one per image,
             for rows not laid out as prefix + grid (or a view with a box); ``None``:
             every image's row is ``prefix_tokens`` + its grid.
+        meta: ``N`` dicts of JSON values that each image's trace records in its ``meta``
+            (a vision-language captioner's prompt); ``None``: nothing.
     """
 
     state: DecodeState
     grids: list[tuple[int, int]]
     encoder_attention: list[torch.Tensor] | None = None
     layouts: list[KeyLayout] | None = None
+    meta: list[dict[str, Any]] | None = None
 
     def layout(self, b: int, spec: CaptionerSpec, shown: np.ndarray) -> KeyLayout:
         """Image ``b``'s key layout: ``layouts[b]``, or ``spec.prefix_tokens`` + its grid (with

@@ -97,7 +97,7 @@ def greedy_steps(cap: Captioner, state: Any, n: int, forced: list[list[int]] | N
         steps.append(step)
         if forced is None:
             nxt = step.logits.argmax(dim=-1).cpu()  # (M,)
-            done = nxt == spec.eos
+            done = torch.tensor([spec.ends(t) for t in nxt.tolist()], dtype=torch.bool)  # (M,)
         else:
             nxt = torch.tensor([forced[r][i] for r in rows.tolist()])  # (M,)
             done = lengths[rows] == i + 1
@@ -127,10 +127,11 @@ class _Ended:
     token: int
 
 
-def _beam_choices(cand: torch.Tensor, beams: int, eos: int, penalty: float, step: int, first_row: int):
+def _beam_choices(cand: torch.Tensor, beams: int, eos: int, penalty: float, step: int, first_row: int,
+                  end_tokens: tuple[int, ...] = ()):
     """One image's next hypotheses from its candidate scores ``cand`` ``(m, V)``.
 
-    Candidates are taken best first; one ending with ``eos`` becomes a finished
+    Candidates are taken best first; one ending with ``eos`` (or one of ``end_tokens``) becomes a finished
     hypothesis, the others live on until ``beams`` are found. Returns the
     finished ones and the live ``(row, token, score)`` (rows offset by ``first_row``).
     """
@@ -144,7 +145,7 @@ def _beam_choices(cand: torch.Tensor, beams: int, eos: int, penalty: float, step
         if value == float("-inf"):
             break
         row, token = first_row + index // vocab, index % vocab
-        if token == eos:
+        if token == eos or token in end_tokens:
             ended.append(_Ended(value / penalty, step, row, token))
         else:
             live.append((row, token, value))
@@ -189,7 +190,7 @@ def _beam(cap: Captioner, state: Any, n: int, max_len: int, record: Record, beam
             end = start + 1
             while end < len(owner) and owner[end] == b:
                 end += 1
-            ended, live = _beam_choices(cand[start:end], beams, spec.eos, penalty, t, start)
+            ended, live = _beam_choices(cand[start:end], beams, spec.eos, penalty, t, start, spec.end_tokens)
             finished[b] += ended
             if t + 1 == max_len:  # out of steps: the live hypotheses end here, without an end token
                 finished[b] += [_Ended(value / penalty, t, row, token) for row, token, value in live]
@@ -238,7 +239,8 @@ def _assemble(
             if enc.encoder_attention:
                 enc_attn = torch.stack([layer[b, :, :keys, :keys] for layer in enc.encoder_attention])  # (layers, heads, K_b, K_b)
             dec_attn = _decoder_rows(steps, at)
-        meta = {"mode": mode, "end_token": spec.eos, "stopped": "end" if ids and ids[-1] == spec.eos else "max_len", **path.meta}
+        meta = {"mode": mode, "end_token": spec.eos, "stopped": "end" if ids and spec.ends(ids[-1]) else "max_len", **path.meta,
+                **(enc.meta[b] if enc.meta is not None else {})}
         traces.append(trace_from_rows(spec, ids, rows, enc.grids[b], shown[b], logits=logits, meta=meta,
                                       encoder=enc_attn, decoder=dec_attn, layout=enc.layout(b, spec, shown[b])))
     return traces
@@ -325,6 +327,8 @@ def caption(
     record: Record = "cross",
     beams: int = 1,
     length_penalty: float = 1.0,
+    prompt: str | None = None,
+    raw_prompt: str | None = None,
 ) -> CaptionTrace | list[CaptionTrace]:
     """Caption ``image`` and record the decoder's words-to-patches attention.
 
@@ -359,7 +363,14 @@ def caption(
         length_penalty: the exponent above: ``0`` ranks by total
             log-probability (favours short captions), ``1`` (default) by the
             mean log-probability per token.
+        prompt: for a vision-language captioner (:func:`attnlab.from_huggingface` of a
+            VLM), this call's request or question, put into the model's chat template
+            (the answer is traced word by word like a caption); ``raw_prompt``: the exact
+            text handed to its processor instead. ``trace.meta`` records both. Other
+            captioners refuse them in one line.
     """
+    if prompt is not None or raw_prompt is not None:
+        model = _prompted(as_captioner(model), prompt, raw_prompt)
     cap = as_captioner(model)
     many = isinstance(image, (list, tuple))
     images = list(image) if many else [image]
@@ -373,3 +384,14 @@ def caption(
     traces = decode_batch(model, pixels, shown, settings=settings)
     mark_padding(traces, content, cap.spec)
     return traces if many else traces[0]
+
+
+def _prompted(cap: Captioner, prompt: str | None, raw_prompt: str | None) -> Captioner:
+    """The captioner ``cap`` asking ``prompt`` (or ``raw_prompt``) instead of its own (one line if it has none)."""
+    prompted = getattr(cap, "prompted", None)
+    if not callable(prompted):
+        raise AttnlabError(
+            f"prompt= and raw_prompt= are for vision-language captioners (attnlab.from_huggingface(model, processor) "
+            f"of a VLM); {cap.spec.name!r} takes no prompt"
+        )
+    return prompted(prompt=prompt, raw_prompt=raw_prompt)
