@@ -101,13 +101,13 @@ def from_huggingface(
         return _vision_language(model, tokenizer, image_processor, prompt, raw_prompt, max_len, name)
     if prompt is not None or raw_prompt is not None:
         raise AttnlabError(f"prompt= and raw_prompt= are for vision-language models ({', '.join(VLM_CLASSES)}), not a {type(model).__name__}")
-    if image_processor is None:
-        raise AttnlabError("from_huggingface(model, tokenizer, image_processor): pass the model's image processor (or its processor) too")
     kind = next((k for k in CAPTIONER_KINDS if isinstance(model, getattr(tf, k.model_class))), None)
     if kind is None:
         hint = " (load it first, e.g. VisionEncoderDecoderModel.from_pretrained(name))" if isinstance(model, str) else ""
         kinds = ", ".join([*(k.described for k in CAPTIONER_KINDS), *VLM_CLASSES])
         raise AttnlabError(f"from_huggingface takes {kinds}, not a {type(model).__name__}{hint}")
+    if image_processor is None:
+        raise AttnlabError("from_huggingface(model, tokenizer, image_processor): pass the model's image processor (or its processor) too")
     refuse_meta(model, "from_pretrained(name) without device_map='meta', or to_empty(device='cpu') then load_state_dict")
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a combined processor works too
     if not callable(getattr(tokenizer, "convert_ids_to_tokens", None)) or not callable(getattr(tokenizer, "decode", None)):

@@ -1,0 +1,120 @@
+"""``attnlab.from_huggingface(vlm, processor)`` through ``attnlab.caption``, on the tiny random models
+of tests/vlm_tiny.py: tokens equal the model's own ``generate``, prompts go through the chat
+template (or as given), and what the replaying captioner cannot do is refused in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5")
+
+import vlm_tiny  # noqa: E402  (pytest puts tests/ on the path)
+
+import attnlab  # noqa: E402
+from attnlab.errors import AttnlabError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = vlm_tiny.build(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get
+
+
+def own_generate(model, inputs, n):
+    """The model's own greedy generate: the generated tokens only."""
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=n)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("family", vlm_tiny.FAMILIES)
+def test_caption_tokens_are_generates_own(built, family):
+    model, processor = built(family)
+    size = (480, 640) if family.endswith("vl") else (1000, 200)
+    image = vlm_tiny.photo(*size, seed=3)
+    cap = attnlab.from_huggingface(model, processor, prompt="what colour is the car ?", max_len=STEPS)
+    trace = attnlab.caption(cap, image)
+    want = own_generate(model, vlm_tiny.prompt(processor, image, "what colour is the car ?"), STEPS)
+    assert trace.token_ids.tolist() == want
+    assert len(want) == STEPS  # max_len counts generated tokens only (the random models never end early here)
+    assert trace.logits.argmax(-1).tolist() == want  # caption()'s choice is generate's
+    assert trace.caption == processor.tokenizer.decode(want, skip_special_tokens=True).strip()
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_the_default_prompt_and_a_raw_prompt(built):
+    model, processor = built("qwen2_vl")
+    image = vlm_tiny.photo(640, 480, seed=1)
+    default = attnlab.caption(attnlab.from_huggingface(model, processor, max_len=STEPS), image)
+    assert default.token_ids.tolist() == own_generate(model, vlm_tiny.prompt(processor, image, "Describe this image."), STEPS)
+    raw = "<|im_start|>user <|vision_start|><|image_pad|><|vision_end|>a red car<|im_end|><|im_start|>assistant "
+    traced = attnlab.caption(attnlab.from_huggingface(model, processor, raw_prompt=raw, max_len=STEPS), image)
+    inputs = dict(processor(text=[raw], images=[image], return_tensors="pt"))
+    assert traced.token_ids.tolist() == own_generate(model, inputs, STEPS)
+    assert not np.allclose(traced.logits, default.logits)  # the prompt reached the model
+
+
+def test_max_len_default_is_generates_and_a_shorter_call_is_a_prefix(built):
+    model, processor = built("llava")
+    image = vlm_tiny.photo(640, 480, seed=2)
+    cap = attnlab.from_huggingface(model, processor)
+    assert cap.spec.max_len == 20  # generate's own default without max_new_tokens
+    longer = attnlab.caption(cap, image, max_len=6)
+    shorter = attnlab.caption(cap, image, max_len=3)
+    assert shorter.token_ids.tolist() == longer.token_ids.tolist()[:3] == own_generate(model, vlm_tiny.prompt(processor, image, "Describe this image."), 3)
+
+
+def test_a_list_of_photos_gives_what_each_gives_alone(built):
+    model, processor = built("qwen2_5_vl")
+    cap = attnlab.from_huggingface(model, processor, max_len=STEPS)
+    photos = [vlm_tiny.photo(640, 480, seed=4), vlm_tiny.photo(200, 500, seed=5)]
+    both = attnlab.caption(cap, photos)
+    for photo, trace in zip(photos, both):
+        alone = attnlab.caption(cap, photo)
+        assert trace.token_ids.tolist() == alone.token_ids.tolist()
+        np.testing.assert_array_equal(trace.cross_attention, alone.cross_attention)
+        np.testing.assert_array_equal(trace.logits, alone.logits)
+
+
+def test_what_the_replay_cannot_do_is_refused_naming_issue_22(built):
+    model, processor = built("qwen2_vl")
+    cap = attnlab.from_huggingface(model, processor, max_len=3)
+    image = vlm_tiny.photo(640, 480)
+    for call in (lambda: attnlab.explain(cap, image, "grad_attn"),
+                 lambda: attnlab.caption(cap, image, tokens=[5, 6, 7]),
+                 lambda: attnlab.caption(cap, image, beams=2)):
+        with pytest.raises(AttnlabError, match="issue 22") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_bad_arguments_get_one_line_errors(built):
+    model, processor = built("llava_next")
+    cases = [
+        (dict(prompt="a", raw_prompt="b"), "not both"),
+        (dict(prompt=3), "prompt must be a string"),
+        (dict(max_len=0), "max_len must be a positive integer"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(AttnlabError, match=message):
+            attnlab.from_huggingface(model, processor, **kwargs)
+    with pytest.raises(AttnlabError, match="combined processor"):
+        attnlab.from_huggingface(model, processor.tokenizer)
+    with pytest.raises(AttnlabError, match="combined processor only"):
+        attnlab.from_huggingface(model, processor, processor.image_processor)
+    text = transformers.LlamaForCausalLM(model.config.text_config)
+    with pytest.raises(AttnlabError, match="Qwen2VLForConditionalGeneration.*LlavaNextForConditionalGeneration") as err:
+        attnlab.from_huggingface(text, processor)
+    assert "\n" not in str(err.value)
