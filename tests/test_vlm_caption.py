@@ -118,3 +118,55 @@ def test_bad_arguments_get_one_line_errors(built):
     with pytest.raises(AttnlabError, match="Qwen2VLForConditionalGeneration.*LlavaNextForConditionalGeneration") as err:
         attnlab.from_huggingface(text, processor)
     assert "\n" not in str(err.value)
+
+
+VIEW_PHOTOS = {"qwen2_vl": (640, 480), "qwen2_5_vl": (480, 640), "qwen3_vl": (1000, 200), "llava": (480, 640), "llava_next": (1000, 200)}
+
+
+@pytest.mark.parametrize("family", vlm_tiny.FAMILIES)
+def test_trace_views_maps_and_shares_are_the_engines_and_eagers(built, family):
+    """The trace holds the engine's views, maps and shares exactly, and the maps are eager's rows
+    placed by the layout computed in tests/vlm_tiny.py (not attnlab's)."""
+    from attnlab.adapters.hf import generate_rows, vlm_layout
+
+    model, processor = built(family)
+    size = VIEW_PHOTOS[family]
+    image = vlm_tiny.photo(*size, seed=7)
+    trace = attnlab.caption(attnlab.from_huggingface(model, processor, max_len=STEPS), image)
+    inputs = vlm_tiny.prompt(processor, image, "Describe this image.")
+    run = generate_rows(model, inputs, vlm_layout(model, processor, inputs, size), STEPS)
+    assert trace.token_ids.tolist() == run.tokens.tolist()
+    assert [(v.name, v.grid) for v in trace.views] == [(v.name, v.grid) for v in run.layout.views]
+    H, W = trace.image.shape[:2]
+    for got, want in zip(trace.views, run.layout.views):  # boxes on the shown photo: the engine's, scaled
+        x0, y0, x1, y1 = want.box
+        np.testing.assert_allclose(got.box, (x0 * W / size[0], y0 * H / size[1], x1 * W / size[0], y1 * H / size[1]), rtol=1e-6)
+    for i, maps in enumerate(run.maps):
+        np.testing.assert_array_equal(trace.view_attention(i), maps)
+    assert set(trace.key_shares) >= set(run.shares)
+    for kind, share in run.shares.items():
+        np.testing.assert_array_equal(trace.key_shares[kind], share)
+    total = sum(trace.view_attention(i).sum(axis=(-2, -1)) for i in range(len(trace.views))) + sum(trace.key_shares.values())
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)  # (layers, heads, steps): every key accounted for
+
+    views, newlines = vlm_tiny.expected_layout(family, model, processor, inputs["input_ids"][0].numpy(), *size)
+    T = inputs["input_ids"].shape[1]
+    for layer, steps in enumerate(vlm_tiny.eager_rows(model, inputs, run.tokens)):
+        for s, row in enumerate(steps):
+            for i, (grid, keys) in enumerate(views):
+                np.testing.assert_allclose(trace.view_attention(i)[layer, :, s], row[:, keys].reshape(-1, *grid), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(trace.key_shares["generated"][layer, :, s], row[:, T:].sum(1), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(trace.key_shares["newline"][layer, :, s], row[:, newlines].sum(1), atol=1e-5, rtol=0)
+    if len(trace.views) == 1:
+        np.testing.assert_array_equal(trace.cross_attention, trace.view_attention(0))
+    else:
+        with pytest.raises(AttnlabError, match="view_attention"):
+            trace.cross_attention
+    assert trace.meta["prompt"] == "Describe this image." and "Describe this image." in trace.meta["raw_prompt"]
+
+
+def test_the_photo_reaches_the_processor_unchanged():
+    from attnlab.adapters.hf.vlm import photo_of, photo_tensor
+
+    image = vlm_tiny.photo(37, 23, seed=9)
+    assert np.array_equal(np.asarray(photo_of(photo_tensor(image))), np.asarray(image))

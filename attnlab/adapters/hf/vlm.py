@@ -87,7 +87,7 @@ class VLMCaptioner(ModuleCaptioner):
 
     def __init__(self, model: Any, processor: Any, *, prompt: str | None, raw_prompt: str | None,
                  max_len: int | None, name: str | None) -> None:
-        self.model, self.processor = model, processor
+        self.model, self.processor, self._max_len, self._name = model, processor, max_len, name
         self.tokenizer = getattr(processor, "tokenizer", None)
         if self.tokenizer is None or not callable(getattr(processor, "apply_chat_template", None)):
             raise AttnlabError(f"a vision-language model takes its combined processor (AutoProcessor.from_pretrained(name)), not a {type(processor).__name__}")
@@ -114,6 +114,10 @@ class VLMCaptioner(ModuleCaptioner):
     @property
     def spec(self) -> CaptionerSpec:
         return self._spec
+
+    def prompted(self, prompt: str | None = None, raw_prompt: str | None = None) -> "VLMCaptioner":
+        """The same model and processor with another prompt (what ``caption(..., prompt=)`` asks per call)."""
+        return VLMCaptioner(self.model, self.processor, prompt=prompt, raw_prompt=raw_prompt, max_len=self._max_len, name=self._name)
 
     @property
     def meta(self) -> dict[str, Any]:
