@@ -18,7 +18,41 @@ import numpy as np
 
 from .errors import AttnlabError
 
-__all__ = ["KeyLayout"]
+__all__ = ["KeyLayout", "View"]
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class View:
+    """One view of the photo: its ``name``, its token ``grid = (h, w)`` (row-major as it sits on the
+    photo) and the ``box = (x0, y0, x1, y1)`` of the photo it covers, in pixels of the photo as given
+    (``trace.image``); floats, and it may overhang the photo where the processor padded."""
+
+    name: str
+    grid: tuple[int, int]
+    box: Box
+
+    @classmethod
+    def checked(cls, name: Any, grid: Any, box: Any) -> "View":
+        """A view from plain values (a one-line error naming what is wrong)."""
+        if not isinstance(name, str) or not name:
+            raise AttnlabError(f"a view's name must be a non-empty string, not {name!r}")
+        try:
+            h, w = (int(v) for v in grid)
+            x0, y0, x1, y1 = (float(v) for v in box)
+        except (TypeError, ValueError):
+            raise AttnlabError(f"view {name!r}: grid must be (rows, columns) and box (x0, y0, x1, y1), not {grid!r}, {box!r}") from None
+        if h < 1 or w < 1 or not np.isfinite([x0, y0, x1, y1]).all() or x1 <= x0 or y1 <= y0:
+            raise AttnlabError(f"view {name!r}: grid {grid!r} needs rows, columns >= 1 and box {box!r} finite with x0 < x1, y0 < y1")
+        return cls(name, (h, w), (x0, y0, x1, y1))
+
+    @classmethod
+    def whole(cls, grid: tuple[int, int], image: Any, name: str = "image") -> "View":
+        """The one view of a single-view trace: ``grid`` over the whole ``image`` ``(height, width, 3)``."""
+        height, width = np.shape(image)[:2]
+        return cls(name, (int(grid[0]), int(grid[1])), (0.0, 0.0, float(width), float(height)))
+
 
 
 @dataclass(frozen=True)

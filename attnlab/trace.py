@@ -9,7 +9,6 @@ importable from here).
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import trace_io
+from . import trace_build, trace_views
 from .errors import AttnlabError
+from .keys import View
 from .trace_io import (  # noqa: F401  (the format's names, importable from here as before)
     LIMITS,
     MAX_HEADER_BYTES,
@@ -77,7 +78,18 @@ class CaptionTrace:
             not image patches (a ViT's CLS token and registers; 0 for CATR).
         prefix_share: ``(layers, heads, steps)`` float32, the weight each step
             put on those prefix keys (``None`` when there are none or they were
-            not recorded).
+            not recorded); the same array as ``key_shares["prefix"]``.
+        views: the views of the photo the attention is split over
+            (:class:`~attnlab.keys.View`: ``name``, ``grid``, ``box``); by default
+            one view ``"image"`` of ``grid`` over the whole ``image``. A trace of
+            several views (:meth:`from_views`) has them in :meth:`view_attention`;
+            its ``cross_attention`` is then an error.
+        view_maps: for several views only, each view's ``(layers, heads, steps, h, w)``
+            (read them with :meth:`view_attention`).
+        key_shares: ``kind -> (layers, heads, steps)``, the weight on the keys that
+            are not image patches, by kind (``"prefix"``, ``"prompt"``, ``"special"``,
+            ``"newline"``, ``"padding"``, ``"generated"``, ``"overhang"``, ...): the
+            views' maps plus the shares sum to 1 at every layer, head and step.
     """
 
     token_ids: np.ndarray
@@ -94,6 +106,9 @@ class CaptionTrace:
     prefix_tokens: int = 0
     prefix_share: np.ndarray | None = None
     word_starts: np.ndarray | None = None
+    views: tuple[View, ...] | None = None
+    view_maps: tuple[np.ndarray, ...] | None = None
+    key_shares: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = np.asarray(self.token_ids, dtype=np.int64)
@@ -107,18 +122,32 @@ class CaptionTrace:
             raise ValueError(f"prefix_tokens must be 0 or more, not {self.prefix_tokens}")
         if self.logits is not None and (self.logits.ndim != 2 or self.logits.shape[0] != steps):
             raise ValueError(f"logits has shape {tuple(self.logits.shape)}, expected ({steps}, vocab)")
-        ca = self.cross_attention
+        self.views, self.view_maps = trace_views.check_views(
+            (View.whole(self.grid, self.image),) if self.views is None else self.views, self.view_maps, self.grid
+        )
+        if len(self.views) > 1 and self._cross is not None:
+            raise ValueError("a trace of several views keeps its maps in view_maps: pass cross_attention=None")
+        ca = self._cross
         if ca is not None:
             if ca.ndim != 5 or ca.shape[2] != steps or tuple(ca.shape[3:]) != self.grid:
                 raise ValueError(
                     f"cross_attention has shape {tuple(ca.shape)}, expected "
                     f"(layers, heads, {steps}, {self.grid[0]}, {self.grid[1]})"
                 )
-        if self.prefix_share is not None:
-            want = None if ca is None else (*ca.shape[:2], steps)
-            if want is None or tuple(self.prefix_share.shape) != want:
-                raise ValueError(f"prefix_share has shape {tuple(self.prefix_share.shape)}, expected (layers, heads, steps) = {want}")
+        first = self._first_maps()
+        want = None if first is None else (*first.shape[:2], steps)
+        if self.prefix_share is not None and (want is None or tuple(self.prefix_share.shape) != want):
+            raise ValueError(f"prefix_share has shape {tuple(self.prefix_share.shape)}, expected (layers, heads, steps) = {want}")
+        self.key_shares = trace_views.check_shares(dict(self.key_shares or {}), want)
+        if self.prefix_share is None:
+            self.prefix_share = self.key_shares.get("prefix")
+        elif "prefix" in self.key_shares and not np.array_equal(self.key_shares["prefix"], self.prefix_share):
+            raise ValueError("prefix_share and key_shares['prefix'] differ: give one of them")
+        else:
+            self.key_shares = {"prefix": self.prefix_share, **self.key_shares}
         enc = self.encoder_self_attention
+        if enc is not None and len(self.views) > 1:
+            raise ValueError("encoder_self_attention is kept for single-view traces only")
         if enc is not None:
             keys = self.prefix_tokens + self.grid[0] * self.grid[1]
             if enc.ndim != 4 or tuple(enc.shape[2:]) != (keys, keys):
@@ -139,13 +168,35 @@ class CaptionTrace:
 
     @property
     def num_layers(self) -> int:
-        """Decoder layers in ``cross_attention`` (0 when nothing was recorded)."""
-        return 0 if self.cross_attention is None else self.cross_attention.shape[0]
+        """Decoder layers in the attention maps (0 when nothing was recorded)."""
+        first = self._first_maps()
+        return 0 if first is None else first.shape[0]
 
     @property
     def num_heads(self) -> int:
-        """Attention heads per layer in ``cross_attention`` (0 when nothing was recorded)."""
-        return 0 if self.cross_attention is None else self.cross_attention.shape[1]
+        """Attention heads per layer in the attention maps (0 when nothing was recorded)."""
+        first = self._first_maps()
+        return 0 if first is None else first.shape[1]
+
+    def _first_maps(self) -> np.ndarray | None:
+        """The first view's maps ``(layers, heads, steps, h, w)`` (any number of views), or ``None``."""
+        return self._cross if self.view_maps is None else self.view_maps[0]
+
+    def view_attention(self, i: int | str = 0) -> np.ndarray:
+        """View ``i``'s maps ``(layers, heads, steps, h, w)`` (``i``: index or name; see ``views``).
+
+        For a single-view trace ``view_attention(0)`` is ``cross_attention``. Nothing is
+        renormalised: the views' maps plus ``key_shares`` sum to 1 at every layer, head and step.
+        """
+        n, names = len(self.views), [v.name for v in self.views]
+        if isinstance(i, str) and i in names:
+            i = names.index(i)
+        if not is_int(i) or not -n <= int(i) < n:
+            raise AttnlabError(f"view {i!r} does not exist: the trace has {n} views {names} (use 0..{n - 1} or a name)")
+        maps = self._cross if self.view_maps is None else self.view_maps[int(i) % n]
+        if maps is None:
+            raise AttnlabError("this trace holds no attention: caption again with record='cross' or 'all'")
+        return maps
 
     # ------------------------------------------ checks shared by every view
     def require_attention(self) -> np.ndarray:
@@ -156,14 +207,14 @@ class CaptionTrace:
 
     def check_layer(self, i: Any) -> int:
         """Decoder layer ``i`` (negative counts from the end) as an index ``0..layers-1``, or a one-line error."""
-        n = self.require_attention().shape[0]
+        n = self.view_attention(0).shape[0]
         if not is_int(i) or not -n <= int(i) < n:
             raise AttnlabError(f"layer {i!r} does not exist: the decoder has {n} layers (use 0..{n - 1} or -1 for the last)")
         return int(i) % n
 
     def check_head(self, h: Any) -> int | None:
         """Head ``h`` as an index ``0..heads-1``; ``"mean"`` (the average over heads) gives ``None``."""
-        n = self.require_attention().shape[1]
+        n = self.view_attention(0).shape[1]
         if isinstance(h, str) and h == "mean":
             return None
         if not is_int(h) or not -n <= int(h) < n:
@@ -237,33 +288,7 @@ class CaptionTrace:
         spans = self.word_spans()
         if all(end - start == 1 for start, end in spans):
             return self
-
-        def mean_steps(a: np.ndarray | None, axis: int) -> np.ndarray | None:
-            if a is None:
-                return None
-            parts = [a.take(range(s, e), axis=axis).mean(axis=axis, keepdims=True) for s, e in spans]
-            return np.concatenate(parts, axis=axis).astype(a.dtype)  # the steps axis now counts words
-
-        words = ["".join([self.words[s], *(w[2:] if w.startswith("##") else w for w in self.words[s + 1 : e])]) for s, e in spans]
-        probs = self.probabilities()
-        meta = dict(self.meta, pieces=[[s, e] for s, e in spans])
-        if probs is not None:
-            meta["word_probabilities"] = [float(np.prod(probs[s:e], dtype=np.float64)) for s, e in spans]
-        return CaptionTrace(
-            token_ids=self.token_ids[[s for s, _ in spans]],
-            words=words,
-            logits=None,
-            cross_attention=mean_steps(self.cross_attention, 2),  # (layers, heads, words, H, W)
-            grid=self.grid,
-            image=self.image,
-            model_name=self.model_name,
-            caption=self.caption,
-            encoder_self_attention=self.encoder_self_attention,
-            decoder_self_attention=None,  # step-to-step weights have no per-word meaning
-            meta=meta,
-            prefix_tokens=self.prefix_tokens,
-            prefix_share=mean_steps(self.prefix_share, 2),  # (layers, heads, words)
-        )
+        return CaptionTrace(**trace_build.word_fields(self, spans))
 
     def diagnostics(self) -> "Diagnostics":
         """Where each map's weight goes besides the content: the prefix keys (CLS, registers),
@@ -280,18 +305,18 @@ class CaptionTrace:
         bad = []
         if self.logits is not None and logits_problem(self.logits):
             bad.append("logits")
-        for name in ("cross_attention", "prefix_share", "encoder_self_attention", "decoder_self_attention"):
-            value = getattr(self, name)
-            if value is not None and not np.isfinite(value).all():
-                bad.append(name)
-        return bad
+        named = {"cross_attention": self._cross, "prefix_share": self.prefix_share}
+        named.update({f"view_attention({v.name!r})": m for v, m in zip(self.views, self.view_maps or ())})
+        named.update({f"key_shares[{k!r}]": v for k, v in self.key_shares.items() if k != "prefix"})
+        named.update(encoder_self_attention=self.encoder_self_attention, decoder_self_attention=self.decoder_self_attention)
+        return bad + [name for name, value in named.items() if value is not None and not np.isfinite(value).all()]
 
     def __repr__(self) -> str:
-        shape = None if self.cross_attention is None else tuple(self.cross_attention.shape)
-        return (
-            f"CaptionTrace(caption={self.caption!r}, steps={self.steps}, grid={self.grid}, "
-            f"cross_attention={shape}, model={self.model_name!r})"
-        )
+        if len(self.views) > 1:
+            shown = f"views={[(v.name, v.grid) for v in self.views]}"
+        else:
+            shown = f"grid={self.grid}, cross_attention={None if self._cross is None else tuple(self._cross.shape)}"
+        return f"CaptionTrace(caption={self.caption!r}, steps={self.steps}, {shown}, model={self.model_name!r})"
 
     # ----------------------------------------------------------- construction
     @classmethod
@@ -329,47 +354,48 @@ class CaptionTrace:
             atol: rows summing to 1 within ``atol`` pass silently; others are kept
                 as given with a warning that says how far off they are.
         """
-        from .keys import KeyLayout  # the one rule for which keys are patches
-        from .preprocess import load_image  # the input layer; only this constructor needs it
-
-        ids = np.asarray(token_ids)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise AttnlabError(f"token_ids must be a 1-D list of integer ids, not {ids.dtype} of shape {ids.shape}")
-        steps = len(ids)
-        if len(words) != steps:
-            raise AttnlabError(f"{len(words)} words for {steps} token ids: give one word per decoding step")
-        layout = KeyLayout.checked(prefix_tokens, grid)
-        gh, gw = layout.grid
-        ca = layout.rows_of(cross_attention, steps)  # (layers, heads, steps, K)
-        sums = ca.sum(axis=-1)  # (layers, heads, steps)
-        if np.abs(sums - 1).max() > atol:
-            warnings.warn(
-                f"cross_attention rows sum to {sums.min():.3g}..{sums.max():.3g}, not 1: kept as given "
-                "(did you drop prefix or padding keys, or pass pre-softmax scores?)",
-                stacklevel=2,
-            )
-        share = layout.share(ca)  # (layers, heads, steps) or None
-        patches = layout.split(ca)[1]  # (layers, heads, steps, H, W)
-        arr = logits
-        if arr is not None:
-            arr = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr, dtype=np.float32)
-            if arr.ndim != 2 or arr.shape[0] != steps:
-                raise AttnlabError(f"logits has shape {arr.shape}: expected ({steps}, vocab)")
-        img = np.asarray(load_image(image))  # (h, w, 3) uint8
-        return cls(
-            token_ids=ids.astype(np.int64),
-            words=list(words),
-            logits=arr,
-            cross_attention=np.ascontiguousarray(patches),
-            grid=(gh, gw),
-            image=img,
-            model_name=model_name,
-            caption=" ".join(words) if caption is None else caption,
-            prefix_tokens=int(prefix_tokens),
-            prefix_share=None if share is None else np.ascontiguousarray(share),
-            word_starts=None if word_starts is None else np.asarray(word_starts, dtype=bool),
-            meta={"mode": "from_attention"},
+        fields = trace_build.attention_fields(
+            words, token_ids, cross_attention, grid, image, logits=logits, prefix_tokens=prefix_tokens,
+            model_name=model_name, caption=caption, word_starts=word_starts, atol=atol,
         )
+        return cls(**fields)
+
+    @classmethod
+    def from_views(
+        cls,
+        words: Sequence[str],
+        token_ids: Sequence[int] | np.ndarray,
+        views: Sequence[Any],
+        maps: Sequence[Any],
+        image: Any,
+        *,
+        key_shares: dict[str, Any] | None = None,
+        logits: Any = None,
+        model_name: str = "unknown",
+        caption: str | None = None,
+        word_starts: Sequence[bool] | None = None,
+        meta: dict[str, Any] | None = None,
+        atol: float = 1e-3,
+    ) -> "CaptionTrace":
+        """A trace whose attention is split over several views of the photo (or one view with a box).
+
+        Args:
+            words, token_ids: one per decoding step (``steps``).
+            views: :class:`~attnlab.keys.View` objects or ``(name, (h, w), (x0, y0, x1, y1))``
+                tuples; boxes in pixels of ``image``, floats, may overhang it.
+            maps: one ``(layers, heads, steps, h, w)`` array or tensor per view.
+            image: the photo the boxes refer to (path, PIL image or ``(h, w, 3)`` array).
+            key_shares: ``kind -> (layers, heads, steps)``, the weight on every other key
+                (``"prefix"``, ``"prompt"``, ``"special"``, ...). Where the maps plus the
+                shares do not sum to 1 within ``atol`` they are kept as given with a warning.
+            logits, model_name, caption, word_starts: as for :meth:`from_attention`.
+            meta: the trace's ``meta`` (default ``{"mode": "from_views"}``).
+        """
+        fields = trace_build.views_fields(
+            words, token_ids, views, maps, image, key_shares=key_shares, logits=logits, model_name=model_name,
+            caption=caption, word_starts=word_starts, meta=meta, atol=atol,
+        )
+        return cls(**fields)
 
     # ----------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
@@ -397,3 +423,22 @@ class CaptionTrace:
             return cls(**fields)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise trace_io.damaged(Path(path), f"{type(exc).__name__}: {exc}") from None
+
+
+def _get_cross(trace: CaptionTrace) -> np.ndarray | None:
+    if len(trace.views) > 1:
+        names = [v.name for v in trace.views]
+        raise AttnlabError(f"this trace has {len(names)} views {names}: read each with trace.view_attention(i), not cross_attention")
+    return trace._cross
+
+
+def _set_cross(trace: CaptionTrace, value: np.ndarray | None) -> None:
+    trace._cross = value
+
+
+# ``cross_attention`` stays the first field of the constructor; reading it is an error for several views
+CaptionTrace.cross_attention = property(  # type: ignore[assignment]
+    _get_cross,
+    _set_cross,
+    doc="``(layers, heads, steps, H, W)``: the one view's maps (see the class); an error for a trace of several views.",
+)

@@ -19,7 +19,9 @@ refused ("upgrade attnlab").
 
 Versions: 1 (attnlab 0.1: logits required; ``prefix_tokens``/``prefix_share``
 optional, written only by the first captioner-seam builds); 2 (``prefix_tokens``
-always in the header, ``prefix_share`` and ``logits`` optional).
+always in the header, ``prefix_share`` and ``logits`` optional); 3 (``views`` and
+``share_kinds`` in the header, members ``view_maps`` and ``key_shares``: see
+:mod:`attnlab.trace_views`; ``prefix_share`` is stored as ``key_shares["prefix"]``).
 
 Nothing here builds a trace: :meth:`CaptionTrace.load` passes :func:`load_fields`
 to the class, so this module never imports it (no import circle).
@@ -37,13 +39,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from . import trace_views
 from .errors import AttnlabError
 from .fileio import atomic_write
 
 CaptionTrace = Any  # an attnlab.trace.CaptionTrace (not imported: the trace imports this module)
 
 TRACE_FORMAT = "attnlab-trace"
-TRACE_VERSION = 2
+TRACE_VERSION = 3
 
 # member -> (dtype kinds allowed, the version that introduced it)
 MEMBERS: dict[str, tuple[str, int]] = {
@@ -55,9 +58,12 @@ MEMBERS: dict[str, tuple[str, int]] = {
     "encoder_self_attention": ("f", 1),
     "decoder_self_attention": ("f", 1),
     "prefix_share": ("f", 1),  # written by some version-1 files already (see _v1_to_v2)
+    "view_maps": ("f", 3),  # the views after the first, joined: (layers, heads, steps, sum of h * w)
+    "key_shares": ("f", 3),  # (kinds, layers, heads, steps), kinds in the header's share_kinds
 }
-_REQUIRED = {1: ("header", "token_ids", "logits", "image"), 2: ("header", "token_ids", "image")}
-_HEADER_KEYS = {1: ("words", "grid", "model_name", "caption"), 2: ("words", "grid", "model_name", "caption", "prefix_tokens")}
+_REQUIRED = {1: ("header", "token_ids", "logits", "image"), 2: ("header", "token_ids", "image"), 3: ("header", "token_ids", "image")}
+_V2_KEYS = ("words", "grid", "model_name", "caption", "prefix_tokens")
+_HEADER_KEYS = {1: ("words", "grid", "model_name", "caption"), 2: _V2_KEYS, 3: (*_V2_KEYS, "views", "share_kinds")}
 
 # sanity bounds on what a trace file may declare (far above any real captioner)
 LIMITS = {
@@ -98,11 +104,14 @@ def load_fields(path: str | os.PathLike, *, max_bytes: int = MAX_TRACE_BYTES) ->
     header, arrays = _upgrade(header, arrays, version)
     _check_values(path, arrays)
     try:
+        views = trace_views.views_from_header(header)
+        maps = trace_views.unpack(views, arrays.get("cross_attention"), arrays.get("view_maps"))
+        shares = dict(zip(trace_views.share_kinds(header), arrays.get("key_shares", ())))
         return dict(
             token_ids=arrays["token_ids"],
             words=header["words"],
             logits=arrays.get("logits"),
-            cross_attention=arrays.get("cross_attention"),
+            cross_attention=None if maps else arrays.get("cross_attention"),
             grid=tuple(header["grid"]),
             image=arrays["image"],
             model_name=header["model_name"],
@@ -113,6 +122,9 @@ def load_fields(path: str | os.PathLike, *, max_bytes: int = MAX_TRACE_BYTES) ->
             prefix_tokens=header["prefix_tokens"],
             prefix_share=arrays.get("prefix_share"),
             word_starts=header.get("word_starts"),
+            views=views,
+            view_maps=maps,
+            key_shares=shares,
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise damaged(path, f"{type(exc).__name__}: {exc}") from None
@@ -135,6 +147,7 @@ def _npz_members(trace: CaptionTrace) -> dict[str, np.ndarray]:
         "caption": trace.caption,
         "prefix_tokens": trace.prefix_tokens,
         "meta": trace.meta,
+        **trace_views.views_header(trace.views, trace.key_shares),
     }
     if trace.word_starts is not None:
         header["word_starts"] = trace.word_starts.tolist()
@@ -143,10 +156,14 @@ def _npz_members(trace: CaptionTrace) -> dict[str, np.ndarray]:
     except (TypeError, ValueError, RecursionError) as exc:
         raise AttnlabError(f"meta holds a value JSON cannot store ({exc}); use numbers, strings, lists and dicts") from None
     arrays: dict[str, np.ndarray] = {"header": np.array(text), "token_ids": trace.token_ids, "image": trace.image}
-    for name in ("logits", "cross_attention", "encoder_self_attention", "decoder_self_attention", "prefix_share"):
+    several = len(trace.views) > 1 and trace.num_layers
+    if trace.num_layers:
+        arrays["cross_attention"] = trace.view_attention(0)
+    for name in ("logits", "encoder_self_attention", "decoder_self_attention"):
         value = getattr(trace, name)
         if value is not None:
             arrays[name] = value
+    arrays.update(trace_views.pack(trace.view_maps if several else None, trace.key_shares))  # prefix_share: key_shares["prefix"]
     return arrays
 
 
@@ -291,6 +308,13 @@ def _check_header(path: Path, header: dict[str, Any], version: int) -> None:
     problem = _text_problem(words, header["caption"], header["model_name"]) or word_probabilities_problem(header.get("meta", {}), len(words))
     if problem:
         raise damaged(path, problem)
+    try:
+        views = trace_views.views_from_header(header)
+        trace_views.share_kinds(header)
+    except ValueError as exc:
+        raise damaged(path, str(exc)) from None
+    if views is not None and list(views[0].grid) != grid:
+        raise damaged(path, f"grid {grid} is not the first view's grid {list(views[0].grid)}")
 
 
 def _peek(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -356,6 +380,13 @@ def _check_shapes(path: Path, header: dict[str, Any], version: int, shapes: dict
     ps = shape("prefix_share")
     if ps is not None:
         need("prefix_share", ca is not None and ps == ca[:2] + (steps,), "(layers, heads, steps) of the cross-attention")
+    joined, ks = shape("view_maps"), shape("key_shares")
+    if joined is not None:
+        width = trace_views.joined_width(trace_views.views_from_header(header) or ())
+        need("view_maps", ca is not None and width > 0 and joined == ca[:3] + (width,), f"(layers, heads, steps, {width}) beside the cross-attention")
+    if ks is not None:
+        kinds = len(header.get("share_kinds", []))
+        need("key_shares", ca is not None and ks == (kinds,) + ca[:3], f"({kinds}, layers, heads, steps) of the cross-attention")
     enc = shape("encoder_self_attention")
     if enc is not None:
         keys = prefix + rows * cols
@@ -381,7 +412,7 @@ def _check_values(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise damaged(path, f"token id {int(ids.max())} lies beyond the vocabulary ({'its logits have ' + str(vocab) if vocab else 'at most ' + str(LIMITS['vocab'])} tokens)")
     if logits is not None and (problem := logits_problem(logits)):
         raise damaged(path, problem)
-    for name in ("cross_attention", "prefix_share", "encoder_self_attention", "decoder_self_attention"):
+    for name in ("cross_attention", "prefix_share", "encoder_self_attention", "decoder_self_attention", "view_maps", "key_shares"):
         value = arrays.get(name)
         if value is not None and not np.isfinite(value).all():
             raise damaged(path, f"{name} holds NaN or infinite values")
@@ -393,7 +424,12 @@ def _v1_to_v2(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     header.setdefault("prefix_tokens", 0)
 
 
-_UPGRADES = {1: _v1_to_v2}  # version n -> n + 1
+def _v2_to_v3(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    # one view over the whole stored image (the trace's default) and prefix_share as key_shares["prefix"]
+    header.setdefault("share_kinds", [])
+
+
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version n -> n + 1
 
 
 def _upgrade(header: dict[str, Any], arrays: dict[str, np.ndarray], version: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

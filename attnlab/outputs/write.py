@@ -9,10 +9,10 @@ never taken as done (:func:`~attnlab.outputs.resume_state`): the next run writes
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 from ..errors import AttnlabError
@@ -145,10 +145,10 @@ def write_outputs(
         if html:
             pairs.append((_page_to_temp(trace, plan, tag, temps), plan.html))
             extra["html_sha256"] = file_sha256(pairs[-1][0])
-        trace = replace(trace, meta={**trace.meta, **extra, **tag})
+        trace = _with_meta(trace, {**trace.meta, **extra, **tag})
         if figure:
             pairs.append((_figure_to_temp(trace, plan, tag, temps), plan.figure))
-            trace = replace(trace, meta={**trace.meta, "figure_sha256": file_sha256(pairs[-1][0])})
+            trace = _with_meta(trace, {**trace.meta, "figure_sha256": file_sha256(pairs[-1][0])})
         fd, tmp_npz = make_temp(plan.trace)
         temps.append(tmp_npz)
         with os.fdopen(fd, "wb") as fh:
@@ -168,3 +168,11 @@ def write_outputs(
         except OSError:
             pass
     return list(plan.written(figure, html))
+
+
+def _with_meta(trace: CaptionTrace, meta: dict) -> CaptionTrace:
+    """A shallow copy of ``trace`` with ``meta`` (``dataclasses.replace`` would read ``cross_attention``,
+    an error for a trace of several views)."""
+    out = copy.copy(trace)
+    out.meta = meta
+    return out
