@@ -19,18 +19,9 @@ from typing import Any
 import numpy as np
 
 from ...errors import AttnlabError
+from ...keys import View
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next")
-Box = tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
-class View:
-    """One view of the photo: its name, its token grid ``(h, w)`` and the box it covers on the photo."""
-
-    name: str
-    grid: tuple[int, int]
-    box: Box
 
 
 @dataclass

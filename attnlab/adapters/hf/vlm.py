@@ -29,6 +29,8 @@ from PIL import Image
 
 from ...captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
 from ...errors import AttnlabError
+from ...keys import KeyLayout, View
+from ...preprocess import resized_size
 from ..module import ModuleCaptioner
 from .generation import first_id, generate_length, setting
 from .layout import vlm_layout
@@ -64,6 +66,19 @@ def chat_text(processor: Any, prompt: str) -> str:
     if not getattr(processor, "chat_template", None):
         raise AttnlabError("the processor has no chat template: pass raw_prompt= (the exact text, image placeholder included)")
     return str(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+
+def trace_layout(run: VLMRun, photo: tuple[int, int]) -> KeyLayout:
+    """The run's key layout for its trace: the boxes on the image the figures draw on (the photo
+    with its long side :data:`SHOWN_SIDE`), the keys of the tokens generated earlier the kind
+    ``"generated"`` (the replayed rows run over the prompt and those keys)."""
+    (W, H), engine = photo, run.layout
+    sw, sh = resized_size(W, H, SHOWN_SIDE)
+    fx, fy = sw / W, sh / H
+    views = [View(v.name, v.grid, (v.box[0] * fx, v.box[1] * fy, v.box[2] * fx, v.box[3] * fy)) for v in engine.views]
+    width = run.rows.shape[-1]  # prompt + generated tokens
+    kinds = {**engine.kinds, "generated": np.arange(engine.length, width)}
+    return KeyLayout.of_views(views, engine.view_keys, kinds, width)
 
 
 @dataclass
@@ -135,8 +150,10 @@ class VLMCaptioner(ModuleCaptioner):
         check_record(record)
         if not torch.is_inference_mode_enabled():
             raise AttnlabError(f"{ISSUE_22}: attnlab.caption(...) traces their attention now")
-        runs = [self.run(photo_of(p)) for p in pixels]
-        return Encoded(VLMState(runs), [r.layout.views[0].grid for r in runs], None)
+        photos = [photo_of(p) for p in pixels]
+        runs = [self.run(photo) for photo in photos]
+        layouts = [trace_layout(r, photo.size) for r, photo in zip(runs, photos)]
+        return Encoded(VLMState(runs), [r.layout.views[0].grid for r in runs], None, layouts)
 
     def step(self, state: VLMState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
         s = state.fed
