@@ -2,8 +2,9 @@
 
 Decoding (:mod:`attnlab.decode`) and the explanation methods
 (:mod:`attnlab.explain`) both end here: rows over the keys are split by the
-key layout (:class:`attnlab.keys.KeyLayout`) into the patch maps and the
-prefix share, and the words come from the captioner's vocabulary.
+key layout (:class:`attnlab.keys.KeyLayout`) into every view's maps and the
+share of every other kind of key (the prefix share of a captioner), and the
+words come from the captioner's vocabulary.
 """
 
 from __future__ import annotations
@@ -40,24 +41,29 @@ def trace_from_rows(
     meta: dict[str, Any] | None = None,
     encoder: Any = None,
     decoder: Any = None,
+    layout: KeyLayout | None = None,
 ) -> CaptionTrace:
-    """One caption's trace from its cross-attention ``rows`` ``(layers, heads, steps, K)`` (or ``None``).
+    """One caption's trace from its attention ``rows`` ``(layers, heads, steps, K)`` (or ``None``).
 
-    ``K`` may run past prefix + patches (batch padding, dropped). ``encoder`` and
+    ``layout``: the image's key layout (default: ``spec.prefix_tokens`` + ``grid``);
+    one of several views (:meth:`KeyLayout.of_views`) gives a trace of several views.
+    ``K`` may run past the layout's keys (batch padding, dropped). ``encoder`` and
     ``decoder`` are the self-attention arrays of ``record="all"``.
     """
-    layout = KeyLayout(spec.prefix_tokens, (int(grid[0]), int(grid[1])))
-    maps = share = None
+    layout = layout or KeyLayout(spec.prefix_tokens, (int(grid[0]), int(grid[1])))
+    maps: list[Any] = [None] * max(1, len(layout.views))
+    shares: dict[str, Any] = {}
     if rows is not None:
-        maps = _float32(layout.split(rows, padded=True)[1])  # (layers, heads, steps, h, w)
-        share = _float32(layout.share(rows, padded=True))  # (layers, heads, steps) or None
+        parts, kinds = layout.split_views(rows, padded=True)  # (layers, heads, steps, h, w) each, kind -> (layers, heads, steps)
+        maps, shares = [_float32(m) for m in parts], {k: _float32(v) for k, v in kinds.items()}
+    several = len(maps) > 1
     ids = [int(t) for t in ids]
     starts = getattr(spec.vocab, "word_starts", None)
     return CaptionTrace(
         token_ids=np.array(ids, dtype=np.int64),
         words=[spec.vocab.token(t) for t in ids],
         logits=_float32(logits),
-        cross_attention=maps,
+        cross_attention=None if several else maps[0],
         grid=layout.grid,
         image=image,
         model_name=spec.name,
@@ -65,7 +71,9 @@ def trace_from_rows(
         encoder_self_attention=_float32(encoder),
         decoder_self_attention=decoder,
         prefix_tokens=layout.prefix,
-        prefix_share=share,
+        views=tuple(layout.views) or None,  # None: one view over the whole image
+        view_maps=tuple(maps) if several and rows is not None else None,
+        key_shares=shares,
         word_starts=None if starts is None else np.array(starts(ids), dtype=bool),
         meta=dict(meta or {}),
     )

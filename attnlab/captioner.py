@@ -25,7 +25,12 @@ Key layout of a cross-attention row ``(K,)`` for image ``b`` with grid
 ``(h, w)``: ``prefix_tokens`` prefix keys, then the ``h * w`` patches in
 row-major order, then zero-weight padding up to ``K`` (images of a batch may
 have different grids; padding keys are masked). The same layout indexes both
-axes of the encoder's self-attention ``(N, heads, K, K)``.
+axes of the encoder's self-attention ``(N, heads, K, K)``. A captioner whose rows
+are laid out otherwise (a vision-language model: several views of the photo among
+prompt, special and newline keys) gives each image's layout in ``Encoded.layouts``
+(:meth:`attnlab.keys.KeyLayout.of_views`: which keys are each view's cells, which
+keys are of which kind); a layout of one view also carries that view's box on the
+photo (a processor's centre crop).
 
 ``state.select(indices)`` keeps or reorders the batch entries of a decoding
 state (finished captions leave the batch; beam search reorders hypotheses).
@@ -45,6 +50,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from .errors import AttnlabError
+from .keys import KeyLayout
 
 Record = Literal["none", "cross", "all"]
 RECORDS: tuple[str, ...] = ("none", "cross", "all")
@@ -193,11 +199,19 @@ class Encoded:
         encoder_attention: with ``record="all"`` (when the encoder has
             attention), per encoder layer ``(N, heads, K, K)`` over the key
             layout of the module docstring; else ``None``.
+        layouts: ``N`` key layouts (:class:`attnlab.keys.KeyLayout`), one per image,
+            for rows not laid out as prefix + grid (or a view with a box); ``None``:
+            every image's row is ``prefix_tokens`` + its grid.
     """
 
     state: DecodeState
     grids: list[tuple[int, int]]
     encoder_attention: list[torch.Tensor] | None = None
+    layouts: list[KeyLayout] | None = None
+
+    def layout(self, b: int, prefix_tokens: int) -> KeyLayout:
+        """Image ``b``'s key layout: ``layouts[b]``, or ``prefix_tokens`` + its grid."""
+        return self.layouts[b] if self.layouts is not None else KeyLayout(prefix_tokens, tuple(self.grids[b]))
 
 
 @dataclass

@@ -35,7 +35,6 @@ from .assemble import trace_from_rows
 from .captioner import Captioner, CaptionerSpec, Encoded, Record, as_captioner
 from .diagnostics import mark_padding
 from .errors import AttnlabError
-from .keys import KeyLayout
 from .preprocess import ImageInput, prepare_for
 from .settings import DecodeSettings, decode_settings
 from .trace import CaptionTrace
@@ -235,13 +234,13 @@ def _assemble(
             rows = torch.stack([cross_all[s][:, at[s]] for s in range(count)], dim=2)  # (layers, heads, steps, K)
         enc_attn = dec_attn = None
         if record == "all":
-            keys = KeyLayout(spec.prefix_tokens, enc.grids[b]).keys
+            keys = enc.layout(b, spec.prefix_tokens).keys
             if enc.encoder_attention:
                 enc_attn = torch.stack([layer[b, :, :keys, :keys] for layer in enc.encoder_attention])  # (layers, heads, K_b, K_b)
             dec_attn = _decoder_rows(steps, at)
         meta = {"mode": mode, "end_token": spec.eos, "stopped": "end" if ids and ids[-1] == spec.eos else "max_len", **path.meta}
         traces.append(trace_from_rows(spec, ids, rows, enc.grids[b], shown[b], logits=logits, meta=meta,
-                                      encoder=enc_attn, decoder=dec_attn))
+                                      encoder=enc_attn, decoder=dec_attn, layout=enc.layout(b, spec.prefix_tokens)))
     return traces
 
 
@@ -306,6 +305,8 @@ def decode_batch(
         enc = runner.begin(list(pixels), settings.record)
         if len(enc.grids) != len(pixels):
             raise AttnlabError(f"the captioner's begin() returned {len(enc.grids)} grids for {len(pixels)} images")
+        if enc.layouts is not None and len(enc.layouts) != len(pixels):
+            raise AttnlabError(f"the captioner's begin() returned {len(enc.layouts)} key layouts for {len(pixels)} images")
         if settings.beams == 1:
             steps, paths = greedy_steps(runner, enc.state, len(pixels), settings.forced, settings.steps, settings.record)
         else:

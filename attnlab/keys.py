@@ -1,17 +1,24 @@
 """The key layout of an attention row: the ONE place that says which keys are the image's patches.
 
-A row over ``K`` keys holds the prefix keys first (a ViT's CLS token and its
-registers), then the ``h * w`` patches row by row, then (in a batch of mixed
+A captioner's row over ``K`` keys holds the prefix keys first (a ViT's CLS token and
+its registers), then the ``h * w`` patches row by row, then (in a batch of mixed
 sizes) zero-weight padding. :class:`KeyLayout` splits such rows, NumPy arrays
 or torch tensors alike, into the prefix part and the ``(h, w)`` patch map;
 decoding, explanations, ``CaptionTrace.from_attention`` and the encoder rows of
-:mod:`attnlab.rollout` all split rows here. A later layout (several views of one
-image, other kinds of keys) changes this class, not its callers.
+:mod:`attnlab.rollout` all split rows here.
+
+A vision-language prompt is laid out differently: one photo gives several *views*
+(:class:`View`: a grid and the box of the photo it covers) whose tokens sit anywhere
+among the prompt's keys, and every other key has a *kind* (``"prefix"``, ``"prompt"``,
+``"special"``, ``"newline"``, ``"padding"``, ...). :meth:`KeyLayout.of_views` holds such a
+layout (which keys are each view's cells, row-major, and which keys are of each kind) and
+:meth:`KeyLayout.split_views` splits rows into every view's map and every kind's share;
+it works on the simple layout too (one view ``"image"``, the prefix as kind ``"prefix"``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,12 +62,52 @@ class View:
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KeyLayout:
-    """``prefix`` leading non-patch keys, then a ``grid = (h, w)`` of patches (row-major)."""
+    """``prefix`` leading non-patch keys, then a ``grid = (h, w)`` of patches (row-major).
+
+    A layout of several views (:meth:`of_views`) also holds ``views``, ``view_keys[i]``
+    (the ``h * w`` key indices of view ``i``, row-major), ``kinds`` (kind -> key indices)
+    and ``length`` (the keys of a row); then ``grid`` is the first view's grid and
+    ``prefix`` the number of ``"prefix"`` keys.
+    """
 
     prefix: int
     grid: tuple[int, int]
+    views: tuple[View, ...] = ()
+    view_keys: tuple[np.ndarray, ...] = ()
+    kinds: dict[str, np.ndarray] = field(default_factory=dict)
+    length: int = 0
+
+    @classmethod
+    def of_views(cls, views: Any, view_keys: Any, kinds: dict[str, Any], length: int) -> "KeyLayout":
+        """A layout of ``views`` whose cells are the keys ``view_keys[i]`` (row-major) among ``length``
+        keys, every other key listed under its kind; a one-line error unless every key
+        ``0 .. length - 1`` is in exactly one view cell or kind."""
+        views = tuple(views)
+        keys = tuple(np.asarray(k, dtype=np.int64).reshape(-1) for k in view_keys)
+        kinds = {str(k): np.asarray(v, dtype=np.int64).reshape(-1) for k, v in kinds.items()}
+        if not views or len(keys) != len(views) or any(len(k) != v.grid[0] * v.grid[1] for k, v in zip(keys, views)):
+            raise AttnlabError(f"{len(keys)} key lists for {len(views)} views: give each view its h * w keys, row-major")
+        every = np.concatenate([*keys, *kinds.values()]) if keys or kinds else np.zeros(0, np.int64)
+        if len(every) != length or not np.array_equal(np.sort(every), np.arange(length)):
+            raise AttnlabError(f"the views and kinds place {len(every)} keys, not each of the {length} keys of the row exactly once")
+        return cls(len(kinds.get("prefix", ())), views[0].grid, views, keys, kinds, int(length))
+
+    def split_views(self, rows: Any, *, padded: bool = False) -> tuple[list[Any], dict[str, Any]]:
+        """Rows ``(..., K)`` -> every view's maps ``(..., h, w)`` and every kind's share ``(...)``.
+
+        The simple layout gives one map and, with prefix keys, the share ``"prefix"``.
+        ``padded``: keys after the layout's are batch padding and are dropped.
+        """
+        if not self.views:
+            prefix, patches = self.split(rows, padded=padded)
+            return [patches], ({"prefix": prefix.sum(-1)} if self.prefix else {})  # (..., h, w), {kind: (...)}
+        if rows.shape[-1] != self.length and not (padded and rows.shape[-1] > self.length):
+            raise AttnlabError(f"rows of {rows.shape[-1]} keys do not fit the layout's {self.length} keys")
+        lead = tuple(rows.shape[:-1])
+        maps = [rows[..., k].reshape(*lead, *v.grid) for v, k in zip(self.views, self.view_keys)]  # (..., h, w) each
+        return maps, {kind: rows[..., k].sum(-1) for kind, k in self.kinds.items()}  # kind -> (...)
 
     @classmethod
     def checked(cls, prefix_tokens: Any, grid: Any) -> "KeyLayout":
@@ -77,8 +124,8 @@ class KeyLayout:
 
     @property
     def keys(self) -> int:
-        """The keys that carry weight: prefix + patches (padding after them excluded)."""
-        return self.prefix + self.grid[0] * self.grid[1]
+        """The keys that carry weight: prefix + patches (padding after them excluded), or ``length``."""
+        return self.length if self.views else self.prefix + self.grid[0] * self.grid[1]
 
     def split(self, rows: Any, *, padded: bool = False) -> tuple[Any, Any]:
         """Rows ``(..., K)`` -> prefix part ``(..., prefix)`` and patch maps ``(..., h, w)``.
@@ -86,6 +133,8 @@ class KeyLayout:
         ``padded``: keys after prefix + patches are batch padding and are dropped;
         otherwise ``K`` must be exactly prefix + patches (one line if not).
         """
+        if self.views:
+            raise AttnlabError("this layout has several views: split its rows with split_views")
         k = self.keys
         if rows.shape[-1] != k and not (padded and rows.shape[-1] > k):
             h, w = self.grid
