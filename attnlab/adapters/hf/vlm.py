@@ -111,8 +111,9 @@ class VLMCaptioner(ModuleCaptioner):
         for key, value in (("prompt", prompt), ("raw_prompt", raw_prompt), ("name", name)):
             if value is not None and not isinstance(value, str):
                 raise AttnlabError(f"{key} must be a string, not {type(value).__name__}")
-        self.prompt, self.raw_prompt = prompt, raw_prompt
-        self.text = raw_prompt if raw_prompt is not None else chat_text(processor, DEFAULT_PROMPT if prompt is None else prompt)
+        self.prompt = DEFAULT_PROMPT if prompt is None and raw_prompt is None else prompt
+        self.raw_prompt = raw_prompt
+        self.text = raw_prompt if raw_prompt is not None else chat_text(processor, self.prompt)
         gen, cfg = model.generation_config, model.config
         eos = first_id(setting(gen, cfg, "eos_token_id"), getattr(self.tokenizer, "eos_token_id", None))
         if eos is None:
@@ -137,7 +138,7 @@ class VLMCaptioner(ModuleCaptioner):
     @property
     def meta(self) -> dict[str, Any]:
         """What every trace of this captioner records: the prompt and the exact text handed to the processor."""
-        return {"prompt": self.prompt if self.raw_prompt is None else None, "raw_prompt": self.text}
+        return {"prompt": self.prompt, "raw_prompt": self.text}
 
     def run(self, photo: Image.Image, max_new_tokens: int | None = None) -> VLMRun:
         """The engine's run on one photo: ``generate`` with every step's rows (kept for the replay)."""
