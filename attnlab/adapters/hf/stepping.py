@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ...errors import AttnlabError
-from .layout import KeyLayout
+from ...keys import KeyLayout
 from .rows import capture_rows
 
 
