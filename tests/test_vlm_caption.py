@@ -176,3 +176,19 @@ def test_the_photo_reaches_the_processor_unchanged():
 
     image = vlm_tiny.photo(37, 23, seed=9)
     assert np.array_equal(np.asarray(photo_of(photo_tensor(image))), np.asarray(image))
+
+
+def test_vlm_traces_save_load_and_export_html(built, tmp_path):
+    model, processor = built("llava_next")
+    trace = attnlab.caption(attnlab.from_huggingface(model, processor, max_len=3), vlm_tiny.photo(1000, 200, seed=8))
+    back = attnlab.CaptionTrace.load(trace.save(tmp_path / "next.npz"))
+    assert back.views == trace.views and [v.name for v in back.views] == ["base", "high-res"]
+    for i in range(len(trace.views)):
+        np.testing.assert_array_equal(back.view_attention(i), trace.view_attention(i))
+    assert set(back.key_shares) == set(trace.key_shares)
+    for kind in trace.key_shares:
+        np.testing.assert_array_equal(back.key_shares[kind], trace.key_shares[kind])
+    model, processor = built("qwen2_vl")
+    single = attnlab.caption(attnlab.from_huggingface(model, processor, max_len=3), vlm_tiny.photo(640, 480, seed=8))
+    page = attnlab.export_html(single, tmp_path / "qwen.html")
+    assert single.caption.split()[0] in page.read_text(encoding="utf-8")
