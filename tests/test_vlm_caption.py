@@ -192,3 +192,21 @@ def test_vlm_traces_save_load_and_export_html(built, tmp_path):
     single = attnlab.caption(attnlab.from_huggingface(model, processor, max_len=3), vlm_tiny.photo(640, 480, seed=8))
     page = attnlab.export_html(single, tmp_path / "qwen.html")
     assert single.caption.split()[0] in page.read_text(encoding="utf-8")
+
+
+def test_a_folder_run_with_pages_gives_what_caption_gives(built, tmp_path):
+    from attnlab.batch import caption_folder
+
+    model, processor = built("qwen3_vl")
+    cap = attnlab.from_huggingface(model, processor, max_len=3)
+    (tmp_path / "in").mkdir()
+    photos = {"a.png": vlm_tiny.photo(640, 480, seed=10), "b.png": vlm_tiny.photo(300, 500, seed=11)}
+    for name, photo in photos.items():
+        photo.save(tmp_path / "in" / name)
+    caption_folder(cap, tmp_path / "in", tmp_path / "out", workers=0, html=True, batch_size=2)
+    for name, photo in photos.items():
+        written = attnlab.CaptionTrace.load(tmp_path / "out" / f"{name}.npz")
+        alone = attnlab.caption(cap, photo)
+        assert written.token_ids.tolist() == alone.token_ids.tolist()
+        np.testing.assert_allclose(written.view_attention(0), alone.view_attention(0), atol=1e-6)
+        assert (tmp_path / "out" / f"{name}.html").stat().st_size > 0
