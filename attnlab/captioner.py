@@ -47,10 +47,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from .errors import AttnlabError
-from .keys import KeyLayout
+from .keys import KeyLayout, View
 
 Record = Literal["none", "cross", "all"]
 RECORDS: tuple[str, ...] = ("none", "cross", "all")
@@ -90,6 +91,9 @@ class CaptionerSpec:
             instead of the resize rule and mean/std to make the model input
             (e.g. a Hugging Face image processor). The figures still follow
             ``resize``: it must describe how the transform maps the image.
+        crop: optional ``(width, height) -> (x0, y0, x1, y1)``: the box of a photo of that
+            size that ``transform`` keeps (a processor that cuts out the centre); traces
+            then have one view with that box on the shown image (``trace.views``).
         best_head: optional ``(layer, head)``: the decoder cross-attention head
             that grounds words best, chosen on held-out data (attnlab's bundled
             models carry their record; ``attnlab.explain(..., "best_head")`` uses it).
@@ -108,6 +112,7 @@ class CaptionerSpec:
     prefix_tokens: int = 0
     transform: Callable[[Any], torch.Tensor] | None = field(default=None, compare=False)
     best_head: tuple[int, int] | None = None
+    crop: Callable[[int, int], tuple[float, float, float, float]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for attr in ("bos", "eos", "pad", "max_len", "image_size", "prefix_tokens"):
@@ -209,9 +214,16 @@ class Encoded:
     encoder_attention: list[torch.Tensor] | None = None
     layouts: list[KeyLayout] | None = None
 
-    def layout(self, b: int, prefix_tokens: int) -> KeyLayout:
-        """Image ``b``'s key layout: ``layouts[b]``, or ``prefix_tokens`` + its grid."""
-        return self.layouts[b] if self.layouts is not None else KeyLayout(prefix_tokens, tuple(self.grids[b]))
+    def layout(self, b: int, spec: CaptionerSpec, shown: np.ndarray) -> KeyLayout:
+        """Image ``b``'s key layout: ``layouts[b]``, or ``spec.prefix_tokens`` + its grid (with
+        ``spec.crop``: one view whose box is the crop on the ``shown`` image ``(h, w, 3)``)."""
+        if self.layouts is not None:
+            return self.layouts[b]
+        layout = KeyLayout(spec.prefix_tokens, (int(self.grids[b][0]), int(self.grids[b][1])))
+        if spec.crop is None:
+            return layout
+        height, width = shown.shape[:2]
+        return layout.boxed(View.checked("image", layout.grid, spec.crop(width, height)))
 
 
 @dataclass

@@ -234,13 +234,13 @@ def _assemble(
             rows = torch.stack([cross_all[s][:, at[s]] for s in range(count)], dim=2)  # (layers, heads, steps, K)
         enc_attn = dec_attn = None
         if record == "all":
-            keys = enc.layout(b, spec.prefix_tokens).keys
+            keys = enc.layout(b, spec, shown[b]).keys
             if enc.encoder_attention:
                 enc_attn = torch.stack([layer[b, :, :keys, :keys] for layer in enc.encoder_attention])  # (layers, heads, K_b, K_b)
             dec_attn = _decoder_rows(steps, at)
         meta = {"mode": mode, "end_token": spec.eos, "stopped": "end" if ids and ids[-1] == spec.eos else "max_len", **path.meta}
         traces.append(trace_from_rows(spec, ids, rows, enc.grids[b], shown[b], logits=logits, meta=meta,
-                                      encoder=enc_attn, decoder=dec_attn, layout=enc.layout(b, spec.prefix_tokens)))
+                                      encoder=enc_attn, decoder=dec_attn, layout=enc.layout(b, spec, shown[b])))
     return traces
 
 

@@ -94,6 +94,11 @@ class KeyLayout:
             raise AttnlabError(f"the views and kinds place {len(every)} keys, not each of the {length} keys of the row exactly once")
         return cls(len(kinds.get("prefix", ())), views[0].grid, views, keys, kinds, int(length))
 
+    def boxed(self, view: View) -> "KeyLayout":
+        """This prefix + grid layout as one view ``view`` (its box placed on the photo), the prefix as kind ``"prefix"``."""
+        n = self.prefix + self.grid[0] * self.grid[1]
+        return KeyLayout.of_views((view,), (np.arange(self.prefix, n),), {"prefix": np.arange(self.prefix)}, n)
+
     def split_views(self, rows: Any, *, padded: bool = False) -> tuple[list[Any], dict[str, Any]]:
         """Rows ``(..., K)`` -> every view's maps ``(..., h, w)`` and every kind's share ``(...)``.
 

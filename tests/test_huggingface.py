@@ -18,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import attnlab  # noqa: E402
+from PIL import Image  # noqa: E402
 from attnlab import AttnlabError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -108,6 +109,26 @@ def build(kind: str, files, seed: int):
 KINDS = ["vit-gpt2", "deit-bert", "blip"]
 PREFIX = {"vit-gpt2": 1, "deit-bert": 2, "blip": 1}  # CLS; DeiT: CLS + distillation token
 SEEDS = {"vit-gpt2": 51, "deit-bert": 53, "blip": 53}  # what varied() picks with transformers 5.24
+
+
+def test_a_centre_crop_processor_is_accepted_and_its_trace_has_the_crop_box(models):
+    """CLIP's processor: short side to 32, then the centre 32 x 32: a 60 x 40 photo keeps x 10..50 (by hand:
+    resized to 48 x 32, the crop starts at (48 - 32) // 2 = 8, i.e. 8 * 60 / 48 = 10 on the photo)."""
+    model, tok, _ = models["vit-gpt2"]
+    clip = transformers.CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
+    cap = attnlab.from_huggingface(model, tok, clip, max_len=3)
+    xs, ys = np.meshgrid(np.linspace(0, 255, 60), np.linspace(0, 255, 40))
+    photo = np.stack([xs, ys, np.full_like(xs, 128)], axis=-1).round().astype(np.uint8)  # (40, 60, 3) smooth ramps
+    seen = np.asarray(Image.fromarray(photo).resize((SIDE, SIDE), Image.BILINEAR, box=(10, 0, 50, 40)), dtype=np.float32) / 255
+    x = cap.spec.transform(Image.fromarray(photo))  # (3, 32, 32), normalised
+    unit = x * torch.tensor(clip.image_std).view(3, 1, 1) + torch.tensor(clip.image_mean).view(3, 1, 1)
+    assert float(np.abs(unit.permute(1, 2, 0).numpy() - seen)[1:-1, 1:-1].max()) < 0.03  # the box is what the model sees
+    trace = attnlab.caption(cap, photo)
+    (view,) = trace.views
+    height, width = trace.image.shape[:2]  # the shown photo, aspect kept
+    assert view.grid == GRID and view.name == "image"
+    np.testing.assert_allclose(np.array(view.box) / [width, height, width, height], [10 / 60, 0, 50 / 60, 1], atol=1 / width)
+    np.testing.assert_array_equal(trace.view_attention(0), trace.cross_attention)
 
 
 def varied(kind: str, files):
@@ -432,8 +453,9 @@ def test_other_models_and_processors_get_one_line(models, files):
     dec = transformers.GPT2Config(n_embd=24, n_layer=1, n_head=2, vocab_size=len(tok), n_positions=32, add_cross_attention=True)
     message = one_line(lambda: attnlab.from_huggingface(ved(swin, dec, 0, 0, 0, 0), tok, processor))
     assert "no fixed patch grid" in message and "swin" in message
-    # DeiT's default processor crops the centre: the figures could not place the patches
-    assert "crop" in one_line(lambda: attnlab.from_huggingface(model, tok, transformers.DeiTImageProcessor()))
+    # a centre crop larger than the resized image pads it: refused (a plain centre crop is accepted, tested below)
+    deit = transformers.DeiTImageProcessor(size={"height": 24, "width": 24}, crop_size={"height": SIDE, "width": SIDE})
+    assert "crop_size" in one_line(lambda: attnlab.from_huggingface(model, tok, deit))
     assert "square" in one_line(lambda: attnlab.from_huggingface(model, tok, transformers.ViTImageProcessor(size={"height": 32, "width": 48})))
     assert "encoder failed" in one_line(lambda: attnlab.from_huggingface(model, tok, transformers.ViTImageProcessor(size={"height": 64, "width": 64})))
     assert "tokenizer" in one_line(lambda: attnlab.from_huggingface(model, WORDS, processor))

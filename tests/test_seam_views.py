@@ -114,3 +114,35 @@ def test_decode_carries_each_image_s_layout_into_its_trace():
         np.testing.assert_allclose(trace.key_shares["newline"][0, 0], [row[8]] * 3, rtol=1e-6)
     with pytest.raises(AttnlabError, match="1 key layouts for 2 images"):
         decode_batch(ViewsToy([layout()]), pix, shown, max_len=3)
+
+
+def test_centre_crop_box_follows_transformers_resize_then_crop():
+    from types import SimpleNamespace
+
+    from attnlab.adapters.hf.processor import centre_crop_box
+
+    clip = SimpleNamespace(do_center_crop=True, size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    # 640 x 480: short side 480 -> 224, long side int(224 * 640 / 480) = 298; left (298 - 224) // 2 = 37
+    np.testing.assert_allclose(centre_crop_box(clip, 640, 480), (37 * 640 / 298, 0, 261 * 640 / 298, 480))
+    # 480 x 640 (portrait): the crop runs down the middle
+    np.testing.assert_allclose(centre_crop_box(clip, 480, 640), (0, 37 * 640 / 298, 480, 261 * 640 / 298))
+    deit = SimpleNamespace(do_center_crop=True, size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224})
+    # 1000 x 200 stretched to 256 x 256, centre 224: 16 px off each side of the square
+    np.testing.assert_allclose(centre_crop_box(deit, 1000, 200), (16 * 1000 / 256, 16 * 200 / 256, 240 * 1000 / 256, 240 * 200 / 256))
+    padded = SimpleNamespace(do_center_crop=True, size={"height": 20, "width": 20}, crop_size={"height": 25, "width": 25})
+    np.testing.assert_allclose(centre_crop_box(padded, 40, 40), (-2 * 2, -2 * 2, 23 * 2, 23 * 2))  # overhangs: padding
+    assert centre_crop_box(SimpleNamespace(do_center_crop=False, size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}), 9, 9) is None
+
+
+def test_a_spec_with_a_crop_gives_one_view_with_the_crop_box_on_the_shown_image():
+    cropped = CaptionerSpec(name="crop-toy", vocab=IdVocab({0: "[PAD]", 1: "[CLS]", 2: "[SEP]"}, 8), bos=1, eos=2, pad=0,
+                            max_len=3, image_size=16, resize="stretch", prefix_tokens=1, crop=lambda w, h: (w / 4, 0.0, 3 * w / 4, h))
+    enc = Encoded(_State(1), [(2, 2)])
+    lay = enc.layout(0, cropped, np.zeros((30, 40, 3), np.uint8))
+    assert lay.views == (View("image", (2, 2), (10.0, 0.0, 30.0, 30.0)),) and lay.prefix == 1 and lay.keys == 5
+    rows = np.random.default_rng(3).random((1, 1, 2, 5)).astype(np.float32)
+    trace = trace_from_rows(cropped, [5, 2], rows, (2, 2), np.zeros((30, 40, 3), np.uint8), layout=lay)
+    assert trace.views == lay.views and trace.prefix_tokens == 1
+    np.testing.assert_array_equal(trace.prefix_share, rows[..., 0])
+    np.testing.assert_array_equal(trace.cross_attention.reshape(1, 1, 2, 4), rows[..., 1:])
+    assert enc.layout(0, spec(), np.zeros((30, 40, 3), np.uint8)).views == ()  # no crop: the plain layout

@@ -90,6 +90,7 @@ class HuggingFaceCaptioner(ModuleCaptioner):
             name=name or getattr(model, "name_or_path", "") or type(model).__name__,
             bos=int(ids["bos"]), eos=int(ids["eos"]), pad=int(ids["pad"]), max_len=self._caption_length(max_len, tf),
             image_size=pixels.side, resize="stretch", mean=pixels.mean, std=pixels.std, transform=pixels.transform,
+            crop=pixels.crop,
         )  # fmt: skip
         self._tokenizer = tokenizer
         self._prefix = 0

@@ -1,6 +1,8 @@
 """The model's image processor as ``spec.transform`` (:func:`processor_input`), checked once,
-on a synthetic image, to stretch the photo to a square: then every patch of a figure sits on
-the part of the photo the model saw. A processor that crops or pads is refused in one line."""
+on a synthetic image, to stretch the photo to a square, or to resize it and cut out its centre
+(CLIP's and DeiT's processors: ``do_center_crop``): then ``spec.crop`` gives the box of the photo
+the model saw, and every patch of a figure sits on the part of the photo it covers. A processor
+that crops or pads in any other way is refused in one line."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class ProcessorInput:
     side: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop: Callable[[int, int], tuple[float, float, float, float]] | None = None  # (width, height) -> the box seen
 
 
 def _triple(value: Any, default: float) -> tuple[float, float, float]:
@@ -70,19 +73,42 @@ def _ramp() -> Image.Image:
     return Image.fromarray((ramp * 255).round().astype(np.uint8))
 
 
-def _check_stretch(x: torch.Tensor, probe: Image.Image, mean: tuple, std: tuple, scale: float) -> None:
-    """``x`` (the processor's pixels for ``probe``) must be ``probe`` resized to a square, nothing cropped or padded."""
+def centre_crop_box(processor: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The box ``(x0, y0, x1, y1)`` of a ``width x height`` photo that ``processor`` keeps when it
+    resizes (``size``: ``shortest_edge`` or ``height``/``width``) and then cuts out the centre
+    (``do_center_crop``, ``crop_size``), as transformers does it; ``None`` when it does not crop.
+    A crop larger than the resized photo is padded: the box then overhangs the photo."""
+    crop, size = _sides(getattr(processor, "crop_size", None)), _sides(getattr(processor, "size", None))
+    if not getattr(processor, "do_center_crop", False) or not {"height", "width"} <= set(crop):
+        return None
+    if "shortest_edge" in size:
+        short, long = sorted((width, height))
+        new_short, new_long = int(size["shortest_edge"]), int(size["shortest_edge"] * long / short)
+        nw, nh = (new_short, new_long) if width <= height else (new_long, new_short)
+    elif {"height", "width"} <= set(size):
+        nw, nh = int(size["width"]), int(size["height"])
+    else:
+        return None
+    cw, ch = int(crop["width"]), int(crop["height"])
+    left = (nw - cw) // 2 if nw >= cw else -((cw - nw) // 2)  # a crop beyond the image is padded around it
+    top = (nh - ch) // 2 if nh >= ch else -((ch - nh) // 2)
+    return (left * width / nw, top * height / nh, (left + cw) * width / nw, (top + ch) * height / nh)
+
+
+def _check_stretch(x: torch.Tensor, probe: Image.Image, mean: tuple, std: tuple, scale: float, box: Any = None) -> None:
+    """``x`` (the processor's pixels for ``probe``) must be ``probe`` (or its ``box``) resized to a square."""
     if x.dim() != 3 or x.shape[0] != 3 or x.shape[1] != x.shape[2]:
         raise AttnlabError(
             f"the image processor gives {tuple(x.shape)} pixels; attnlab needs a square (3, S, S) input: set its size to a square"
         )
     s = int(x.shape[-1])
     unit = (x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)) / (scale * 255.0)  # (3, S, S) in [0, 1]
-    expected = torch.from_numpy(np.asarray(probe.resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    seen = probe.resize((s, s), Image.BILINEAR, box=box)  # the box of the probe the model should see, as a square
+    expected = torch.from_numpy(np.asarray(seen, dtype=np.float32) / 255.0).permute(2, 0, 1)
     gap = float((unit - expected)[:, 1:-1, 1:-1].abs().max()) if s > 2 else 0.0
     if gap > STRETCH_TOLERANCE:
         raise AttnlabError(
-            f"the image processor crops or pads the image (off by {gap:.2f} from a plain resize to {s}x{s}), so attnlab's "
+            f"the image processor crops or pads the image (off by {gap:.2f} from a plain resize or a centre crop to {s}x{s}), so attnlab's "
             "figures could not place the patches: use one that only resizes to a square (e.g. do_center_crop=False and "
             "size=crop_size; the model then sees the whole image, not its centre)"
         )
@@ -112,5 +138,15 @@ def processor_input(image_processor: Any) -> ProcessorInput:
         x = transform(probe)  # (3, S, S)
     except Exception as exc:  # noqa: BLE001 - any failure of a foreign processor becomes one line
         raise AttnlabError(f"the image processor failed on a test image ({one_line(exc, with_type=True)}): pass the model's own image processor") from None
-    _check_stretch(x, probe, mean, std, scale)
-    return ProcessorInput(transform, int(x.shape[-1]), mean, std)
+    box = centre_crop_box(processor, *probe.size)
+    _check_stretch(x, probe, mean, std, scale, None if box is None else _inside(box, probe.size))
+    crop = None if box is None else (lambda width, height: centre_crop_box(processor, width, height))
+    return ProcessorInput(transform, int(x.shape[-1]), mean, std, crop)
+
+
+def _inside(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` if it lies within the photo; a crop that pads is refused (the check compares plain pixels)."""
+    x0, y0, x1, y1 = box
+    if x0 < 0 or y0 < 0 or x1 > size[0] or y1 > size[1]:
+        raise AttnlabError("the image processor's crop_size is larger than its resized image (it pads): set crop_size to at most its size")
+    return box
