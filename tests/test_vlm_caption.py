@@ -210,3 +210,22 @@ def test_a_folder_run_with_pages_gives_what_caption_gives(built, tmp_path):
         assert written.token_ids.tolist() == alone.token_ids.tolist()
         np.testing.assert_allclose(written.view_attention(0), alone.view_attention(0), atol=1e-6)
         assert (tmp_path / "out" / f"{name}.html").stat().st_size > 0
+
+
+def test_end_tokens_stop_the_caption_like_generate(built):
+    model, processor = built("llava")
+    image = vlm_tiny.photo(640, 480, seed=12)
+    cap = attnlab.from_huggingface(model, processor, max_len=6)
+    free = attnlab.caption(cap, image).token_ids.tolist()
+    before = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = int(free[2])  # the model's third token ends it
+        cap = attnlab.from_huggingface(model, processor, max_len=6)
+        trace = attnlab.caption(cap, image)
+        assert trace.token_ids.tolist() == free[:3] == own_generate(model, vlm_tiny.prompt(processor, image, "Describe this image."), 6)
+        assert trace.meta["stopped"] == "end"
+        model.generation_config.eos_token_id = [int(before), int(free[2])]  # a second end token: not yet known to decoding
+        with pytest.raises(AttnlabError, match="eos_token_id to one id"):
+            attnlab.caption(attnlab.from_huggingface(model, processor, max_len=6), image)
+    finally:
+        model.generation_config.eos_token_id = before

@@ -159,8 +159,11 @@ class VLMCaptioner(ModuleCaptioner):
     def step(self, state: VLMState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
         s = state.fed
         for run, token in zip(state.runs, ids.tolist()):
+            if s == len(run.tokens):  # generate stopped at an end token other than spec.eos (a list of end tokens)
+                raise AttnlabError(f"the model ended its caption with end token {int(run.tokens[-1])} where attnlab stops at "
+                                   f"{self._spec.eos} only: set model.generation_config.eos_token_id to one id")
             expected = self._spec.bos if s == 0 else int(run.tokens[s - 1])
-            if s >= len(run.tokens) or int(token) != expected:
+            if int(token) != expected:
                 raise AttnlabError(f"{ISSUE_22}: the captioner replays the model's own generate (fed {int(token)} at step {s})")
         state.fed += 1
         logits = torch.stack([torch.from_numpy(r.scores[s]) for r in state.runs])  # (M, V)
