@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import AttnlabError
+
 PADDING_KEY = "padding_fraction"
 SINK_SHARE = 0.5  # steady weight from this share of the row on is a sink
 MIN_SINK_STEPS = 3  # fewer steps than this: too few words to tell weight that stays from weight that agrees
@@ -112,7 +114,11 @@ class Diagnostics:
 
 
 def diagnose(trace: Any) -> Diagnostics:
-    """The diagnostics of ``trace``'s maps (it must hold attention)."""
+    """The diagnostics of ``trace``'s maps (it must hold attention and have one view)."""
+    if len(trace.views) > 1:
+        raise AttnlabError(
+            f"diagnostics cover traces of one view; this one has {len(trace.views)}: read trace.view_attention(i) and trace.key_shares"
+        )
     ca = trace.require_attention().astype(np.float64)  # (layers, heads, steps, h, w)
     maps = np.concatenate([ca, ca.mean(axis=1, keepdims=True)], axis=1)  # (layers, heads + 1, steps, h, w)
     layers, heads1, steps, gh, gw = maps.shape

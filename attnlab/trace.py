@@ -141,10 +141,8 @@ class CaptionTrace:
         self.key_shares = trace_views.check_shares(dict(self.key_shares or {}), want)
         if self.prefix_share is None:
             self.prefix_share = self.key_shares.get("prefix")
-        elif "prefix" in self.key_shares and not np.array_equal(self.key_shares["prefix"], self.prefix_share):
-            raise ValueError("prefix_share and key_shares['prefix'] differ: give one of them")
-        else:
-            self.key_shares = {"prefix": self.prefix_share, **self.key_shares}
+        else:  # given (old code, dataclasses.replace): it is the "prefix" share
+            self.key_shares = {"prefix": self.prefix_share, **{k: v for k, v in self.key_shares.items() if k != "prefix"}}
         enc = self.encoder_self_attention
         if enc is not None and len(self.views) > 1:
             raise ValueError("encoder_self_attention is kept for single-view traces only")

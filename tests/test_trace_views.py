@@ -187,3 +187,19 @@ def test_a_multi_view_trace_without_attention_still_knows_its_views():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "views=" in repr(trace)
+
+
+def test_old_code_paths_keep_working_on_multi_view_traces():
+    """Half precision for folder runs (``dataclasses.replace`` with prefix_share), and diagnostics' one line."""
+    from attnlab.batch.plan import as_half
+
+    trace, raw = _multi()
+    half = as_half(trace)
+    assert half.view_attention(1).dtype == np.float16 and half.key_shares["prompt"].dtype == np.float16
+    np.testing.assert_allclose(half.view_attention("high-res")[0, 0, 0].ravel(), raw[0, 0, 0, 4:10], atol=5e-4)
+    with pytest.raises(AttnlabError, match="diagnostics cover traces of one view") as err:
+        trace.diagnostics()
+    assert "\n" not in str(err.value)
+    single = CaptionTrace.from_attention(list("abcd"), [1, 2, 3, 4], _prefix_rows(), (2, 3), np.zeros((30, 45, 3), np.uint8), prefix_tokens=1)
+    small = as_half(single)
+    assert small.key_shares["prefix"] is small.prefix_share and small.prefix_share.dtype == np.float16

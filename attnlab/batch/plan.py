@@ -87,10 +87,13 @@ def as_half(trace: CaptionTrace) -> CaptionTrace:
     def half(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a.astype(np.float16)
 
+    several = len(trace.views) > 1  # then cross_attention is an error: every view's maps are in view_maps
     return replace(
         trace,
-        cross_attention=half(trace.cross_attention),
+        cross_attention=None if several else half(trace.cross_attention),
         prefix_share=half(trace.prefix_share),
         encoder_self_attention=half(trace.encoder_self_attention),
         decoder_self_attention=half(trace.decoder_self_attention),
+        view_maps=None if trace.view_maps is None else tuple(half(m) for m in trace.view_maps),
+        key_shares={k: half(v) for k, v in trace.key_shares.items()},
     )
