@@ -45,12 +45,12 @@ def trace_from_rows(
 ) -> CaptionTrace:
     """One caption's trace from its attention ``rows`` ``(layers, heads, steps, K)`` (or ``None``).
 
-    ``layout``: the image's key layout (default: ``spec.prefix_tokens`` + ``grid``);
+    ``layout``: the image's key layout (default: ``spec.layout(grid, image)``);
     one of several views (:meth:`KeyLayout.of_views`) gives a trace of several views.
     ``K`` may run past the layout's keys (batch padding, dropped). ``encoder`` and
     ``decoder`` are the self-attention arrays of ``record="all"``.
     """
-    layout = layout or KeyLayout(spec.prefix_tokens, (int(grid[0]), int(grid[1])))
+    layout = layout or spec.layout(grid, image)
     maps: list[Any] = [None] * max(1, len(layout.views))
     shares: dict[str, Any] = {}
     if rows is not None:

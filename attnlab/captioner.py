@@ -134,6 +134,15 @@ class CaptionerSpec:
         if self.best_head is not None:
             object.__setattr__(self, "best_head", check_best_head(self.best_head))
 
+    def layout(self, grid: tuple[int, int], shown: np.ndarray) -> KeyLayout:
+        """The key layout of an image with patch ``grid`` shown as ``shown`` ``(h, w, 3)``: ``prefix_tokens``
+        + the grid; with ``crop``, one view whose box is the crop on the shown image."""
+        layout = KeyLayout(self.prefix_tokens, (int(grid[0]), int(grid[1])))
+        if self.crop is None:
+            return layout
+        height, width = shown.shape[:2]
+        return layout.boxed(View.checked("image", layout.grid, self.crop(width, height)))
+
 
 def spec_from_config(
     config: Any,
@@ -217,13 +226,7 @@ class Encoded:
     def layout(self, b: int, spec: CaptionerSpec, shown: np.ndarray) -> KeyLayout:
         """Image ``b``'s key layout: ``layouts[b]``, or ``spec.prefix_tokens`` + its grid (with
         ``spec.crop``: one view whose box is the crop on the ``shown`` image ``(h, w, 3)``)."""
-        if self.layouts is not None:
-            return self.layouts[b]
-        layout = KeyLayout(spec.prefix_tokens, (int(self.grids[b][0]), int(self.grids[b][1])))
-        if spec.crop is None:
-            return layout
-        height, width = shown.shape[:2]
-        return layout.boxed(View.checked("image", layout.grid, spec.crop(width, height)))
+        return self.layouts[b] if self.layouts is not None else spec.layout(self.grids[b], shown)
 
 
 @dataclass

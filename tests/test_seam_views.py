@@ -146,3 +146,5 @@ def test_a_spec_with_a_crop_gives_one_view_with_the_crop_box_on_the_shown_image(
     np.testing.assert_array_equal(trace.prefix_share, rows[..., 0])
     np.testing.assert_array_equal(trace.cross_attention.reshape(1, 1, 2, 4), rows[..., 1:])
     assert enc.layout(0, spec(), np.zeros((30, 40, 3), np.uint8)).views == ()  # no crop: the plain layout
+    # without a layout (the explanation methods' call) the assembler asks the spec: the same box
+    assert trace_from_rows(cropped, [5, 2], rows, (2, 2), np.zeros((30, 40, 3), np.uint8)).views == lay.views
