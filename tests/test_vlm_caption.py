@@ -77,6 +77,14 @@ def test_max_len_default_is_generates_and_a_shorter_call_is_a_prefix(built):
     image = vlm_tiny.photo(640, 480, seed=2)
     cap = attnlab.from_huggingface(model, processor)
     assert cap.spec.max_len == 20  # generate's own default without max_new_tokens
+    before = (model.generation_config.max_length, model.generation_config.max_new_tokens)
+    model.generation_config.max_length, model.generation_config.max_new_tokens = 4096, None  # max_length counts the prompt
+    try:
+        assert attnlab.from_huggingface(model, processor).spec.max_len == 20
+        model.generation_config.max_new_tokens = 7
+        assert attnlab.from_huggingface(model, processor).spec.max_len == 7
+    finally:
+        model.generation_config.max_length, model.generation_config.max_new_tokens = before
     longer = attnlab.caption(cap, image, max_len=6)
     shorter = attnlab.caption(cap, image, max_len=3)
     assert shorter.token_ids.tolist() == longer.token_ids.tolist()[:3] == own_generate(model, vlm_tiny.prompt(processor, image, "Describe this image."), 3)

@@ -32,7 +32,7 @@ from ...errors import AttnlabError
 from ...keys import KeyLayout, View
 from ...preprocess import resized_size
 from ..module import ModuleCaptioner
-from .generation import first_id, generate_length, setting
+from .generation import GENERATE_NEW_TOKENS, first_id, setting
 from .layout import vlm_layout
 from .stepping import VLMRun, generate_rows
 from .vocab import HFVocab
@@ -121,7 +121,8 @@ class VLMCaptioner(ModuleCaptioner):
         pad = first_id(setting(gen, cfg, "pad_token_id"), getattr(self.tokenizer, "pad_token_id", None), eos)
         bos = first_id(setting(gen, cfg, "bos_token_id"), getattr(self.tokenizer, "bos_token_id", None), pad)
         size = int(model.get_output_embeddings().weight.shape[0])
-        length = generate_length(gen, None) if max_len is None else int(max_len)
+        # generate's max_length counts the prompt (hundreds of image tokens): only max_new_tokens is a caption length
+        length = int(max_len or getattr(gen, "max_new_tokens", None) or GENERATE_NEW_TOKENS)
         self._spec = CaptionerSpec(
             name=name or getattr(model, "name_or_path", "") or type(model).__name__, vocab=HFVocab(self.tokenizer, size),
             bos=bos, eos=eos, pad=pad, max_len=length, image_size=SHOWN_SIDE, resize="long", transform=photo_tensor,
