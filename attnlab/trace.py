@@ -55,7 +55,9 @@ class CaptionTrace:
             :meth:`probabilities` returns ``None``).
         cross_attention: ``(layers, heads, steps, H, W)`` float32, the
             words-to-patches weights of every decoder layer and head over the
-            image's patches. ``None`` when the run recorded nothing. Nothing is
+            image's patches. ``None`` when the run recorded nothing. A trace of
+            several views has none: reading it is a one-line error (use
+            :meth:`view_attention`). Nothing is
             renormalised: when the model also attends to ``prefix_tokens``
             non-patch keys, each ``[l, h, t]`` map sums to ``1 - prefix_share[l, h, t]``;
             without prefix keys it sums to 1.
@@ -435,8 +437,5 @@ def _set_cross(trace: CaptionTrace, value: np.ndarray | None) -> None:
 
 
 # ``cross_attention`` stays the first field of the constructor; reading it is an error for several views
-CaptionTrace.cross_attention = property(  # type: ignore[assignment]
-    _get_cross,
-    _set_cross,
-    doc="``(layers, heads, steps, H, W)``: the one view's maps (see the class); an error for a trace of several views.",
-)
+# (no docstring of its own: the class's Attributes describe it, and the API page shows it once)
+CaptionTrace.cross_attention = property(_get_cross, _set_cross)  # type: ignore[assignment]
