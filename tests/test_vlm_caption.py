@@ -4,6 +4,8 @@ template (or as given), and what the replaying captioner cannot do is refused in
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,20 @@ def test_end_tokens_stop_the_caption_like_generate(built):
             attnlab.caption(attnlab.from_huggingface(model, processor, max_len=6), image)
     finally:
         model.generation_config.eos_token_id = before
+
+
+@pytest.mark.skipif("prompt" not in inspect.signature(attnlab.caption).parameters,
+                    reason="caption(prompt=) and Encoded.meta are the seam's (decode.py): /work/notes/i21-vlm-seam-patch.diff")
+def test_caption_asks_per_call_and_records_the_prompt(built):
+    model, processor = built("llava")
+    image = vlm_tiny.photo(480, 640, seed=13)
+    cap = attnlab.from_huggingface(model, processor, max_len=STEPS)
+    default = attnlab.caption(cap, image)
+    assert default.meta["prompt"] == "Describe this image." and default.meta["raw_prompt"] == cap.meta["raw_prompt"]
+    asked = attnlab.caption(cap, image, prompt="what colour is the car ?")
+    assert asked.token_ids.tolist() == own_generate(model, vlm_tiny.prompt(processor, image, "what colour is the car ?"), STEPS)
+    assert asked.meta["prompt"] == "what colour is the car ?" and "what colour is the car ?" in asked.meta["raw_prompt"]
+    assert cap.meta["prompt"] == "Describe this image."  # the captioner keeps its own prompt
+    shapes = attnlab.load_model()
+    with pytest.raises(AttnlabError, match="vision-language captioners"):
+        attnlab.caption(shapes, image, prompt="a question")

@@ -155,7 +155,9 @@ class VLMCaptioner(ModuleCaptioner):
         photos = [photo_of(p) for p in pixels]
         runs = [self.run(photo) for photo in photos]
         layouts = [trace_layout(r, photo.size) for r, photo in zip(runs, photos)]
-        return Encoded(VLMState(runs), [r.layout.views[0].grid for r in runs], None, layouts)
+        enc = Encoded(VLMState(runs), [r.layout.views[0].grid for r in runs], None, layouts)
+        enc.meta = [self.meta for _ in runs]  # each trace's prompt, for decoding to record (Encoded.meta)
+        return enc
 
     def step(self, state: VLMState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
         s = state.fed
