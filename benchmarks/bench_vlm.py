@@ -3,11 +3,15 @@
 A random Qwen2-VL-like model (the language side of Qwen2-0.5B: 24 layers, hidden 896, 14
 heads of which 2 key/value heads, vocabulary 151,936; a small 2-layer vision tower so that
 the comparison is about the decoder, where the rows are taken), a 640 x 480 photo (391
-image tokens), 20 generated tokens (no end token), one thread. Three variants:
+image tokens), 20 generated tokens (no end token), one thread. Four variants, all on the same
+prompt (a small word-level tokenizer's chat template):
 
 * ``sdpa``: plain ``model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=20)``;
 * ``attnlab``: :func:`attnlab.adapters.hf.generate_rows` (the same generate under sdpa, with
   the rows of every layer, head and step split into the view's map and the shares);
+* ``caption``: ``attnlab.caption(attnlab.from_huggingface(model, processor, max_len=20), photo)``,
+  the whole user path (the processor on the photo, the same generate with the rows kept for the
+  replay, the trace with its views and shares);
 * ``eager``: ``generate(..., output_attentions=True, return_dict_in_generate=True)`` under
   eager attention, what the tools that force eager do.
 
@@ -22,7 +26,7 @@ freed memory leaves the resident set at once) builds the model, makes 2 tokens, 
 ``--rounds`` times resets the peak resident memory (``/proc/self/clear_refs``) and makes the
 ``--tokens``; printed are the median peak (whole process) and the median peak above the
 memory before the run (``run MB``), with their ratios to ``sdpa``.
-Targets: attnlab <= 1.10x sdpa in time and in peak memory.
+Targets: attnlab and caption <= 1.10x sdpa in time and in peak memory.
 
 Usage: nice -n -5 python benchmarks/bench_vlm.py [--tokens 20] [--rounds 5]
 """
@@ -39,8 +43,16 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("sdpa", "attnlab", "eager")
+VARIANTS = ("sdpa", "attnlab", "caption", "eager")
 IDS = dict(pad=0, im_start=1, im_end=2, vision_start=3, vision_end=4, image=5, video=6)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+WORDS = ["user", "assistant", "describe", "this", "image", "in", "a", "few", "words", "."]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+PROMPT = "describe this image in a few words ."
 
 
 def rss_mb() -> float:
@@ -48,7 +60,25 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+def processor_for(folder: str):
+    """A Qwen2-VL processor: the image processor, a word-level tokenizer with Qwen's special tokens at ``IDS``, a chat template."""
+    import transformers as tf
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL + WORDS + ["[UNK]"])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\s+"), "removed"), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), "isolated")]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return tf.Qwen2VLProcessor(image_processor=tf.Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                               video_processor=tf.Qwen2VLVideoProcessor(), chat_template=TEMPLATE)
+
+
 def build():
+    import tempfile
+
     import numpy as np
     import torch
     import transformers as tf
@@ -63,17 +93,15 @@ def build():
                            vision_start_token_id=IDS["vision_start"], vision_end_token_id=IDS["vision_end"])
     model = tf.Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None  # every run is --tokens long
-    model.generation_config.suppress_tokens = [IDS["image"]]
-    processor = tf.Qwen2VLImageProcessor()
+    model.generation_config.suppress_tokens = [IDS["image"], IDS["im_end"]]  # nor does attnlab's decoding stop early
+    with tempfile.TemporaryDirectory() as folder:
+        processor = processor_for(folder)
     photo = Image.fromarray(np.random.RandomState(0).randint(0, 255, (480, 640, 3), dtype=np.uint8))
-    pixels = processor(images=[photo], return_tensors="pt")
-    n = int(pixels["image_grid_thw"][0].prod()) // 4
-    words = list(range(100, 108))
-    ids = [IDS["im_start"], 20, IDS["vision_start"]] + [IDS["image"]] * n + [IDS["vision_end"]] + words + [IDS["im_end"], IDS["im_start"], 21]
-    input_ids = torch.tensor([ids])
-    mm = (input_ids == IDS["image"]).long()
-    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm, **pixels)
-    return model, inputs, photo.size, n
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = dict(processor(text=[chat], images=[photo], return_tensors="pt"))
+    n = int((inputs["input_ids"] == IDS["image"]).sum())
+    return model, processor, inputs, photo, n
 
 
 def hwm_mb() -> float:
@@ -92,16 +120,19 @@ def reset_hwm() -> bool:
         return False
 
 
-def runner(variant: str, model, inputs, size):
+def runner(variant: str, model, processor, inputs, photo):
     """A function of k that makes k tokens the variant's way."""
     import torch
 
+    import attnlab
     from attnlab.adapters.hf import generate_rows, vlm_layout
 
-    layout = vlm_layout(model, type("NoTokenizer", (), {"tokenizer": None})(), inputs, size)
+    layout = vlm_layout(model, processor, inputs, photo.size)
 
     def once(k: int):
         model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
+        if variant == "caption":
+            return attnlab.caption(attnlab.from_huggingface(model, processor, prompt=PROMPT, max_len=k), photo)
         with torch.inference_mode():
             if variant == "attnlab":
                 return generate_rows(model, inputs, layout, k)
@@ -116,8 +147,8 @@ def memory(variant: str, tokens: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    model, inputs, size, n = build()
-    once = runner(variant, model, inputs, size)
+    model, processor, inputs, photo, n = build()
+    once = runner(variant, model, processor, inputs, photo)
     once(2)  # first-call allocations (thread pools, caches) belong to no variant
     peaks, added, exact = [], [], True
     for _ in range(repeats):
@@ -138,8 +169,8 @@ def timing(tokens: int, rounds: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    model, inputs, size, n = build()
-    runs = {v: runner(v, model, inputs, size) for v in VARIANTS}
+    model, processor, inputs, photo, n = build()
+    runs = {v: runner(v, model, processor, inputs, photo) for v in VARIANTS}
     runs["sdpa"](2)
     cpu = {v: [] for v in VARIANTS}
     wall = {v: [] for v in VARIANTS}

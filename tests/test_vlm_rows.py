@@ -9,8 +9,6 @@ pixels the processor made from a photo whose colours encode its own coordinates.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -52,75 +50,6 @@ def coded_photo(width, height):
     return Image.fromarray(rgb)
 
 
-# ------------------------------------------------------------------ the layout, computed here
-def qwen_grid(processor, width, height):
-    """Qwen's smart resize: each side a multiple of patch * merge, area within [min, max] pixels."""
-    ip = processor.image_processor
-    f = ip.patch_size * ip.merge_size
-    lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
-    h, w = round(height / f) * f, round(width / f) * f
-    if h * w > hi:
-        beta = math.sqrt(height * width / hi)
-        h, w = math.floor(height / beta / f) * f, math.floor(width / beta / f) * f
-    elif h * w < lo:
-        beta = math.sqrt(lo / (height * width))
-        h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
-    return h // f, w // f
-
-
-def expected_layout(family, model, processor, ids, width, height):
-    """[(grid, key positions row-major)] per view and the newline positions, from the photo size."""
-    image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
-    start = int(np.flatnonzero(ids == image_id)[0])
-    if family.startswith("qwen"):
-        g = qwen_grid(processor, width, height)
-        return [(g, start + np.arange(g[0] * g[1]))], []
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    base = ((side, side), start + np.arange(side * side))
-    if family == "llava":
-        return [base], []
-    rows, cols, drop_r, drop_c = next_grid(model, width, height)
-    shape = (rows - 2 * drop_r, cols - 2 * drop_c)
-    first = start + side * side
-    cells = first + np.arange(shape[0])[:, None] * (shape[1] + 1) + np.arange(shape[1])[None, :]
-    newlines = first + np.arange(shape[0]) * (shape[1] + 1) + shape[1]
-    return [base, (shape, cells.reshape(-1))], list(newlines)
-
-
-def next_grid(model, width, height):
-    """LLaVA-NeXT: the stitched grid (rows, cols) of the best pinpoint and the rows / columns of padding dropped each side."""
-    tile = model.config.vision_config.image_size
-    side = tile // model.config.vision_config.patch_size
-    fits = []
-    for ph, pw in model.config.image_grid_pinpoints:  # the pinpoint that keeps most of the photo, then wastes least
-        s = min(pw / width, ph / height)
-        kept = min(int(width * s) * int(height * s), width * height)
-        fits.append((-kept, ph * pw - kept, ph, pw))
-    _, _, ph, pw = min(fits)
-    rows, cols = ph // tile * side, pw // tile * side
-    if width * rows > height * cols:  # wider than the stitched grid: whole rows of padding go
-        return rows, cols, (rows - int(height * cols / width)) // 2, 0
-    return rows, cols, 0, (cols - int(width * rows / height)) // 2
-
-
-def eager_rows(model, inputs, tokens):
-    """Eager attention of one teacher-forced forward over the prompt and the tokens: rows of each step."""
-    n = len(tokens)
-    full = dict(inputs)
-    full["input_ids"] = torch.cat([inputs["input_ids"], torch.as_tensor(tokens[None, :-1])], 1)
-    full["attention_mask"] = torch.ones_like(full["input_ids"])
-    if "mm_token_type_ids" in full:
-        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, n - 1, dtype=torch.long)], 1)
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(**full, output_attentions=True)
-    finally:
-        model.set_attn_implementation("sdpa")
-    T = inputs["input_ids"].shape[1]
-    return [[a[0, :, T - 1 + s, : T + s].numpy() for s in range(n)] for a in out.attentions]  # [layer][step] (heads, K)
-
-
 # ------------------------------------------------------------------ tests
 @pytest.mark.parametrize("size", PHOTOS, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("family", vlm_tiny.FAMILIES)
@@ -136,9 +65,9 @@ def test_tokens_maps_and_shares_match_generate_and_eager(built, family, size):
     assert torch.equal(torch.as_tensor(run.logits), torch.stack([lg[0] for lg in plain.logits]))  # output unchanged
     assert model.config.text_config._attn_implementation == "sdpa"
 
-    views, newlines = expected_layout(family, model, processor, inputs["input_ids"][0].numpy(), *size)
+    views, newlines = vlm_tiny.expected_layout(family, model, processor, inputs["input_ids"][0].numpy(), *size)
     assert [v.grid for v in run.layout.views] == [tuple(g) for g, _ in views]
-    rows = eager_rows(model, inputs, run.tokens)
+    rows = vlm_tiny.eager_rows(model, inputs, run.tokens)
     for layer, steps in enumerate(rows):
         for s, row in enumerate(steps):
             for i, (grid, keys) in enumerate(views):
@@ -159,7 +88,7 @@ def test_a_kept_cls_token_is_the_prefix_share(tmp_path):
     ids = inputs["input_ids"][0].numpy()
     cls = int(np.flatnonzero(ids == model.config.image_token_index)[0])  # CLS comes first among the image tokens
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    for layer, steps in enumerate(eager_rows(model, inputs, run.tokens)):
+    for layer, steps in enumerate(vlm_tiny.eager_rows(model, inputs, run.tokens)):
         for s, row in enumerate(steps):
             np.testing.assert_allclose(run.shares["prefix"][layer, :, s], row[:, cls], atol=1e-5, rtol=0)
             base = row[:, cls + 1: cls + 1 + side * side].reshape(-1, side, side)
@@ -212,7 +141,7 @@ def test_boxes_are_where_the_processor_put_the_pixels(built, family, size):
     first = pixels if family == "llava" else pixels[0]
     tiles = [(layout.views[0], lambda r, c: (first, r * patch + half, c * patch + half))]
     if family == "llava_next":
-        rows, cols, drop_r, drop_c = next_grid(model, W, H)
+        rows, cols, drop_r, drop_c = vlm_tiny.next_grid(model, W, H)
         side = model.config.vision_config.image_size // patch
 
         def high_res(r, c):

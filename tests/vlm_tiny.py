@@ -10,6 +10,7 @@ the model input for one photo.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,72 @@ def prompt(processor, image: Image.Image, text: str = "describe this image .") -
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return dict(processor(text=[chat], images=[image], return_tensors="pt"))
+
+
+# ------------------------------------------------------------------ the layout, computed independently of attnlab
+def qwen_grid(processor, width, height):
+    """Qwen's smart resize: each side a multiple of patch * merge, area within [min, max] pixels."""
+    ip = processor.image_processor
+    f = ip.patch_size * ip.merge_size
+    lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
+    h, w = round(height / f) * f, round(width / f) * f
+    if h * w > hi:
+        beta = math.sqrt(height * width / hi)
+        h, w = math.floor(height / beta / f) * f, math.floor(width / beta / f) * f
+    elif h * w < lo:
+        beta = math.sqrt(lo / (height * width))
+        h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+    return h // f, w // f
+
+
+def expected_layout(family, model, processor, ids, width, height):
+    """[(grid, key positions row-major)] per view and the newline positions, from the photo size."""
+    image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    start = int(np.flatnonzero(ids == image_id)[0])
+    if family.startswith("qwen"):
+        g = qwen_grid(processor, width, height)
+        return [(g, start + np.arange(g[0] * g[1]))], []
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    base = ((side, side), start + np.arange(side * side))
+    if family == "llava":
+        return [base], []
+    rows, cols, drop_r, drop_c = next_grid(model, width, height)
+    shape = (rows - 2 * drop_r, cols - 2 * drop_c)
+    first = start + side * side
+    cells = first + np.arange(shape[0])[:, None] * (shape[1] + 1) + np.arange(shape[1])[None, :]
+    newlines = first + np.arange(shape[0]) * (shape[1] + 1) + shape[1]
+    return [base, (shape, cells.reshape(-1))], list(newlines)
+
+
+def next_grid(model, width, height):
+    """LLaVA-NeXT: the stitched grid (rows, cols) of the best pinpoint and the rows / columns of padding dropped each side."""
+    tile = model.config.vision_config.image_size
+    side = tile // model.config.vision_config.patch_size
+    fits = []
+    for ph, pw in model.config.image_grid_pinpoints:  # the pinpoint that keeps most of the photo, then wastes least
+        s = min(pw / width, ph / height)
+        kept = min(int(width * s) * int(height * s), width * height)
+        fits.append((-kept, ph * pw - kept, ph, pw))
+    _, _, ph, pw = min(fits)
+    rows, cols = ph // tile * side, pw // tile * side
+    if width * rows > height * cols:  # wider than the stitched grid: whole rows of padding go
+        return rows, cols, (rows - int(height * cols / width)) // 2, 0
+    return rows, cols, 0, (cols - int(width * rows / height)) // 2
+
+
+def eager_rows(model, inputs, tokens):
+    """Eager attention of one teacher-forced forward over the prompt and the tokens: rows of each step."""
+    n = len(tokens)
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], torch.as_tensor(tokens[None, :-1])], 1)
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    if "mm_token_type_ids" in full:
+        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, n - 1, dtype=torch.long)], 1)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**full, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    T = inputs["input_ids"].shape[1]
+    return [[a[0, :, T - 1 + s, : T + s].numpy() for s in range(n)] for a in out.attentions]  # [layer][step] (heads, K)

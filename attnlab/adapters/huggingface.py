@@ -22,6 +22,13 @@ once, on a synthetic image, that it stretches the photo to a square (what ViT
 and BLIP processors do), so that the figures put every patch on the part of the
 photo it saw. A processor that crops or pads gets a one-line error instead.
 
+Vision-language models (``transformers`` >= 5): ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalGeneration`` with their
+combined processor: ``from_huggingface(model, processor, prompt=...)`` gives a
+:class:`~attnlab.adapters.hf.vlm.VLMCaptioner` (the model's own ``generate`` with the
+attention rows of every step beside sdpa; its traces have views and key shares).
+
 This module is the entry; the captioners live in :mod:`attnlab.adapters.hf`, one
 file per model kind on a shared base (a new kind is one class there, added to
 :data:`CAPTIONER_KINDS`).
@@ -41,6 +48,7 @@ from .hf.blip import BlipCaptioner
 from .hf.encoder_decoder import EncoderDecoderCaptioner
 from .hf.generation import transformers_module
 from .hf.processor import processor_input
+from .hf.vlm import VLM_CLASSES, VLMCaptioner, is_vlm
 from .module import refuse_meta
 
 CAPTIONER_KINDS: tuple[type[HuggingFaceCaptioner], ...] = (EncoderDecoderCaptioner, BlipCaptioner)  # a new kind: one more class
@@ -49,11 +57,13 @@ CAPTIONER_KINDS: tuple[type[HuggingFaceCaptioner], ...] = (EncoderDecoderCaption
 def from_huggingface(
     model: Any,
     tokenizer: Any,
-    image_processor: Any,
+    image_processor: Any = None,
     *,
+    prompt: str | None = None,
+    raw_prompt: str | None = None,
     max_len: int | None = None,
     name: str | None = None,
-) -> HuggingFaceCaptioner:
+) -> HuggingFaceCaptioner | VLMCaptioner:
     """Make a Hugging Face captioning model a captioner of the seam.
 
     Args:
@@ -61,10 +71,22 @@ def from_huggingface(
             DeiT, BEiT: one CLS token, DeiT's distillation token too, then a fixed
             patch grid) and whose decoder has cross-attention (GPT-2, BERT, ...),
             or a ``BlipForConditionalGeneration``.
-        tokenizer: the model's tokenizer (or its processor, which holds one).
+            Or a vision-language model (``Qwen2VLForConditionalGeneration``,
+            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+            ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``).
+        tokenizer: the model's tokenizer (or its processor, which holds one); for a
+            vision-language model its combined processor (``AutoProcessor``).
         image_processor: the model's image processor (or its processor). It
             makes the model input; it must resize to a square (checked here).
-        max_len: most tokens to generate, the end token included (default: what
+            Not given for a vision-language model.
+        prompt: vision-language models only: your words ("What colour is the car?"),
+            put into the processor's chat template as one user turn holding the
+            image and the text (default: "Describe this image.").
+        raw_prompt: vision-language models only: the exact text handed to the
+            processor, chat template and image placeholder included.
+        max_len: most tokens to generate, the end token included (vision-language
+            models: generated tokens only, the prompt not counted; default: the
+            model's ``generate`` default). Encoder-decoders: default what
             the model's ``generate`` would allow: ``max_new_tokens``, else
             ``max_length - 1``, at most the decoder's positions). More than the
             decoder's positions (``max_position_embeddings``) is refused.
@@ -75,11 +97,17 @@ def from_huggingface(
     ``[DEC]`` token, ending at ``[SEP]``), on the model's own key/value cache.
     """
     tf = transformers_module()
+    if is_vlm(model, tf):
+        return _vision_language(model, tokenizer, image_processor, prompt, raw_prompt, max_len, name)
+    if prompt is not None or raw_prompt is not None:
+        raise AttnlabError(f"prompt= and raw_prompt= are for vision-language models ({', '.join(VLM_CLASSES)}), not a {type(model).__name__}")
     kind = next((k for k in CAPTIONER_KINDS if isinstance(model, getattr(tf, k.model_class))), None)
     if kind is None:
         hint = " (load it first, e.g. VisionEncoderDecoderModel.from_pretrained(name))" if isinstance(model, str) else ""
-        kinds = " or ".join(k.described for k in CAPTIONER_KINDS)
+        kinds = ", ".join([*(k.described for k in CAPTIONER_KINDS), *VLM_CLASSES])
         raise AttnlabError(f"from_huggingface takes {kinds}, not a {type(model).__name__}{hint}")
+    if image_processor is None:
+        raise AttnlabError("from_huggingface(model, tokenizer, image_processor): pass the model's image processor (or its processor) too")
     refuse_meta(model, "from_pretrained(name) without device_map='meta', or to_empty(device='cpu') then load_state_dict")
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a combined processor works too
     if not callable(getattr(tokenizer, "convert_ids_to_tokens", None)) or not callable(getattr(tokenizer, "decode", None)):
@@ -89,3 +117,13 @@ def from_huggingface(
     if name is not None and not isinstance(name, str):
         raise AttnlabError(f"name must be a string, not {type(name).__name__}")
     return kind(model, tokenizer, processor_input(image_processor), None if max_len is None else int(max_len), name)
+
+
+def _vision_language(model: Any, processor: Any, extra: Any, prompt: Any, raw_prompt: Any, max_len: Any, name: Any) -> VLMCaptioner:
+    """The checks of :func:`from_huggingface` for a vision-language model, then its captioner."""
+    if extra is not None:
+        raise AttnlabError(f"a {type(model).__name__} takes its combined processor only: from_huggingface(model, processor)")
+    refuse_meta(model, "from_pretrained(name) without device_map='meta'")
+    if max_len is not None and (not is_int(max_len) or max_len < 1):
+        raise AttnlabError(f"max_len must be a positive integer (generated tokens), not {max_len!r}")
+    return VLMCaptioner(model, processor, prompt=prompt, raw_prompt=raw_prompt, max_len=max_len, name=name)

@@ -11,19 +11,23 @@ Captioners (:func:`attnlab.from_huggingface`, entry in :mod:`attnlab.adapters.hu
   tokenizer as a token table), :mod:`.attention` (eager attention, the row tap),
   :mod:`.generation` (what ``generate`` would do, from the configs).
 
-Vision-language models (``transformers`` >= 5; the engine, not yet behind ``from_huggingface``):
+Vision-language models (``transformers`` >= 5, behind ``from_huggingface(model, processor)``):
 
 * :mod:`.rows`: :func:`capture_rows`, the attention rows of the last query position of
   every decoder layer, computed beside the model's own attention implementation (sdpa);
-* :mod:`.layout`: :class:`View` and :class:`KeyLayout`, where each view's tokens and every
-  other kind of key sit in the sequence (Qwen2/2.5/3-VL, LLaVA-1.5, LLaVA-NeXT);
+* :mod:`.layout`: :func:`vlm_layout`, the :class:`attnlab.keys.KeyLayout` of a prompt: where each
+  view's tokens (:class:`attnlab.keys.View`) and every other kind of key sit in the sequence
+  (Qwen2/2.5/3-VL, LLaVA-1.5, LLaVA-NeXT);
 * :mod:`.stepping`: :func:`generate_rows`, the model's own greedy ``generate`` with the rows
-  of every step split into per-view maps and per-kind shares.
+  of every step split into per-view maps and per-kind shares;
+* :mod:`.vlm`: :class:`VLMCaptioner`, the seam for these models (``begin`` runs
+  :func:`generate_rows`, ``step`` replays it), with the prompt through the chat template.
 
 Nothing here imports ``transformers`` at import time.
 """
 
-from .layout import KeyLayout, View, vlm_layout
+from ...keys import KeyLayout, View
+from .layout import vlm_layout
 from .rows import capture_rows
 from .stepping import VLMRun, generate_rows
 

@@ -13,40 +13,14 @@ kinds cover every key of the prompt exactly once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ...errors import AttnlabError
+from ...keys import KeyLayout, View
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next")
-Box = tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
-class View:
-    """One view of the photo: its name, its token grid ``(h, w)`` and the box it covers on the photo."""
-
-    name: str
-    grid: tuple[int, int]
-    box: Box
-
-
-@dataclass
-class KeyLayout:
-    """``view_keys[i]``: the ``h * w`` key indices of view ``i``, row-major; ``kinds[kind]``: key indices."""
-
-    views: list[View]
-    view_keys: list[np.ndarray]
-    kinds: dict[str, np.ndarray]
-    length: int
-
-    def check(self) -> None:
-        """Every key of ``0 .. length - 1`` in exactly one view cell or kind."""
-        every = np.concatenate(self.view_keys + list(self.kinds.values())) if self.length else np.zeros(0, int)
-        if len(every) != self.length or not np.array_equal(np.sort(every), np.arange(self.length)):
-            raise AttnlabError(f"the image tokens of the prompt do not match the processor's layout ({len(every)} keys placed of {self.length})")
 
 
 def _runs(mask: np.ndarray) -> list[np.ndarray]:
@@ -190,6 +164,4 @@ def vlm_layout(model: Any, processor: Any, inputs: Any, photo: tuple[int, int]) 
     prompt = rest & ~padding & ~specials
     out = {"prompt": np.flatnonzero(prompt), "special": np.flatnonzero(specials), "padding": np.flatnonzero(padding)}
     out.update({k: np.asarray(v, dtype=int) for k, v in kinds.items()})
-    layout = KeyLayout(views, [np.asarray(k, dtype=int) for k in view_keys], out, len(ids))
-    layout.check()
-    return layout
+    return KeyLayout.of_views(views, view_keys, out, len(ids))  # one line unless every key is placed exactly once

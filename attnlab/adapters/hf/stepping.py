@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ...errors import AttnlabError
-from .layout import KeyLayout
+from ...keys import KeyLayout
 from .rows import capture_rows
 
 
@@ -34,6 +34,8 @@ class VLMRun:
     maps: list[np.ndarray]
     shares: dict[str, np.ndarray]
     layout: KeyLayout
+    scores: np.ndarray | None = None  # (n, V) what greedy chose from: the logits after generation_config's processors
+    rows: np.ndarray | None = None  # with keep_rows: (layers, heads, n, length + n), step s zero beyond length + s
 
 
 def split_row(row: np.ndarray, layout: KeyLayout) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
@@ -44,15 +46,17 @@ def split_row(row: np.ndarray, layout: KeyLayout) -> tuple[list[np.ndarray], dic
     return maps, shares
 
 
-def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: int) -> VLMRun:
-    """Greedy ``generate`` of up to ``max_new_tokens`` generated tokens with every step's rows split by ``layout``."""
+def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: int, *, keep_rows: bool = False) -> VLMRun:
+    """Greedy ``generate`` of up to ``max_new_tokens`` generated tokens with every step's rows split by ``layout``.
+
+    ``keep_rows``: also keep the rows themselves (``VLMRun.rows``) for a caller that splits them again."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise AttnlabError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     if inputs["input_ids"].shape[0] != 1 or inputs["input_ids"].shape[1] != layout.length:
         raise AttnlabError("generate_rows takes one prompt (batch size 1) whose length matches its layout")
     with capture_rows(model) as capture, torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                             output_logits=True, return_dict_in_generate=True)
+                             output_logits=True, output_scores=True, return_dict_in_generate=True)
     tokens = out.sequences[0, layout.length:].cpu().numpy()
     n = len(tokens)
     if capture.calls < n:
@@ -60,16 +64,20 @@ def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: in
     layers, heads = len(capture.rows), capture.rows[0][0].shape[1]
     maps = [np.zeros((layers, heads, n, *v.grid), np.float32) for v in layout.views]
     shares = {k: np.zeros((layers, heads, n), np.float32) for k in [*layout.kinds, "generated"]}
+    kept = np.zeros((layers, heads, n, layout.length + n), np.float32) if keep_rows else None
     for layer, calls in enumerate(capture.rows):
         for step in range(n):
             row = calls[step][0].numpy()  # (heads, K)
             calls[step] = None  # the maps replace the rows: never both whole in memory
             if row.shape[1] != layout.length + step:
                 raise AttnlabError(f"step {step} attended over {row.shape[1]} keys where {layout.length + step} were expected")
+            if kept is not None:
+                kept[layer, :, step, : row.shape[1]] = row
             view_maps, kind_shares = split_row(row, layout)
             for i, m in enumerate(view_maps):
                 maps[i][layer, :, step] = m
             for k, s in kind_shares.items():
                 shares[k][layer, :, step] = s
     logits = torch.stack([lg[0] for lg in out.logits[:n]]).float().cpu().numpy()  # (n, V)
-    return VLMRun(tokens, logits, maps, shares, layout)
+    scores = torch.stack([sc[0] for sc in out.scores[:n]]).float().cpu().numpy()  # (n, V)
+    return VLMRun(tokens, logits, maps, shares, layout, scores, kept)

@@ -1,0 +1,178 @@
+"""Vision-language models behind the captioner seam (:class:`VLMCaptioner`, built by
+:func:`attnlab.from_huggingface` for Qwen2/2.5/3-VL, LLaVA-1.5 and LLaVA-NeXT).
+
+One decode path. The engine (:func:`.stepping.generate_rows`) runs the model's own greedy
+``generate`` for the whole caption: the tokens are the model's by construction (its
+``generation_config`` processors, end-token lists, rope deltas and cache handling), which a
+hand-written step loop could only copy per family through private APIs. So ``begin`` runs
+it for each image and ``step`` replays it: step ``i`` returns the scores ``generate`` chose
+token ``i`` from (the logits after its processors, so ``caption()``'s argmax is
+``generate``'s token exactly) and the rows of that step over every key of the prompt (the
+tokens generated earlier after them, zero beyond). A caller that feeds other tokens than
+the replayed ones (teacher forcing, beam search) and the explanation methods (autograd)
+get one line: they come with issue 22.
+
+The photo reaches ``begin`` as given (``spec.transform`` keeps its pixels, values / 255),
+the processor makes the model input from it with the prompt; ``trace.meta`` records the
+prompt and the exact text handed to the processor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
+from ...errors import AttnlabError
+from ...keys import KeyLayout, View
+from ...preprocess import resized_size
+from ..module import ModuleCaptioner
+from .generation import GENERATE_NEW_TOKENS, first_id, setting
+from .layout import vlm_layout
+from .stepping import VLMRun, generate_rows
+from .vocab import HFVocab
+
+VLM_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+               "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+DEFAULT_PROMPT = "Describe this image."  # each family's plain captioning request (the Qwen2-VL and LLaVA cards ask so)
+SHOWN_SIDE = 1024  # the long side of the image figures draw on (the boxes are scaled onto it)
+ISSUE_22 = "explanation methods, teacher forcing and beam search on vision-language models come with issue 22"
+
+
+def is_vlm(model: Any, tf: Any) -> bool:
+    """Whether ``model`` is one of the supported vision-language classes."""
+    return any(isinstance(model, getattr(tf, name, ())) for name in VLM_CLASSES)
+
+
+def photo_tensor(image: Image.Image) -> torch.Tensor:
+    """The photo as given, ``(3, H, W)`` float32 in [0, 1] (``begin`` gets its exact pixels back)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+
+def photo_of(pixels: torch.Tensor) -> Image.Image:
+    """:func:`photo_tensor`'s inverse (exact for 8-bit photos)."""
+    x = (pixels.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)  # (3, H, W)
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def chat_text(processor: Any, prompt: str) -> str:
+    """``prompt`` as one user turn holding the image and the text, through the processor's chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    if not getattr(processor, "chat_template", None):
+        raise AttnlabError("the processor has no chat template: pass raw_prompt= (the exact text, image placeholder included)")
+    return str(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+
+def trace_layout(run: VLMRun, photo: tuple[int, int]) -> KeyLayout:
+    """The run's key layout for its trace: the boxes on the image the figures draw on (the photo
+    with its long side :data:`SHOWN_SIDE`), the keys of the tokens generated earlier the kind
+    ``"generated"`` (the replayed rows run over the prompt and those keys)."""
+    (W, H), engine = photo, run.layout
+    sw, sh = resized_size(W, H, SHOWN_SIDE)
+    fx, fy = sw / W, sh / H
+    views = [View(v.name, v.grid, (v.box[0] * fx, v.box[1] * fy, v.box[2] * fx, v.box[3] * fy)) for v in engine.views]
+    width = run.rows.shape[-1]  # prompt + generated tokens
+    kinds = {**engine.kinds, "generated": np.arange(engine.length, width)}
+    return KeyLayout.of_views(views, engine.view_keys, kinds, width)
+
+
+@dataclass
+class VLMState:
+    """The replayed runs: one per caption still in the batch, and how many steps were replayed."""
+
+    runs: list[VLMRun]
+    fed: int = 0
+    first: list[int] = field(default_factory=list)  # the start id each caption was fed at step 0
+
+    def select(self, indices: torch.Tensor) -> "VLMState":
+        idx = [int(i) for i in indices.tolist()]
+        if len(set(idx)) != len(idx):
+            raise AttnlabError(ISSUE_22)  # copies of a caption: beam search
+        self.runs = [self.runs[i] for i in idx]
+        return self
+
+
+class VLMCaptioner(ModuleCaptioner):
+    """A vision-language model with its processor and prompt (see the module docstring)."""
+
+    def __init__(self, model: Any, processor: Any, *, prompt: str | None, raw_prompt: str | None,
+                 max_len: int | None, name: str | None) -> None:
+        self.model, self.processor, self._max_len, self._name = model, processor, max_len, name
+        self.tokenizer = getattr(processor, "tokenizer", None)
+        if self.tokenizer is None or not callable(getattr(processor, "apply_chat_template", None)):
+            raise AttnlabError(f"a vision-language model takes its combined processor (AutoProcessor.from_pretrained(name)), not a {type(processor).__name__}")
+        if prompt is not None and raw_prompt is not None:
+            raise AttnlabError("pass prompt= (your words, put into the chat template) or raw_prompt= (the exact text), not both")
+        for key, value in (("prompt", prompt), ("raw_prompt", raw_prompt), ("name", name)):
+            if value is not None and not isinstance(value, str):
+                raise AttnlabError(f"{key} must be a string, not {type(value).__name__}")
+        self.prompt = DEFAULT_PROMPT if prompt is None and raw_prompt is None else prompt
+        self.raw_prompt = raw_prompt
+        self.text = raw_prompt if raw_prompt is not None else chat_text(processor, self.prompt)
+        gen, cfg = model.generation_config, model.config
+        eos = first_id(setting(gen, cfg, "eos_token_id"), getattr(self.tokenizer, "eos_token_id", None))
+        if eos is None:
+            raise AttnlabError("the model names no end token: set model.generation_config.eos_token_id")
+        pad = first_id(setting(gen, cfg, "pad_token_id"), getattr(self.tokenizer, "pad_token_id", None), eos)
+        bos = first_id(setting(gen, cfg, "bos_token_id"), getattr(self.tokenizer, "bos_token_id", None), pad)
+        size = int(model.get_output_embeddings().weight.shape[0])
+        # generate's max_length counts the prompt (hundreds of image tokens): only max_new_tokens is a caption length
+        length = int(max_len or getattr(gen, "max_new_tokens", None) or GENERATE_NEW_TOKENS)
+        self._spec = CaptionerSpec(
+            name=name or getattr(model, "name_or_path", "") or type(model).__name__, vocab=HFVocab(self.tokenizer, size),
+            bos=bos, eos=eos, pad=pad, max_len=length, image_size=SHOWN_SIDE, resize="long", transform=photo_tensor,
+        )  # fmt: skip
+
+    @property
+    def spec(self) -> CaptionerSpec:
+        return self._spec
+
+    def prompted(self, prompt: str | None = None, raw_prompt: str | None = None) -> "VLMCaptioner":
+        """The same model and processor with another prompt (what ``caption(..., prompt=)`` asks per call)."""
+        return VLMCaptioner(self.model, self.processor, prompt=prompt, raw_prompt=raw_prompt, max_len=self._max_len, name=self._name)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What every trace of this captioner records: the prompt and the exact text handed to the processor."""
+        return {"prompt": self.prompt, "raw_prompt": self.text}
+
+    def run(self, photo: Image.Image, max_new_tokens: int | None = None) -> VLMRun:
+        """The engine's run on one photo: ``generate`` with every step's rows (kept for the replay)."""
+        inputs = self.processor(text=[self.text], images=[photo], return_tensors="pt")
+        inputs = {k: v.to(self._device()) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
+        layout = vlm_layout(self.model, self.processor, inputs, photo.size)
+        return generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True)
+
+    def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
+        check_record(record)
+        if not torch.is_inference_mode_enabled():
+            raise AttnlabError(f"{ISSUE_22}: attnlab.caption(...) traces their attention now")
+        photos = [photo_of(p) for p in pixels]
+        runs = [self.run(photo) for photo in photos]
+        layouts = [trace_layout(r, photo.size) for r, photo in zip(runs, photos)]
+        enc = Encoded(VLMState(runs), [r.layout.views[0].grid for r in runs], None, layouts)
+        enc.meta = [self.meta for _ in runs]  # each trace's prompt, for decoding to record (Encoded.meta)
+        return enc
+
+    def step(self, state: VLMState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
+        s = state.fed
+        for run, token in zip(state.runs, ids.tolist()):
+            if s == len(run.tokens):  # generate stopped at an end token other than spec.eos (a list of end tokens)
+                raise AttnlabError(f"the model ended its caption with end token {int(run.tokens[-1])} where attnlab stops at "
+                                   f"{self._spec.eos} only: set model.generation_config.eos_token_id to one id")
+            expected = self._spec.bos if s == 0 else int(run.tokens[s - 1])
+            if int(token) != expected:
+                raise AttnlabError(f"{ISSUE_22}: the captioner replays the model's own generate (fed {int(token)} at step {s})")
+        state.fed += 1
+        logits = torch.stack([torch.from_numpy(r.scores[s]) for r in state.runs])  # (M, V)
+        cross = None
+        if record != "none":
+            width = max(r.rows.shape[-1] for r in state.runs)
+            per = [pad_to(torch.from_numpy(r.rows[:, :, s]), width, 2) for r in state.runs]  # each (layers, heads, K)
+            cross = list(torch.stack(per, dim=1))  # per layer (M, heads, K)
+        return StepOutput(logits, cross, None)
