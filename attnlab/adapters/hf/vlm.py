@@ -123,9 +123,12 @@ class VLMCaptioner(ModuleCaptioner):
         size = int(model.get_output_embeddings().weight.shape[0])
         # generate's max_length counts the prompt (hundreds of image tokens): only max_new_tokens is a caption length
         length = int(max_len or getattr(gen, "max_new_tokens", None) or GENERATE_NEW_TOKENS)
+        listed = setting(gen, cfg, "eos_token_id")  # generate stops at any of a list of end tokens
+        others = tuple(int(t) for t in (listed if isinstance(listed, (list, tuple)) else [listed]) if t is not None and int(t) != eos)
         self._spec = CaptionerSpec(
             name=name or getattr(model, "name_or_path", "") or type(model).__name__, vocab=HFVocab(self.tokenizer, size),
             bos=bos, eos=eos, pad=pad, max_len=length, image_size=SHOWN_SIDE, resize="long", transform=photo_tensor,
+            end_tokens=others,
         )  # fmt: skip
 
     @property
@@ -162,9 +165,9 @@ class VLMCaptioner(ModuleCaptioner):
     def step(self, state: VLMState, ids: torch.Tensor, record: Record = "cross") -> StepOutput:
         s = state.fed
         for run, token in zip(state.runs, ids.tolist()):
-            if s == len(run.tokens):  # generate stopped at an end token other than spec.eos (a list of end tokens)
-                raise AttnlabError(f"the model ended its caption with end token {int(run.tokens[-1])} where attnlab stops at "
-                                   f"{self._spec.eos} only: set model.generation_config.eos_token_id to one id")
+            if s == len(run.tokens):  # decoding stops at every end token generate stops at (spec.end_tokens)
+                raise AttnlabError(f"the model ended its caption with token {int(run.tokens[-1])}, which decoding does not "
+                                   f"take for an end token: set model.generation_config.eos_token_id to the model's end tokens")
             expected = self._spec.bos if s == 0 else int(run.tokens[s - 1])
             if int(token) != expected:
                 raise AttnlabError(f"{ISSUE_22}: the captioner replays the model's own generate (fed {int(token)} at step {s})")
