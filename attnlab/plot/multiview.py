@@ -17,6 +17,8 @@ so the printed shares add up to the whole row.
 
 from __future__ import annotations
 
+import textwrap
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -297,12 +299,15 @@ def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, wo
             _draw_box(ax, rows[0][i], rows[0][i].name, size, layout.font)
         ax.set_title(("the photo (colour) and its views\n" if col == 0 else "\n") + _panel_title(
             [rows[0][i] for i in group], size).rsplit(":", 1)[0], fontsize=layout.font)
+    row_width = sum(layout.axes[0, c].get_position().width for c in range(len(groups))) * layout.fig.get_figwidth()
+    chars = max(30, int(row_width * 72 / (0.6 * layout.font)))  # the heading stays above its own row of panels
     for r, (t, vms) in enumerate(zip(steps, rows), start=1):
         heading = f"{maps.word_label(trace, t, probs)}: {shares_line(vms, key_share_values(trace, t, layer, head))}"
+        heading = textwrap.fill(heading, chars, break_long_words=False)
         for col, group in enumerate(groups):
             ax = layout.axes[r, col]
             draw_views(ax, image, [vms[i] for i in group], scale, cmap, alpha, interp=interp, underlay=underlay,
                        font=layout.font)
-            ax.set_title(heading if col == 0 else " ", fontsize=layout.font, loc="left", wrap=True)
+            ax.set_title(heading if col == 0 else " ", fontsize=layout.font, loc="left")
     add_colorbar(layout.fig, layout.cax, scale, cmap, layout.font)
     return layout.fig
