@@ -14,3 +14,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """``built(family)``: a tiny offline vision-language model and its processor (``tests/vlm_tiny.py``), made once per module."""
+    import vlm_tiny
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = vlm_tiny.build(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get

@@ -37,6 +37,7 @@ import attnlab
 from attnlab.errors import AttnlabError
 from attnlab.models import CATR, CATRConfig
 from attnlab.preprocess import load_image, resized_size
+from helpers import assert_error
 from local_http import cache, serve  # noqa: F401 (fixtures)
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
@@ -60,16 +61,6 @@ def run(model, image) -> attnlab.CaptionTrace:
     assert isinstance(trace, attnlab.CaptionTrace)
     assert trace.image.dtype == np.uint8 and trace.image.ndim == 3 and trace.image.shape[2] == 3
     return trace
-
-
-def assert_error(fn, *needles: str) -> str:
-    with pytest.raises(AttnlabError) as info:
-        fn()
-    message = str(info.value)
-    assert message and "\n" not in message, repr(message)
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 def near(pixel, colour, tol=12) -> bool:

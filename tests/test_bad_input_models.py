@@ -19,19 +19,9 @@ from PIL import Image
 
 from attnlab.cli import main
 from attnlab.errors import AttnlabError
+from helpers import assert_error as one_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def one_line(fn, *needles: str) -> str:
-    """``fn()`` raises AttnlabError with one line holding every needle."""
-    with pytest.raises(AttnlabError) as info:
-        fn()
-    message = str(info.value)
-    assert message and "\n" not in message, repr(message)
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 # ------------------------------------------------------------------------ grounding --boxes

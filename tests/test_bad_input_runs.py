@@ -25,6 +25,7 @@ import attnlab
 from attnlab import AttnlabError
 from attnlab.batch import caption_folder, find_images, plan_run
 from attnlab.cli import main
+from helpers import assert_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -46,16 +47,6 @@ def photos(root: Path, scenes, names=("a.png", "b.png", "c.png")) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / name)
     return root
-
-
-def assert_error(fn, *needles: str) -> str:
-    with pytest.raises(AttnlabError) as info:
-        fn()
-    message = str(info.value)
-    assert message and "\n" not in message, repr(message)
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 def run_records(path: Path) -> list[dict]:

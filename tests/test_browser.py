@@ -73,7 +73,8 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _prerequisites() -> str:
+def browser_prerequisites() -> str:
+    """The Chromium binary that playwright drives (skip, or fail under ATTNLAB_REQUIRE_BROWSER=1, without one)."""
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -81,6 +82,11 @@ def _prerequisites() -> str:
     chromium = _chromium()
     if chromium is None:
         _skip_or_fail("no Chromium binary (Debian: apt-get install chromium)")
+    return chromium
+
+
+def _prerequisites() -> str:
+    chromium = browser_prerequisites()
     try:
         import jupyterlab  # noqa: F401
         import ipywidgets  # noqa: F401

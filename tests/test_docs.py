@@ -137,15 +137,11 @@ def served(site):
 
 
 def test_browser_opens_the_site_and_finds_a_function_by_search(served):
-    from test_browser import CHROMIUM_FLAGS, _chromium, _skip_or_fail
+    from test_browser import CHROMIUM_FLAGS, browser_prerequisites
 
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _skip_or_fail("the playwright Python package is not installed (pip install playwright; no browser download needed)")
-    chromium = _chromium()
-    if chromium is None:
-        _skip_or_fail("no Chromium binary (Debian: apt-get install chromium)")
+    chromium = browser_prerequisites()
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
         try:

@@ -20,18 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = vlm_tiny.build(family, tmp_path_factory.mktemp(family))
-        return cache[family]
-
-    return get
-
-
 def own_generate(model, inputs, n):
     """The model's own greedy generate: the generated tokens only."""
     with torch.no_grad():

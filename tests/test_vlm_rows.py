@@ -25,18 +25,6 @@ STEPS = 5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = vlm_tiny.build(family, tmp_path_factory.mktemp(family))
-        return cache[family]
-
-    return get
-
-
 def coded_photo(width, height):
     """Red encodes x, green encodes y (of the pixel centre), blue is flat."""
     x = (np.arange(width) + 0.5) / width
