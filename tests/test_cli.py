@@ -263,3 +263,22 @@ def test_beam_json_has_its_score_and_help_lists_every_model(files, capsys):
     with pytest.raises(attnlab.AttnlabError) as err:
         attnlab.load_model("no-such-model")
     assert all(repr(n) in str(err.value) or f"{n}," in str(err.value) for n in NAMES)  # the error lists them all too
+
+
+def test_demo_captions_the_samples_offline_and_a_rerun_keeps_them(capsys, tmp_path):
+    """The README's main job: ``attnlab demo`` writes a trace and a word grid per shipped sample,
+    each trace the caption ``attnlab.caption`` gives that sample with the bundled model."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    model = attnlab.load_model()
+    samples = sorted(p for p in attnlab.sample_path("scene-0.png").parent.iterdir() if p.suffix in (".png", ".jpg"))
+    assert len(samples) == 6
+    for sample in samples:
+        trace = attnlab.CaptionTrace.load(next(out.glob(f"{sample.stem}*.npz")))
+        want = attnlab.caption(model, sample)
+        assert trace.token_ids.tolist() == want.token_ids.tolist() and f"{sample.stem}: {want.caption}" in printed
+        assert next(out.glob(f"{sample.stem}*.attn.png")).stat().st_size > 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["demo", "--out", str(out)]) == 0  # its own files: replaced by the same content
+    assert {p.name for p in out.iterdir()} == set(before)
