@@ -95,12 +95,11 @@ class RowCapture:
             r.clear()
 
 
-def _wrapper(capture: RowCapture, original: str, eager_default: Callable, interface: Any) -> Callable:
+def _wrapper(capture: RowCapture, call: Callable) -> Callable:
     """The registered function: the original implementation's output, and the last row recorded."""
 
     def attnlab_rows(module, query, key, value, attention_mask, *args, **kwargs):
-        fn = eager_default if original == "eager" else interface[original]
-        out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        out = call(module, query, key, value, attention_mask, *args, **kwargs)
         with torch.no_grad():
             row = last_row(module, query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), kwargs)
         capture.rows[module.layer_idx].append(row.cpu())
@@ -109,21 +108,30 @@ def _wrapper(capture: RowCapture, original: str, eager_default: Callable, interf
     return attnlab_rows
 
 
-@contextlib.contextmanager
-def capture_rows(model: Any) -> Iterator[RowCapture]:
-    """Record the last query row of every decoder layer on every forward inside the block.
+def attention_modules(model: Any) -> list[Any]:
+    """The attention modules whose rows are a word's rows over the prompt: the language model's ``self_attn``."""
+    return [layer.self_attn for layer in language_model(model).layers]
 
-    The language model's attention implementation (``sdpa`` or ``eager``) is switched to a
-    function registered under a fresh name, which calls the original one unchanged; the
-    previous setting of every config and the registries are restored on exit, exceptions
-    included. Yields a :class:`RowCapture`.
+
+@contextlib.contextmanager
+def switched_attention(model: Any, make: Callable[[Callable], Callable], modules: list[Any] | None = None) -> Iterator[list[Any]]:
+    """Route the attention of ``modules`` (default :func:`attention_modules`) through ``make(call)``.
+
+    ``call(module, query, key, value, attention_mask, *args, **kwargs)`` is the original
+    implementation (``sdpa`` or ``eager``), unchanged; ``make(call)`` returns the function
+    registered, for the block only, under a fresh name in transformers' attention and mask
+    registries (the mask is the original's). Every config's setting and both registries are
+    restored on exit, exceptions included. Yields the modules, numbered 0..n-1 by ``layer_idx``.
     """
     tf = _transformers()
     from transformers.masking_utils import AttentionMaskInterface
 
-    lm = language_model(model)
-    attn = [layer.self_attn for layer in lm.layers]
-    configs = {id(c): c for c in [lm.config] + [a.config for a in attn]}
+    attn = attention_modules(model) if modules is None else list(modules)
+    if not attn:
+        raise AttnlabError(f"{type(model).__name__} has no attention modules to record")
+    configs = {id(c): c for c in [a.config for a in attn]}
+    if modules is None:
+        configs.setdefault(id(language_model(model).config), language_model(model).config)
     originals = {key: c._attn_implementation for key, c in configs.items()}
     if len(set(originals.values())) != 1 or next(iter(originals.values())) not in SUPPORTED:
         found = sorted({str(v) for v in originals.values()})
@@ -139,18 +147,37 @@ def capture_rows(model: Any) -> Iterator[RowCapture]:
     interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", tf.AttentionInterface())  # a family may override locally
     if original == "eager" and eager_default is None:
         raise AttnlabError(f"{type(attn[0]).__name__} has no eager_attention_forward; load the model with attn_implementation=\"sdpa\"")
-    capture = RowCapture(len(attn))
+    call = eager_default if original == "eager" else interface[original]
     name = f"attnlab_rows_{next(_names)}"
     masks = AttentionMaskInterface._global_mapping
     functions = tf.AttentionInterface._global_mapping
-    functions[name] = _wrapper(capture, original, eager_default, interface)
+    functions[name] = make(call)
     masks[name] = masks[original]
     try:
         for c in configs.values():
             c._attn_implementation = name
-        yield capture
+        yield attn
     finally:
         for key, c in configs.items():
             c._attn_implementation = originals[key]
         functions.pop(name, None)
         masks.pop(name, None)
+
+
+@contextlib.contextmanager
+def capture_rows(model: Any, modules: list[Any] | None = None) -> Iterator[RowCapture]:
+    """Record the last query row of every layer of ``modules`` (default: the language model's) on every forward.
+
+    The attention implementation (``sdpa`` or ``eager``) is switched by :func:`switched_attention`
+    to a function that calls the original one unchanged and records the row beside it. Yields a
+    :class:`RowCapture`.
+    """
+    capture = None
+
+    def make(call: Callable) -> Callable:
+        return _wrapper(capture, call)
+
+    attn = attention_modules(model) if modules is None else list(modules)
+    capture = RowCapture(len(attn))
+    with switched_attention(model, make, modules):
+        yield capture
