@@ -117,7 +117,7 @@ def diagnose(trace: Any) -> Diagnostics:
     """The diagnostics of ``trace``'s maps (it must hold attention and have one view)."""
     if len(trace.views) > 1:
         raise AttnlabError(
-            f"diagnostics cover traces of one view; this one has {len(trace.views)}: read trace.view_attention(i) and trace.key_shares"
+            f"diagnose covers traces of one view; this one has {len(trace.views)}: call trace.diagnostics() (attnlab.sinks) for its views"
         )
     ca = trace.require_attention().astype(np.float64)  # (layers, heads, steps, h, w)
     maps = np.concatenate([ca, ca.mean(axis=1, keepdims=True)], axis=1)  # (layers, heads + 1, steps, h, w)
