@@ -11,6 +11,7 @@ so the printed shares add up to the whole row.
 
 * :func:`is_multiview`, :func:`view_maps`, :func:`key_share_values`,
   :func:`place_views`, :func:`shares_line`: the numbers and the placement (no matplotlib).
+* :func:`sinks_text`: the one sink line (:mod:`attnlab.sinks`), printed under the shares in every figure.
 * :func:`draw_views`: one panel (the photo and some views over it).
 * :func:`views_overlay`: one word's figure (``plot.overlay`` draws it for a multi-view trace).
 """
@@ -30,7 +31,7 @@ from . import maps
 from .draw import add_colorbar, caption_line, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
 from .resolve import DEFAULT_ALPHA, is_multiview, check_alpha, check_cmap, check_figsize, check_font_scale
 
-__all__ = ["MULTIVIEW_OPTIONS", "ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "view_maps",
+__all__ = ["MULTIVIEW_OPTIONS", "ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "sinks_text", "view_maps",
            "views_figure", "views_overlay", "views_word_grid"]
 
 MULTIVIEW_OPTIONS = frozenset({"cmap", "alpha", "interp", "underlay", "figsize", "font_scale"})  # what they draw
@@ -139,6 +140,14 @@ def shares_line(vms: Sequence[ViewMap], shares: dict[str, float]) -> str:
     return " \u00b7 ".join(parts)
 
 
+def sinks_text(trace: Any, layer: int = -1, head: int | str = "mean") -> str:
+    """The one sink line of ``trace`` at ``layer`` and ``head`` (``trace.diagnostics(layer, head).line()``, see
+    :mod:`attnlab.sinks`): ``"sink: 3 tokens take 41% for 90% of words"`` or ``"no sink tokens"``."""
+    from ..sinks import diagnose_vision
+
+    return diagnose_vision(trace, layer, head).line()
+
+
 def _covers(a: Sequence[float], b: Sequence[float], size: tuple[int, int]) -> bool:
     """True when boxes ``a`` and ``b`` overlap by more than a pixel on the photo (clipped)."""
     limits = (size[1], size[0], size[1], size[0])  # x0, y0, x1, y1 clipped to the photo
@@ -228,9 +237,10 @@ def views_overlay(trace: Any, step: int, layer: int = -1, head: int | str = "mea
 def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean", *, colorbar: bool = True,
                  cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
                  figsize=None, font_scale: float = 1.0, pyplot: bool = True, dpi: float | None = None,
-                 vmax: float | None = None):
+                 vmax: float | None = None, sink_line: str | None = None):
     """:func:`views_overlay`'s figure; ``pyplot=False`` (with ``dpi``): one pyplot does not manage (the
-    explorer's); ``vmax``: the top of the colour scale (default: the word's own largest patch weight)."""
+    explorer's); ``vmax``: the top of the colour scale (default: the word's own largest patch weight);
+    ``sink_line``: the line :func:`sinks_text` gives for this layer and head (computed when not given)."""
     vms = view_maps(trace, step, layer, head)
     shares = key_share_values(trace, step, layer, head)
     t, li, hi = check_view_args(trace, step, layer, head)
@@ -252,7 +262,8 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
     pw, ph, _ = panel_size(size, 4.0)
     layout = panel_grid(1, len(groups), (pw, ph), font_scale=check_font_scale(font_scale), title_lines=1,
                         title=[f"step {t}: {maps.word_label(trace, t, trace.probabilities())}", where,
-                               shares_line(vms, shares), details],
+                               shares_line(vms, shares), sinks_text(trace, li, head) if sink_line is None else sink_line,
+                               details],
                         colorbar=colorbar, figsize=check_figsize(figsize), pyplot=pyplot, dpi=dpi)
     for col, group in enumerate(groups):
         ax = layout.axes[0, col]
@@ -289,7 +300,8 @@ def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, wo
     pw, ph, _ = panel_size(size, 3.0)
     layout = panel_grid(len(steps) + 1, len(groups), (pw, ph), font_scale=check_font_scale(font_scale), title_lines=2,
                         title=[caption_line(trace), f"model {trace.model_name} \u00b7 {maps.layer_label(li, first.shape[0])} "
-                               f"\u00b7 {maps.head_label(hi, first.shape[1])} \u00b7 {underlay_note(underlay)}"],
+                               f"\u00b7 {maps.head_label(hi, first.shape[1])} \u00b7 {underlay_note(underlay)}",
+                               sinks_text(trace, li, head)],
                         figsize=check_figsize(figsize), pyplot=pyplot)
     probs = trace.probabilities()
     for col, group in enumerate(groups):
