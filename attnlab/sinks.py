@@ -25,7 +25,9 @@ passes. "Most words" (half or more) is what separates a sink from a content peak
 object moves from word to word, a sink stays. A token that every word of the caption is
 about also passes (one object described word after word): compare with another prompt or
 caption. With ``SINK_FACTOR`` image tokens or fewer no token can pass (its weight would exceed
-the whole image's). Shares are of the whole row, as recorded: nothing is renormalised.
+the whole image's), and a caption of fewer than :data:`~attnlab.diagnostics.MIN_SINK_STEPS` (3) words has
+none (its line says so: a word's own peak would pass). Shares are of the whole row, as recorded: nothing is
+renormalised.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .diagnostics import MIN_SINK_STEPS
 from .errors import AttnlabError
 
 __all__ = ["SINK_FACTOR", "SINK_WORDS", "SinkToken", "VisionDiagnostics", "diagnose_vision", "is_vision_language", "sink_line"]
@@ -49,7 +52,9 @@ class SinkToken:
     """One visual sink token: cell ``(row, col)`` of view ``view`` (``view_index`` in ``trace.views``),
     ``box = (x0, y0, x1, y1)`` its area on the photo (pixels of ``trace.image``, may overhang it),
     ``share`` its weight (of the whole row) averaged over the words, ``words`` the fraction of the
-    words for which it took more than :data:`SINK_FACTOR` times the uniform weight."""
+    words for which it took more than :data:`SINK_FACTOR` times the uniform weight.
+
+    ``SINK_FACTOR`` 5 and ``SINK_WORDS`` one half: the module docstring gives the reasons."""
 
     view: str
     view_index: int
@@ -90,11 +95,14 @@ class VisionDiagnostics:
 
     @property
     def caption_shares(self) -> dict[str, float]:
-        """Over the caption (mean over words): ``"image"``, every view by name, then every key kind."""
-        out = {"image": float(self.image.mean()) if self.image.size else 0.0}
-        for name, arr in [*self.view_shares.items(), *self.shares.items()]:
-            out[name] = float(arr.mean()) if arr.size else 0.0
-        return out
+        """Over the caption (mean over words): ``"image"`` (every view together), then every key kind; they sum
+        to 1 (the whole row) where the trace's rows do."""
+        return {name: _mean(arr) for name, arr in [("image", self.image), *self.shares.items()]}
+
+    @property
+    def caption_view_shares(self) -> dict[str, float]:
+        """Over the caption (mean over words): every view's share by name (together ``caption_shares["image"]``)."""
+        return {name: _mean(arr) for name, arr in self.view_shares.items()}
 
     def line(self, step: Any = None, layer: Any = None, head: Any = None) -> str:
         """The one line every figure and explorer prints, e.g. ``"sink: 3 tokens take 41% for 90% of words"``
@@ -111,9 +119,15 @@ class VisionDiagnostics:
         return sink_line(self.sinks, self.sink_share)
 
 
+def _mean(arr: np.ndarray) -> float:
+    return float(np.mean(arr)) if np.size(arr) else 0.0
+
+
 def sink_line(sinks: tuple[SinkToken, ...], sink_share: np.ndarray) -> str:
     """``"sink: 3 tokens take 41% for 90% of words"``: how many sink tokens, their weight together (mean over
     words, of the whole row) and the fewest words any of them is a sink for; ``"no sink tokens"`` when none."""
+    if np.size(sink_share) < MIN_SINK_STEPS:
+        return f"sink: n/a (fewer than {MIN_SINK_STEPS} words)"
     if not sinks:
         return "no sink tokens"
     n = len(sinks)
@@ -168,7 +182,7 @@ def diagnose_vision(trace: Any, layer: Any = -1, head: Any = "mean") -> VisionDi
     for i, (view, m) in enumerate(zip(views, maps)):
         above = m > threshold[:, None, None]  # (steps, h, w)
         frac = above.mean(axis=0) if steps else np.zeros(view.grid)  # (h, w) fraction of words
-        for r, c in zip(*np.nonzero((frac >= SINK_WORDS) & (steps > 0))):
+        for r, c in zip(*np.nonzero((frac >= SINK_WORDS) & (steps >= MIN_SINK_STEPS))):
             found.append(SinkToken(view.name, i, int(r), int(c), _cell_box(view, int(r), int(c)),
                                    float(m[:, r, c].mean()), float(frac[r, c])))
             together += m[:, r, c]

@@ -197,8 +197,11 @@ def test_old_code_paths_keep_working_on_multi_view_traces():
     half = as_half(trace)
     assert half.view_attention(1).dtype == np.float16 and half.key_shares["prompt"].dtype == np.float16
     np.testing.assert_allclose(half.view_attention("high-res")[0, 0, 0].ravel(), raw[0, 0, 0, 4:10], atol=5e-4)
-    with pytest.raises(AttnlabError, match="diagnostics cover traces of one view") as err:
-        trace.diagnostics()
+    from attnlab.diagnostics import diagnose
+
+    assert type(trace.diagnostics()).__name__ == "VisionDiagnostics"  # issue 22: the sinks report (tests/test_vlm_sinks.py)
+    with pytest.raises(AttnlabError, match="diagnose covers traces of one view") as err:
+        diagnose(trace)
     assert "\n" not in str(err.value)
     single = CaptionTrace.from_attention(list("abcd"), [1, 2, 3, 4], _prefix_rows(), (2, 3), np.zeros((30, 45, 3), np.uint8), prefix_tokens=1)
     small = as_half(single)

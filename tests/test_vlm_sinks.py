@@ -105,8 +105,18 @@ def test_off_image_shares_per_word_and_over_the_caption():
         c = d.caption_shares
         assert c["image"] == pytest.approx(0.75, abs=1e-6) and c["prompt"] == pytest.approx(0.15, abs=1e-6)
         assert c["special"] == pytest.approx(0.07, abs=1e-6) and c["newline"] == pytest.approx(0.03, abs=1e-6)
-        assert c["base"] + c["tiles"] == pytest.approx(0.75, abs=1e-6)
-        assert sum(v for k, v in c.items() if k not in ("base", "tiles")) == pytest.approx(1.0, abs=1e-5)
+        assert sum(c.values()) == pytest.approx(1.0, abs=1e-5) and list(c) == ["image", "prompt", "special", "newline"]
+        views = d.caption_view_shares
+        assert views["base"] == pytest.approx(np.mean([pick(maps[0])[t].sum() for t in range(T)]), abs=1e-6)
+        assert views["base"] + views["tiles"] == pytest.approx(0.75, abs=1e-6)
+
+
+def test_too_few_words_have_no_sinks_and_the_line_says_why():
+    trace, maps, shares = placed()
+    short = CaptionTrace.from_views(["w0", "w1"], [0, 1], VIEWS, [m[:, :, :2] for m in maps], trace.image,
+                                    key_shares={k: v[:, :, :2] for k, v in shares.items()})
+    d = short.diagnostics(-1, 0)  # the placed sink holds 30% for both words: two words cannot tell it from content
+    assert d.sinks == () and d.line() == "sink: n/a (fewer than 3 words)"
 
 
 def test_weight_by_grid_row_shows_the_placed_row_bias():
