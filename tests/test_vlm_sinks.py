@@ -216,3 +216,37 @@ def test_a_tiny_real_vlm_trace_reports_its_own_key_shares(built):
         maps = [np.asarray(trace.view_attention(i), dtype=np.float64) for i in range(len(trace.views))]
         got = {(s.view_index, s.row, s.col): s.words for s in d.sinks}
         assert got == pytest.approx(reference_sinks(maps, li, None if head == "mean" else head))
+
+
+def test_the_html_views_page_prints_the_same_line(tmp_path):
+    """The page's data holds the line of every layer and head, and its script, run in node on a stand-in DOM
+    (tests/views_page_dom.js), writes it at the end of the label as the dropdowns change."""
+    import json
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from attnlab.plot.html_views_page import VIEWS_SCRIPT
+
+    trace, _, _ = placed()
+    page = attnlab.export_html(trace, tmp_path / "v.html")
+    raw = re.search(r'<script type="application/json" id="attnlab-data">(.*?)</script>', page.read_text(), flags=re.S).group(1)
+    data = json.loads(raw)
+    for layer in range(L):
+        for h, head in enumerate([0, 1, "mean"]):
+            assert data["sinkLines"][layer][h] == trace.diagnostics(layer, head).line()
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node to run the page's script")
+    (tmp_path / "data.json").write_text(raw)
+    (tmp_path / "script.js").write_text(VIEWS_SCRIPT)
+    dom = Path(__file__).parent / "views_page_dom.js"
+    run = subprocess.run([node, str(dom), str(tmp_path / "script.js"), str(tmp_path / "data.json"), "1,0", "1,1", "0,mean"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    labels = json.loads(run.stdout)
+    wants = [trace.diagnostics(-1).line(), trace.diagnostics(1, 0).line(), trace.diagnostics(1, 1).line(), trace.diagnostics(0).line()]
+    assert wants[1] == "sink: 1 token takes 23% for 75% of words" and wants[2] == "no sink tokens"
+    for label, want in zip(labels, wants, strict=True):
+        assert label.endswith(" \u00b7 " + want)

@@ -163,6 +163,7 @@ def _views_payload(trace: Any, start: dict, long_side: int, cmap) -> dict:
         "display": list(_display_size(size, long_side)), "views": views,
         "groups": multiview.place_views(trace.views, size),
         "shares": {str(k): _with_mean(v) for k, v in (getattr(trace, "key_shares", None) or {}).items()},
+        "sinkLines": multiview.sink_lines(trace),  # [layer][head, then the mean]: the figures' sink line
         "layerLabels": [maps.layer_label(i, layers) for i in range(layers)], "underlays": UNDERLAYS, "quant": QUANT,
         "lut": _lut(cmap), "label": f"{maps.quantity(trace)} of a patch", "start": start,
     }

@@ -1,7 +1,8 @@
 """The static explorer's script for a trace with several views of its image (:data:`VIEWS_SCRIPT`): it fills
 :data:`attnlab.plot.html_page.PAGE` like the single-view script, one canvas per panel (the views on the photo
 where their boxes say, clipped to it; each overlapping base/global view in its own), every view's and every
-other kind of key's share in the label. Text only, no Python logic."""
+other kind of key's share in the label, then the sink line of the layer and head (``D.sinkLines``, computed
+in Python by :func:`attnlab.plot.multiview.sink_lines`). Text only, no Python logic."""
 
 VIEWS_SCRIPT = r"""
 "use strict";
@@ -148,7 +149,8 @@ VIEWS_SCRIPT = r"""
     }
     drawColorbar(top);
     $("label").textContent = step + ": " + D.wordLabels[step] + " \u00b7 " + D.layerLabels[layer] + " \u00b7 " +
-      (head === "mean" ? "mean of " + NH + " heads" : "head " + head) + " \u00b7 " + sharesLine(layer, head, step);
+      (head === "mean" ? "mean of " + NH + " heads" : "head " + head) + " \u00b7 " + sharesLine(layer, head, step) +
+      " \u00b7 " + D.sinkLines[layer][hi(head)];  // as attnlab.plot.multiview.sinks_text
     $("note").textContent = "Colours: " + D.label + ", one scale for every word of this layer and head. Each view is drawn where its box lies " +
       "on the photo (cyan), clipped to it; " + (nearest ? "flat patches. " : "bilinear between patch centres. ") + D.underlays[beneath] + ".";
     words.querySelectorAll("span").forEach((s, t) => s.classList.toggle("current", t === step));

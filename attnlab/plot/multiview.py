@@ -31,7 +31,7 @@ from . import maps
 from .draw import add_colorbar, caption_line, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
 from .resolve import DEFAULT_ALPHA, is_multiview, check_alpha, check_cmap, check_figsize, check_font_scale
 
-__all__ = ["MULTIVIEW_OPTIONS", "ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "sinks_text", "view_maps",
+__all__ = ["MULTIVIEW_OPTIONS", "ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "sink_lines", "sinks_text", "view_maps",
            "views_figure", "views_overlay", "views_word_grid"]
 
 MULTIVIEW_OPTIONS = frozenset({"cmap", "alpha", "interp", "underlay", "figsize", "font_scale"})  # what they draw
@@ -146,6 +146,13 @@ def sinks_text(trace: Any, layer: int = -1, head: int | str = "mean") -> str:
     from ..sinks import diagnose_vision
 
     return diagnose_vision(trace, layer, head).line()
+
+
+def sink_lines(trace: Any) -> list[list[str]]:
+    """:func:`sinks_text` for every layer and head: ``[layer][head]``, the last head index the mean over heads
+    (the static page's ``sinkLines``, printed as the figures print it)."""
+    layers, heads = np.asarray(trace.view_attention(0)).shape[:2]
+    return [[sinks_text(trace, li, h) for h in [*range(heads), "mean"]] for li in range(layers)]
 
 
 def _covers(a: Sequence[float], b: Sequence[float], size: tuple[int, int]) -> bool:
