@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from .diagnostics import MIN_SINK_STEPS
+from .diagnostics import MIN_SINK_STEPS, diagnose
 from .errors import AttnlabError
 
-__all__ = ["SINK_FACTOR", "SINK_WORDS", "SinkToken", "VisionDiagnostics", "diagnose_vision", "is_vision_language", "sink_line"]
+__all__ = ["SINK_FACTOR", "SINK_WORDS", "SinkToken", "VisionDiagnostics", "diagnose_vision", "diagnostics_of", "is_vision_language",
+           "sink_line"]
 
 SINK_FACTOR = 5.0  # k: a sink token takes more than k times the uniform weight over the image tokens ...
 SINK_WORDS = 0.5  # ... for at least this fraction of the words
@@ -144,6 +145,18 @@ def is_vision_language(trace: Any) -> bool:
         return True
     height, width = np.asarray(trace.image).shape[:2]
     return any(abs(float(a) - b) > 0.5 for a, b in zip(views[0].box, (0.0, 0.0, width, height)))
+
+
+def diagnostics_of(trace: Any, layer: Any = None, head: Any = None) -> Any:
+    """``trace.diagnostics(layer, head)``: :func:`diagnose_vision` for a vision-language trace
+    (:func:`is_vision_language`), else :func:`attnlab.diagnostics.diagnose` (every layer and head; passing
+    ``layer`` or ``head`` is then a one-line error)."""
+    if is_vision_language(trace):
+        return diagnose_vision(trace, -1 if layer is None else layer, "mean" if head is None else head)
+    if layer is not None or head is not None:
+        raise AttnlabError("this single-view trace's diagnostics cover every layer and head: call trace.diagnostics() "
+                           "and choose them in .line(step, layer, head)")
+    return diagnose(trace)
 
 
 def _pick(arr: np.ndarray, layer: int, head: int | None) -> np.ndarray:

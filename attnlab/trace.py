@@ -292,26 +292,14 @@ class CaptionTrace:
         return CaptionTrace(**trace_build.word_fields(self, spans))
 
     def diagnostics(self, layer: int | None = None, head: int | str | None = None) -> "Diagnostics | VisionDiagnostics":
-        """Where each map's weight goes besides the content.
+        """Where each map's weight goes besides the content. A single-view trace: the prefix keys, padding,
+        border and entropy of every layer, head and step (:mod:`attnlab.diagnostics`; choose them in its
+        ``line(step, layer, head)``). A vision-language trace (several views, a crop, a prompt's key shares):
+        the off-image shares, visual sink tokens and weight by grid row at ``layer`` (default -1) and ``head``
+        (default ``"mean"``) (:mod:`attnlab.sinks`)."""
+        from .sinks import diagnostics_of
 
-        A single-view trace (CATR-style): the prefix keys (CLS, registers), padding, the grid's
-        border, and its entropy against a uniform map, per layer, head (and the head mean, the
-        last head index) and step; see :mod:`attnlab.diagnostics` (``layer`` and ``head`` are
-        chosen in its ``line(step, layer, head)``). A vision-language trace (several views, a
-        cropped view, or key shares of a prompt): the off-image shares, the visual sink tokens
-        and the weight by grid row at ``layer`` (default -1, the last) and ``head`` (default
-        ``"mean"``, the mean over the layer's heads); see :mod:`attnlab.sinks`.
-        """
-        from .sinks import diagnose_vision, is_vision_language
-
-        if is_vision_language(self):
-            return diagnose_vision(self, -1 if layer is None else layer, "mean" if head is None else head)
-        if layer is not None or head is not None:
-            raise AttnlabError("this single-view trace's diagnostics cover every layer and head: call trace.diagnostics() "
-                               "and choose them in .line(step, layer, head)")
-        from .diagnostics import diagnose
-
-        return diagnose(self)
+        return diagnostics_of(self, layer, head)
 
     def nonfinite(self) -> list[str]:
         """Names of the arrays holding values that make no sense: NaN or infinite
