@@ -182,6 +182,14 @@ def test_the_figures_print_the_line_inside_the_canvas_off_other_text():
         assert inside and overlapping == []
     fig = multiview.views_figure(trace, 2, 0, 0, pyplot=False)
     assert _texts_overlap(fig, "no sink tokens") == (True, [])
+    assert not [p for ax in fig.axes for p in ax.patches if p.get_linestyle() == "--"]
+
+    def dashed(fig):  # (panel title, box) of every dashed outline
+        return [(ax.get_title(), (p.get_x(), p.get_y(), p.get_x() + p.get_width(), p.get_y() + p.get_height()))
+                for ax in fig.axes for p in ax.patches if p.get_linestyle() == "--"]
+
+    marks = dashed(multiview.views_figure(trace, 2, -1, 0, pyplot=False))
+    assert len(marks) == 1 and marks[0][0].startswith("view 'tiles'") and marks[0][1] == pytest.approx(SINK_BOX)
 
 
 def test_the_explorer_prints_the_line_of_the_shown_layer_and_head():
@@ -190,9 +198,9 @@ def test_the_explorer_prints_the_line_of_the_shown_layer_and_head():
 
     trace, _, _ = placed()
     ex = ViewsExplorer(trace, layer=-1, head=0)
-    assert trace.diagnostics(-1, 0).line() in ex.figure._suptitle.get_text().split("\n")
+    assert trace.diagnostics(-1, 0).line() in ex.figure.get_suptitle().split("\n")
     ex.head_dropdown.value = 1
-    assert "no sink tokens" in ex.figure._suptitle.get_text().split("\n")
+    assert "no sink tokens" in ex.figure.get_suptitle().split("\n")
 
 
 def test_a_tiny_real_vlm_trace_reports_its_own_key_shares(built):

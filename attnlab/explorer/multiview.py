@@ -4,7 +4,7 @@ The same controls as :class:`~attnlab.explorer.AttentionExplorer` where they app
 head dropdowns, opacity, a save row); each move redraws :func:`attnlab.plot.multiview.views_figure`: every
 view at its box on the photo, overlapping (base/global) views in their own panel, every view's and every
 other kind of key's share in the title, and under them the sink line of the shown layer and head
-(:func:`attnlab.plot.multiview.sinks_text`, computed once per layer and head). The colour scale covers every
+(``trace.diagnostics(layer, head)``, computed once per layer and head). The colour scale covers every
 word of the shown layer and head, so moving the word slider never changes what a colour means.
 """
 
@@ -19,7 +19,7 @@ import ipywidgets as widgets
 from ..errors import AttnlabError
 from ..plot import maps
 from ..plot.export import check_dpi, save_figure
-from ..plot.multiview import MULTIVIEW_OPTIONS, layer_peak, sinks_text, views_figure
+from ..plot.multiview import MULTIVIEW_OPTIONS, layer_peak, views_figure
 from ..plot.resolve import DEFAULT_ALPHA, check_alpha
 
 __all__ = ["ViewsExplorer"]
@@ -43,7 +43,7 @@ class ViewsExplorer(widgets.VBox):
                                    dpi=self._dpi, **style)  # checks every argument once
         self._written: set[Path] = set()
         self._peaks: dict[tuple, float] = {}  # (layer, head) -> the top of the colour scale
-        self._sinks: dict[tuple, str] = {}  # (layer, head) -> the sink line (attnlab.sinks), printed under the shares
+        self._sinks: dict[tuple, Any] = {}  # (layer, head) -> trace.diagnostics(layer, head): its line, its sink tokens
         self.slider = widgets.IntSlider(value=trace.check_step(0 if step is None else step), min=0,
                                         max=len(trace.words) - 1, description="word")
         self.layer_dropdown = widgets.Dropdown(options=[(maps.layer_label(i, layers), i) for i in range(layers)],
@@ -72,10 +72,10 @@ class ViewsExplorer(widgets.VBox):
         layer, head = int(self.layer_dropdown.value), self.head_dropdown.value
         if (layer, head) not in self._peaks:
             self._peaks[(layer, head)] = layer_peak(self.trace, layer, head)
-            self._sinks[(layer, head)] = sinks_text(self.trace, layer, head)
+            self._sinks[(layer, head)] = self.trace.diagnostics(layer, head)
         self.figure = views_figure(self.trace, int(self.slider.value), layer, head, alpha=self.alpha_slider.value,
                                    pyplot=False, dpi=self._dpi, vmax=self._peaks[(layer, head)],
-                                   sink_line=self._sinks[(layer, head)], **self._style)
+                                   sinks=self._sinks[(layer, head)], **self._style)
         buffer = io.BytesIO()
         self.figure.savefig(buffer, format="png", dpi=self._dpi)
         self.image.value = buffer.getvalue()

@@ -11,7 +11,8 @@ so the printed shares add up to the whole row.
 
 * :func:`is_multiview`, :func:`view_maps`, :func:`key_share_values`,
   :func:`place_views`, :func:`shares_line`: the numbers and the placement (no matplotlib).
-* :func:`sinks_text`: the one sink line (:mod:`attnlab.sinks`), printed under the shares in every figure.
+* :func:`sinks_text`, :func:`sink_lines`: the one sink line (:mod:`attnlab.sinks`), printed under the shares in
+  every figure (``views_figure`` also outlines the sink tokens dashed).
 * :func:`draw_views`: one panel (the photo and some views over it).
 * :func:`views_overlay`: one word's figure (``plot.overlay`` draws it for a multi-view trace).
 """
@@ -26,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import AttnlabError
+from ..sinks import VisionDiagnostics, diagnose_vision
 from ..util import is_int
 from . import maps
 from .draw import add_colorbar, caption_line, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
@@ -143,9 +145,18 @@ def shares_line(vms: Sequence[ViewMap], shares: dict[str, float]) -> str:
 def sinks_text(trace: Any, layer: int = -1, head: int | str = "mean") -> str:
     """The one sink line of ``trace`` at ``layer`` and ``head`` (``trace.diagnostics(layer, head).line()``, see
     :mod:`attnlab.sinks`): ``"sink: 3 tokens take 41% for 90% of words"`` or ``"no sink tokens"``."""
-    from ..sinks import diagnose_vision
-
     return diagnose_vision(trace, layer, head).line()
+
+
+def _mark_sinks(ax, sinks: Sequence[Any], group: Sequence[int]) -> None:
+    """Each sink token of the views in ``group`` outlined dashed in white at its box (clipped by the panel)."""
+    from matplotlib.patches import Rectangle
+
+    for s in sinks:
+        if s.view_index in group:
+            x0, y0, x1, y1 = s.box
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.2,
+                                   linestyle="--"))
 
 
 def sink_lines(trace: Any) -> list[list[str]]:
@@ -244,13 +255,15 @@ def views_overlay(trace: Any, step: int, layer: int = -1, head: int | str = "mea
 def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean", *, colorbar: bool = True,
                  cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
                  figsize=None, font_scale: float = 1.0, pyplot: bool = True, dpi: float | None = None,
-                 vmax: float | None = None, sink_line: str | None = None):
+                 vmax: float | None = None, sinks: VisionDiagnostics | None = None):
     """:func:`views_overlay`'s figure; ``pyplot=False`` (with ``dpi``): one pyplot does not manage (the
     explorer's); ``vmax``: the top of the colour scale (default: the word's own largest patch weight);
-    ``sink_line``: the line :func:`sinks_text` gives for this layer and head (computed when not given)."""
+    ``sinks``: ``trace.diagnostics(layer, head)`` (computed when not given): its line is printed under the
+    shares and its sink tokens are outlined dashed in white."""
     vms = view_maps(trace, step, layer, head)
     shares = key_share_values(trace, step, layer, head)
     t, li, hi = check_view_args(trace, step, layer, head)
+    sinks = diagnose_vision(trace, li, head) if sinks is None else sinks
     cmap = check_cmap(cmap, "shared")
     alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
     interp, underlay = maps.check_interp(interp), check_underlay(underlay)
@@ -265,17 +278,17 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
     drawing = "flat patches" if interp == "nearest" else f"{interp} upsampling"
     n = len(vms)
     details = f"model {trace.model_name} \u00b7 {n} view{'s' if n > 1 else ''}, box{'es' if n > 1 else ''} in cyan, " \
-              f"clipped to the photo \u00b7 {drawing} \u00b7 {underlay_note(underlay)}"
+              f"clipped to the photo \u00b7 {drawing} \u00b7 {underlay_note(underlay)}" + (" \u00b7 sink tokens dashed" if sinks.sinks else "")
     pw, ph, _ = panel_size(size, 4.0)
     layout = panel_grid(1, len(groups), (pw, ph), font_scale=check_font_scale(font_scale), title_lines=1,
                         title=[f"step {t}: {maps.word_label(trace, t, trace.probabilities())}", where,
-                               shares_line(vms, shares), sinks_text(trace, li, head) if sink_line is None else sink_line,
-                               details],
+                               shares_line(vms, shares), sinks.line(), details],
                         colorbar=colorbar, figsize=check_figsize(figsize), pyplot=pyplot, dpi=dpi)
     for col, group in enumerate(groups):
         ax = layout.axes[0, col]
         draw_views(ax, image, [vms[i] for i in group], scale, cmap, alpha, interp=interp, underlay=underlay,
                    font=layout.font)
+        _mark_sinks(ax, sinks.sinks, group)
         ax.set_title(_panel_title([vms[i] for i in group], size), fontsize=layout.font)
     if colorbar:
         add_colorbar(layout.fig, layout.cax, scale, cmap, layout.font)
