@@ -93,6 +93,7 @@ class VisionDiagnostics:
     row_weights: dict[str, np.ndarray]
     row_ratio: dict[str, float]
     _trace: Any = field(default=None, repr=False, compare=False)
+    _lines: dict = field(default_factory=dict, repr=False, compare=False)  # (layer, head) -> the line there
 
     @property
     def caption_shares(self) -> dict[str, float]:
@@ -115,8 +116,11 @@ class VisionDiagnostics:
                 raise AttnlabError("this report holds no trace: call trace.diagnostics(layer, head) for another layer or head")
             li = self.layer if layer is None else self._trace.check_layer(layer)
             hi = self.head if head is None else self._trace.check_head(head)
-            if (li, "mean" if hi is None else hi) != (self.layer, self.head):
-                return diagnose_vision(self._trace, li, "mean" if hi is None else hi).line()
+            key = (li, "mean" if hi is None else hi)
+            if key != (self.layer, self.head):
+                if key not in self._lines:  # the explorer asks on every redraw
+                    self._lines[key] = diagnose_vision(self._trace, *key).line()
+                return self._lines[key]
         return sink_line(self.sinks, self.sink_share)
 
 
