@@ -6,7 +6,8 @@ ICLR 2025; massive activations, arXiv 2402.17762; ViT registers, arXiv 2309.1658
 weight sits on keys that are no image token at all (the prompt, special tokens), and RoPE
 favours the image rows nearest the text (Qwen3-VL #1551). :func:`diagnose_vision`
 (``trace.diagnostics()`` of a trace of several views, or of one view with key shares other
-than ``"prefix"``) reports, at one layer and one head or the mean over the layer's heads:
+than ``"prefix"``) reports, at one layer and one head or the mean over the layer's heads, per *word*
+(pieces merged as the figures merge them, :meth:`~attnlab.trace.CaptionTrace.by_word`):
 
 * **off-image shares**: each key kind's share of the whole row (``trace.key_shares``:
   prompt, special, newline, ...), each view's and the image's total, per word and as the
@@ -69,14 +70,15 @@ class SinkToken:
 @dataclass
 class VisionDiagnostics:
     """The sink diagnostics of a vision-language trace at ``layer`` and ``head`` (``"mean"``: the mean over
-    the layer's heads); see :mod:`attnlab.sinks`. Per-word arrays are ``(steps,)``.
+    the layer's heads); see :mod:`attnlab.sinks`. Per-word arrays are ``(words,)``: ``words`` are the
+    trace's words (pieces merged, ``trace.by_word()``).
 
     Attributes:
-        shares: kind -> ``(steps,)``, every key kind's share of the row (``trace.key_shares``).
-        view_shares: view name -> ``(steps,)``, the weight on each view's tokens.
-        image: ``(steps,)``, the weight on every image token (the views' shares summed).
+        shares: kind -> ``(words,)``, every key kind's share of the row (``trace.key_shares``).
+        view_shares: view name -> ``(words,)``, the weight on each view's tokens.
+        image: ``(words,)``, the weight on every image token (the views' shares summed).
         sinks: the sink tokens, largest share first.
-        sink_share: ``(steps,)``, the sink tokens' weight together, per word.
+        sink_share: ``(words,)``, the sink tokens' weight together, per word.
         row_weights: view name -> ``(h,)``, each grid row's share of the row, mean over words.
         row_ratio: view name -> last row / first row of ``row_weights`` (``inf`` when the first row
             has none, ``nan`` when neither has any).
@@ -128,7 +130,7 @@ def _mean(arr: np.ndarray) -> float:
     return float(np.mean(arr)) if np.size(arr) else 0.0
 
 
-def sink_line(sinks: tuple[SinkToken, ...], sink_share: np.ndarray) -> str:
+def sink_line(sinks: tuple[SinkToken, ...], sink_share: np.ndarray) -> str:  # sink_share: (words,)
     """``"sink: 3 tokens take 41% for 90% of words"``: how many sink tokens, their weight together (mean over
     words, of the whole row) and the fewest words any of them is a sink for; ``"no sink tokens"`` when none."""
     if np.size(sink_share) < MIN_SINK_STEPS:
@@ -187,14 +189,15 @@ def diagnose_vision(trace: Any, layer: Any = -1, head: Any = "mean") -> VisionDi
     """The sink diagnostics of ``trace`` at ``layer`` (negative counts from the end) and ``head`` (an index or
     ``"mean"``, the mean over the layer's heads); see the module docstring."""
     li, hi = trace.check_layer(layer), trace.check_head(head)
+    trace = trace.by_word()  # words, as the figures count them: a word's map is the mean of its pieces'
     views = trace.views
-    maps = [_pick(trace.view_attention(i), li, hi) for i in range(len(views))]  # (steps, h, w) each
+    maps = [_pick(trace.view_attention(i), li, hi) for i in range(len(views))]  # (words, h, w) each
     steps = trace.steps
-    view_shares = {v.name: m.sum(axis=(-2, -1)) for v, m in zip(views, maps)}  # name -> (steps,)
-    image = np.sum([s for s in view_shares.values()], axis=0) if maps else np.zeros(steps)  # (steps,)
-    shares = {str(k): _pick(v, li, hi) for k, v in (trace.key_shares or {}).items()}  # kind -> (steps,)
+    view_shares = {v.name: m.sum(axis=(-2, -1)) for v, m in zip(views, maps)}  # name -> (words,)
+    image = np.sum([s for s in view_shares.values()], axis=0) if maps else np.zeros(steps)  # (words,)
+    shares = {str(k): _pick(v, li, hi) for k, v in (trace.key_shares or {}).items()}  # kind -> (words,)
     tokens = sum(v.grid[0] * v.grid[1] for v in views)
-    threshold = SINK_FACTOR * image / tokens  # (steps,) k times the uniform weight over the image tokens
+    threshold = SINK_FACTOR * image / tokens  # (words,) k times the uniform weight over the image tokens
     found, together = [], np.zeros(steps)
     for i, (view, m) in enumerate(zip(views, maps)):
         above = m > threshold[:, None, None]  # (steps, h, w)

@@ -275,3 +275,20 @@ def test_the_explorer_of_one_prompted_view_prints_the_line_beside_the_slider():
     ex.controls.head_dropdown.value = 1
     assert ex.controls.word_label.value.endswith(" \u00b7 " + one.diagnostics(-1, 1).line())
     assert one.diagnostics(-1, 1).line() == "no sink tokens"
+
+
+def test_pieces_are_merged_into_words_as_the_figures_merge_them():
+    """Sinks count words: a word of two pieces counts once, its map the mean of its pieces' maps."""
+    trace, maps, shares = placed()
+    starts = [True, False, True, True, True, True, True, False]  # 8 pieces, 6 words: (0, 1) and (6, 7) merged
+    pieces = CaptionTrace.from_views(trace.words, trace.token_ids, VIEWS, maps, trace.image, key_shares=shares,
+                                     word_starts=starts)
+    d = pieces.diagnostics(-1, 0)
+    assert d.words == ["w0w1", "w2", "w3", "w4", "w5", "w6w7"]
+    cell = maps[1][1, 0, :, 1, 4]
+    words = [cell[0:2].mean(), *cell[2:6], cell[6:8].mean()]  # 0.3 for words 0..4, 0 + noise for the last
+    np.testing.assert_allclose(d.sink_share, words, atol=1e-6)
+    assert d.sinks[0].words == pytest.approx(5 / 6)  # 5 of 6 words, where the pieces said 6 of 8
+    assert d.line() == f"sink: 1 token takes {np.mean(words):.0%} for 83% of words"
+    np.testing.assert_allclose(d.shares["prompt"], 0.15, atol=1e-6)
+    assert len(d.image) == 6
