@@ -230,3 +230,15 @@ def test_the_registry_lists_the_new_classes_and_works_from_a_config(made):
                        "LlavaOnevisionForConditionalGeneration") as err:
         family_of(torch.nn.Linear(2, 2))
     assert "\n" not in str(err.value)
+
+
+def test_gemma3_pan_and_scan_crops_are_refused_in_one_line(made):
+    model, processor = made("gemma3")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = dict(processor(text=[chat], images=[vlm_tiny.photo(1000, 200)], return_tensors="pt", do_pan_and_scan=True,
+                            pan_and_scan_min_crop_size=20, pan_and_scan_min_ratio_to_activate=1.2))
+    assert inputs["pixel_values"].shape[0] > 1  # the photo and its crops
+    with pytest.raises(AttnlabError, match="pan-and-scan") as err:
+        vlm_layout(model, processor, inputs, (1000, 200))
+    assert "\n" not in str(err.value)
