@@ -48,8 +48,9 @@ def made(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ the layout, from each family's rules
-def onevision_grid(config, width, height):
-    """(rows, cols) of the high-res grid: best pinpoint, padding rows/columns dropped, anyres_max pooling."""
+def onevision_grid(config, width, height, unpooled=False):
+    """(rows, cols) of the high-res grid: best pinpoint, padding rows/columns dropped, anyres_max pooling.
+    ``unpooled``: ``(pinpoint (h, w), rows and columns kept before pooling, rows and columns dropped each side)``."""
     tile, side = config.vision_config.image_size, config.vision_config.image_size // config.vision_config.patch_size
     fits = []
     for ph, pw in config.image_grid_pinpoints:  # the pinpoint that keeps most of the photo, then wastes least
@@ -58,10 +59,14 @@ def onevision_grid(config, width, height):
         fits.append((-kept, ph * pw - kept, ph, pw))
     _, _, ph, pw = min(fits)
     rows, cols = ph // tile * side, pw // tile * side
+    drop_r = drop_c = 0
     if width * rows > height * cols:  # wider than the grid: whole rows of padding go, as many each side
-        rows -= 2 * ((rows - int(round(height * cols / width, 7))) // 2)
+        drop_r = (rows - int(round(height * cols / width, 7))) // 2
     else:
-        cols -= 2 * ((cols - int(round(width * rows / height, 7))) // 2)
+        drop_c = (cols - int(round(width * rows / height, 7))) // 2
+    rows, cols = rows - 2 * drop_r, cols - 2 * drop_c
+    if unpooled:
+        return (ph, pw), (rows, cols), (drop_r, drop_c)
     n = int(config.vision_aspect_ratio.split("_")[-1])
     r = math.sqrt(rows * cols / (n * side * side))
     return (int(rows // r), int(cols // r)) if r > 1.1 else (rows, cols)
@@ -230,6 +235,62 @@ def test_the_registry_lists_the_new_classes_and_works_from_a_config(made):
                        "LlavaOnevisionForConditionalGeneration") as err:
         family_of(torch.nn.Linear(2, 2))
     assert "\n" not in str(err.value)
+
+
+def coded_photo(width, height):
+    """Red encodes x, green encodes y (of the pixel centre), blue is flat."""
+    from PIL import Image
+
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[..., 0] = np.round(255 * (np.arange(width) + 0.5) / width)[None, :]
+    rgb[..., 1] = np.round(255 * (np.arange(height) + 0.5) / height)[:, None]
+    rgb[..., 2] = 128
+    return Image.fromarray(rgb)
+
+
+def where_on_photo(img, y, x):
+    """The (x, y) photo fractions a de-normalised ``(3, H, W)`` image holds at pixel position ``(y, x)`` (a cell centre)."""
+    yi, xi = int(round(y)), int(round(x))
+    return img[:2, yi - 1: yi + 1, xi - 1: xi + 1].mean(axis=(1, 2))  # red = x, green = y
+
+
+@pytest.mark.parametrize("size", [(200, 120), (120, 200), (300, 60)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("family,options", [*CASES[:4]], ids=lambda c: c if isinstance(c, str) else "-".join(c.values()))
+def test_boxes_are_where_the_processor_put_the_pixels(made, family, options, size):
+    """Each view's cell (r, c) centre, placed by its box on the photo, is where the processor put that part of
+    the photo: read back from ``pixel_values`` of a photo whose colours encode its own coordinates."""
+    model, processor = made(family, **options)
+    W, H = size
+    inputs = more.prompt(family, processor, coded_photo(W, H))
+    layout = vlm_layout(model, processor, inputs, size)
+    ip = processor.image_processor
+    mean, std = np.asarray(ip.image_mean)[:, None, None], np.asarray(ip.image_std)[:, None, None]
+    pixels = inputs["pixel_values"][0].numpy() * std[None] + mean[None] if family == "llava_onevision" else None
+    if family != "llava_onevision":  # one image, stretched: cell (r, c) of a (h, w) grid centred at ((r + .5) S / h, ...)
+        img = inputs["pixel_values"][0].numpy() * std + mean
+        cells = [(layout.views[0], lambda r, c, g: where_on_photo(img, (r + 0.5) * img.shape[1] / g[0], (c + 0.5) * img.shape[2] / g[1]))]
+    else:
+        tile, cfg = pixels.shape[-1], model.config
+        (ph, pw), (rows, cols), (drop_r, drop_c) = onevision_grid(cfg, W, H, unpooled=True)
+        cell = tile // (cfg.vision_config.image_size // cfg.vision_config.patch_size)
+        stitched = np.concatenate([np.concatenate(list(pixels[1 + i * (pw // tile): 1 + (i + 1) * (pw // tile)]), axis=2)
+                                   for i in range(ph // tile)], axis=1)  # (3, ph, pw): the tiles put back together
+
+        def high_res(r, c, g):  # a pooled cell spans rows * cell / g[0] pixels of the kept part
+            return where_on_photo(stitched, (drop_r + (r + 0.5) * rows / g[0]) * cell, (drop_c + (c + 0.5) * cols / g[1]) * cell)
+
+        cells = [(layout.views[0], lambda r, c, g: where_on_photo(pixels[0], (r + 0.5) * tile / g[0], (c + 0.5) * tile / g[1])),
+                 (layout.views[1], high_res)]
+    for view, where in cells:
+        (h, w), (x0, y0, x1, y1) = view.grid, view.box
+        got = np.array([where(r, c, (h, w)) for r in range(h) for c in range(w)])
+        want_x = np.array([(x0 + (c + 0.5) * (x1 - x0) / w) / W for r in range(h) for c in range(w)])
+        want_y = np.array([(y0 + (r + 0.5) * (y1 - y0) / h) / H for r in range(h) for c in range(w)])
+        tol = 2 * max(1 / W, 1 / H) + 3 / 255  # a photo pixel either side (resampling), and rounding
+        inside = (want_x > tol) & (want_x < 1 - tol) & (want_y > tol) & (want_y < 1 - tol)  # padding is not the photo
+        assert inside.sum() >= h * w // 2
+        np.testing.assert_allclose(got[inside, 0], want_x[inside], atol=tol)
+        np.testing.assert_allclose(got[inside, 1], want_y[inside], atol=tol)
 
 
 def test_gemma3_pan_and_scan_crops_are_refused_in_one_line(made):
