@@ -29,7 +29,8 @@ from attnlab.errors import AttnlabError  # noqa: E402
 PHOTOS = [(50, 30), (30, 50)]
 STEPS = 4
 CASES = [("paligemma", {}), ("gemma3", {}), ("llava_onevision", {"aspect": "anyres_max_9"}),
-         ("llava_onevision", {"aspect": "anyres_max_1"}), ("paligemma", {"text": "gemma2"})]
+         ("llava_onevision", {"aspect": "anyres_max_1"}), ("paligemma", {"text": "gemma2"}),
+         ("llava_onevision", {"aspect": "anyres_max_1", "vision": "siglip"})]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

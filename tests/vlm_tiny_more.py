@@ -105,22 +105,25 @@ def _gemma3(folder: Path, sliding_window: int = 12):
     return model, processor
 
 
-def _onevision(folder: Path, aspect: str = "anyres_max_9"):
+def _onevision(folder: Path, aspect: str = "anyres_max_9", vision: str = "clip"):
+    """LLaVA-OneVision; ``vision="siglip"``: as real checkpoints, SigLIP (no CLS) with ``vision_feature_select_strategy="full"``."""
     import transformers as tf
 
     tokenizer, vocab = _tokenizer(OV_SPECIAL, folder, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=42, patch_size=14, projection_dim=32)
+    strategy, extra = ("full", 0) if vision == "siglip" else ("default", 1)
+    vision = _siglip(42, 14) if vision == "siglip" else tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=42, patch_size=14,
+        projection_dim=32)
     text = tf.Qwen2Config(vocab_size=len(vocab) + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, eos_token_id=vocab["<|im_end|>"],
                           bos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
     cfg = tf.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-                                  video_token_index=vocab["<video>"], vision_feature_select_strategy="default",
+                                  video_token_index=vocab["<video>"], vision_feature_select_strategy=strategy,
                                   vision_feature_layer=-2, image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio=aspect)
     model = tf.LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
     image = tf.LlavaOnevisionImageProcessor(size={"height": 42, "width": 42}, image_grid_pinpoints=OV_PINPOINTS)
     processor = tf.LlavaOnevisionProcessor(image_processor=image, tokenizer=tokenizer, video_processor=tf.LlavaOnevisionVideoProcessor(),
-                                           num_image_tokens=3 * 3 + 1, vision_feature_select_strategy="default",
+                                           num_image_tokens=3 * 3 + extra, vision_feature_select_strategy=strategy,
                                            vision_aspect_ratio=aspect, chat_template=OV_TEMPLATE)
     return model, processor
 
