@@ -24,8 +24,10 @@ photo it saw. A processor that crops or pads gets a one-line error instead.
 
 Vision-language models (``transformers`` >= 5): ``Qwen2VLForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
-``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalGeneration`` with their
-combined processor: ``from_huggingface(model, processor, prompt=...)`` gives a
+``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+``PaliGemmaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration`` (every family registered in
+:mod:`attnlab.adapters.hf.families`) with their combined processor: ``from_huggingface(model, processor, prompt=...)`` gives a
 :class:`~attnlab.adapters.hf.vlm.VLMCaptioner` (the model's own ``generate`` with the
 attention rows of every step beside sdpa; its traces have views and key shares).
 
@@ -48,7 +50,8 @@ from .hf.blip import BlipCaptioner
 from .hf.encoder_decoder import EncoderDecoderCaptioner
 from .hf.generation import transformers_module
 from .hf.processor import processor_input
-from .hf.vlm import VLM_CLASSES, VLMCaptioner, is_vlm
+from .hf.families import classes as vlm_classes
+from .hf.vlm import VLMCaptioner, is_vlm
 from .module import refuse_meta
 
 CAPTIONER_KINDS: tuple[type[HuggingFaceCaptioner], ...] = (EncoderDecoderCaptioner, BlipCaptioner)  # a new kind: one more class
@@ -73,7 +76,9 @@ def from_huggingface(
             or a ``BlipForConditionalGeneration``.
             Or a vision-language model (``Qwen2VLForConditionalGeneration``,
             ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
-            ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``).
+            ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+            ``PaliGemmaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+            ``LlavaOnevisionForConditionalGeneration``: every family of :mod:`.hf.families`).
         tokenizer: the model's tokenizer (or its processor, which holds one); for a
             vision-language model its combined processor (``AutoProcessor``).
         image_processor: the model's image processor (or its processor). It
@@ -81,7 +86,8 @@ def from_huggingface(
             Not given for a vision-language model.
         prompt: vision-language models only: your words ("What colour is the car?"),
             put into the processor's chat template as one user turn holding the
-            image and the text (default: "Describe this image.").
+            image and the text (default: "Describe this image."; PaliGemma: plain
+            text after the image, no template, default "caption en").
         raw_prompt: vision-language models only: the exact text handed to the
             processor, chat template and image placeholder included.
         max_len: most tokens to generate, the end token included (vision-language
@@ -100,11 +106,11 @@ def from_huggingface(
     if is_vlm(model, tf):
         return _vision_language(model, tokenizer, image_processor, prompt, raw_prompt, max_len, name)
     if prompt is not None or raw_prompt is not None:
-        raise AttnlabError(f"prompt= and raw_prompt= are for vision-language models ({', '.join(VLM_CLASSES)}), not a {type(model).__name__}")
+        raise AttnlabError(f"prompt= and raw_prompt= are for vision-language models ({', '.join(vlm_classes())}), not a {type(model).__name__}")
     kind = next((k for k in CAPTIONER_KINDS if isinstance(model, getattr(tf, k.model_class))), None)
     if kind is None:
         hint = " (load it first, e.g. VisionEncoderDecoderModel.from_pretrained(name))" if isinstance(model, str) else ""
-        kinds = ", ".join([*(k.described for k in CAPTIONER_KINDS), *VLM_CLASSES])
+        kinds = ", ".join([*(k.described for k in CAPTIONER_KINDS), *vlm_classes()])
         raise AttnlabError(f"from_huggingface takes {kinds}, not a {type(model).__name__}{hint}")
     if image_processor is None:
         raise AttnlabError("from_huggingface(model, tokenizer, image_processor): pass the model's image processor (or its processor) too")
