@@ -11,6 +11,7 @@ boxes with the pixels the processor made from a photo whose colours encode their
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -25,7 +26,7 @@ from test_vlm_rows import coded_photo  # noqa: E402
 
 import attnlab  # noqa: E402
 from attnlab.adapters.hf import capture_rows, generate_rows, vlm_layout  # noqa: E402
-from attnlab.adapters.hf.families import family_of  # noqa: E402
+from attnlab.adapters.hf.families import family_of, layout_of  # noqa: E402
 
 PHOTOS = [(640, 480), (480, 640), (1000, 200)]
 STEPS = 4
@@ -291,3 +292,8 @@ def test_inputs_that_do_not_fit_the_photo_get_one_line_errors(tiny):
     two["attention_mask"] = torch.ones_like(two["input_ids"])
     assert_error(lambda: vlm_layout(model, processor, two, (640, 480)), "runs of image tokens")
     assert_error(lambda: capture_rows(model).__enter__(), "language_model")  # its decoder is model.model.text_model
+    git, git_processor = tiny("git")
+    config = copy.deepcopy(git.config)
+    config.num_image_with_embedding = 2  # a GIT video model
+    git_inputs = vlm_tiny_b.prompt("git", git_processor, vlm_tiny_b.photo(640, 480))
+    assert_error(lambda: layout_of(config, git_processor, git_inputs, (640, 480)), "video")

@@ -5,7 +5,10 @@ where each view's tokens and every other kind of key sit in the prompt (``layout
 attention modules give a word's rows (``modules``), whether the keys grow by one per
 generated token (decoder self-attention) or stay a fixed encoder sequence, how the user's
 prompt becomes the processor's text (``prompt_text``; default the chat template) and an
-optional post-processing of a run (``after``). The family modules are imported at the bottom
+optional post-processing of a run (``after``); a family whose inputs are not
+``processor(text=..., images=...)`` makes them itself (``inputs``), and one whose attention
+bypasses transformers' attention registry records its rows itself (``capture``, GIT). The
+family modules are imported at the bottom
 of this file, one line each; each calls :func:`register` for its family.
 """
 

@@ -101,9 +101,10 @@ def idefics3_layout(config: Any, processor: Any, inputs: Mapping, photo: tuple[i
     rows, cols = tiles(image_processor, photo)
     found = runs(ids == image_token_id(config))
     if len(found) != rows * cols + 1 or any(len(r) != cells * cells for r in found):
+        lengths = ", ".join(str(len(r)) for r in found[:3]) + (", ..." if len(found) > 3 else "")
         raise AttnlabError(
-            f"the prompt has {len(found)} runs of image tokens ({', '.join(str(len(r)) for r in found[:3])}, ...) where one "
-            f"{photo[0]} x {photo[1]} photo gives {rows * cols + 1} of {cells * cells}: pass one photo and the inputs the processor made from it"
+            f"the prompt has {len(found)} runs of image tokens ({lengths}) where one {photo[0]} x {photo[1]} photo gives "
+            f"{rows * cols + 1} of {cells * cells}: pass one photo and the inputs the processor made from it"
         )
     views = tile_views(rows, cols, cells, photo)
     return assemble(ids, mask, views, found, {}, special_ids(config, processor) | marker_ids(processor))
