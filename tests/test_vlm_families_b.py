@@ -297,3 +297,24 @@ def test_inputs_that_do_not_fit_the_photo_get_one_line_errors(tiny):
     config.num_image_with_embedding = 2  # a GIT video model
     git_inputs = vlm_tiny_b.prompt("git", git_processor, vlm_tiny_b.photo(640, 480))
     assert_error(lambda: layout_of(config, git_processor, git_inputs, (640, 480)), "video")
+
+
+def test_left_padding_is_a_zero_share_and_changes_nothing_else(tmp_path):
+    model, processor = vlm_tiny_b.build("smolvlm", tmp_path)
+    image = vlm_tiny_b.photo(640, 480)
+    inputs = vlm_tiny_b.prompt("smolvlm", processor, image)
+    T = inputs["input_ids"].shape[1]
+    processor.tokenizer.padding_side = "left"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image ."}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    padded = dict(processor(text=[chat], images=[image], return_tensors="pt", padding="max_length", max_length=T + 3))
+    assert padded["attention_mask"][0, :3].tolist() == [0, 0, 0]
+    layout = vlm_layout(model, processor, padded, (640, 480))
+    assert layout.kinds["padding"].tolist() == [0, 1, 2]
+    assert [k.tolist() for k in layout.view_keys] == [(k + 3).tolist() for k in vlm_layout(model, processor, inputs, (640, 480)).view_keys]
+    plain = generate_rows(model, inputs, vlm_layout(model, processor, inputs, (640, 480)), STEPS)
+    run = generate_rows(model, padded, layout, STEPS)
+    assert run.tokens.tolist() == plain.tokens.tolist()
+    assert np.all(run.shares["padding"] == 0)  # masked keys get exactly nothing
+    for a, b in zip(run.maps, plain.maps):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
