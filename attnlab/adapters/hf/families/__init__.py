@@ -78,4 +78,5 @@ def layout_of(config: Any, processor: Any, inputs: Mapping, photo: tuple[int, in
     return family_of(config).layout(config, processor, inputs, photo)
 
 
-from . import qwen, llava, llava_next, idefics3, git  # noqa: E402,F401,I001  (each registers its family, in this order)
+from . import qwen, llava, llava_next, paligemma, gemma3, llava_onevision  # noqa: E402,F401,I001  (each registers its family, in this order)
+from . import idefics3, git  # noqa: E402,F401,I001
