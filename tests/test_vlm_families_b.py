@@ -122,6 +122,11 @@ def test_tokens_maps_and_shares_match_generate_and_eager(tiny, family, size):
     views, special, length = expected_layout(family, processor, image, ids)
     layout = vlm_layout(model, processor, inputs, size)
     check_layout(layout, views, special, length)
+    if family != "git":  # the text between rows of tiles: "\n" after each row and before the global view, a prompt key
+        newlines = np.flatnonzero(ids == processor.tokenizer.convert_tokens_to_ids("\n"))
+        rows = processor.image_processor(images=[image], return_row_col_info=True)["rows"][0][0]
+        assert len(newlines) == rows + 1
+        assert set(newlines.tolist()) <= set(layout.kinds["prompt"].tolist())
     want, logits = own_generate(model, inputs, STEPS)
     run = generate_rows(model, inputs, layout, STEPS)
     assert run.tokens.tolist() == want and len(want) == STEPS

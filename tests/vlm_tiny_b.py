@@ -3,7 +3,7 @@
 ``build(family, folder)`` returns ``(model, processor)`` for ``idefics3``, ``smolvlm`` and ``git``:
 a small language model (2 layers, 4 heads), a small vision tower, and a processor reloaded from
 files written into ``folder`` (a word-level ``tokenizers`` tokenizer from :mod:`vlm_tiny` with the
-family's special tokens, the family's image processor). Idefics3 / SmolVLM: 42-px tiles of 7-px
+family's special tokens (Idefics3 / SmolVLM: and ``\n``, the text between rows of tiles), the family's image processor). Idefics3 / SmolVLM: 42-px tiles of 7-px
 patches, pixel shuffle 2 (3 x 3 tokens per tile), the photo's long side resized to 168 (up to 4 x 4
 tiles). GIT: a 28-px centre crop of 7-px patches (CLS + 4 x 4), eager attention (GIT refuses sdpa).
 ``prompt(family, processor, photo, text)`` makes the model input for one photo the way the family's
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_tiny import WORDS, _tokenizer, photo  # noqa: F401  (photo: the same seeded photos as part 1)
+from vlm_tiny import WORDS, photo  # noqa: F401  (photo: the same seeded photos as part 1)
 
 FAMILIES = ("idefics3", "smolvlm", "git")
 TILE, PATCH, SCALE, LONG = 42, 7, 2, 168  # tile side, patch side, pixel shuffle, the long side the photo is resized to
@@ -28,6 +28,23 @@ IDEFICS_TEMPLATE = (
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
 GIT_SPECIAL = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+
+
+def word_tokenizer(special: list[str], folder: Path, plain: list[str] = (), **tokens):
+    """A word-level tokenizer: ``special`` tokens, ``plain`` added tokens (a newline), then :data:`vlm_tiny.WORDS`."""
+    import transformers as tf
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(special + list(plain) + WORDS + ["[UNK]"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\s+"), "removed"), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), "isolated")]
+    )
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in plain])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return tf.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **tokens), vocab
 
 
 @contextlib.contextmanager
@@ -48,7 +65,7 @@ def smolvlm_without_num2words():
 def _idefics(family: str, folder: Path, splitting: bool = True, long: int = LONG):
     import transformers as tf
 
-    tokenizer, vocab = _tokenizer(IDEFICS_SPECIAL, folder, eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    tokenizer, vocab = word_tokenizer(IDEFICS_SPECIAL, folder, ["\n"], eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
     vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=TILE,
                   patch_size=PATCH)
     text = dict(model_type="llama", vocab_size=len(vocab) + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -75,7 +92,7 @@ def _git(folder: Path):
     import transformers as tf
     from tokenizers import processors
 
-    tokenizer, vocab = _tokenizer(GIT_SPECIAL, folder, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+    tokenizer, vocab = word_tokenizer(GIT_SPECIAL, folder, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
                                   unk_token="[UNK]")
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(  # BERT's: [CLS] text [SEP]
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
