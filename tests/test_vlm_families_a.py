@@ -29,7 +29,7 @@ from attnlab.errors import AttnlabError  # noqa: E402
 PHOTOS = [(50, 30), (30, 50)]
 STEPS = 4
 CASES = [("paligemma", {}), ("gemma3", {}), ("llava_onevision", {"aspect": "anyres_max_9"}),
-         ("llava_onevision", {"aspect": "anyres_max_1"})]
+         ("llava_onevision", {"aspect": "anyres_max_1"}), ("paligemma", {"text": "gemma2"})]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -98,12 +98,13 @@ def eager_rows(model, inputs, tokens):
     if "token_type_ids" in full:
         fill = 1 if model.config.model_type == "paligemma" else 0
         full["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.full((1, n - 1), fill, dtype=torch.long)], 1)
+    before = model.config.text_config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             out = model(**full, output_attentions=True)
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(before)
     T = inputs["input_ids"].shape[1]
     return [[a[0, :, T - 1 + s, : T + s].numpy() for s in range(n)] for a in out.attentions]  # [layer][step] (heads, K)
 
@@ -123,10 +124,11 @@ def test_tokens_maps_and_shares_match_generate_and_eager(made, family, options, 
     inputs = more.prompt(family, processor, vlm_tiny.photo(*size))
     T = inputs["input_ids"].shape[1]
     tokens, logits = own_generate(model, inputs, STEPS)
+    before = model.config.text_config._attn_implementation  # sdpa; PaliGemma 2 (Gemma 2 refuses sdpa): eager
     run = generate_rows(model, inputs, vlm_layout(model, processor, inputs, size), STEPS)
     assert run.tokens.tolist() == tokens.tolist()
     assert torch.equal(torch.as_tensor(run.logits), logits)  # the model's output unchanged
-    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == before
 
     views, newlines = expected(family, model, inputs["input_ids"][0].numpy(), *size)
     assert [v.grid for v in run.layout.views] == [tuple(g) for g, _ in views]
@@ -199,6 +201,26 @@ def test_gemma3_sliding_window_rows_are_zero_left_of_the_window(made):
         assert run.rows[1, :, s, : last - window + 1].all()  # the full layer sees them
 
 
+def test_paligemma2_softcapped_sliding_rows_are_the_softcapped_softmax(made):
+    """Gemma 2 hands ``softcap`` to its attention function: rows.last_row applies it (else the rows above would
+    differ from eager); the sliding layer's keys left of the window get weight 0."""
+    model, processor = made("paligemma", text="gemma2")
+    text = model.config.text_config
+    assert text.attn_logit_softcapping == 5.0 and text.layer_types[0] == "sliding_attention"
+    inputs = more.prompt("paligemma", processor, vlm_tiny.photo(50, 30))
+    T = inputs["input_ids"].shape[1]
+    assert T > text.sliding_window
+    run = generate_rows(model, inputs, vlm_layout(model, processor, inputs, (50, 30)), STEPS, keep_rows=True)
+    rows = eager_rows(model, inputs, run.tokens)
+    for s in range(STEPS):
+        np.testing.assert_allclose(run.rows[0, :, s, : T + s], rows[0][s], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(run.rows[1, :, s, : T + s], rows[1][s], atol=1e-5, rtol=0)
+        if s:  # a generated token (causal suffix) in the sliding layer: nothing left of its window
+            assert not run.rows[0, :, s, : T + s - text.sliding_window].any() and run.rows[0, :, s, T - 1: T + s].all()
+        else:  # the last prompt token: the bidirectional prefix reaches past the window (as under eager)
+            assert run.rows[0, :, s, :T].all()
+
+
 def test_the_registry_lists_the_new_classes_and_works_from_a_config(made):
     model, processor = made("llava_onevision", aspect="anyres_max_1")
     inputs = more.prompt("llava_onevision", processor, vlm_tiny.photo(50, 30))
@@ -207,4 +229,16 @@ def test_the_registry_lists_the_new_classes_and_works_from_a_config(made):
     with pytest.raises(AttnlabError, match="PaliGemmaForConditionalGeneration.*Gemma3ForConditionalGeneration.*"
                        "LlavaOnevisionForConditionalGeneration") as err:
         family_of(torch.nn.Linear(2, 2))
+    assert "\n" not in str(err.value)
+
+
+def test_gemma3_pan_and_scan_crops_are_refused_in_one_line(made):
+    model, processor = made("gemma3")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = dict(processor(text=[chat], images=[vlm_tiny.photo(1000, 200)], return_tensors="pt", do_pan_and_scan=True,
+                            pan_and_scan_min_crop_size=20, pan_and_scan_min_ratio_to_activate=1.2))
+    assert inputs["pixel_values"].shape[0] > 1  # the photo and its crops
+    with pytest.raises(AttnlabError, match="pan-and-scan") as err:
+        vlm_layout(model, processor, inputs, (1000, 200))
     assert "\n" not in str(err.value)
