@@ -26,7 +26,8 @@ Vision-language models (``transformers`` >= 5): ``Qwen2VLForConditionalGeneratio
 ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
 ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
 ``PaliGemmaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
-``LlavaOnevisionForConditionalGeneration`` (every family registered in
+``LlavaOnevisionForConditionalGeneration``, ``Idefics3ForConditionalGeneration``,
+``SmolVLMForConditionalGeneration``, ``GitForCausalLM`` (every family registered in
 :mod:`attnlab.adapters.hf.families`) with their combined processor: ``from_huggingface(model, processor, prompt=...)`` gives a
 :class:`~attnlab.adapters.hf.vlm.VLMCaptioner` (the model's own ``generate`` with the
 attention rows of every step beside sdpa; its traces have views and key shares).
@@ -78,7 +79,8 @@ def from_huggingface(
             ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
             ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
             ``PaliGemmaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
-            ``LlavaOnevisionForConditionalGeneration``: every family of :mod:`.hf.families`).
+            ``LlavaOnevisionForConditionalGeneration``, ``Idefics3ForConditionalGeneration``,
+            ``SmolVLMForConditionalGeneration``, ``GitForCausalLM``: every family of :mod:`.hf.families`).
         tokenizer: the model's tokenizer (or its processor, which holds one); for a
             vision-language model its combined processor (``AutoProcessor``).
         image_processor: the model's image processor (or its processor). It
@@ -87,7 +89,8 @@ def from_huggingface(
         prompt: vision-language models only: your words ("What colour is the car?"),
             put into the processor's chat template as one user turn holding the
             image and the text (default: "Describe this image."; PaliGemma: plain
-            text after the image, no template, default "caption en").
+            text after the image, no template, default "caption en"; GIT: the words
+            after ``[CLS]``, default none: GIT's own captioning).
         raw_prompt: vision-language models only: the exact text handed to the
             processor, chat template and image placeholder included.
         max_len: most tokens to generate, the end token included (vision-language

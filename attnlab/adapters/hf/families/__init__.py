@@ -5,7 +5,10 @@ where each view's tokens and every other kind of key sit in the prompt (``layout
 attention modules give a word's rows (``modules``), whether the keys grow by one per
 generated token (decoder self-attention) or stay a fixed encoder sequence, how the user's
 prompt becomes the processor's text (``prompt_text``; default the chat template) and an
-optional post-processing of a run (``after``). The family modules are imported at the bottom
+optional post-processing of a run (``after``); a family whose inputs are not
+``processor(text=..., images=...)`` makes them itself (``inputs``), and one whose attention
+bypasses transformers' attention registry records its rows itself (``capture``, GIT). The
+family modules are imported at the bottom
 of this file, one line each; each calls :func:`register` for its family.
 """
 
@@ -33,6 +36,10 @@ class Family:
     prompt_text: Callable[[Any, str], str] | None = None  # processor, user prompt -> processor text (None: chat template)
     default_prompt: str = "Describe this image."
     after: Callable[[Any, Mapping, Any], Any] | None = None  # (model, inputs, stepping.VLMRun) -> VLMRun
+    inputs: Callable[[Any, str, Any], Mapping] | None = None  # (processor, text, photo) -> the model's inputs
+    # (None: processor(text=[text], images=[photo])); GIT builds [CLS] + the words itself
+    capture: Callable[[Any], Any] | None = None  # model -> a context manager yielding a rows.RowCapture
+    # (None: rows.capture_rows over `modules`); GIT's attention bypasses transformers' attention registry
 
 
 FAMILIES: dict[str, Family] = {}
@@ -72,3 +79,4 @@ def layout_of(config: Any, processor: Any, inputs: Mapping, photo: tuple[int, in
 
 
 from . import qwen, llava, llava_next, paligemma, gemma3, llava_onevision  # noqa: E402,F401,I001  (each registers its family, in this order)
+from . import idefics3, git  # noqa: E402,F401,I001
