@@ -72,3 +72,5 @@ def layout_of(config: Any, processor: Any, inputs: Mapping, photo: tuple[int, in
 
 
 from . import qwen, llava, llava_next  # noqa: E402,F401,I001  (each registers its family, in this order)
+from . import florence2  # noqa: E402,F401  (Florence-2, fam-c)
+from . import blip2  # noqa: E402,F401  (BLIP-2, fam-c)
