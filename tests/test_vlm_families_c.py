@@ -105,6 +105,22 @@ def test_florence2_box_puts_each_cell_on_its_receptive_field_centre(tiny, size):
     assert (x1 - x0) * rw / W == 32 * w and (y1 - y0) * rh / H == 32 * h
 
 
+def test_florence2_at_the_released_size_is_577_tokens_half_a_cell_up_left(tiny):
+    """The released processors resize to 768 x 768 (image_seq_length 577): 1 pooled + 24 x 24, the box 15.5 px
+    (of 32) up-left, for a 640 x 480 photo scaled by 640 / 768 and 480 / 768."""
+    model, processor = tiny("florence2")
+    pixels = torch.zeros(1, 3, 768, 768)
+    with torch.no_grad():  # the real stages' geometry (the tiny model keeps the kernels, strides and paddings)
+        assert tuple(model.model.vision_tower(pixels).last_hidden_state.shape[-2:]) == (24, 24)
+    prompt = processor.tokenizer("<s>What does the image describe ?</s>", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[model.config.image_token_id] * 577 + prompt])
+    layout = layout_of(model.config, processor, {"input_ids": ids, "pixel_values": pixels}, (640, 480))
+    view = layout.views[0]
+    assert view.grid == (24, 24) and layout.kinds["prefix"].tolist() == [0] and layout.view_keys[0].tolist() == list(range(1, 577))
+    np.testing.assert_allclose(view.box, (-15.5 * 640 / 768, -15.5 * 480 / 768, 752.5 * 640 / 768, 752.5 * 480 / 768))
+    assert layout.kinds["prompt"].tolist() == list(range(578, 584)) and layout.kinds["special"].tolist() == [577, 584]
+
+
 def test_florence2_captions_with_task_prompts_like_generate(tiny):
     model, processor = tiny("florence2")
     image = vlm_tiny_c.photo(1000, 200, seed=3)
