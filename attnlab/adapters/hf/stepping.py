@@ -70,8 +70,10 @@ def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: in
     if inputs["input_ids"].shape[0] != 1 or inputs["input_ids"].shape[1] != layout.length:
         raise AttnlabError("generate_rows takes one prompt (batch size 1) whose length matches its layout")
     family = _family(model, family)
-    modules = None if family is None or family.modules is attention_modules else family.modules(model)
+    attn = (attention_modules if family is None else family.modules)(model)
+    modules = None if family is None or family.modules is attention_modules else attn
     grows = family is None or family.grows
+    windows = [getattr(m, "sliding_window", None) for m in attn]  # a sliding layer's cache drops keys left of its window
     with capture_rows(model, modules) as capture, torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                              output_logits=True, output_scores=True, return_dict_in_generate=True)
@@ -87,8 +89,11 @@ def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: in
         for step in range(n):
             row = calls[step][0].numpy()  # (heads, K)
             calls[step] = None  # the maps replace the rows: never both whole in memory
-            if row.shape[1] != layout.length + step * grows:
-                raise AttnlabError(f"step {step} attended over {row.shape[1]} keys where {layout.length + step * grows} were expected")
+            expected = layout.length + step * grows
+            if windows[layer] and row.shape[1] < expected:  # the keys that slid out of the window: weight 0, as under its mask
+                row = np.concatenate([np.zeros((row.shape[0], expected - row.shape[1]), row.dtype), row], axis=1)
+            if row.shape[1] != expected:
+                raise AttnlabError(f"step {step} attended over {row.shape[1]} keys where {expected} were expected")
             if kept is not None:
                 kept[layer, :, step, : row.shape[1]] = row
             view_maps, kind_shares = split_row(row, layout)
