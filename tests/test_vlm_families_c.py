@@ -219,6 +219,9 @@ def test_every_blip2_figure_names_the_composition_and_the_shares(tiny, tmp_path)
         shown = texts(fig)
         assert name in shown and CLS_SHARE in shown and "prompt" in shown
         assert "unaccounted" not in shown  # the composed map and the shares add up to the whole row
+    with pytest.raises(AttnlabError, match="a composed view \\(composed: language model") as err:
+        attnlab.plot.head_grid(back)  # a one-grid figure would draw it unnamed: refused, naming the figures that draw it
+    assert "\n" not in str(err.value)
     page = attnlab.export_html(back, tmp_path / "blip2.html").read_text(encoding="utf-8")
     escaped = [t.replace(">", "\\u003e") for t in (name, CLS_SHARE)]  # the page's data is script-safe JSON
     assert all(t in page for t in escaped)  # the page labels the view by its name and lists the shares

@@ -132,6 +132,7 @@ def check_trace(trace: Any) -> Any:
     if is_multiview(trace):
         n = len(trace.views)
         what = f"{n} views of its image" if n > 1 else "one view of a part of its image (a crop)"
+        what = f"a composed view ({trace.views[0].name})" if n == 1 and getattr(trace.views[0], "composed", False) else what
         raise AttnlabError(f"this figure draws one grid over the whole image and the trace has {what}: use "
                            "plot.overlay(trace, step), plot.word_grid, attnlab.explore(trace) or attnlab.export_html, which draw every view")
     if not all(hasattr(trace, name) for name in ("words", "image", "require_attention", "check_layer")):
