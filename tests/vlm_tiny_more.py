@@ -56,7 +56,8 @@ def _siglip(image_size: int, patch: int):
                                  image_size=image_size, patch_size=patch)
 
 
-def _paligemma(folder: Path):
+def _paligemma(folder: Path, text: str = "gemma"):
+    """PaliGemma; ``text="gemma2"``: PaliGemma 2 (Gemma 2: attention logits softcapped, a sliding-window layer)."""
     import transformers as tf
 
     tokenizer, _ = _tokenizer(PALI_SPECIAL, folder, ["\n"], bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
@@ -65,12 +66,22 @@ def _paligemma(folder: Path):
     image.image_seq_length = 16  # (56 / 14)^2
     processor = tf.PaliGemmaProcessor(image_processor=image, tokenizer=tokenizer)  # adds <loc..>/<seg..> tokens
     size = len(processor.tokenizer) + 3
-    text = tf.GemmaConfig(vocab_size=size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    common = dict(vocab_size=size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if text == "gemma2":
+        text = tf.Gemma2Config(**common, sliding_window=12, layer_types=["sliding_attention", "full_attention"],
+                               attn_logit_softcapping=5.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+    else:
+        text = tf.GemmaConfig(**common)
     cfg = tf.PaliGemmaConfig(vision_config=_siglip(56, 14), text_config=text, image_token_index=processor.image_token_id,
                              vocab_size=size, projection_dim=64, hidden_size=64, tie_word_embeddings=False)
-    model = tf.PaliGemmaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+    attn = "eager" if text.model_type == "gemma2" else "sdpa"  # Gemma 2 refuses sdpa (softcapping)
+    model = tf.PaliGemmaForConditionalGeneration._from_config(cfg, attn_implementation=attn)
+    if attn == "eager":  # large attention logits, so that the softcap (tanh) changes the rows well beyond float noise
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.q_proj.weight.mul_(20.0)
     return model, processor
 
 
@@ -94,28 +105,32 @@ def _gemma3(folder: Path, sliding_window: int = 12):
     return model, processor
 
 
-def _onevision(folder: Path, aspect: str = "anyres_max_9"):
+def _onevision(folder: Path, aspect: str = "anyres_max_9", vision: str = "clip"):
+    """LLaVA-OneVision; ``vision="siglip"``: as real checkpoints, SigLIP (no CLS) with ``vision_feature_select_strategy="full"``."""
     import transformers as tf
 
     tokenizer, vocab = _tokenizer(OV_SPECIAL, folder, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=42, patch_size=14, projection_dim=32)
+    strategy, extra = ("full", 0) if vision == "siglip" else ("default", 1)
+    vision = _siglip(42, 14) if vision == "siglip" else tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=42, patch_size=14,
+        projection_dim=32)
     text = tf.Qwen2Config(vocab_size=len(vocab) + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, eos_token_id=vocab["<|im_end|>"],
                           bos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
     cfg = tf.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-                                  video_token_index=vocab["<video>"], vision_feature_select_strategy="default",
+                                  video_token_index=vocab["<video>"], vision_feature_select_strategy=strategy,
                                   vision_feature_layer=-2, image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio=aspect)
     model = tf.LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
     image = tf.LlavaOnevisionImageProcessor(size={"height": 42, "width": 42}, image_grid_pinpoints=OV_PINPOINTS)
     processor = tf.LlavaOnevisionProcessor(image_processor=image, tokenizer=tokenizer, video_processor=tf.LlavaOnevisionVideoProcessor(),
-                                           num_image_tokens=3 * 3 + 1, vision_feature_select_strategy="default",
+                                           num_image_tokens=3 * 3 + extra, vision_feature_select_strategy=strategy,
                                            vision_aspect_ratio=aspect, chat_template=OV_TEMPLATE)
     return model, processor
 
 
 def build(family: str, folder: Path, seed: int = 0, **options):
-    """``(model, processor)``: the model in eval mode under sdpa (the image placeholder suppressed in generate)."""
+    """``(model, processor)``: the model in eval mode under sdpa (PaliGemma 2: eager), the image placeholder
+    suppressed in generate."""
     torch.manual_seed(seed)
     make = {"paligemma": _paligemma, "gemma3": _gemma3, "llava_onevision": _onevision}[family]
     model, processor = make(Path(folder) / "files", **options)

@@ -24,8 +24,10 @@ photo it saw. A processor that crops or pads gets a one-line error instead.
 
 Vision-language models (``transformers`` >= 5): ``Qwen2VLForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
-``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalGeneration`` with their
-combined processor: ``from_huggingface(model, processor, prompt=...)`` gives a
+``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+``PaliGemmaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration`` (every family registered in
+:mod:`attnlab.adapters.hf.families`) with their combined processor: ``from_huggingface(model, processor, prompt=...)`` gives a
 :class:`~attnlab.adapters.hf.vlm.VLMCaptioner` (the model's own ``generate`` with the
 attention rows of every step beside sdpa; its traces have views and key shares).
 
@@ -74,7 +76,9 @@ def from_huggingface(
             or a ``BlipForConditionalGeneration``.
             Or a vision-language model (``Qwen2VLForConditionalGeneration``,
             ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
-            ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``).
+            ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+            ``PaliGemmaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+            ``LlavaOnevisionForConditionalGeneration``: every family of :mod:`.hf.families`).
         tokenizer: the model's tokenizer (or its processor, which holds one); for a
             vision-language model its combined processor (``AutoProcessor``).
         image_processor: the model's image processor (or its processor). It
@@ -82,7 +86,8 @@ def from_huggingface(
             Not given for a vision-language model.
         prompt: vision-language models only: your words ("What colour is the car?"),
             put into the processor's chat template as one user turn holding the
-            image and the text (default: "Describe this image.").
+            image and the text (default: "Describe this image."; PaliGemma: plain
+            text after the image, no template, default "caption en").
         raw_prompt: vision-language models only: the exact text handed to the
             processor, chat template and image placeholder included.
         max_len: most tokens to generate, the end token included (vision-language

@@ -15,9 +15,9 @@ Vision-language models (``transformers`` >= 5, behind ``from_huggingface(model, 
 
 * :mod:`.rows`: :func:`capture_rows`, the attention rows of the last query position of
   every decoder layer, computed beside the model's own attention implementation (sdpa);
-* :mod:`.layout`: :func:`vlm_layout`, the :class:`attnlab.keys.KeyLayout` of a prompt: where each
+* :mod:`.layout`: :func:`vlm_layout`, the :class:`attnlab.keys.KeyLayout` of a prompt (each family's rules in :mod:`.families`): where each
   view's tokens (:class:`attnlab.keys.View`) and every other kind of key sit in the sequence
-  (Qwen2/2.5/3-VL, LLaVA-1.5, LLaVA-NeXT);
+  (Qwen2/2.5/3-VL, LLaVA-1.5, LLaVA-NeXT, PaliGemma, Gemma 3, LLaVA-OneVision, ...);
 * :mod:`.stepping`: :func:`generate_rows`, the model's own greedy ``generate`` with the rows
   of every step split into per-view maps and per-kind shares;
 * :mod:`.vlm`: :class:`VLMCaptioner`, the seam for these models (``begin`` runs

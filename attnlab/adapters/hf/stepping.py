@@ -7,7 +7,9 @@ model's ``generation_config`` as it is: forced tokens, a list of end tokens, ...
 call ``i`` predicts token ``i``; its row of each layer is split into the views' maps and
 the kinds' shares, nothing renormalised: at every layer, head and step the maps plus the
 shares sum to 1. Keys after the prompt (tokens generated earlier) are the
-``"generated"`` share.
+``"generated"`` share. A sliding-window layer's cache keeps only its window on cached steps
+(Gemma 2 / 3): the keys it dropped get weight 0 in its rows, as its mask gives them. The family
+(:mod:`.families`) says which attention modules give the rows and whether the keys grow.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Vision-language models behind the captioner seam (:class:`VLMCaptioner`, built by
-:func:`attnlab.from_huggingface` for Qwen2/2.5/3-VL, LLaVA-1.5 and LLaVA-NeXT).
+:func:`attnlab.from_huggingface` for every family of :mod:`.families`: Qwen2/2.5/3-VL, LLaVA-1.5,
+LLaVA-NeXT, PaliGemma, Gemma 3, LLaVA-OneVision, ...). The family gives the layout, the prompt text
+(default: the chat template), the default prompt and an optional post-processing of the run.
 
 One decode path. The engine (:func:`.stepping.generate_rows`) runs the model's own greedy
 ``generate`` for the whole caption: the tokens are the model's by construction (its

@@ -20,9 +20,10 @@ def gemma3_layout(config: Any, processor: Any, inputs: Mapping, photo: tuple[int
     """The key layout of a Gemma 3 prompt."""
     ids, mask = ids_and_mask(inputs)
     found = runs(ids == image_token_id(config))
-    if len(found) > 1 and getattr(getattr(processor, "image_processor", None), "do_pan_and_scan", False):
-        raise AttnlabError("Gemma 3's pan-and-scan crops are not supported: set processor.image_processor.do_pan_and_scan = False")
-    if len(found) != 1:
+    if len(found) > 1:  # pan-and-scan: the whole photo, then each crop, each its own run of image tokens
+        raise AttnlabError(f"the prompt holds {len(found)} images: Gemma 3 captions take one image without pan-and-scan crops "
+                           "(set processor.image_processor.do_pan_and_scan = False)")
+    if not found:
         raise AttnlabError(f"the prompt holds {len(found)} images: vision-language captions take exactly one image per prompt")
     side = math.isqrt(int(config.mm_tokens_per_image))
     special = special_ids(config, processor, "boi_token_id", "eoi_token_id")
