@@ -25,9 +25,10 @@ import numpy as np
 
 from .errors import AttnlabError
 
-__all__ = ["KeyLayout", "View"]
+__all__ = ["COMPOSED", "KeyLayout", "View"]
 
 Box = tuple[float, float, float, float]
+COMPOSED = "composed: "  # a view whose name starts so holds a composed map; the name says through what (BLIP-2's queries)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class View:
         if h < 1 or w < 1 or not np.isfinite([x0, y0, x1, y1]).all() or x1 <= x0 or y1 <= y0:
             raise AttnlabError(f"view {name!r}: grid {grid!r} needs rows, columns >= 1 and box {box!r} finite with x0 < x1, y0 < y1")
         return cls(name, (h, w), (x0, y0, x1, y1))
+
+    @property
+    def composed(self) -> bool:
+        """Whether the map is composed through tokens that are no patches (the name, from :data:`COMPOSED` on, says
+        the path: ``"composed: language model -> 32 queries -> patches"``), not a row's weights on patch keys."""
+        return self.name.startswith(COMPOSED)
 
     @classmethod
     def whole(cls, grid: tuple[int, int], image: Any, name: str = "image") -> "View":

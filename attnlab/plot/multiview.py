@@ -53,6 +53,7 @@ class ViewMap:
     amap: np.ndarray
     share: float
     off_photo: float
+    composed: bool = False  # the view's map is composed (keys.View.composed): its name says the path
 
 
 def _index(value: Any, n: int, what: str, hint: str) -> int:
@@ -98,7 +99,7 @@ def view_maps(trace: Any, step: int, layer: int = -1, head: int | str = "mean") 
         amap = a.mean(axis=0) if hi is None else a[hi]  # (h, w)
         box = tuple(float(v) for v in view.box)
         out.append(ViewMap(i, str(view.name), tuple(view.grid), box, amap, float(amap.sum()),
-                           off_photo_weight(amap, box, size)))
+                           off_photo_weight(amap, box, size), bool(getattr(view, "composed", False))))
     return out
 
 
@@ -130,10 +131,12 @@ def _pct(x: float) -> str:
 def shares_line(vms: Sequence[ViewMap], shares: dict[str, float]) -> str:
     """``"image 62.0% (tiles 45.0% · base 17.0%) · prompt 31.0% · special 7.0%"``: where the whole row went.
 
-    One view: just ``"image 90.0%"``. Kinds are listed largest first; what neither the views nor the shares account for is printed as ``unaccounted``.
+    One view: just ``"image 90.0%"``; a composed view (BLIP-2) names its path: ``"image 55.0% (composed: language
+    model -> 32 queries -> patches)"``. Kinds are listed largest first; what neither the views nor the shares account for is printed as ``unaccounted``.
     """
     image = sum(v.share for v in vms)
     views = " (" + " \u00b7 ".join(f"{v.name} {_pct(v.share)}" for v in vms) + ")" if len(vms) > 1 else ""
+    views = f" ({vms[0].name})" if len(vms) == 1 and vms[0].composed else views
     parts = [f"image {_pct(image)}{views}"]
     parts += [f"{k} {_pct(s)}" for k, s in sorted(shares.items(), key=lambda kv: -kv[1])]
     rest = 1.0 - image - sum(shares.values())

@@ -116,11 +116,12 @@ class Resolved:
 
 def is_multiview(trace: Any) -> bool:
     """True when ``trace`` must be drawn view by view (:mod:`attnlab.plot.multiview`): it holds several views of
-    its image, or one view whose box is not the whole image (a processor's crop). Every earlier trace is neither."""
+    its image, one view whose box is not the whole image (a processor's crop), or a composed view (its name
+    and the shares must be printed: BLIP-2). Every earlier trace is none of these."""
     views = getattr(trace, "views", None)
     if views is None or len(views) == 0:
         return False
-    if len(views) > 1:
+    if len(views) > 1 or any(getattr(v, "composed", False) for v in views):
         return True
     height, width = np.asarray(trace.image).shape[:2]
     return any(abs(float(a) - b) > 0.5 for a, b in zip(views[0].box, (0.0, 0.0, width, height)))
@@ -131,6 +132,7 @@ def check_trace(trace: Any) -> Any:
     if is_multiview(trace):
         n = len(trace.views)
         what = f"{n} views of its image" if n > 1 else "one view of a part of its image (a crop)"
+        what = f"a composed view ({trace.views[0].name})" if n == 1 and getattr(trace.views[0], "composed", False) else what
         raise AttnlabError(f"this figure draws one grid over the whole image and the trace has {what}: use "
                            "plot.overlay(trace, step), plot.word_grid, attnlab.explore(trace) or attnlab.export_html, which draw every view")
     if not all(hasattr(trace, name) for name in ("words", "image", "require_attention", "check_layer")):

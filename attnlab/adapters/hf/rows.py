@@ -95,14 +95,18 @@ class RowCapture:
             r.clear()
 
 
-def _wrapper(capture: RowCapture, call: Callable) -> Callable:
-    """The registered function: the original implementation's output, and the last row recorded."""
+def _wrapper(capture: RowCapture, call: Callable, index: dict[int, int]) -> Callable:
+    """The registered function: the original implementation's output, and the last row recorded for the
+    modules in ``index`` (``id(module)`` -> its list of rows); other modules that share their config (an
+    encoder's self-attention beside a decoder's cross-attention) pass through unrecorded."""
 
     def attnlab_rows(module, query, key, value, attention_mask, *args, **kwargs):
         out = call(module, query, key, value, attention_mask, *args, **kwargs)
-        with torch.no_grad():
-            row = last_row(module, query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), kwargs)
-        capture.rows[module.layer_idx].append(row.cpu())
+        at = index.get(id(module))
+        if at is not None:
+            with torch.no_grad():
+                row = last_row(module, query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), kwargs)
+            capture.rows[at].append(row.cpu())
         return out
 
     return attnlab_rows
@@ -175,7 +179,7 @@ def capture_rows(model: Any, modules: list[Any] | None = None) -> Iterator[RowCa
     capture = None
 
     def make(call: Callable) -> Callable:
-        return _wrapper(capture, call)
+        return _wrapper(capture, call, {id(a): i for i, a in enumerate(attn)})
 
     attn = attention_modules(model) if modules is None else list(modules)
     capture = RowCapture(len(attn))

@@ -81,7 +81,7 @@ def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: in
     with (family.capture(model) if custom else capture_rows(model, modules)) as capture, torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                              output_logits=True, output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, T:].cpu().numpy()
+    tokens = out.sequences[0, out.sequences.shape[1] - len(out.logits):].cpu().numpy()  # after the prompt (decoder-only) or the start token (encoder-decoder)
     n = len(tokens)
     if capture.calls < n:
         raise AttnlabError(f"{type(model).__name__}.generate made {capture.calls} forward calls for {n} tokens; cannot record its rows")

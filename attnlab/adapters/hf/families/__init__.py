@@ -80,3 +80,5 @@ def layout_of(config: Any, processor: Any, inputs: Mapping, photo: tuple[int, in
 
 from . import qwen, llava, llava_next, paligemma, gemma3, llava_onevision  # noqa: E402,F401,I001  (each registers its family, in this order)
 from . import idefics3, git  # noqa: E402,F401,I001
+from . import florence2  # noqa: E402,F401  (Florence-2, fam-c)
+from . import blip2  # noqa: E402,F401  (BLIP-2, fam-c)
