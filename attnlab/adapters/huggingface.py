@@ -48,7 +48,8 @@ from .hf.blip import BlipCaptioner
 from .hf.encoder_decoder import EncoderDecoderCaptioner
 from .hf.generation import transformers_module
 from .hf.processor import processor_input
-from .hf.vlm import VLM_CLASSES, VLMCaptioner, is_vlm
+from .hf.families import classes as vlm_classes
+from .hf.vlm import VLMCaptioner, is_vlm
 from .module import refuse_meta
 
 CAPTIONER_KINDS: tuple[type[HuggingFaceCaptioner], ...] = (EncoderDecoderCaptioner, BlipCaptioner)  # a new kind: one more class
@@ -100,11 +101,11 @@ def from_huggingface(
     if is_vlm(model, tf):
         return _vision_language(model, tokenizer, image_processor, prompt, raw_prompt, max_len, name)
     if prompt is not None or raw_prompt is not None:
-        raise AttnlabError(f"prompt= and raw_prompt= are for vision-language models ({', '.join(VLM_CLASSES)}), not a {type(model).__name__}")
+        raise AttnlabError(f"prompt= and raw_prompt= are for vision-language models ({', '.join(vlm_classes())}), not a {type(model).__name__}")
     kind = next((k for k in CAPTIONER_KINDS if isinstance(model, getattr(tf, k.model_class))), None)
     if kind is None:
         hint = " (load it first, e.g. VisionEncoderDecoderModel.from_pretrained(name))" if isinstance(model, str) else ""
-        kinds = ", ".join([*(k.described for k in CAPTIONER_KINDS), *VLM_CLASSES])
+        kinds = ", ".join([*(k.described for k in CAPTIONER_KINDS), *vlm_classes()])
         raise AttnlabError(f"from_huggingface takes {kinds}, not a {type(model).__name__}{hint}")
     if image_processor is None:
         raise AttnlabError("from_huggingface(model, tokenizer, image_processor): pass the model's image processor (or its processor) too")

@@ -13,14 +13,17 @@ shares sum to 1. Keys after the prompt (tokens generated earlier) are the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ...errors import AttnlabError
 from ...keys import KeyLayout
-from .rows import capture_rows
+from .rows import attention_modules, capture_rows
+
+if TYPE_CHECKING:
+    from .families import Family
 
 
 @dataclass
@@ -46,15 +49,30 @@ def split_row(row: np.ndarray, layout: KeyLayout) -> tuple[list[np.ndarray], dic
     return maps, shares
 
 
-def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: int, *, keep_rows: bool = False) -> VLMRun:
+def _family(model: Any, family: "Family | None") -> "Family | None":
+    """The given family, else the registered family of ``model`` (``None``: the defaults, decoder self-attention)."""
+    if family is not None:
+        return family
+    from .families import FAMILIES
+
+    return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: int, *, keep_rows: bool = False,
+                  family: "Family | None" = None) -> VLMRun:
     """Greedy ``generate`` of up to ``max_new_tokens`` generated tokens with every step's rows split by ``layout``.
 
-    ``keep_rows``: also keep the rows themselves (``VLMRun.rows``) for a caller that splits them again."""
+    ``keep_rows``: also keep the rows themselves (``VLMRun.rows``) for a caller that splits them again.
+    ``family`` (default: the model's registered family): whose ``modules`` give the rows, and whether
+    the keys grow by one per step (``grows``; else every step attends over the layout's keys only)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise AttnlabError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     if inputs["input_ids"].shape[0] != 1 or inputs["input_ids"].shape[1] != layout.length:
         raise AttnlabError("generate_rows takes one prompt (batch size 1) whose length matches its layout")
-    with capture_rows(model) as capture, torch.inference_mode():
+    family = _family(model, family)
+    modules = None if family is None or family.modules is attention_modules else family.modules(model)
+    grows = family is None or family.grows
+    with capture_rows(model, modules) as capture, torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                              output_logits=True, output_scores=True, return_dict_in_generate=True)
     tokens = out.sequences[0, layout.length:].cpu().numpy()
@@ -69,8 +87,8 @@ def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: in
         for step in range(n):
             row = calls[step][0].numpy()  # (heads, K)
             calls[step] = None  # the maps replace the rows: never both whole in memory
-            if row.shape[1] != layout.length + step:
-                raise AttnlabError(f"step {step} attended over {row.shape[1]} keys where {layout.length + step} were expected")
+            if row.shape[1] != layout.length + step * grows:
+                raise AttnlabError(f"step {step} attended over {row.shape[1]} keys where {layout.length + step * grows} were expected")
             if kept is not None:
                 kept[layer, :, step, : row.shape[1]] = row
             view_maps, kind_shares = split_row(row, layout)

@@ -33,20 +33,19 @@ from ...keys import KeyLayout, View
 from ...preprocess import resized_size
 from ..module import ModuleCaptioner
 from .generation import GENERATE_NEW_TOKENS, first_id, setting
-from .layout import vlm_layout
+from .families import classes, family_of
 from .stepping import VLMRun, generate_rows
 from .vocab import HFVocab
 
-VLM_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-               "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
-DEFAULT_PROMPT = "Describe this image."  # each family's plain captioning request (the Qwen2-VL and LLaVA cards ask so)
+VLM_CLASSES = classes()  # every registered family's classes (attnlab.adapters.hf.families)
+DEFAULT_PROMPT = "Describe this image."  # the chat families' plain captioning request (Family.default_prompt)
 SHOWN_SIDE = 1024  # the long side of the image figures draw on (the boxes are scaled onto it)
 ISSUE_22 = "explanation methods, teacher forcing and beam search on vision-language models come with issue 22"
 
 
 def is_vlm(model: Any, tf: Any) -> bool:
-    """Whether ``model`` is one of the supported vision-language classes."""
-    return any(isinstance(model, getattr(tf, name, ())) for name in VLM_CLASSES)
+    """Whether ``model`` is one of the supported vision-language classes (every registered family's)."""
+    return any(isinstance(model, getattr(tf, name, ())) for name in classes())
 
 
 def photo_tensor(image: Image.Image) -> torch.Tensor:
@@ -103,6 +102,7 @@ class VLMCaptioner(ModuleCaptioner):
     def __init__(self, model: Any, processor: Any, *, prompt: str | None, raw_prompt: str | None,
                  max_len: int | None, name: str | None) -> None:
         self.model, self.processor, self._max_len, self._name = model, processor, max_len, name
+        self.family = family_of(model)
         self.tokenizer = getattr(processor, "tokenizer", None)
         if self.tokenizer is None or not callable(getattr(processor, "apply_chat_template", None)):
             raise AttnlabError(f"a vision-language model takes its combined processor (AutoProcessor.from_pretrained(name)), not a {type(processor).__name__}")
@@ -111,9 +111,9 @@ class VLMCaptioner(ModuleCaptioner):
         for key, value in (("prompt", prompt), ("raw_prompt", raw_prompt), ("name", name)):
             if value is not None and not isinstance(value, str):
                 raise AttnlabError(f"{key} must be a string, not {type(value).__name__}")
-        self.prompt = DEFAULT_PROMPT if prompt is None and raw_prompt is None else prompt
+        self.prompt = self.family.default_prompt if prompt is None and raw_prompt is None else prompt
         self.raw_prompt = raw_prompt
-        self.text = raw_prompt if raw_prompt is not None else chat_text(processor, self.prompt)
+        self.text = raw_prompt if raw_prompt is not None else (self.family.prompt_text or chat_text)(processor, self.prompt)
         gen, cfg = model.generation_config, model.config
         eos = first_id(setting(gen, cfg, "eos_token_id"), getattr(self.tokenizer, "eos_token_id", None))
         if eos is None:
@@ -148,8 +148,9 @@ class VLMCaptioner(ModuleCaptioner):
         """The engine's run on one photo: ``generate`` with every step's rows (kept for the replay)."""
         inputs = self.processor(text=[self.text], images=[photo], return_tensors="pt")
         inputs = {k: v.to(self._device()) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
-        layout = vlm_layout(self.model, self.processor, inputs, photo.size)
-        return generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True)
+        layout = self.family.layout(self.model.config, self.processor, inputs, photo.size)
+        run = generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True, family=self.family)
+        return run if self.family.after is None else self.family.after(self.model, inputs, run)
 
     def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
         check_record(record)
