@@ -24,12 +24,10 @@ against the defaults and docstrings of the processor classes in ``transformers``
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -185,6 +183,12 @@ class PhotoTokens:
     def views(self) -> tuple[View, ...]:
         return self.layout.views if self.layout is not None else ()
 
+    @property
+    def tile_grid(self) -> tuple[int, int] | None:
+        """``(rows, columns)`` of the tiles an Idefics3-style processor cut (its ``<row_r_col_c>`` tokens), else ``None``."""
+        found = [tuple(int(v) for v in m.groups()) for t in self.tokens if (m := re.fullmatch(r"<row_(\d+)_col_(\d+)>", t))]
+        return (max(r for r, _ in found), max(c for _, c in found)) if found else None
+
     def counts(self) -> dict[str, int]:
         """Keys per view (by name) and per kind (``"prompt"``, ``"special"``, ``"newline"``, ...), from the layout."""
         if self.layout is None:
@@ -308,11 +312,11 @@ def _checkpoint(checkpoint: Checkpoint | str) -> Checkpoint:
 
 def _layout(config: Any, processor: Any, inputs: Any, photo: tuple[int, int]) -> KeyLayout | None:
     """The family's key layout, or ``None`` for a family attnlab cannot lay out yet."""
-    from .layout import FAMILIES, vlm_layout
+    from .families import FAMILIES, layout_of
 
     if config.model_type not in FAMILIES:
         return None
-    return vlm_layout(SimpleNamespace(config=config), processor, inputs, photo)
+    return layout_of(config, processor, inputs, photo)
 
 
 def _tiles(inputs: Any, checkpoint: Checkpoint) -> tuple[int, int, int]:
@@ -333,8 +337,8 @@ def photo_tokens(checkpoint: Checkpoint | str, photo: tuple[int, int] = (640, 48
         width, height = (int(v) for v in photo)
     except (TypeError, ValueError):
         raise AttnlabError(f"photo={photo!r} must be (width, height) in pixels") from None
-    if width < 28 or height < 28 or math.isinf(width * height):
-        raise AttnlabError(f"photo={photo!r}: give a photo of at least 28 x 28 pixels")
+    if not (28 <= width <= 8192 and 28 <= height <= 8192):
+        raise AttnlabError(f"photo={photo!r}: give a photo between 28 and 8192 pixels a side")
     processor, config, text = build_offline(checkpoint, prompt)
     inputs = processor(text=[text], images=[test_photo(width, height)], return_tensors="np")
     ids = np.asarray(inputs["input_ids"])[0]
