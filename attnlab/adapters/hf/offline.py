@@ -35,7 +35,7 @@ import numpy as np
 from ...errors import AttnlabError
 from ...keys import KeyLayout, View
 
-__all__ = ["CHECKPOINTS", "Checkpoint", "PhotoTokens", "checkpoint_table", "photo_tokens", "test_photo"]
+__all__ = ["CHECKPOINTS", "Checkpoint", "PhotoTokens", "build_offline", "checkpoint_table", "photo_table", "photo_tokens", "plain_photo"]
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 LLAVA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -250,7 +250,7 @@ def _runs_of_image_tokens(tokens: tuple[str, ...], checkpoint: Checkpoint) -> st
     return " ".join(parts)
 
 
-def test_photo(width: int, height: int) -> Any:
+def plain_photo(width: int, height: int) -> Any:
     """A plain RGB photo of ``width x height`` (a gradient: its content does not change any count)."""
     from PIL import Image
 
@@ -340,7 +340,7 @@ def photo_tokens(checkpoint: Checkpoint | str, photo: tuple[int, int] = (640, 48
     if not (28 <= width <= 8192 and 28 <= height <= 8192):
         raise AttnlabError(f"photo={photo!r}: give a photo between 28 and 8192 pixels a side")
     processor, config, text = build_offline(checkpoint, prompt)
-    inputs = processor(text=[text], images=[test_photo(width, height)], return_tensors="np")
+    inputs = processor(text=[text], images=[plain_photo(width, height)], return_tensors="np")
     ids = np.asarray(inputs["input_ids"])[0]
     tokens = tuple(processor.tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
     image_id = next(getattr(config, attr) for attr in checkpoint.ids if attr.startswith("image_token"))
@@ -356,14 +356,28 @@ def checkpoint_table(names: Any = None) -> str:
         c = _checkpoint(name)
         layers, heads = c.text_layers_heads
         lines.append(f"{c.name} ({c.hub}): {c.image_processor} + {c.processor}")
-        for key, value in {**c.image_settings, **c.processor_settings}.items():
-            if key not in ("image_mean", "image_std", "resample", "image_token"):
-                lines.append(f"  {key:30s} {value}")
+        shown = {k: v for k, v in {**c.image_settings, **c.processor_settings}.items()
+                 if k not in ("image_mean", "image_std", "resample", "image_token")}
         vision = c.config["vision_config"]
-        lines.append(f"  {'vision: image_size / patch_size':30s} {vision.get('image_size', '-')} / {vision['patch_size']}")
+        if "image_size" in vision:
+            shown["vision: image_size / patch_size"] = f"{vision['image_size']} / {vision['patch_size']}"
         for key in ("spatial_merge_size", "scale_factor", "vision_feature_select_strategy"):
-            value = vision.get(key, c.config.get(key))
-            if value is not None:
-                lines.append(f"  {key:30s} {value}")
-        lines.append(f"  {'language model: layers x heads':30s} {layers} x {heads}")
+            if key not in shown and vision.get(key, c.config.get(key)) is not None:
+                shown[key] = vision.get(key, c.config.get(key))
+        shown["language model: layers x heads"] = f"{layers} x {heads}"
+        lines += [f"  {key:32s} {value}" for key, value in shown.items()]
+    return "\n".join(lines)
+
+
+def photo_table(results: Any) -> str:
+    """One line per :class:`PhotoTokens`: its views, image tokens, the prompt's length ``T``, what the vision
+    encoder sees and what eager attention would hold for the prompt (bf16, every layer and head)."""
+    lines = [f"{'checkpoint':11s} {'photo':>9s}  {'views (rows x columns)':42s} {'image':>6s} {'T':>6s}  {'encoder sees':18s} eager maps"]
+    for r in results:
+        views = ", ".join(f"{v.name} {v.grid[0]}x{v.grid[1]}" for v in r.views) if r.views else f"{r.tiles[0]} tiles"
+        if r.layout is not None and len(r.views) > 3:
+            views = f"{len(r.views)} views: {r.views[0].name} {r.views[0].grid[0]}x{r.views[0].grid[1]} ... {r.views[-1].name}"
+        n, h, w = r.tiles
+        lines.append(f"{r.checkpoint.name:11s} {r.photo[0]:>4d}x{r.photo[1]:<4d}  {views:42s} {r.image_tokens:>6,d} {r.length:>6,d}  "
+                     f"{n:>2d} of {h} x {w}{'':3s} {r.eager_bytes() / 2**30:8.2f} GiB")
     return "\n".join(lines)
