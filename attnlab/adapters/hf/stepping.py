@@ -67,15 +67,19 @@ def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: in
     the keys grow by one per step (``grows``; else every step attends over the layout's keys only)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise AttnlabError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-    if inputs["input_ids"].shape[0] != 1 or inputs["input_ids"].shape[1] != layout.length:
+    T = inputs["input_ids"].shape[1]  # the layout may count keys before the ids (GIT's image embeddings)
+    if inputs["input_ids"].shape[0] != 1 or layout.length < T:
         raise AttnlabError("generate_rows takes one prompt (batch size 1) whose length matches its layout")
     family = _family(model, family)
-    modules = None if family is None or family.modules is attention_modules else family.modules(model)
     grows = family is None or family.grows
-    with capture_rows(model, modules) as capture, torch.inference_mode():
+    if family is not None and family.capture is not None:
+        recorder = family.capture(model)
+    else:
+        recorder = capture_rows(model, None if family is None or family.modules is attention_modules else family.modules(model))
+    with recorder as capture, torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                              output_logits=True, output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, layout.length:].cpu().numpy()
+    tokens = out.sequences[0, T:].cpu().numpy()
     n = len(tokens)
     if capture.calls < n:
         raise AttnlabError(f"{type(model).__name__}.generate made {capture.calls} forward calls for {n} tokens; cannot record its rows")

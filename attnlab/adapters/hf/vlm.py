@@ -146,7 +146,8 @@ class VLMCaptioner(ModuleCaptioner):
 
     def run(self, photo: Image.Image, max_new_tokens: int | None = None) -> VLMRun:
         """The engine's run on one photo: ``generate`` with every step's rows (kept for the replay)."""
-        inputs = self.processor(text=[self.text], images=[photo], return_tensors="pt")
+        make = self.family.inputs
+        inputs = make(self.processor, self.text, photo) if make else self.processor(text=[self.text], images=[photo], return_tensors="pt")
         inputs = {k: v.to(self._device()) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
         layout = self.family.layout(self.model.config, self.processor, inputs, photo.size)
         run = generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True, family=self.family)

@@ -33,6 +33,10 @@ class Family:
     prompt_text: Callable[[Any, str], str] | None = None  # processor, user prompt -> processor text (None: chat template)
     default_prompt: str = "Describe this image."
     after: Callable[[Any, Mapping, Any], Any] | None = None  # (model, inputs, stepping.VLMRun) -> VLMRun
+    inputs: Callable[[Any, str, Any], Mapping] | None = None  # (processor, text, photo) -> the model's inputs
+    # (None: processor(text=[text], images=[photo])); GIT builds [CLS] + the words itself
+    capture: Callable[[Any], Any] | None = None  # model -> a context manager yielding a rows.RowCapture
+    # (None: rows.capture_rows over `modules`); GIT's attention bypasses transformers' attention registry
 
 
 FAMILIES: dict[str, Family] = {}
@@ -71,4 +75,4 @@ def layout_of(config: Any, processor: Any, inputs: Mapping, photo: tuple[int, in
     return family_of(config).layout(config, processor, inputs, photo)
 
 
-from . import qwen, llava, llava_next  # noqa: E402,F401,I001  (each registers its family, in this order)
+from . import qwen, llava, llava_next, idefics3, git  # noqa: E402,F401,I001  (each registers its family, in this order)
