@@ -128,6 +128,17 @@ def test_smolvlm_tiles_plus_a_global_view(photo):
     assert p.image_tokens == (rows * cols + 1) * 81
     tokens = list(p.tokens)
     assert tokens.count("<global-img>") == 1 and tokens.count("\n") == rows + 2  # after each row of tiles, before the global view, the template's last
+    W, H = photo  # every tile a view of 9 x 9 tokens covering 1 / cols by 1 / rows of the photo, the global view last
+    boxes = [(c * W / cols, r * H / rows, (c + 1) * W / cols, (r + 1) * H / rows) for r in range(rows) for c in range(cols)]
+    assert [v.grid for v in p.views] == [(9, 9)] * (rows * cols + 1)
+    assert np.allclose([v.box for v in p.views], [*boxes, (0, 0, W, H)])
+    for k, keys in enumerate(p.layout.view_keys):  # each view's 81 tokens right after its markers, in one run
+        r, c = divmod(k, cols)
+        marker = f"<row_{r + 1}_col_{c + 1}>" if k < rows * cols else "<global-img>"
+        assert p.tokens[keys[0] - 1] == marker and p.tokens[keys[0] - 2] == "<fake_token_around_image>"
+        assert np.array_equal(keys, np.arange(keys[0], keys[0] + 81))
+    special = 2 * rows * cols + 3 + 2  # two markers a tile, three around the global view, <|im_start|>, <end_of_utterance>
+    assert p.totals() == {"views": p.image_tokens, "prompt": p.length - p.image_tokens - special, "special": special}
 
 
 def test_where_the_image_sits_among_the_prompt():

@@ -8,8 +8,8 @@ checkpoint's processor offline, without weights or downloads (the family's own i
 processor class with those settings, a stand-in word-level tokenizer holding the family's
 special tokens, written to a temporary folder and loaded back), and its configuration
 (no model is built), runs the processor on a photo of the given size with a prompt in the
-checkpoint's chat format, and returns the key layout (:class:`attnlab.keys.KeyLayout`) and
-the counts.
+checkpoint's chat format, and returns the key layout (:class:`attnlab.keys.KeyLayout`, from the
+family registry's ``layout_of``, as for a loaded model) and the counts.
 
 The image tokens are exact: the real processor class expands the image placeholder by its
 own rule. Text tokens are the stand-in's (one token per word, punctuation mark or line
@@ -162,7 +162,7 @@ class PhotoTokens:
     ``tokens``: every key's token (the stand-in tokenizer's strings); ``image_tokens``: the
     image placeholders the processor put in (every view's cells, newline and prefix keys);
     ``layout``: the :class:`KeyLayout` (views with their boxes on the photo and every other
-    kind of key), ``None`` where attnlab has no layout for the family yet; ``tiles``:
+    kind of key, from the family registry's ``layout_of``); ``tiles``:
     the images the vision encoder sees and their size in pixels ``(n, h, w)``.
     """
 
@@ -171,7 +171,7 @@ class PhotoTokens:
     prompt: str
     tokens: tuple[str, ...]
     image_tokens: int
-    layout: KeyLayout | None
+    layout: KeyLayout
     tiles: tuple[int, int, int]
 
     @property
@@ -181,7 +181,7 @@ class PhotoTokens:
 
     @property
     def views(self) -> tuple[View, ...]:
-        return self.layout.views if self.layout is not None else ()
+        return self.layout.views
 
     @property
     def tile_grid(self) -> tuple[int, int] | None:
@@ -190,12 +190,15 @@ class PhotoTokens:
         return (max(r for r, _ in found), max(c for _, c in found)) if found else None
 
     def counts(self) -> dict[str, int]:
-        """Keys per view (by name) and per kind (``"prompt"``, ``"special"``, ``"newline"``, ...), from the layout."""
-        if self.layout is None:
-            return {}
+        """Keys per view (by name) and per kind (``"prompt"``, ``"special"``, ``"newline"``, ...)."""
         out = {v.name: len(k) for v, k in zip(self.layout.views, self.layout.view_keys)}
         out.update({kind: len(k) for kind, k in self.layout.kinds.items() if len(k)})
         return out
+
+    def totals(self) -> dict[str, int]:
+        """Keys of all views together (``"views"``) and per kind."""
+        out = {"views": sum(len(k) for k in self.layout.view_keys)}
+        return out | {kind: len(k) for kind, k in self.layout.kinds.items() if len(k)}
 
     def eager_bytes(self, bytes_per_weight: int = 2) -> int:
         """What eager attention holds for the prompt's forward with ``output_attentions=True``:
@@ -205,8 +208,6 @@ class PhotoTokens:
 
     def sequence(self) -> str:
         """The prompt as a line of tokens, each view's run of keys (with its newline keys) shown as one bracket."""
-        if self.layout is None:
-            return _runs_of_image_tokens(self.tokens, self.checkpoint)
         owner = np.full(self.length, -1)
         for i, keys in enumerate(self.layout.view_keys):
             owner[keys] = i
@@ -235,19 +236,6 @@ def _bracket(view: View, newlines: int) -> str:
     if newlines:
         return f"[{view.name}: {h} rows of {w} + newline = {h * w + newlines:,}]"
     return f"[{view.name}: {h} x {w} = {h * w:,}]"
-
-
-def _runs_of_image_tokens(tokens: tuple[str, ...], checkpoint: Checkpoint) -> str:
-    """The prompt as a line of tokens, each run of image placeholders as ``[<image> x n]`` (no layout known)."""
-    image = next(token for token, _ in checkpoint.ids.values())
-    parts, k = [], 0
-    while k < len(tokens):
-        n = 0
-        while k + n < len(tokens) and tokens[k + n] == image:
-            n += 1
-        parts.append(f"[{image} x {n}]" if n else _shown(tokens[k]))
-        k += max(n, 1)
-    return " ".join(parts)
 
 
 def plain_photo(width: int, height: int) -> Any:
@@ -310,15 +298,6 @@ def _checkpoint(checkpoint: Checkpoint | str) -> Checkpoint:
     return CHECKPOINTS[checkpoint]
 
 
-def _layout(config: Any, processor: Any, inputs: Any, photo: tuple[int, int]) -> KeyLayout | None:
-    """The family's key layout, or ``None`` for a family attnlab cannot lay out yet."""
-    from .families import FAMILIES, layout_of
-
-    if config.model_type not in FAMILIES:
-        return None
-    return layout_of(config, processor, inputs, photo)
-
-
 def _tiles(inputs: Any, checkpoint: Checkpoint) -> tuple[int, int, int]:
     """The images the vision encoder sees: ``(n, h, w)`` pixels (Qwen: one image, read from its grid)."""
     if "image_grid_thw" in inputs:
@@ -332,6 +311,8 @@ def _tiles(inputs: Any, checkpoint: Checkpoint) -> tuple[int, int, int]:
 def photo_tokens(checkpoint: Checkpoint | str, photo: tuple[int, int] = (640, 480), prompt: str = "Describe this image.") -> PhotoTokens:
     """Run ``checkpoint``'s processor (built offline, :func:`build_offline`) on a ``photo = (width, height)``
     with ``prompt``; its sequence, counts and key layout."""
+    from .families import layout_of
+
     checkpoint = _checkpoint(checkpoint)
     try:
         width, height = (int(v) for v in photo)
@@ -344,7 +325,7 @@ def photo_tokens(checkpoint: Checkpoint | str, photo: tuple[int, int] = (640, 48
     ids = np.asarray(inputs["input_ids"])[0]
     tokens = tuple(processor.tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
     image_id = next(getattr(config, attr) for attr in checkpoint.ids if attr.startswith("image_token"))
-    layout = _layout(config, processor, inputs, (width, height))
+    layout = layout_of(config, processor, inputs, (width, height))  # the family registry's, as for a loaded model
     return PhotoTokens(checkpoint, (width, height), prompt, tokens, int((ids == image_id).sum()), layout,
                        _tiles(inputs, checkpoint))
 
@@ -372,12 +353,22 @@ def checkpoint_table(names: Any = None) -> str:
 def photo_table(results: Any) -> str:
     """One line per :class:`PhotoTokens`: its views, image tokens, the prompt's length ``T``, what the vision
     encoder sees and what eager attention would hold for the prompt (bf16, every layer and head)."""
-    lines = [f"{'checkpoint':11s} {'photo':>9s}  {'views (rows x columns)':42s} {'image':>6s} {'T':>6s}  {'encoder sees':18s} eager maps"]
+    lines = [f"{'checkpoint':11s} {'photo':>9s}  {'views (rows x columns)':28s} {'image':>6s} {'T':>6s}  {'encoder sees':18s} eager maps"]
     for r in results:
-        views = ", ".join(f"{v.name} {v.grid[0]}x{v.grid[1]}" for v in r.views) if r.views else f"{r.tiles[0]} tiles"
-        if r.layout is not None and len(r.views) > 3:
-            views = f"{len(r.views)} views: {r.views[0].name} {r.views[0].grid[0]}x{r.views[0].grid[1]} ... {r.views[-1].name}"
+        views = _view_names(r.views)
         n, h, w = r.tiles
-        lines.append(f"{r.checkpoint.name:11s} {r.photo[0]:>4d}x{r.photo[1]:<4d}  {views:42s} {r.image_tokens:>6,d} {r.length:>6,d}  "
+        lines.append(f"{r.checkpoint.name:11s} {r.photo[0]:>4d}x{r.photo[1]:<4d}  {views:28s} {r.image_tokens:>6,d} {r.length:>6,d}  "
                      f"{n:>2d} of {h} x {w}{'':3s} {r.eager_bytes() / 2**30:8.2f} GiB")
     return "\n".join(lines)
+
+
+def _view_names(views: tuple[View, ...]) -> str:
+    """``"image 17x23"``, ``"base 24x24, high-res 36x48"``, ``"12 tiles 9x9, global 9x9"``: views of one kind grouped."""
+    groups: list[list] = []
+    for v in views:
+        kind = v.name.split()[0]
+        if groups and groups[-1][0] == kind and groups[-1][1] == v.grid and kind != v.name:
+            groups[-1][2] += 1
+        else:
+            groups.append([kind if kind != v.name else v.name, v.grid, 1])
+    return ", ".join(f"{n} {k}s {g[0]}x{g[1]}" if n > 1 else f"{k} {g[0]}x{g[1]}" for k, g, n in groups)
