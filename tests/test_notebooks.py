@@ -163,6 +163,8 @@ def test_notebook_is_stored_without_outputs(name):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, offline_env):
+    if name.startswith("09_"):  # real VLM processors, built offline: the hf extra
+        pytest.importorskip("transformers", minversion="5")
     nb, seconds, exercises = _execute(name)
     print(f"\n[notebooks] {name}: {seconds:.1f} s")
     text = _text(nb)

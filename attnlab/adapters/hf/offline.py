@@ -82,6 +82,7 @@ class Checkpoint:
 
 _HF = "the checkpoint's preprocessor_config.json, processor_config.json and config.json on the Hugging Face Hub"
 
+#: The published settings by name: ``"qwen2-vl"``, ``"llava-1.5"``, ``"llava-next"``, ``"smolvlm"``.
 CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in (
     Checkpoint(
         "qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", "Qwen2VLImageProcessor", "Qwen2VLProcessor", "Qwen2VLConfig",
