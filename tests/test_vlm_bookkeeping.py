@@ -127,7 +127,8 @@ def test_smolvlm_tiles_plus_a_global_view(photo):
     assert p.tile_grid == (rows, cols) and p.tiles == (rows * cols + 1, 384, 384)
     assert p.image_tokens == (rows * cols + 1) * 81
     tokens = list(p.tokens)
-    assert tokens.count("<global-img>") == 1 and tokens.count("\n") == rows + 2  # after each row of tiles, before the global view, the template's last
+    # line breaks: after each row of tiles, before the global view, and the template's after <end_of_utterance>
+    assert tokens.count("<global-img>") == 1 and tokens.count("\n") == rows + 2
     W, H = photo  # every tile a view of 9 x 9 tokens covering 1 / cols by 1 / rows of the photo, the global view last
     boxes = [(c * W / cols, r * H / rows, (c + 1) * W / cols, (r + 1) * H / rows) for r in range(rows) for c in range(cols)]
     assert [v.grid for v in p.views] == [(9, 9)] * (rows * cols + 1)

@@ -266,7 +266,8 @@ def _tokenizer(checkpoint: Checkpoint, text: str, folder: Path) -> Any:
                                                  pre_tokenizers.Split(Regex(PIECES), "isolated")])
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in checkpoint.special])
     if checkpoint.bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{checkpoint.bos} $A", special_tokens=[(checkpoint.bos, vocab[checkpoint.bos])])
+        bos = checkpoint.bos
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
     tok.save(str(folder / "tokenizer.json"))
     return tf.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **checkpoint.tokens)
 
