@@ -45,6 +45,7 @@ NOTEBOOKS = [
     "06_cnn_vs_vit.ipynb",
     "07_is_attention_explanation.ipynb",
     "08_many_images.ipynb",
+    "09_vision_language_models.ipynb",
 ]
 LIMIT_S = 120.0  # each notebook, kernel start included
 OFFLINE_SENTENCE = "Offline: CATR's weights and example image cannot be downloaded here"
@@ -162,6 +163,8 @@ def test_notebook_is_stored_without_outputs(name):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, offline_env):
+    if name.startswith("09_"):  # real VLM processors, built offline: the hf extra
+        pytest.importorskip("transformers", minversion="5")
     nb, seconds, exercises = _execute(name)
     print(f"\n[notebooks] {name}: {seconds:.1f} s")
     text = _text(nb)
@@ -218,6 +221,11 @@ def test_notebook_runs(name, offline_env):
         assert "captioned 300 images" in text and "second run: 300 done earlier, 0 captioned" in text
         assert "entropy / log(S) per head" in text and "random patch" in text
         assert text.count(NOT_ANSWERED) == 3
+    elif name.startswith("09_"):  # the bookkeeping of real checkpoints, printed from their processors
+        assert "Qwen2-VL  : 17 x 23 = 391" in text and "LLaVA-1.5 : 24 x 24 = 576" in text
+        assert "LLaVA-NeXT: 576 base + 36 x (48 + 1 newline) = 2,340" in text
+        assert "SmolVLM   : 3 x 4 tiles + 1 global = 13 views x 81 = 1,053" in text
+        assert "(25% of the photo cut off)" in text and "[high-res: 36 rows of 48 + newline = 1,764]" in text
     elif name.startswith("07_"):
         from attnlab.hub import BUNDLED_CPTR
 

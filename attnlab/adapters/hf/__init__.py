@@ -20,6 +20,9 @@ Vision-language models (``transformers`` >= 5, behind ``from_huggingface(model, 
   (Qwen2/2.5/3-VL, LLaVA-1.5, LLaVA-NeXT, PaliGemma, Gemma 3, LLaVA-OneVision, ...);
 * :mod:`.stepping`: :func:`generate_rows`, the model's own greedy ``generate`` with the rows
   of every step split into per-view maps and per-kind shares;
+* :mod:`.offline`: :func:`~.offline.photo_tokens`, how many tokens a photo becomes in published
+  checkpoints (their preprocessing settings, their real processor classes, built offline without weights)
+  and where they sit in the prompt;
 * :mod:`.vlm`: :class:`VLMCaptioner`, the seam for these models (``begin`` runs
   :func:`generate_rows`, ``step`` replays it), with the prompt through the chat template.
 
