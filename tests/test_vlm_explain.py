@@ -64,7 +64,7 @@ def check_views(trace, model, processor, inputs, image, rows, family):
     return want
 
 
-CASES = [("qwen2_vl", (64, 48)), ("llava_next", (100, 40)), ("llava", (48, 64))]
+CASES = [("qwen2_vl", (64, 48)), ("llava_next", (100, 40)), ("llava", (48, 64)), ("qwen2_5_vl", (40, 90)), ("qwen3_vl", (70, 50))]
 
 
 def captioner(built, family):
@@ -167,7 +167,7 @@ def test_relevance_read_as_a_row_from_the_last_layer_is_the_product_of_the_rules
     seq = HandBuilt(mats, grads)
     r = torch.eye(6, dtype=torch.float64)
     for a, d in zip(mats, grads):  # Chefer: R = I; per layer, first first, R += mean_h((dA * A)+) R
-        r = r + (d.double() * a.double()).clamp(min=0).mean(0) @ r
+        r = r + (d * a).clamp(min=0).double().mean(0) @ r  # the product of the float32 pair, the rest in float64
     np.testing.assert_allclose(relevance_rows(seq, None)[0], r[5].numpy(), rtol=1e-12)
 
 
@@ -186,7 +186,7 @@ def scaled(rows):
     return rows / rows.sum(1, keepdims=True)
 
 
-@pytest.mark.parametrize("family,size", CASES[:2])
+@pytest.mark.parametrize("family,size", CASES[:2] + CASES[4:])
 def test_relevance_and_grad_attn_are_the_rules_on_one_eager_forward(built, family, size):
     model, processor, cap = captioner(built, family)
     image, tokens = vlm_tiny.photo(*size, seed=4), caption_ids(processor)
@@ -289,5 +289,7 @@ def test_bad_input_is_refused_in_one_line(built):
     assert_error(lambda: attnlab.explain(cap, image, "contrast", reference=""), "reference=", "non-empty")
     assert_error(lambda: attnlab.explain(cap, image, "raw", layer=5), "layer 5 does not exist", "2 layers")
     assert_error(lambda: attnlab.explain(cap, image, "best_head"), "layer=L, head=H")
+    placeholder = model.config.image_token_index
+    assert_error(lambda: attnlab.explain(cap, image, "raw", tokens=[placeholder, 9]), "image placeholder", str(placeholder))
     shapes = attnlab.load_model("shapes")
     assert_error(lambda: attnlab.explain(shapes, image, "contrast"), "reference prompt", "vision-language")
