@@ -209,6 +209,26 @@ def test_relevance_and_grad_attn_are_the_rules_on_one_eager_forward(built, famil
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_pass_hands_over_each_layer_once_in_order_with_eager_matrices_and_gradients(built):
+    model, processor, cap = captioner(built, "llava_next")
+    image, tokens = vlm_tiny.photo(100, 40, seed=7), caption_ids(processor)
+    atts, logits, P, _ = eager_forward(model, processor, image, tokens, grad=True)
+    pixels = attnlab.preprocess.prepare_for([image], cap.spec)[0][0]
+    seq = cap.sequence(pixels, tokens)
+    seen = []
+    seq.attention(lambda layer, a: seen.append((layer, a.clone())))
+    assert [layer for layer, _ in seen] == list(range(len(atts)))  # one layer at a time, first first
+    for (layer, a), want in zip(seen, atts):
+        np.testing.assert_allclose(a.numpy(), want[0].detach().numpy(), rtol=1e-4, atol=1e-6)  # (heads, T, T)
+    grads = torch.autograd.grad(logits[P + 1, tokens[2]], atts)  # word 2's logit
+    handed = [(i, layer) for i, layer, *_ in seq.gradients([1, 0])]
+    assert handed == [(i, layer) for i in range(len(tokens)) for layer in (1, 0)]  # per word, the layers asked, in that order
+    for i, layer, a, da in seq.gradients([1, 0]):
+        if i == 2:
+            np.testing.assert_allclose(da.numpy(), grads[layer][0].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(seq.logits.numpy(), logits[P - 1 + np.arange(len(tokens))].detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------ contrast
 def test_contrast_cancels_a_key_that_takes_the_same_share_under_both_prompts():
     keys = np.array([1, 2, 3, 4])  # key 0 a text token, keys 1-4 the image
