@@ -11,8 +11,9 @@ it for each image and ``step`` replays it: step ``i`` returns the scores ``gener
 token ``i`` from (the logits after its processors, so ``caption()``'s argmax is
 ``generate``'s token exactly) and the rows of that step over every key of the prompt (the
 tokens generated earlier after them, zero beyond). A caller that feeds other tokens than
-the replayed ones (teacher forcing, beam search) and the explanation methods (autograd)
-get one line: they come with issue 22.
+the replayed ones (teacher forcing, beam search) gets one line: they come with issue 22.
+The explanation methods read :meth:`VLMCaptioner.sequence` instead (:mod:`.sequence`: one
+teacher-forced pass over the prompt and the caption).
 
 The photo reaches ``begin`` as given (``spec.transform`` keeps its pixels, values / 255),
 the processor makes the model input from it with the prompt; ``trace.meta`` records the
@@ -42,7 +43,7 @@ from .vocab import HFVocab
 VLM_CLASSES = classes()  # every registered family's classes (attnlab.adapters.hf.families)
 DEFAULT_PROMPT = "Describe this image."  # the chat families' plain captioning request (Family.default_prompt)
 SHOWN_SIDE = 1024  # the long side of the image figures draw on (the boxes are scaled onto it)
-ISSUE_22 = "explanation methods, teacher forcing and beam search on vision-language models come with issue 22"
+ISSUE_22 = "teacher forcing and beam search in attnlab.caption on vision-language models come with issue 22 (attnlab.explain works)"
 
 
 def is_vlm(model: Any, tf: Any) -> bool:
@@ -156,6 +157,13 @@ class VLMCaptioner(ModuleCaptioner):
         layout = self.family.layout(self.model.config, self.processor, inputs, photo.size)
         run = generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True, family=self.family)
         return run if self.family.after is None else self.family.after(self.model, inputs, run)
+
+    def sequence(self, pixels: torch.Tensor, tokens: Sequence[int], *, prompt: str | None = None) -> Any:
+        """The teacher-forced pass of ``tokens`` (after this prompt, or the user words ``prompt``) for the explanations."""
+        from .sequence import sequence_pass  # adapters/hf/sequence.py
+
+        cap = self if prompt is None else self.prompted(prompt)
+        return sequence_pass(cap.model, cap.processor, photo_of(pixels), tokens, cap.text, SHOWN_SIDE, cap.meta)
 
     def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
         check_record(record)
