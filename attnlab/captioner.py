@@ -270,6 +270,47 @@ class Captioner(Protocol):
     def step(self, state: Any, ids: torch.Tensor, record: Record) -> StepOutput: ...
 
 
+# ---------------------------------------------------------------------- optional: one sequence
+@runtime_checkable
+class SequencePass(Protocol):
+    """A teacher-forced full forward over the prompt and a caption's tokens (see :class:`SequenceCaptioner`).
+
+    ``layout``: the keys ``0 .. T-1`` of the sequence (the prompt's views and kinds, the caption's
+    tokens the kind ``"generated"``), boxes on the image the traces show; ``queries`` ``(n,)``: the
+    position whose output predicts word ``i``; ``layers``, ``heads``: the decoder's;
+    ``meta``: what the word's trace records (the prompt). ``logits`` ``(n, V)`` after a pass.
+    """
+
+    layout: KeyLayout
+    queries: np.ndarray
+    layers: int
+    heads: int
+    meta: dict[str, Any]
+    logits: torch.Tensor | None
+
+    def attention(self, visit: Callable[[int, torch.Tensor], None]) -> None:
+        """One forward without gradients; ``visit(layer, A)`` with ``A`` ``(heads, T, T)`` float32
+        as each layer runs, first layer first (``A`` is dropped after the call)."""
+        ...
+
+    def gradients(self, layers: Sequence[int]) -> Any:
+        """One forward with autograd, then per word ``i`` (in order) and per layer of ``layers`` (in
+        that order) yields ``(i, layer, A, dA)``: ``A`` ``(heads, T, T)`` and the gradient of word
+        ``i``'s logit (of its own token at ``queries[i]``) with respect to ``A``, one layer at a time."""
+        ...
+
+
+@runtime_checkable
+class SequenceCaptioner(Protocol):
+    """Optional capability: a captioner whose words attend over one sequence (a vision-language
+    model: image, prompt and earlier words are keys of the same self-attention)."""
+
+    def sequence(self, pixels: torch.Tensor, tokens: Sequence[int], *, prompt: str | None = None) -> SequencePass:
+        """The teacher-forced pass of ``tokens`` on one image (``(3, h, w)`` as ``begin`` takes it),
+        after the captioner's own prompt or ``prompt`` (the user words of another one)."""
+        ...
+
+
 def as_captioner(model: Any) -> Captioner:
     """``model`` itself when it implements the seam, else one clear line naming :func:`attnlab.wrap`."""
     if isinstance(model, Captioner) and isinstance(getattr(model, "spec", None), CaptionerSpec):

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..captioner import as_captioner
+from ..captioner import SequenceCaptioner, as_captioner
 from ..decode import caption, decode_batch
 from ..errors import AttnlabError
 from ..preprocess import ImageInput, prepare_for
@@ -97,7 +97,9 @@ def table_methods(model: Any) -> list[Method]:
 
     probe = caption(model, sample_path("scene-0.png"), max_len=1)
     layers = probe.num_layers
-    return [m for kind in KINDS.values() for m in kind.table_methods(layers, spec)]  # the registry's order
+    one_sequence = isinstance(as_captioner(model), SequenceCaptioner)  # contrast: only there; chefer_rollout: not there
+    kinds = [k for k in KINDS.values() if (k.sequence is not None if one_sequence else not k.prompted)]
+    return [m for kind in kinds for m in kind.table_methods(layers, spec)]  # the registry's order
 
 
 def method_key(m: Method) -> str:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from . import rules
+from .contrast import contrast_rows
+from .sequence import SeqRows, grad_attn_rows, mean_rows, raw_rows, relevance_rows, rollout_rows
 
 if TYPE_CHECKING:
     from .graph import Recording
@@ -45,6 +47,8 @@ class MethodKind:
     rows: Rows | None = None  # no gradients: (recording, image, cross (layers, heads, T, K), method) -> (T, K)
     wants: Wants | None = None  # gradients: the tensors of step i whose gradient the method reads
     step_rows: StepRows | None = None  # gradients: row i of every image still captioning -> (B, K)
+    sequence: SeqRows | None = None  # on one sequence (a vision-language model): (pass, method, again) -> (n, T)
+    prompted: bool = False  # only on a captioner with a prompt (SequenceCaptioner): contrast
 
     table_key: Callable[["Method"], str] | None = None  # its row in the grounding table (default: the name)
     table: Callable[[int, Any], list["Method"]] | None = None  # its rows: (decoder layers, spec) -> methods
@@ -110,22 +114,26 @@ def _raw_label(m: "Method") -> str:
 KINDS: dict[str, MethodKind] = {
     k.name: k
     for k in (
-        MethodKind("raw", _raw_label, "attention weight", layer=True, head=True, rows=_one_layer,
+        MethodKind("raw", _raw_label, "attention weight", layer=True, head=True, rows=_one_layer, sequence=raw_rows,
                    table_key=lambda m: f"raw, layer {m.layer}",
                    table=lambda layers, spec: [Method("raw", layer) for layer in range(layers)]),
-        MethodKind("layer_mean", lambda m: "mean of every layer and head", "attention weight", rows=_every_layer),
+        MethodKind("layer_mean", lambda m: "mean of every layer and head", "attention weight", rows=_every_layer,
+                   sequence=mean_rows),
         MethodKind("best_head", lambda m: f"best head (layer {m.layer}, head {m.head})", "attention weight",
-                   layer=True, head=True, rows=_one_layer, table_key=lambda m: f"best_head (L{m.layer} H{m.head})",
+                   layer=True, head=True, rows=_one_layer, sequence=raw_rows, table_key=lambda m: f"best_head (L{m.layer} H{m.head})",
                    table=lambda layers, spec: [] if spec.best_head is None else [Method("best_head", *spec.best_head)]),
         MethodKind("rollout", lambda m: "rollout (causal)", "share of rollout", record="all", scaled=True,
-                   rows=_rollout(causal=True)),
+                   rows=_rollout(causal=True), sequence=rollout_rows),
         MethodKind("chefer_rollout", lambda m: "rollout as Chefer et al. (reads later words)", "share of rollout",
                    record="all", scaled=True, rows=_rollout(causal=False)),
         MethodKind("grad_attn", lambda m: f"grad x attention (layer {m.layer})", "share of grad x attention",
                    gradients=True, scaled=True, layer=True, wants=_grad_attn_wants, step_rows=_grad_attn_rows,
+                   sequence=grad_attn_rows,
                    table_key=lambda m: f"grad_attn (L{m.layer})", table=lambda layers, spec: [Method("grad_attn", layers - 1)]),
         MethodKind("relevance", lambda m: "relevance (Chefer et al. 2021)", "share of relevance", record="all",
-                   gradients=True, scaled=True, wants=_relevance_wants, step_rows=_relevance_rows),
+                   gradients=True, scaled=True, wants=_relevance_wants, step_rows=_relevance_rows, sequence=relevance_rows),
+        MethodKind("contrast", lambda m: "attention / attention under a neutral prompt", "share of contrast",
+                   scaled=True, sequence=contrast_rows, prompted=True),
     )
 }
 """Every explanation method by name, in the order :data:`attnlab.explain.METHODS` lists them."""

@@ -57,7 +57,8 @@ import torch
 from torch import nn
 
 from ..assemble import trace_from_rows
-from ..captioner import Captioner, CaptionerSpec, as_captioner, size_groups
+from ..captioner import Captioner, CaptionerSpec, SequenceCaptioner, as_captioner, size_groups
+from ..keys import KeyLayout
 from ..decode import caption, model_lock
 from ..diagnostics import mark_padding
 from ..errors import AttnlabError
@@ -65,6 +66,7 @@ from ..preprocess import ImageInput, prepare_for
 from ..settings import decode_settings
 from ..trace import CaptionTrace
 from ..util import evaluating, is_int
+from .contrast import reference_of
 from .graph import Recording, record
 from .kinds import KINDS, Method, kind_of
 
@@ -196,9 +198,10 @@ def _explain_step(rec: Recording, i: int, methods: list[Method], maps: dict[Meth
 # ---------------------------------------------------------------------- traces
 def explanation_trace(
     spec: CaptionerSpec, m: Method, rows: np.ndarray, tokens: Sequence[int], grid: tuple[int, int], image: np.ndarray,
-    logits: np.ndarray | None = None, meta: dict[str, Any] | None = None,
+    logits: np.ndarray | None = None, meta: dict[str, Any] | None = None, layout: KeyLayout | None = None,
 ) -> CaptionTrace:
-    """The trace of one image's explanation: ``rows`` ``(steps, K)`` -> maps ``(1, 1, steps, h, w)``."""
+    """The trace of one image's explanation: ``rows`` ``(steps, K)`` -> maps ``(1, 1, steps, h, w)``
+    (``layout``: the rows' key layout, e.g. a vision-language sequence's views and kinds)."""
     rows = np.asarray(rows, dtype=np.float64)  # (T, K)
     scaled = m.kind.scaled
     if scaled:
@@ -209,7 +212,8 @@ def explanation_trace(
         info["layer"] = m.layer
     if m.head is not None:
         info["head"] = m.head
-    return trace_from_rows(spec, tokens, rows[None, None], grid, image, logits=logits, meta={**(meta or {}), **info})  # (1, 1, T, K)
+    return trace_from_rows(spec, tokens, rows[None, None], grid, image, logits=logits, meta={**(meta or {}), **info},
+                           layout=layout)  # (1, 1, T, K)
 
 
 def explain(
@@ -221,6 +225,7 @@ def explain(
     layer: int | None = None,
     head: int | str | None = None,
     max_len: int | None = None,
+    reference: str | None = None,
 ) -> CaptionTrace | list[CaptionTrace]:
     """Per generated word, one map over the image saying where the word came from, by ``method``.
 
@@ -235,6 +240,13 @@ def explain(
             of ``best_head`` when you choose the head yourself.
         head: ``raw``: a head index or ``"mean"`` (default); ``best_head``: your choice.
         max_len: most tokens of the model's own caption (default: ``spec.max_len``).
+        reference: ``contrast`` only: the neutral prompt it divides by (default
+            :data:`attnlab.explain.contrast.REFERENCE`, "Write a general description of the image.").
+
+    On a captioner whose words attend over one sequence (a vision-language model,
+    :class:`~attnlab.captioner.SequenceCaptioner`) every method reads one teacher-forced
+    pass over the prompt and the caption (:mod:`attnlab.explain.sequence`), and the trace has
+    the prompt's views and key shares; ``contrast`` exists only there.
 
     Returns a :class:`~attnlab.trace.CaptionTrace` per image whose ``cross_attention`` is
     ``(1, 1, steps, h, w)``; ``plot.word_grid(trace)``, ``attnlab.explore(trace)`` and the
@@ -243,6 +255,8 @@ def explain(
     cap: Captioner = as_captioner(model)
     spec = cap.spec
     chosen = resolve_method(method, layer, head, spec)
+    one_sequence = isinstance(cap, SequenceCaptioner)
+    reference = _reference(chosen, reference, one_sequence)
     many = isinstance(image, (list, tuple))
     images = list(image) if many else [image]
     if not images:
@@ -255,6 +269,9 @@ def explain(
         forced = settings.forced
     content: list[tuple[int, int]] = []
     pixels, shown = prepare_for(images, spec, content=content)
+    if one_sequence:
+        traces = explain_sequence(cap, chosen, pixels, shown, forced, reference, tokens is not None)
+        return traces if many else traces[0]
     rows, recordings, where = explain_prepared(model, pixels, forced, [chosen])
     traces = []
     for i, (per_method, (r, j)) in enumerate(zip(rows, where)):
@@ -266,3 +283,36 @@ def explain(
         traces.append(trace)
     mark_padding(traces, content, spec)
     return traces if many else traces[0]
+
+
+# ---------------------------------------------------------------------- one sequence (vision-language models)
+def _reference(m: Method, reference: Any, one_sequence: bool) -> str | None:
+    """``contrast``'s reference prompt, or one line where the method or the captioner does not fit."""
+    kind = m.kind
+    if one_sequence and kind.sequence is None:
+        usable = [k.name for k in KINDS.values() if k.sequence is not None]
+        raise AttnlabError(f"method {m.name!r} is for encoder-decoder captioners: on a vision-language model use one of {', '.join(usable)}")
+    if kind.prompted and not one_sequence:
+        raise AttnlabError(f"method {m.name!r} divides by the attention under a reference prompt: it needs a vision-language captioner (attnlab.from_huggingface)")
+    if not kind.prompted:
+        if reference is not None:
+            raise AttnlabError(f"reference= is the neutral prompt of method 'contrast'; method {m.name!r} takes none")
+        return None
+    return reference_of(reference)
+
+
+def explain_sequence(cap: Any, chosen: Method, pixels: Sequence[torch.Tensor], shown: Sequence[np.ndarray],
+                     tokens: Sequence[Sequence[int]], reference: str | None, forced: bool) -> list[CaptionTrace]:
+    """One trace per image on a :class:`~attnlab.captioner.SequenceCaptioner` (its teacher-forced pass)."""
+    traces = []
+    with model_lock(cap), evaluating(cap), torch.inference_mode(False):
+        for px, image, ids in zip(pixels, shown, tokens):
+            seq = cap.sequence(px, ids)
+            m = _checked(chosen, seq.layers, seq.heads)
+            rows = m.kind.sequence(seq, m, lambda px=px, ids=ids: cap.sequence(px, ids, prompt=reference))  # (n, T)
+            meta = {"mode": "sequence", "teacher_forced": forced, **seq.meta}
+            if reference is not None:
+                meta["reference_prompt"] = reference
+            logits = None if seq.logits is None else seq.logits.numpy()
+            traces.append(explanation_trace(cap.spec, m, rows, ids, seq.layout.grid, image, logits, meta, seq.layout))
+    return traces

@@ -34,6 +34,7 @@ from ...preprocess import resized_size
 from ..module import ModuleCaptioner
 from .generation import GENERATE_NEW_TOKENS, first_id, setting
 from .layout import vlm_layout
+from .sequence import HFSequencePass, sequence_pass
 from .stepping import VLMRun, generate_rows
 from .vocab import HFVocab
 
@@ -150,6 +151,13 @@ class VLMCaptioner(ModuleCaptioner):
         inputs = {k: v.to(self._device()) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
         layout = vlm_layout(self.model, self.processor, inputs, photo.size)
         return generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True)
+
+    def sequence(self, pixels: torch.Tensor, tokens: Sequence[int], *, prompt: str | None = None) -> HFSequencePass:
+        """The teacher-forced pass of ``tokens`` (after this prompt, or the user words ``prompt``) for the explanations."""
+        cap, photo = self if prompt is None else self.prompted(prompt), photo_of(pixels)
+        seq = sequence_pass(cap, photo, tokens, cap.text, SHOWN_SIDE, lambda inputs: vlm_layout(self.model, self.processor, inputs, photo.size))
+        seq.meta.update(cap.meta)
+        return seq
 
     def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
         check_record(record)
