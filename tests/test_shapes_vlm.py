@@ -100,3 +100,66 @@ def test_without_transformers_one_line_error(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
     assert_error(lambda: attnlab.load_model("shapes-vlm"), 'pip install "attnlab[hf]"')
+
+
+def touched(mask: np.ndarray, grid: int = 8) -> np.ndarray:
+    """``(grid, grid)`` bool: the 16-px patches holding at least one pixel of ``mask`` (128 x 128)."""
+    side = mask.shape[0] // grid
+    return mask.reshape(grid, side, grid, side).any(axis=(1, 3))
+
+
+def test_evaluate_vlm_against_eager_attention(hf, captioner):
+    """Exact captions from the model's own generate; pointing from one eager forward over the prompt and the
+    generated caption, the image keys found by their token id, peaks and patches computed here."""
+    from attnlab.shapes.scenes import COLORS, SHAPES, SIZES
+    from attnlab.shapes.vlm import evaluate_vlm
+
+    model, processor = hf
+    n = 4
+    scenes = make_scenes(n, 7, "eval")
+    result = evaluate_vlm(captioner, n, 7)
+    got = own_generate(model, processor, [s.image for s in scenes])
+    assert result["exact"] == np.mean([g == s.caption for g, s in zip(got, scenes)])
+    layers = model.config.text_config.num_hidden_layers
+    hits, words = np.zeros(layers + 1), 0
+    for s, text in zip(scenes, got):
+        inputs = processor(text=[CHAT], images=[s.image], return_tensors="pt")
+        P = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                att = model(input_ids=gen[:, :-1], pixel_values=inputs["pixel_values"], output_attentions=True).attentions
+        finally:
+            model.set_attn_implementation("sdpa")
+        keys = np.flatnonzero(inputs["input_ids"][0].numpy() == model.config.image_token_index)  # 64, row-major
+        mine = text.split(" ")
+        for step, (word, obj) in enumerate(zip(s.words, s.word_objects)):
+            if obj is None or word not in (*SHAPES, *COLORS, *SIZES) or step >= len(mine) or mine[step] != word:
+                continue
+            where = touched(s.objects[obj].mask)
+            rows = [a[0, :, P - 1 + step, keys].mean(0).numpy() for a in att]  # per layer (64,): the head mean
+            for k, row in enumerate([*rows, np.mean(rows, axis=0)]):
+                hits[k] += where.reshape(-1)[int(np.argmax(row))]
+            words += 1
+    assert result["pointing"]["all"]["words"] == words > 0
+    assert np.allclose(np.array([*result["pointing"]["all"]["layers"], result["pointing"]["all"]["mean_of_layers"]]) * words, hits)
+
+
+def test_grounding_command_prints_the_vlm_table(capsys, hf):
+    from attnlab.cli import main
+    from attnlab.shapes.scenes import SHAPES
+
+    assert main(["grounding", "--model", "shapes-vlm", "--n", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("  ")[0].strip() for line in out.splitlines()]
+    layers = hf[0].config.text_config.num_hidden_layers
+    for name in [*(f"raw, layer {i}" for i in range(layers)), "layer_mean", "rollout", f"grad_attn (L{layers - 1})",
+                 "relevance", "contrast", "random map"]:
+        assert name in rows, (name, out)
+    # the shape words scored: the model's own shape words that name an object of their scene (counted here)
+    scenes = make_scenes(2, 0, "eval")
+    got = own_generate(*hf, [s.image for s in scenes])
+    count = sum(1 for g, s in zip(got, scenes) for w in g.split(" ") if w in SHAPES and any(o.shape == w for o in s.objects))
+    assert f"shape {count} ·" in out, out
