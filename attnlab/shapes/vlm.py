@@ -8,7 +8,8 @@ head-averaged map of the word's step over the image grid, per decoder layer and 
 mean of the layers) with the criteria of :mod:`attnlab.shapes.evaluate` (``"touch"`` by
 default, or ``"hit"``). On an exactly right caption that is every such word.
 
-``python -m attnlab.shapes.vlm --n 500`` prints the report (the numbers recorded in
+``attnlab evaluate shapes --model shapes-vlm`` (or ``python -m attnlab.shapes.vlm --folder DIR`` for a
+folder of your own) prints the report (the numbers recorded in
 ``attnlab/weights/README.md``).
 """
 
@@ -25,7 +26,9 @@ from ..explain.geometry import patch_overlap, patch_region, peak_hits
 from .evaluate import CATEGORIES, CRITERIA, format_report
 from .scenes import Scene, make_scenes
 
-__all__ = ["evaluate_vlm"]
+__all__ = ["VLM_REPORT", "evaluate_vlm"]
+VLM_REPORT = ("pointing game:", "pointing game (the model's own captions, words right at their place):")
+"""How :func:`attnlab.shapes.evaluate.format_report`'s pointing line is reworded for :func:`evaluate_vlm`."""
 
 
 def _where(mask: np.ndarray, grid: tuple[int, int], criterion: str) -> np.ndarray:
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate_vlm(model, a.n, a.seed, criterion=a.criterion)
     except AttnlabError as exc:
         raise SystemExit(f"attnlab: error: {exc}") from None
-    print(format_report(result).replace("pointing game:", "pointing game (the model's own captions, words right at their place):"))
+    print(format_report(result).replace(*VLM_REPORT))
 
 
 if __name__ == "__main__":
