@@ -296,7 +296,8 @@ class SequencePass(Protocol):
     def gradients(self, layers: Sequence[int]) -> Any:
         """One forward with autograd, then per word ``i`` (in order) and per layer of ``layers`` (in
         that order) yields ``(i, layer, A, dA)``: ``A`` ``(heads, T, T)`` and the gradient of word
-        ``i``'s logit (of its own token at ``queries[i]``) with respect to ``A``, one layer at a time."""
+        ``i``'s logit (of its own token at ``queries[i]``) with respect to ``A``, one layer at a time
+        (both fresh buffers that the caller may overwrite)."""
         ...
 
 

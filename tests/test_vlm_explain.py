@@ -43,6 +43,8 @@ def eager_forward(model, processor, image, tokens, text=PROMPT, grad=False):
             out = model(**full, output_attentions=True)
     finally:
         model.set_attn_implementation("sdpa")
+    if grad:  # the tensors the model multiplied with its values (autograd needs them, not a view made later)
+        return list(out.attentions), out.logits[0], inputs["input_ids"].shape[1], inputs
     return [a[0] for a in out.attentions], out.logits[0], inputs["input_ids"].shape[1], inputs
 
 
@@ -62,7 +64,7 @@ def check_views(trace, model, processor, inputs, image, rows, family):
     return want
 
 
-CASES = [("qwen2_vl", (64, 48)), ("llava_next", (100, 40)), ("llava", (48, 64))]
+CASES = [("qwen2_vl", (64, 48)), ("llava_next", (100, 40)), ("llava", (48, 64)), ("qwen2_5_vl", (40, 90)), ("qwen3_vl", (70, 50))]
 
 
 def captioner(built, family):
@@ -91,3 +93,203 @@ def test_raw_layer_mean_best_head_are_eager_rows(built, family, size):
         maps = sum(trace.view_attention(v)[0, 0].sum((-2, -1)) for v in range(len(trace.views)))
         np.testing.assert_allclose(maps + sum(s[0, 0] for s in trace.key_shares.values()), 1.0, atol=1e-5)
     np.testing.assert_allclose(trace.logits, logits[q].detach().numpy(), rtol=1e-4, atol=1e-4)  # the word's raw logits
+
+
+# ------------------------------------------------------------------ rollout over the whole sequence
+def reference_rollout(atts, queries):
+    """Abnar & Zuidema's rollout over the eager full matrices: R = Â_L ... Â_1, Â = (mean_h A + I) / rowsum."""
+    T = atts[0].shape[-1]
+    r = np.eye(T)
+    for a in atts:  # first layer first
+        step = a.detach().numpy().astype(np.float64).mean(0) + np.eye(T)
+        r = (step / step.sum(1, keepdims=True)) @ r
+    return r[queries]
+
+
+@pytest.mark.parametrize("family,size", CASES[:2])
+def test_rollout_is_the_rollout_of_eager_full_matrices_and_causal(built, family, size):
+    model, processor, cap = captioner(built, family)
+    image, tokens = vlm_tiny.photo(*size, seed=2), caption_ids(processor)
+    atts, _, P, inputs = eager_forward(model, processor, image, tokens)
+    q = P - 1 + np.arange(len(tokens))
+    rows = reference_rollout(atts, q)
+    trace = attnlab.explain(cap, image, "rollout", tokens=tokens)
+    check_views(trace, model, processor, inputs, image, rows, family)
+    np.testing.assert_allclose(trace.key_shares["generated"][0, 0], rows[:, P:].sum(1), atol=1e-6)
+    assert trace.key_shares["prompt"][0, 0].min() > 0  # the words' rollout runs through the prompt's tokens
+    # causal: a later caption token never changes an earlier word's map
+    swapped = tokens[:3] + [tokens[4], tokens[3]]  # tokens 3 and 4 swapped: the input changes at position P + 3
+    other = attnlab.explain(cap, image, "rollout", tokens=swapped)
+    for v in range(len(trace.views)):
+        np.testing.assert_array_equal(other.view_attention(v)[0, 0, :4], trace.view_attention(v)[0, 0, :4])
+    assert not np.allclose(other.view_attention(0)[0, 0, 4], trace.view_attention(0)[0, 0, 4])
+
+
+class HandBuilt:
+    """A SequencePass with hand-built attention: keys 0, 1 image, 2 a prompt token, 3 the word's query."""
+
+    def __init__(self, layers, grads=None):
+        from attnlab.keys import KeyLayout, View
+
+        self.mats, self.grads = layers, grads
+        self.layers, self.heads = len(layers), layers[0].shape[0]
+        T = layers[0].shape[-1]
+        self.layout = KeyLayout.of_views([View("image", (1, 2), (0, 0, 2, 1))], [np.array([0, 1])],
+                                         {"prompt": np.arange(2, T)}, T)
+        self.queries, self.meta, self.logits = np.array([T - 1]), {}, None
+
+    def attention(self, visit):
+        for layer, a in enumerate(self.mats):
+            visit(layer, a)
+
+    def gradients(self, layers):
+        for layer in layers:
+            yield 0, layer, self.mats[layer], self.grads[layer]
+
+
+def test_rollout_counts_image_information_passed_through_a_prompt_token():
+    eye = torch.eye(4)
+    first = eye.clone()
+    first[2] = torch.tensor([1.0, 0, 0, 0])  # layer 1: the prompt token reads image key 0
+    second = eye.clone()
+    second[3] = torch.tensor([0, 0, 1.0, 0])  # layer 2: the word reads only the prompt token
+    seq = HandBuilt([first[None], second[None]])  # (heads=1, 4, 4) each
+    raw_last = second[3]
+    assert raw_last[:2].sum() == 0  # raw attention of the last layer sees no image at all
+    row = rollout_rows(seq, None)[0]
+    np.testing.assert_allclose(row, [0.25, 0.0, 0.25, 0.5])  # half of half of the word came from image key 0
+
+
+def test_relevance_read_as_a_row_from_the_last_layer_is_the_product_of_the_rules():
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.softmax(torch.randn(3, 6, 6, generator=g).tril() - torch.triu(torch.full((6, 6), 1e9), 1), -1) for _ in range(3)]
+    grads = [torch.randn(3, 6, 6, generator=g) for _ in range(3)]
+    seq = HandBuilt(mats, grads)
+    r = torch.eye(6, dtype=torch.float64)
+    for a, d in zip(mats, grads):  # Chefer: R = I; per layer, first first, R += mean_h((dA * A)+) R
+        r = r + (d * a).clamp(min=0).double().mean(0) @ r  # the product of the float32 pair, the rest in float64
+    np.testing.assert_allclose(relevance_rows(seq, None)[0], r[5].numpy(), rtol=1e-12)
+
+
+# ------------------------------------------------------------------ gradient methods vs autograd on one eager forward
+def eager_gradients(model, processor, image, tokens):
+    """Per word: every layer's eager ``A`` and the gradient of the word's logit w.r.t. it (autograd)."""
+    atts, logits, P, inputs = eager_forward(model, processor, image, tokens, grad=True)
+    per_word = []
+    for i, t in enumerate(tokens):
+        grads = torch.autograd.grad(logits[P - 1 + i, t], atts, retain_graph=True)
+        per_word.append([(a[0].detach().double(), g[0].double()) for a, g in zip(atts, grads)])  # (heads, T, T) each
+    return per_word, P, inputs
+
+
+def scaled(rows):
+    return rows / rows.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("family,size", CASES[:2] + CASES[4:])
+def test_relevance_and_grad_attn_are_the_rules_on_one_eager_forward(built, family, size):
+    model, processor, cap = captioner(built, family)
+    image, tokens = vlm_tiny.photo(*size, seed=4), caption_ids(processor)
+    before = [p.requires_grad for p in model.parameters()]
+    per_word, P, inputs = eager_gradients(model, processor, image, tokens)
+    T = per_word[0][0][0].shape[-1]
+    relevance, grad_last, grad_first = [], [], []
+    for i, layers in enumerate(per_word):
+        r = torch.eye(T, dtype=torch.float64)
+        for a, g in layers:  # Chefer et al. 2021, self-attention rule: R += mean_h((grad * A)+) R, first layer first
+            r = r + (g * a).clamp(min=0).mean(0) @ r
+        relevance.append(r[P - 1 + i].numpy())
+        grad_last.append((layers[-1][1] * layers[-1][0]).clamp(min=0).mean(0)[P - 1 + i].numpy())
+        grad_first.append((layers[0][1] * layers[0][0]).clamp(min=0).mean(0)[P - 1 + i].numpy())
+    for method, layer, rows in (("relevance", None, relevance), ("grad_attn", None, grad_last), ("grad_attn", 0, grad_first)):
+        trace = attnlab.explain(cap, image, method, tokens=tokens, layer=layer)
+        assert trace.meta["normalised"] is True
+        check_views(trace, model, processor, inputs, image, scaled(np.array(rows)), family)
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ contrast
+def test_contrast_cancels_a_key_that_takes_the_same_share_under_both_prompts():
+    keys = np.array([1, 2, 3, 4])  # key 0 a text token, keys 1-4 the image
+    asked = np.array([[0.6, 0.2, 0.04, 0.12, 0.04]])  # image shares: sink 0.5, key 2 0.1, the object 0.3, key 4 0.1
+    neutral = np.array([[0.2, 0.4, 0.08, 0.08, 0.24]])  # image shares: sink 0.5, key 2 0.1, the object 0.1, key 4 0.3
+    row = contrast_mod.contrast(asked, keys, neutral, keys)[0]
+    assert row[0] == 0  # off-image keys are excluded
+    np.testing.assert_allclose(row.sum(), 1.0)
+    # known answer: ratios 1, 1, 3, 1/3 (up to eps): the sink weighs as key 2, which the prompt left alone
+    np.testing.assert_allclose(row[keys], np.array([1, 1, 3, 1 / 3]) / (16 / 3), rtol=1e-2)
+    assert asked[0, 1] > asked[0, 3] and row[3] == row.max()  # raw attention peaks on the sink; contrast on the object
+    p, r = np.array([0.5, 0.1, 0.3, 0.1]), np.array([0.5, 0.1, 0.1, 0.3])
+    want = p / (r + contrast_mod.EPS_SHARE / 4)
+    np.testing.assert_allclose(row[keys], want / want.sum())  # exactly the documented division
+    same = contrast_mod.contrast(asked, keys, asked, keys)[0]
+    np.testing.assert_allclose(same[keys], 0.25, rtol=1e-2)  # one prompt against itself: nothing stands out
+
+
+def image_rows(atts, queries, keys):
+    """Head-and-layer mean of the eager rows at the queries, restricted to ``keys``."""
+    return np.mean([a.numpy().astype(np.float64).mean(0) for a in atts], 0)[queries][:, keys]
+
+
+@pytest.mark.parametrize("family,size", CASES[:2])
+@pytest.mark.parametrize("reference", [None, "what colour is the car ?"])
+def test_contrast_is_the_division_of_eager_rows_under_the_two_prompts(built, family, size, reference):
+    model, processor, cap = captioner(built, family)
+    image, tokens = vlm_tiny.photo(*size, seed=5), caption_ids(processor)
+    ref_text = contrast_mod.REFERENCE if reference is None else reference
+    sides = []
+    for text in (PROMPT, ref_text):
+        atts, _, P, inputs = eager_forward(model, processor, image, tokens, text=text)
+        views, _ = vlm_tiny.expected_layout(family, model, processor, inputs["input_ids"][0].numpy(), *image.size)
+        keys = np.concatenate([k for _, k in views])
+        sides.append((image_rows(atts, P - 1 + np.arange(len(tokens)), keys), P, inputs, atts[0].shape[-1], keys))
+    (a, P, inputs, T, keys), (b, *_) = sides
+    a, b = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
+    ratio = a / (b + 1e-3 / len(keys))
+    rows = np.zeros((len(tokens), T))
+    rows[:, keys] = ratio / ratio.sum(1, keepdims=True)
+    trace = attnlab.explain(cap, image, "contrast", tokens=tokens, reference=reference)
+    check_views(trace, model, processor, inputs, image, rows, family)
+    assert all(np.all(s == 0) for s in trace.key_shares.values())
+    assert trace.meta["reference_prompt"] == ref_text and trace.meta["prompt"] == PROMPT
+
+
+# ------------------------------------------------------------------ hygiene and bad input
+def test_explanations_are_deterministic_and_leave_nothing_behind(built):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model, processor, cap = captioner(built, "qwen2_vl")
+    image, tokens = vlm_tiny.photo(64, 48, seed=6), caption_ids(processor)
+    names = (set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping))
+    for method in ("rollout", "relevance"):
+        one, two = (attnlab.explain(cap, image, method, tokens=tokens) for _ in range(2))
+        assert np.array_equal(one.view_attention(0), two.view_attention(0))
+    seq = cap.sequence(attnlab.preprocess.prepare_for([image], cap.spec)[0][0], tokens)
+
+    def boom(layer, a):
+        raise ValueError("stop")
+
+    with pytest.raises(ValueError):
+        seq.attention(boom)
+    next(iter(seq.gradients([0])))  # a pass abandoned after its first layer
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert (set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping)) == names
+    assert all(p.grad is None for p in model.parameters())
+    assert attnlab.caption(cap, image).token_ids.tolist() == attnlab.caption(cap, image).token_ids.tolist()
+
+
+def test_bad_input_is_refused_in_one_line(built):
+    model, processor, cap = captioner(built, "llava")
+    image = vlm_tiny.photo(48, 64)
+    assert_error(lambda: attnlab.explain(cap, image, "nope"), "use one of", "contrast", "relevance")
+    assert_error(lambda: attnlab.explain(cap, image, "chefer_rollout"), "encoder-decoder", "contrast")
+    assert_error(lambda: attnlab.explain(cap, image, "rollout", reference="a"), "reference=", "'contrast'")
+    assert_error(lambda: attnlab.explain(cap, image, "contrast", reference=""), "reference=", "non-empty")
+    assert_error(lambda: attnlab.explain(cap, image, "raw", layer=5), "layer 5 does not exist", "2 layers")
+    assert_error(lambda: attnlab.explain(cap, image, "best_head"), "layer=L, head=H")
+    placeholder = model.config.image_token_index
+    assert_error(lambda: attnlab.explain(cap, image, "raw", tokens=[placeholder, 9]), "image placeholder", str(placeholder))
+    shapes = attnlab.load_model("shapes")
+    assert_error(lambda: attnlab.explain(shapes, image, "contrast"), "reference prompt", "vision-language")

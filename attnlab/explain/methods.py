@@ -32,6 +32,13 @@ Methods (``Q`` decoding steps, ``K`` keys = prefix tokens + patches):
 * ``relevance``: the encoder-decoder rules of Chefer, Gur & Wolf (2021)
   (:func:`attnlab.explain.rules.relevance`), with the same target.
 
+* ``contrast`` (vision-language captioners only): the word's attention on the image divided by
+  its attention under a neutral reference prompt (:mod:`attnlab.explain.contrast`).
+
+On a vision-language captioner (:class:`~attnlab.captioner.SequenceCaptioner`) every method reads
+one teacher-forced pass over the prompt and the caption (:mod:`attnlab.explain.sequence`; ``rollout``
+and ``relevance`` through the whole sequence); ``chefer_rollout`` is for encoder-decoder captioners.
+
 The caption is the model's own greedy one, or ``tokens`` (teacher forcing):
 step ``i``'s map explains ``token_ids[i]``. ``raw``, ``layer_mean`` and
 ``best_head`` maps are the attention weights themselves (a map and the step's
@@ -234,7 +241,8 @@ def explain(
             :func:`attnlab.from_huggingface`, or your own implementation of the seam).
         image: a path, PIL image, array or tensor, or a list of them (then a list of traces).
         method: ``"raw"``, ``"layer_mean"``, ``"best_head"``, ``"rollout"`` (causal),
-            ``"chefer_rollout"``, ``"grad_attn"`` or ``"relevance"`` (see :mod:`attnlab.explain.methods`).
+            ``"chefer_rollout"``, ``"grad_attn"``, ``"relevance"`` or ``"contrast"`` (vision-language
+            captioners) (see :mod:`attnlab.explain.methods`).
         tokens: explain this caption (token ids, teacher forcing) instead of the model's own.
         layer: the decoder layer of ``raw`` and ``grad_attn`` (default ``-1``, the last) and
             of ``best_head`` when you choose the head yourself.

@@ -76,7 +76,7 @@ def rollout_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
     state: dict[str, torch.Tensor] = {}
 
     def visit(layer: int, a: torch.Tensor) -> None:
-        mixed = a.double().mean(dim=0)  # (T, T)
+        mixed = a.mean(dim=0, dtype=torch.float64)  # (T, T), no float64 copy of every head
         mixed.diagonal().add_(1.0)  # + I
         mixed /= mixed.sum(dim=-1, keepdim=True)  # rows sum to 1
         state["R"] = mixed if "R" not in state else mixed @ state["R"]  # (T, T): later layers on the left
@@ -103,7 +103,7 @@ def relevance_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray
         if layer == seq.layers - 1:  # a new word: start from its own position
             r = torch.zeros(length, dtype=torch.float64)
             r[int(seq.queries[i])] = 1.0
-        bar = (da.double() * a.double()).clamp(min=0).mean(dim=0)  # (T, T)
+        bar = da.mul_(a).clamp_(min=0).mean(dim=0, dtype=torch.float64)  # (T, T); dA is the pass's own buffer
         r = r + r @ bar  # (T,)
         if layer == 0:
             out[i] = r.numpy()

@@ -40,17 +40,18 @@ def full_probs(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.
     kv_heads, k_len = key.shape[1], key.shape[2]
     q = query.float().reshape(b, kv_heads, heads // kv_heads, q_len, d)  # (B, kv heads, groups, T, d)
     scale = scaling if scaling is not None else d**-0.5
-    scores = torch.matmul(q, key.float()[:, :, None].transpose(-1, -2)) * scale  # (B, kv heads, groups, T, K)
+    # in place after the product: one (heads, T, K) buffer for the scores, one for the softmax
+    scores = torch.matmul(q, key.float()[:, :, None].transpose(-1, -2)).mul_(scale)  # (B, kv heads, groups, T, K)
     scores = scores.reshape(b, heads, q_len, k_len)  # (B, heads, T, K)
     softcap = kwargs.get("softcap")
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
         m = mask[:, :, :, :k_len]  # (B, 1 or heads, T, K)
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+        scores = scores.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else scores.add_(m.float())
     elif q_len > 1 and (kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)):
         above = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).triu(1)  # (T, K): keys after the query
-        scores = scores.masked_fill(above, float("-inf"))
+        scores = scores.masked_fill_(above, float("-inf"))
     return torch.softmax(scores, dim=-1)  # (B, heads, T, K)
 
 
@@ -84,13 +85,17 @@ class HFSequencePass:
         if len(tokens) < 1:
             raise AttnlabError("an explanation needs at least one caption token")
         self.model, self.tokens, self.layout, self.meta = model, [int(t) for t in tokens], layout, dict(meta)
+        cfg = model.config
+        image = getattr(cfg, "image_token_id", None)
+        image = getattr(cfg, "image_token_index", None) if image is None else image
+        if image is not None and int(image) in self.tokens:
+            raise AttnlabError(f"tokens hold the image placeholder id {int(image)}: a caption cannot contain it (pass word ids)")
         self.inputs = forced_inputs(inputs, tokens)
         prompt = int(inputs["input_ids"].shape[1])
         self.queries = prompt - 1 + np.arange(len(tokens))  # (n,)
         self.modules = attention_modules(model)
         self.layers = len(self.modules)
-        cfg = self.modules[0].config
-        self.heads = int(cfg.num_attention_heads)
+        self.heads = int(self.modules[0].config.num_attention_heads)
         self.logits: torch.Tensor | None = None
 
     def _forward(self, make: Callable[[Callable], Callable]) -> None:

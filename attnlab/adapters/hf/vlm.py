@@ -9,8 +9,9 @@ it for each image and ``step`` replays it: step ``i`` returns the scores ``gener
 token ``i`` from (the logits after its processors, so ``caption()``'s argmax is
 ``generate``'s token exactly) and the rows of that step over every key of the prompt (the
 tokens generated earlier after them, zero beyond). A caller that feeds other tokens than
-the replayed ones (teacher forcing, beam search) and the explanation methods (autograd)
-get one line: they come with issue 22.
+the replayed ones (teacher forcing, beam search) gets one line: they come with issue 22.
+The explanation methods read :meth:`VLMCaptioner.sequence` instead (:mod:`.sequence`: one
+teacher-forced pass over the prompt and the caption).
 
 The photo reaches ``begin`` as given (``spec.transform`` keeps its pixels, values / 255),
 the processor makes the model input from it with the prompt; ``trace.meta`` records the
@@ -42,7 +43,7 @@ VLM_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGener
                "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 DEFAULT_PROMPT = "Describe this image."  # each family's plain captioning request (the Qwen2-VL and LLaVA cards ask so)
 SHOWN_SIDE = 1024  # the long side of the image figures draw on (the boxes are scaled onto it)
-ISSUE_22 = "explanation methods, teacher forcing and beam search on vision-language models come with issue 22"
+ISSUE_22 = "teacher forcing and beam search in attnlab.caption on vision-language models come with issue 22 (attnlab.explain works)"
 
 
 def is_vlm(model: Any, tf: Any) -> bool:
