@@ -10,6 +10,9 @@ Names:
 * ``"catr"`` with ``checkpoint=PATH``: a CATR checkpoint of your own
   (``{'model': state_dict}`` or a bare state dict), ``vocab=PATH`` optional.
 * ``"shapes-cptr"``: the bundled CPTR-style model (a small timm ViT, offline).
+* ``"shapes-vlm"``: the bundled vision-language model (a tiny
+  ``LlavaForConditionalGeneration``, offline; needs ``transformers``): loaded as the
+  captioner :func:`attnlab.from_huggingface` makes of it, with its fixed prompt.
 * ``"cptr"`` with ``checkpoint=PATH``: a CPTR checkpoint saved by
   :func:`save_checkpoint` (configuration and vocabulary travel with the weights).
 
@@ -307,17 +310,39 @@ def _published(name: str, vocab: str | Path | None) -> CATR:
     return build_from_checkpoint(ckpt, vocabulary, name, obj=obj)
 
 
+def load_shapes_vlm(folder: str | Path | None = None, device: str | torch.device = "cpu") -> Any:
+    """The bundled shapes vision-language model (or a ``save_pretrained`` folder of the same
+    kind) as a captioner: ``from_huggingface(model, processor, prompt="describe the scene .")``."""
+    from .adapters.hf.shapes_vlm import FOLDER, PROMPT, load
+    from .adapters.huggingface import from_huggingface
+
+    dev = check_device(device)
+    model, processor = load(FOLDER if folder is None else folder)
+    try:
+        model = model.to(dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise AttnlabError(f"cannot use device {str(dev)!r} ({one_line(exc, 100)}): use 'cpu'") from None
+    return from_huggingface(model, processor, prompt=PROMPT, name="shapes-vlm")
+
+
+def _bundled_vlm(name: str, vocab: str | Path | None, device: str | torch.device = "cpu") -> Any:
+    if vocab is not None:
+        raise AttnlabError(f"the bundled {name} model brings its own tokenizer: leave vocab out")
+    return load_shapes_vlm(device=device)
+
+
 @dataclass(frozen=True)
 class NamedModel:
     """A name :func:`load_model` accepts: what it is, and ``load(name, vocab)`` (``None``: it needs ``checkpoint=PATH``)."""
 
     about: str
-    load: Callable[[str, str | Path | None], CATR | CPTR] | None = None
+    load: Callable[[str, str | Path | None], Any] | None = None
 
 
 MODELS: dict[str, NamedModel] = {
     "shapes": NamedModel("the bundled shapes model (CNN, offline; the default)", _bundled),
     "shapes-cptr": NamedModel("the bundled shapes ViT captioner (CPTR-style, offline)", _bundled),
+    "shapes-vlm": NamedModel("the bundled shapes vision-language model (LLaVA-style, offline; needs transformers)", _bundled_vlm),
     **{n: NamedModel(f"CATR's published checkpoint {n[5:]} (downloaded once, then cached)", _published) for n in CHECKPOINT_URLS},
     "catr": NamedModel("a CATR checkpoint of your own (with checkpoint=PATH)"),
     "cptr": NamedModel("a CPTR checkpoint written by save_checkpoint (with checkpoint=PATH)"),
@@ -336,11 +361,13 @@ def load_model(
     checkpoint: str | Path | None = None,
     vocab: str | Path | None = None,
     device: str | torch.device = "cpu",
-) -> CATR | CPTR:
-    """Load a captioning model in eval mode.
+) -> Any:
+    """Load a captioning model in eval mode (``CATR``, ``CPTR``, or for ``"shapes-vlm"`` a vision-language captioner).
 
     Args:
         name: ``None``/``"shapes"`` or ``"shapes-cptr"`` (bundled, offline),
+            ``"shapes-vlm"`` (bundled vision-language model: a captioner of
+            :func:`attnlab.from_huggingface`; needs ``transformers``),
             ``"catr-v1"``, ``"catr-v2"``, ``"catr-v3"`` (downloaded once, then
             cached), or ``"catr"``/``"cptr"`` with ``checkpoint`` (``None`` with a
             checkpoint: whichever kind the file holds).
@@ -364,4 +391,6 @@ def load_model(
         raise AttnlabError(f"unknown model {name!r}: choose one of {', '.join(model_names())}, or {own} with checkpoint=PATH")
     if entry.load is None:
         raise AttnlabError(f"model {name!r} needs checkpoint=PATH (or the CLI's --checkpoint PATH)")
+    if name == "shapes-vlm":  # a captioner around a transformers model (moved to the device itself), not a module
+        return _bundled_vlm(name, vocab, device)
     return _to_device(entry.load(name, vocab), device)

@@ -30,6 +30,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise AttnlabError("--n must be at least 1")
     model = load_model(None if args.checkpoint else args.model, checkpoint=args.checkpoint)
+    if args.model == "shapes-vlm" and not args.checkpoint:  # a VLM replays its own generate: scored on its own captions
+        from ..shapes.vlm import VLM_REPORT, evaluate_vlm
+
+        print(format_report(evaluate_vlm(model, n=args.n, seed=args.seed, criterion=args.criterion)).replace(*VLM_REPORT))
+        return 0
     print(format_report(evaluate(model, n=args.n, seed=args.seed, criterion=args.criterion)))
     return 0
 
@@ -55,7 +60,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("world", choices=("shapes",))
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="eval-split seed (held out from training)")
-    p.add_argument("--model", choices=("shapes", "shapes-cptr"), default="shapes", help="which bundled model (default shapes)")
+    p.add_argument("--model", choices=("shapes", "shapes-cptr", "shapes-vlm"), default="shapes",
+                   help="which bundled model (default shapes; shapes-vlm: pointing on its own captions)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="evaluate this checkpoint (either kind) instead of a bundled one")
     p.add_argument("--criterion", choices=("touch", "hit"), default="touch",
                    help="pointing game: touch (default) = the peak patch overlaps the object; hit = its centre is inside")

@@ -38,9 +38,11 @@ from ..captioner import SequenceCaptioner, as_captioner
 from ..decode import caption, decode_batch
 from ..errors import AttnlabError
 from ..preprocess import ImageInput, prepare_for
+from ..trace import CaptionTrace
 from .geometry import PatchRegion, box_to_shown, chance, mask_to_shown, patch_overlap, patch_region, peak_hits, scores
 from .kinds import KINDS
-from .methods import Method, explain_prepared, explanation_trace
+from .contrast import reference_of
+from .methods import Method, explain_prepared, explain_sequence, explanation_trace
 from .tables import METRICS, RANDOM, best_row, format_grounding
 from .words import STOP_WORDS, match_words, normal_words
 
@@ -190,10 +192,9 @@ def ground(
             regions: dict[tuple[int, tuple[int, ...], str], PatchRegion | None] = {}
             for condition in conditions:
                 ids = greedy if condition == "generated" else truths[start : start + len(batch)]
-                per_image, recs, where = explain_prepared(model, pixels, ids, methods)
+                traces = _word_traces(model, methods, pixels, shown, ids, condition == "true")  # per image, per method
                 for i, item in enumerate(batch):
-                    grid = recs[where[i][0]].grids[where[i][1]]
-                    _score_image(spec, item, methods, rows, per_image[i], ids[i], grid, shown[i], content[i], kinds, classes,
+                    _score_image(spec, item, methods, rows, traces[i], shown[i], content[i], kinds, classes,
                                  synonyms, regions, start + i, condition, tally, unmatched, records)  # fmt: skip
             bar.update(len(batch))
     finally:
@@ -215,18 +216,32 @@ def ground(
     }
 
 
+def _word_traces(model: Any, methods: list[Method], pixels: Any, shown: list[np.ndarray], ids: list[list[int]],
+                 forced: bool) -> list[list[CaptionTrace]]:
+    """Per image, each method's explanation trace (pieces merged into words), in ``methods``' order. A captioner
+    whose words attend over one sequence (a vision-language model) explains through its teacher-forced pass."""
+    cap = as_captioner(model)
+    if isinstance(cap, SequenceCaptioner):
+        per_method = [explain_sequence(cap, m, pixels, shown, ids, reference_of(None) if m.kind.prompted else None, forced)
+                      for m in methods]  # fmt: skip
+        return [[t[i].by_word() for t in per_method] for i in range(len(ids))]
+    per_image, recs, where = explain_prepared(model, pixels, ids, methods)
+    return [[explanation_trace(cap.spec, m, per_image[i][m], ids[i], recs[where[i][0]].grids[where[i][1]], shown[i]).by_word()
+             for m in methods] for i in range(len(ids))]  # fmt: skip
+
+
 def _score_image(
-    spec: Any, item: GroundImage, methods: list[Method], rows: list[str], per_method: dict[Method, np.ndarray],
-    ids: list[int], grid: tuple[int, int], shown: np.ndarray, content: tuple[int, int], kinds: Sequence[str],
+    spec: Any, item: GroundImage, methods: list[Method], rows: list[str], traces: list[CaptionTrace],
+    shown: np.ndarray, content: tuple[int, int], kinds: Sequence[str],
     classes: dict[str, set[str]], synonyms: Mapping[str, Iterable[str]] | None, regions: dict, i: int, condition: str,
     tally: _Tally, unmatched: dict[str, int], records: list[dict[str, Any]] | None,
 ) -> None:  # fmt: skip
-    """Add image ``i``'s words to ``tally`` (all methods, every kind of region); ``per_method``: rows (steps, K)."""
+    """Add image ``i``'s words to ``tally`` (all methods, every kind of region); ``traces``: each method's, by word."""
     words = None
     matches: list[tuple[int, ...]] = []
-    for m, row in zip(methods, rows):
-        trace = explanation_trace(spec, m, per_method[m], ids, grid, shown).by_word()  # pieces merged into words
-        maps = trace.cross_attention[0, 0].astype(np.float64)  # (words, h, w)
+    grid = traces[0].grid
+    for m, row, trace in zip(methods, rows, traces):
+        maps = trace.view_attention(0)[0, 0].astype(np.float64)  # (words, h, w): the first view (the whole photo)
         if words is None:
             words = trace.words
             matches = match_words(words, [o.phrase for o in item.objects], synonyms)
