@@ -179,7 +179,9 @@ def test_html_page_of_a_multiview_trace_in_chromium(tmp_path):
             page.goto(path.as_uri(), timeout=30_000)
             page.wait_for_function("document.body.dataset.step === '0'", timeout=30_000)
             line = multiview.shares_line(multiview.view_maps(tr, 0), multiview.key_share_values(tr, 0))
-            assert page.inner_text("#label") == "0: a \u00b7 layer 1 (2nd of 2, last) \u00b7 mean of 2 heads \u00b7 " + line
+            sink = tr.diagnostics().line()  # a caption of fewer than 3 words: "sink: n/a (...)"
+            assert sink.startswith("sink: n/a")
+            assert page.inner_text("#label") == "0: a \u00b7 layer 1 (2nd of 2, last) \u00b7 mean of 2 heads \u00b7 " + line + " \u00b7 " + sink
             assert page.locator("canvas.panel").count() == 2
             caps = page.locator("figcaption").all_inner_texts()
             assert caps == ["2 views on the photo (10 patches): 60.0%", "view 'base' (3 x 3 patches of 66.7 x 33.3 px): 10.0%"]
@@ -272,7 +274,7 @@ def test_html_page_of_one_crop_view_in_chromium(tmp_path):
             page = browser.new_page()
             page.goto(path.as_uri(), timeout=30_000)
             page.wait_for_function("document.body.dataset.step === '0'", timeout=30_000)
-            assert page.inner_text("#label").endswith("\u00b7 image 90.0% \u00b7 prefix 10.0%")
+            assert page.inner_text("#label").endswith("\u00b7 image 90.0% \u00b7 prefix 10.0% \u00b7 " + tr.diagnostics().line())
             assert page.locator("figcaption").all_inner_texts() == ["view 'image' (2 x 2 patches of 50 x 50 px): 90.0%"]
         finally:
             browser.close()

@@ -173,7 +173,7 @@ def test_decoding_restores_a_submodules_own_flag(model):
 
 # --------------------------------------------------------------------------- method registry
 def test_labels_and_quantities_of_the_registered_methods():
-    assert METHODS == ("raw", "layer_mean", "best_head", "rollout", "chefer_rollout", "grad_attn", "relevance")
+    assert METHODS == ("raw", "layer_mean", "best_head", "rollout", "chefer_rollout", "grad_attn", "relevance", "contrast")
     assert Method("raw", 1, None).label == "raw attention, layer 1, mean of heads"
     assert Method("raw", 0, 2).label == "raw attention, layer 0, head 2"
     assert Method("best_head", 1, 3).label == "best head (layer 1, head 3)"
@@ -221,4 +221,4 @@ def test_the_grounding_table_rows_come_from_the_registry(model):
     assert table_methods(model) == want
     recorded = [m for k in KINDS.values() for m in k.table_methods(3, SimpleNamespace(best_head=(1, 2)))]
     assert recorded[:5] == [Method("raw", 0), Method("raw", 1), Method("raw", 2), Method("layer_mean"), Method("best_head", 1, 2)]
-    assert [method_key(m) for m in recorded][-4:] == ["rollout", "chefer_rollout", "grad_attn (L2)", "relevance"]
+    assert [method_key(m) for m in recorded][-5:] == ["rollout", "chefer_rollout", "grad_attn (L2)", "relevance", "contrast"]
