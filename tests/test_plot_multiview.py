@@ -278,3 +278,46 @@ def test_html_page_of_one_crop_view_in_chromium(tmp_path):
             assert page.locator("figcaption").all_inner_texts() == ["view 'image' (2 x 2 patches of 50 x 50 px): 90.0%"]
         finally:
             browser.close()
+
+
+def six_tiles_and_an_empty_kind():
+    """Six 1 x 1 tiles in a row, 10% each; prompt 40%; no newline keys at all (share exactly 0)."""
+    views = [View(f"tile {i}", (1, 1), (20.0 * i, 0.0, 20.0 * (i + 1), 20.0)) for i in range(6)]
+    m = [np.full((1, 1, 1, 1, 1), 0.1, np.float32) for _ in views]
+    shares = {"prompt": np.full((1, 1, 1), 0.4, np.float32), "newline": np.zeros((1, 1, 1), np.float32)}
+    image = np.full((20, 120, 3), 128, np.uint8)
+    return CaptionTrace.from_views(["a"], np.arange(1), views, m, image, key_shares=shares, model_name="fake-vlm")
+
+
+def test_many_views_and_empty_kinds_in_one_short_line():
+    tr = six_tiles_and_an_empty_kind()
+    line = multiview.shares_line(multiview.view_maps(tr, 0), multiview.key_share_values(tr, 0))
+    assert line == "image 60.0% (6 views, each one's share on its box) \u00b7 prompt 40.0% \u00b7 none on newline"
+    fig = multiview.views_figure(tr, 0)
+    texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+    assert any(line in t for t in texts)
+    assert sum(t.startswith("tile ") and t.endswith(" 10.0%") for t in texts) == 6  # each share on its box
+    matplotlib.pyplot.close(fig)
+
+
+def test_html_page_of_many_views_prints_the_same_short_line(tmp_path):
+    from test_browser import CHROMIUM_FLAGS, _prerequisites
+
+    chromium = _prerequisites()
+    from playwright.sync_api import sync_playwright
+
+    import attnlab
+
+    tr = six_tiles_and_an_empty_kind()
+    path = attnlab.export_html(tr, tmp_path / "six.html")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(path.as_uri(), timeout=30_000)
+            page.wait_for_function("document.body.dataset.step === '0'", timeout=30_000)
+            label = page.inner_text("#label")
+        finally:
+            browser.close()
+    assert label.endswith("image 60.0% (6 views, each one's share on its box) \u00b7 prompt 40.0% \u00b7 none on newline"
+                          " \u00b7 " + tr.diagnostics().line())

@@ -164,6 +164,7 @@ def _views_payload(trace: Any, start: dict, long_side: int, cmap) -> dict:
         "groups": multiview.place_views(trace.views, size),
         "shares": {str(k): _with_mean(v) for k, v in (getattr(trace, "key_shares", None) or {}).items()},
         "sinkLines": multiview.sink_lines(trace),  # [layer][head, then the mean]: the figures' sink line
+        "manyViews": multiview.MANY_VIEWS,  # the shares line gives the number of views beyond this many
         "layerLabels": [maps.layer_label(i, layers) for i in range(layers)], "underlays": UNDERLAYS, "quant": QUANT,
         "lut": _lut(cmap), "label": f"{maps.quantity(trace)} of a patch", "start": start,
     }

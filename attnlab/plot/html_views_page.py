@@ -114,10 +114,15 @@ VIEWS_SCRIPT = r"""
   function sharesLine(layer, head, step) {  // as attnlab.plot.multiview.shares_line
     const vs = V.map((v) => share(v.share, layer, head, step)), image = vs.reduce((a, b) => a + b, 0);
     const kinds = Object.keys(D.shares).map((k) => [k, share(D.shares[k], layer, head, step)]).sort((a, b) => b[1] - a[1]);
-    const parts = ["image " + pct(image) + (V.length > 1 ? " (" + V.map((v, i) => v.name + " " + pct(vs[i])).join(" \u00b7 ") + ")" : "")];
-    for (const [k, s] of kinds) parts.push(k + " " + pct(s));
+    let views = V.length > 1 ? " (" + V.map((v, i) => v.name + " " + pct(vs[i])).join(" \u00b7 ") + ")" : "";
+    if (V.length > D.manyViews) views = " (" + V.length + " views, each one's share on its box)";
+    if (V.length === 1 && V[0].name.startsWith("composed: ")) views = " (" + V[0].name + ")";
+    const parts = ["image " + pct(image) + views];
+    for (const [k, s] of kinds) if (s !== 0) parts.push(k + " " + pct(s));
     const rest = 1 - image - kinds.reduce((a, b) => a + b[1], 0);
     if (Math.abs(rest) >= 5e-4) parts.push("unaccounted " + pct(rest));
+    const empty = kinds.filter((kv) => kv[1] === 0).map((kv) => kv[0]);
+    if (empty.length) parts.push("none on " + empty.join(", "));
     return parts.join(" \u00b7 ");
   }
   function render() {

@@ -128,20 +128,30 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.1f}%"
 
 
+MANY_VIEWS = 4  # more views than this: the line gives their number, each view's share is on its box
+
+
 def shares_line(vms: Sequence[ViewMap], shares: dict[str, float]) -> str:
     """``"image 62.0% (tiles 45.0% · base 17.0%) · prompt 31.0% · special 7.0%"``: where the whole row went.
 
     One view: just ``"image 90.0%"``; a composed view (BLIP-2) names its path: ``"image 55.0% (composed: language
-    model -> 32 queries -> patches)"``. Kinds are listed largest first; what neither the views nor the shares account for is printed as ``unaccounted``.
+    model -> 32 queries -> patches)"``; more than :data:`MANY_VIEWS` views (SmolVLM's tiles): ``"image 74.1% (13
+    views, each one's share on its box)"``. Kinds are listed largest first, those with no weight at all last in
+    one ``"none on ..."``; what neither the views nor the shares account for is printed as ``unaccounted``.
     """
     image = sum(v.share for v in vms)
     views = " (" + " \u00b7 ".join(f"{v.name} {_pct(v.share)}" for v in vms) + ")" if len(vms) > 1 else ""
+    views = f" ({len(vms)} views, each one's share on its box)" if len(vms) > MANY_VIEWS else views
     views = f" ({vms[0].name})" if len(vms) == 1 and vms[0].composed else views
     parts = [f"image {_pct(image)}{views}"]
-    parts += [f"{k} {_pct(s)}" for k, s in sorted(shares.items(), key=lambda kv: -kv[1])]
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    parts += [f"{k} {_pct(s)}" for k, s in ranked if s != 0]
     rest = 1.0 - image - sum(shares.values())
     if abs(rest) >= 5e-4:
         parts.append(f"unaccounted {_pct(rest)}")
+    empty = [k for k, s in ranked if s == 0]
+    if empty:
+        parts.append("none on " + ", ".join(empty))
     return " \u00b7 ".join(parts)
 
 
