@@ -318,9 +318,11 @@ def explain_sequence(cap: Any, chosen: Method, pixels: Sequence[torch.Tensor], s
             seq = cap.sequence(px, ids)
             m = _checked(chosen, seq.layers, seq.heads)
             rows = m.kind.sequence(seq, m, lambda px=px, ids=ids: cap.sequence(px, ids, prompt=reference))  # (n, T)
+            finish = getattr(seq, "finish", None)  # a pass whose maps are composed (BLIP-2: through the queries)
+            rows, layout = finish(rows) if finish is not None else (rows, seq.layout)
             meta = {"mode": "sequence", "teacher_forced": forced, **seq.meta}
             if reference is not None:
                 meta["reference_prompt"] = reference
             logits = None if seq.logits is None else seq.logits.numpy()
-            traces.append(explanation_trace(cap.spec, m, rows, ids, seq.layout.grid, image, logits, meta, seq.layout))
+            traces.append(explanation_trace(cap.spec, m, rows, ids, layout.grid, image, logits, meta, layout))
     return traces

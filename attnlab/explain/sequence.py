@@ -23,6 +23,13 @@ as the pass hands it over, one layer at a time (never two layers' ``T x T`` at o
   at a time and no running ``T x T``). The identity stays in: the word's own position keeps its
   weight (a ``"prompt"``/``"special"`` share for the first word, ``"generated"`` after it).
 
+On an encoder-decoder vision-language model (Florence-2: the pass has ``encoder_decoder = True``) a
+word's row is over the ``S`` encoder keys (image tokens and the task prompt); the pass hands over the
+decoder's cross-attention ``(heads, n, S)`` with ``q_i = i`` (raw, layer_mean, best_head, grad_attn,
+contrast as above), and ``rollout`` / ``relevance`` are attnlab's encoder-decoder rules on its three kinds
+of matrices: :func:`attnlab.explain.rules.decoder_rollout` (``Roll(A^qq) . mean_h(A^qi) . Roll(A^ii)``,
+the encoder's self-attention over the image and prompt tokens) and :func:`attnlab.explain.rules.relevance`.
+
 The scaled methods (rollout, grad_attn, relevance, contrast) are renormalised by the trace
 so that a word's maps and key shares sum to 1.
 """
@@ -34,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from . import rules
 
 if TYPE_CHECKING:
     from ..captioner import SequencePass
@@ -73,6 +82,9 @@ def mean_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
 
 def rollout_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
     """``rollout`` over the whole sequence, the running product updated as each layer runs."""
+    if getattr(seq, "encoder_decoder", False):  # words attend to an encoder sequence: attnlab's encoder-decoder rollout
+        encoder, decoder, cross = seq.matrices()  # type: ignore[attr-defined]
+        return rules.decoder_rollout(decoder, cross[-1], encoder, causal=True).numpy()  # (n, S)
     state: dict[str, torch.Tensor] = {}
 
     def visit(layer: int, a: torch.Tensor) -> None:
@@ -98,6 +110,10 @@ def relevance_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray
     """``relevance``: row ``q_i`` of ``R = prod_l (I + mean_h((dA_l ⊙ A_l)^+))``, last layer first from the left."""
     n, length = len(seq.queries), seq.layout.length
     out = np.zeros((n, length))
+    if getattr(seq, "encoder_decoder", False):  # attnlab's encoder-decoder rules (Chefer et al.'s, rules.relevance)
+        for i, encoder, decoder, cross in seq.word_gradients():  # type: ignore[attr-defined]
+            out[i] = rules.relevance(encoder, decoder, cross)[i].numpy()  # (S,)
+        return out
     r = torch.zeros(length, dtype=torch.float64)
     for i, layer, a, da in seq.gradients(list(range(seq.layers - 1, -1, -1))):
         if layer == seq.layers - 1:  # a new word: start from its own position
