@@ -202,6 +202,31 @@ def test_contrast_divides_the_eager_rows_of_the_two_prompts(made, family):
     assert np.all(np.delete(rows, keys, axis=1) == 0)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "florence2", "blip2"])
+def test_best_head_without_a_record_is_the_head_with_the_most_image_weight_and_says_so(made, family):
+    model, processor = made(family)
+    cap = attnlab.from_huggingface(model, processor, prompt=user_prompt(family))
+    image, tokens = vlm_tiny.photo(64, 48, seed=8), words(family, processor)
+    if family == "florence2":
+        out, inputs = florence_forward(model, processor, image, tokens, "<CAPTION>", False)
+        keys = vlm_tiny_c.florence2_expected(model, inputs["input_ids"][0].numpy(), inputs["pixel_values"])["cells"]
+        rows = [a[0].double().numpy() for a in out.cross_attentions]  # (heads, n, S): word i at query i
+    else:
+        atts, _, P, inputs = decoder_only_forward(family, model, processor, image, tokens, user_prompt(family))
+        ids = inputs["input_ids"][0].numpy()
+        keys = np.flatnonzero(ids == (getattr(model.config, "image_token_id", None) or model.config.image_token_index))
+        rows = [a[0].detach().double().numpy()[:, P - 1 + np.arange(len(tokens))] for a in atts]  # (heads, n, T)
+    mass = np.array([r[:, :, keys].sum(-1).mean(-1) for r in rows])  # (layers, heads)
+    layer, head = np.unravel_index(mass.argmax(), mass.shape)
+    assert mass.max() - np.sort(mass.ravel())[-2] > 1e-6  # one clear winner in this setting
+    trace = attnlab.explain(cap, image, "best_head", tokens=tokens)
+    assert (trace.meta["layer"], trace.meta["head"]) == (layer, head) and trace.meta["head_choice"] == "image mass"
+    assert f"layer {layer}, head {head}" in trace.meta["method_label"] and "most image attention" in trace.meta["method_label"]
+    same = attnlab.explain(cap, image, "best_head", tokens=tokens, layer=int(layer), head=int(head))
+    np.testing.assert_array_equal(trace.view_attention(0), same.view_attention(0))
+    assert same.meta["method_label"].startswith("best head")
+
+
 def test_paligemma_prefix_lm_is_a_family_field():
     from attnlab.adapters.hf.families import FAMILIES
 

@@ -7,7 +7,8 @@ its row is zero beyond ``q_i`` (causal). ``A_l`` is layer ``l``'s attention ``(h
 as the pass hands it over, one layer at a time (never two layers' ``T x T`` at once):
 
 * ``raw``: ``A_l[h or mean_h][q_i]``; ``layer_mean``: ``mean_{l,h} A_l[q_i]``; ``best_head``
-  the chosen head's row.
+  the chosen head's row (without ``layer=``/``head=`` and without a best-head record: the head with
+  the most weight on the image keys, mean over the words, :func:`image_head`; the trace's label says so).
 * ``rollout``: ``R = Â_L ... Â_1`` with ``Â = (mean_h A + I) / rowsum`` (the residual rule of
   :func:`attnlab.rollout.rollout`), over the WHOLE sequence: image information that reached a
   prompt token or an earlier word in layer ``l`` counts through that token in later layers.
@@ -68,6 +69,22 @@ def attention_rows(seq: "SequencePass", pick: Callable[[int], Any]) -> np.ndarra
 
     seq.attention(visit)
     return (total[0] / count[0]).numpy()  # (n, T)
+
+
+def image_head(seq: "SequencePass") -> tuple[int, int, float]:
+    """``best_head`` on a captioner without a best-head record: the ``(layer, head)`` whose rows put the most
+    weight on the image keys (every view's cells; BLIP-2: its queries), averaged over the words, and that mass."""
+    q = torch.as_tensor(seq.queries)
+    keys = torch.as_tensor(np.concatenate([np.asarray(k) for k in seq.layout.view_keys]))
+    mass: dict[int, torch.Tensor] = {}
+
+    def visit(layer: int, a: torch.Tensor) -> None:
+        mass[layer] = a[:, q][:, :, keys].double().sum(dim=-1).mean(dim=-1)  # (heads,)
+
+    seq.attention(visit)
+    table = torch.stack([mass[layer] for layer in sorted(mass)])  # (layers, heads)
+    best = int(table.argmax())
+    return best // table.shape[1], best % table.shape[1], float(table.max())
 
 
 def raw_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
