@@ -227,6 +227,28 @@ def test_best_head_without_a_record_is_the_head_with_the_most_image_weight_and_s
     assert same.meta["method_label"].startswith("best head")
 
 
+@pytest.mark.parametrize("family", ["git", "florence2", "idefics3"])
+def test_gradient_methods_work_on_a_frozen_model_and_leave_it_frozen(made, family):
+    """No parameter tracked (a frozen model): the passes start the graph themselves (registry families at each
+    attention output, GIT at its first layer's input, Florence-2 by tracking the parameters for the forward
+    only); the rows are those of the tracked model and the model stays frozen."""
+    model, processor = made(family)
+    cap = attnlab.from_huggingface(model, processor, prompt=user_prompt(family))
+    image, tokens = vlm_tiny.photo(64, 48, seed=9), words(family, processor)
+    tracked = pass_rows(cap, image, tokens, "relevance", None, None)[0]
+    params = list(model.parameters())
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        frozen = pass_rows(cap, image, tokens, "relevance", None, None)[0]
+        assert not any(p.requires_grad for p in params) and all(p.grad is None for p in params)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    assert frozen[:, :].sum() > 0
+    np.testing.assert_allclose(frozen, tracked, rtol=1e-6, atol=1e-9)
+
+
 def test_paligemma_prefix_lm_is_a_family_field():
     from attnlab.adapters.hf.families import FAMILIES
 

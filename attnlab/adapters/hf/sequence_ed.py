@@ -90,16 +90,16 @@ class EncoderDecoderPass:
                      (out.encoder_attentions, out.decoder_attentions, out.cross_attentions))
 
     def _tracked(self) -> tuple[Any, list[torch.Tensor]]:
-        """A forward in the graph (the pixels are made a leaf when no parameter is tracked) and its attentions:
-        encoder layers, then decoder self, then cross."""
-        inputs = dict(self.inputs)
-        if not any(p.requires_grad for p in self.model.parameters()):
-            inputs["pixel_values"] = inputs["pixel_values"].detach().float().requires_grad_(True)
-        self.inputs, before = inputs, self.inputs
+        """A forward in the graph and its attentions: encoder layers, then decoder self, then cross. Frozen
+        parameters are tracked for the forward only (frozen again before anything is returned)."""
+        frozen = [p for p in self.model.parameters() if not p.requires_grad]
         try:
+            for p in frozen:
+                p.requires_grad_(True)
             out = self._run()
         finally:
-            self.inputs = before
+            for p in frozen:
+                p.requires_grad_(False)
         return out, [*out.encoder_attentions, *out.decoder_attentions, *out.cross_attentions]
 
     def word_gradients(self) -> Iterator[tuple[int, Pairs, Pairs, Pairs]]:
