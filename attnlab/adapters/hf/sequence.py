@@ -15,6 +15,13 @@ already has (the mask the model built; none: causal), float32:
   the switch is undone, and for each word one ``torch.autograd.grad`` of its logit gives
   ``dO`` for every layer at once (no ``.grad`` is written); ``A`` and ``dA = dO V^T`` are then
   rebuilt one layer at a time. Memory: ``layers x T x d`` states, the graph, one ``T x T``.
+
+:func:`sequence_pass` asks the family (:mod:`.families`) which pass: the one above over the family's
+``modules`` (PaliGemma's ``prefix_lm``: the caption's ``token_type_ids`` are 1, as its ``generate``);
+:class:`HookSequencePass` for a family whose attention bypasses the registry (``capture``: GIT, its
+probabilities read by forward hooks); :class:`.sequence_ed.EncoderDecoderPass` for ``grows=False``
+(Florence-2); and ``Family.compose_rows`` (BLIP-2) gives the pass ``finish(rows) -> (rows, layout)``,
+the rows composed through the queries onto the patches (what ``explain`` draws).
 """
 
 from __future__ import annotations
