@@ -249,6 +249,40 @@ def test_gradient_methods_work_on_a_frozen_model_and_leave_it_frozen(made, famil
     np.testing.assert_allclose(frozen, tracked, rtol=1e-6, atol=1e-9)
 
 
+def test_passes_leave_no_hook_or_switch_behind_also_on_errors(made):
+    from transformers import AttentionInterface
+
+    git, git_processor = made("git")
+    cap = attnlab.from_huggingface(git, git_processor, prompt=TEXT)
+    image = vlm_tiny.photo(64, 48, seed=1)
+    pixels = attnlab.preprocess.prepare_for([image], cap.spec)[0][0]
+    seq = cap.sequence(pixels, words("git", git_processor))
+    seen = []
+    seq.attention(lambda layer, a: seen.append((layer, tuple(a.shape))))
+    T = seq.layout.length
+    assert seen == [(i, (git.config.num_attention_heads, T, T)) for i in range(git.config.num_hidden_layers)]  # once each, in order
+
+    def boom(layer, a):
+        raise ValueError("stop")
+
+    with pytest.raises(ValueError):
+        seq.attention(boom)
+    next(iter(seq.gradients([0])))  # abandoned after its first layer
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in git.modules())
+    florence, processor = made("florence2")
+    names = set(AttentionInterface._global_mapping)
+    fcap = attnlab.from_huggingface(florence, processor)
+    fseq = fcap.sequence(attnlab.preprocess.prepare_for([image], fcap.spec)[0][0], words("florence2", processor))
+    handle = florence.model.language_model.encoder.layers[1].register_forward_hook(lambda *a: boom(0, None))
+    try:
+        with pytest.raises(ValueError):
+            fseq.attention(lambda layer, a: None)
+    finally:
+        handle.remove()
+    assert {m.config._attn_implementation for m in florence.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")} <= {"sdpa", None}
+    assert set(AttentionInterface._global_mapping) == names and all(p.grad is None for p in florence.parameters())
+
+
 def test_paligemma_prefix_lm_is_a_family_field():
     from attnlab.adapters.hf.families import FAMILIES
 
