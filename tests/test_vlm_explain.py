@@ -308,7 +308,7 @@ def test_bad_input_is_refused_in_one_line(built):
     assert_error(lambda: attnlab.explain(cap, image, "rollout", reference="a"), "reference=", "'contrast'")
     assert_error(lambda: attnlab.explain(cap, image, "contrast", reference=""), "reference=", "non-empty")
     assert_error(lambda: attnlab.explain(cap, image, "raw", layer=5), "layer 5 does not exist", "2 layers")
-    assert_error(lambda: attnlab.explain(cap, image, "best_head"), "layer=L, head=H")
+    assert_error(lambda: attnlab.explain(cap, image, "best_head", layer=0), "needs both layer= and head=")
     placeholder = model.config.image_token_index
     assert_error(lambda: attnlab.explain(cap, image, "raw", tokens=[placeholder, 9]), "image placeholder", str(placeholder))
     shapes = attnlab.load_model("shapes")

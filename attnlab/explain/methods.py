@@ -76,6 +76,7 @@ from ..util import evaluating, is_int
 from .contrast import reference_of
 from .graph import Recording, record
 from .kinds import KINDS, Method, kind_of
+from .sequence import image_head
 
 METHODS: tuple[str, ...] = tuple(KINDS)
 """The names :func:`explain` takes."""
@@ -262,8 +263,11 @@ def explain(
     """
     cap: Captioner = as_captioner(model)
     spec = cap.spec
-    chosen = resolve_method(method, layer, head, spec)
     one_sequence = isinstance(cap, SequenceCaptioner)
+    if one_sequence and method == "best_head" and layer is None and head is None and getattr(spec, "best_head", None) is None:
+        chosen = Method("best_head", None, None)  # no record: the head with the most image weight (explain_sequence)
+    else:
+        chosen = resolve_method(method, layer, head, spec)
     reference = _reference(chosen, reference, one_sequence)
     many = isinstance(image, (list, tuple))
     images = list(image) if many else [image]
@@ -316,11 +320,18 @@ def explain_sequence(cap: Any, chosen: Method, pixels: Sequence[torch.Tensor], s
     with model_lock(cap), evaluating(cap), torch.inference_mode(False):
         for px, image, ids in zip(pixels, shown, tokens):
             seq = cap.sequence(px, ids)
-            m = _checked(chosen, seq.layers, seq.heads)
+            m, picked = _checked(chosen, seq.layers, seq.heads), None
+            if m.name == "best_head" and m.layer is None:  # no record: chosen by its weight on the image
+                layer, head, mass = image_head(seq)
+                m, picked = Method("best_head", layer, head), f"head with the most image attention (layer {layer}, head {head}: {mass:.0%})"
             rows = m.kind.sequence(seq, m, lambda px=px, ids=ids: cap.sequence(px, ids, prompt=reference))  # (n, T)
+            finish = getattr(seq, "finish", None)  # a pass whose maps are composed (BLIP-2: through the queries)
+            rows, layout = finish(rows) if finish is not None else (rows, seq.layout)
             meta = {"mode": "sequence", "teacher_forced": forced, **seq.meta}
             if reference is not None:
                 meta["reference_prompt"] = reference
             logits = None if seq.logits is None else seq.logits.numpy()
-            traces.append(explanation_trace(cap.spec, m, rows, ids, seq.layout.grid, image, logits, meta, seq.layout))
+            traces.append(explanation_trace(cap.spec, m, rows, ids, layout.grid, image, logits, meta, layout))
+            if picked is not None:
+                traces[-1].meta.update(method_label=picked, head_choice="image mass")
     return traces

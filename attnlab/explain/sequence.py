@@ -7,7 +7,8 @@ its row is zero beyond ``q_i`` (causal). ``A_l`` is layer ``l``'s attention ``(h
 as the pass hands it over, one layer at a time (never two layers' ``T x T`` at once):
 
 * ``raw``: ``A_l[h or mean_h][q_i]``; ``layer_mean``: ``mean_{l,h} A_l[q_i]``; ``best_head``
-  the chosen head's row.
+  the chosen head's row (without ``layer=``/``head=`` and without a best-head record: the head with
+  the most weight on the image keys, mean over the words, :func:`image_head`; the trace's label says so).
 * ``rollout``: ``R = Â_L ... Â_1`` with ``Â = (mean_h A + I) / rowsum`` (the residual rule of
   :func:`attnlab.rollout.rollout`), over the WHOLE sequence: image information that reached a
   prompt token or an earlier word in layer ``l`` counts through that token in later layers.
@@ -23,6 +24,13 @@ as the pass hands it over, one layer at a time (never two layers' ``T x T`` at o
   at a time and no running ``T x T``). The identity stays in: the word's own position keeps its
   weight (a ``"prompt"``/``"special"`` share for the first word, ``"generated"`` after it).
 
+On an encoder-decoder vision-language model (Florence-2: the pass has ``encoder_decoder = True``) a
+word's row is over the ``S`` encoder keys (image tokens and the task prompt); the pass hands over the
+decoder's cross-attention ``(heads, n, S)`` with ``q_i = i`` (raw, layer_mean, best_head, grad_attn,
+contrast as above), and ``rollout`` / ``relevance`` are attnlab's encoder-decoder rules on its three kinds
+of matrices: :func:`attnlab.explain.rules.decoder_rollout` (``Roll(A^qq) . mean_h(A^qi) . Roll(A^ii)``,
+the encoder's self-attention over the image and prompt tokens) and :func:`attnlab.explain.rules.relevance`.
+
 The scaled methods (rollout, grad_attn, relevance, contrast) are renormalised by the trace
 so that a word's maps and key shares sum to 1.
 """
@@ -34,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from . import rules
 
 if TYPE_CHECKING:
     from ..captioner import SequencePass
@@ -61,6 +71,22 @@ def attention_rows(seq: "SequencePass", pick: Callable[[int], Any]) -> np.ndarra
     return (total[0] / count[0]).numpy()  # (n, T)
 
 
+def image_head(seq: "SequencePass") -> tuple[int, int, float]:
+    """``best_head`` on a captioner without a best-head record: the ``(layer, head)`` whose rows put the most
+    weight on the image keys (every view's cells; BLIP-2: its queries), averaged over the words, and that mass."""
+    q = torch.as_tensor(seq.queries)
+    keys = torch.as_tensor(np.concatenate([np.asarray(k) for k in seq.layout.view_keys]))
+    mass: dict[int, torch.Tensor] = {}
+
+    def visit(layer: int, a: torch.Tensor) -> None:
+        mass[layer] = a[:, q][:, :, keys].double().sum(dim=-1).mean(dim=-1)  # (heads,)
+
+    seq.attention(visit)
+    table = torch.stack([mass[layer] for layer in sorted(mass)])  # (layers, heads)
+    best = int(table.argmax())
+    return best // table.shape[1], best % table.shape[1], float(table.max())
+
+
 def raw_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
     """``raw`` and ``best_head``: one layer, one head or the head mean."""
     return attention_rows(seq, lambda layer: ("mean" if m.head is None else m.head) if layer == m.layer else None)
@@ -73,6 +99,9 @@ def mean_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
 
 def rollout_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
     """``rollout`` over the whole sequence, the running product updated as each layer runs."""
+    if getattr(seq, "encoder_decoder", False):  # words attend to an encoder sequence: attnlab's encoder-decoder rollout
+        encoder, decoder, cross = seq.matrices()  # type: ignore[attr-defined]
+        return rules.decoder_rollout(decoder, cross[-1], encoder, causal=True).numpy()  # (n, S)
     state: dict[str, torch.Tensor] = {}
 
     def visit(layer: int, a: torch.Tensor) -> None:
@@ -98,6 +127,10 @@ def relevance_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray
     """``relevance``: row ``q_i`` of ``R = prod_l (I + mean_h((dA_l ⊙ A_l)^+))``, last layer first from the left."""
     n, length = len(seq.queries), seq.layout.length
     out = np.zeros((n, length))
+    if getattr(seq, "encoder_decoder", False):  # attnlab's encoder-decoder rules (Chefer et al.'s, rules.relevance)
+        for i, encoder, decoder, cross in seq.word_gradients():  # type: ignore[attr-defined]
+            out[i] = rules.relevance(encoder, decoder, cross)[i].numpy()  # (S,)
+        return out
     r = torch.zeros(length, dtype=torch.float64)
     for i, layer, a, da in seq.gradients(list(range(seq.layers - 1, -1, -1))):
         if layer == seq.layers - 1:  # a new word: start from its own position

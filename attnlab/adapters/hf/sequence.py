@@ -15,10 +15,18 @@ already has (the mask the model built; none: causal), float32:
   the switch is undone, and for each word one ``torch.autograd.grad`` of its logit gives
   ``dO`` for every layer at once (no ``.grad`` is written); ``A`` and ``dA = dO V^T`` are then
   rebuilt one layer at a time. Memory: ``layers x T x d`` states, the graph, one ``T x T``.
+
+:func:`sequence_pass` asks the family (:mod:`.families`) which pass: the one above over the family's
+``modules`` (PaliGemma's ``prefix_lm``: the caption's ``token_type_ids`` are 1, as its ``generate``);
+:class:`HookSequencePass` for a family whose attention bypasses the registry (``capture``: GIT, its
+probabilities read by forward hooks); :class:`.sequence_ed.EncoderDecoderPass` for ``grows=False``
+(Florence-2); and ``Family.compose_rows`` (BLIP-2) gives the pass ``finish(rows) -> (rows, layout)``,
+the rows composed through the queries onto the patches (what ``explain`` draws).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -28,7 +36,7 @@ import torch
 from ...errors import AttnlabError
 from ...keys import KeyLayout, View
 from ...preprocess import resized_size
-from .layout import vlm_layout
+from .families import family_of
 from .rows import attention_modules, switched_attention
 
 
@@ -84,7 +92,8 @@ def forced_inputs(inputs: dict, tokens: Sequence[int], suffix_type: int = 0) -> 
 class HFSequencePass:
     """One teacher-forced pass of a Hugging Face vision-language model (see the module docstring)."""
 
-    def __init__(self, model: Any, inputs: dict, tokens: Sequence[int], layout: KeyLayout, meta: dict) -> None:
+    def __init__(self, model: Any, inputs: dict, tokens: Sequence[int], layout: KeyLayout, meta: dict, *,
+                 modules: list[Any] | None = None, prefix_lm: bool = False) -> None:
         if len(tokens) < 1:
             raise AttnlabError("an explanation needs at least one caption token")
         self.model, self.tokens, self.layout, self.meta = model, [int(t) for t in tokens], layout, dict(meta)
@@ -93,18 +102,23 @@ class HFSequencePass:
         image = getattr(cfg, "image_token_index", None) if image is None else image
         if image is not None and int(image) in self.tokens:
             raise AttnlabError(f"tokens hold the image placeholder id {int(image)}: a caption cannot contain it (pass word ids)")
-        prefix_lm = getattr(cfg, "model_type", None) == "paligemma"  # its generate marks generated tokens 1 (causal suffix)
-        self.inputs = forced_inputs(inputs, tokens, 1 if prefix_lm else 0)
-        prompt = int(inputs["input_ids"].shape[1])
+        self.inputs = forced_inputs(inputs, tokens, 1 if prefix_lm else 0)  # a prefix-LM's generate marks its suffix 1
+        prompt = layout.length - (len(tokens) - 1)  # the prompt's keys (GIT: its image keys are not in input_ids)
         self.queries = prompt - 1 + np.arange(len(tokens))  # (n,)
-        self.modules = attention_modules(model)
+        self.given = modules
+        self.modules = attention_modules(model) if modules is None else list(modules)
+        self.index = {id(m): i for i, m in enumerate(self.modules)}  # a module's layer (other modules pass through)
         self.layers = len(self.modules)
-        self.heads = int(self.modules[0].config.num_attention_heads)
+        self.heads = int(getattr(self.modules[0], "num_attention_heads", None) or self.modules[0].config.num_attention_heads)
         self.logits: torch.Tensor | None = None
 
-    def _forward(self, make: Callable[[Callable], Callable]) -> None:
-        with switched_attention(self.model, make):
-            out = self.model(**self.inputs, use_cache=False)
+    def _forward(self, make: Callable[[Callable], Callable]) -> Any:
+        with switched_attention(self.model, make, self.given):
+            return self._run()
+
+    def _run(self) -> Any:
+        """The model's forward over the whole sequence; keeps the words' raw logits."""
+        out = self.model(**self.inputs, use_cache=False)
         q = torch.as_tensor(self.queries)
         self.logits = out.logits[0, q].detach().float().cpu()  # (n, V) the raw logits, before any processor
         return out
@@ -113,8 +127,9 @@ class HFSequencePass:
         def make(call: Callable) -> Callable:
             def attnlab_sequence(module, query, key, value, attention_mask, *args, **kwargs):
                 out = call(module, query, key, value, attention_mask, *args, **kwargs)
-                a = full_probs(module, query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), kwargs)
-                visit(module.layer_idx, a[0])  # (heads, T, T)
+                if id(module) in self.index:
+                    a = full_probs(module, query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), kwargs)
+                    visit(self.index[id(module)], a[0])  # (heads, T, T)
                 return out
 
             return attnlab_sequence
@@ -128,9 +143,11 @@ class HFSequencePass:
         def make(call: Callable) -> Callable:
             def attnlab_sequence(module, query, key, value, attention_mask, *args, **kwargs):
                 attn_output, weights = call(module, query, key, value, attention_mask, *args, **kwargs)[:2]
+                if id(module) not in self.index:
+                    return attn_output, weights
                 if not attn_output.requires_grad:  # nothing before it is tracked: start the graph here
                     attn_output = attn_output.detach().requires_grad_(True)
-                kept[module.layer_idx] = (module, query.detach(), key.detach(), value.detach(), attention_mask,
+                kept[self.index[id(module)]] = (module, query.detach(), key.detach(), value.detach(), attention_mask,
                                           kwargs.get("scaling"), dict(kwargs), attn_output)
                 return attn_output, weights
 
@@ -159,13 +176,72 @@ class HFSequencePass:
         return a, d_o @ v.transpose(-1, -2)  # (heads, T, T)
 
 
+class HookSequencePass(HFSequencePass):
+    """The pass of a family whose attention bypasses transformers' attention registry (GIT): each module
+    returns its probabilities ``(B, heads, T, T)`` as its second output, and forward hooks (removed on exit,
+    exceptions included) read them. :meth:`attention`: under no-grad, each layer's is handed over and
+    dropped as the layer runs. :meth:`gradients`: the probabilities stay in the graph (the module's own
+    eager backward keeps them anyway); one ``torch.autograd.grad`` per word w.r.t. the asked layers'."""
+
+    @contextlib.contextmanager
+    def _hooked(self, record: Callable[[int, torch.Tensor], None], track: bool = False) -> Iterator[None]:
+        def start(module, args, kwargs):  # nothing tracked before the first layer: start the graph at its input
+            if args and not args[0].requires_grad:
+                return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+            return None
+
+        handles = [m.register_forward_hook(lambda mod, args, out, i=i: record(i, out[1])) for i, m in enumerate(self.modules)]
+        if track:
+            handles.append(self.modules[0].register_forward_pre_hook(start, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def attention(self, visit: Callable[[int, torch.Tensor], None]) -> None:
+        with torch.no_grad(), self._hooked(lambda i, probs: visit(i, probs[0].float())):  # (heads, T, T)
+            self._run()
+
+    def gradients(self, layers: Sequence[int]) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        kept: dict[int, torch.Tensor] = {}
+        with torch.enable_grad():
+            with self._hooked(kept.__setitem__, track=True):
+                out = self._run()
+            wanted = [int(x) for x in layers]
+            for i, (q, token) in enumerate(zip(self.queries, self.tokens)):
+                target = out.logits[0, int(q), token]
+                grads = torch.autograd.grad(target, [kept[x] for x in wanted], retain_graph=i + 1 < len(self.tokens), allow_unused=True)
+                for x, g in zip(wanted, grads):
+                    a = kept[x][0].detach().float()  # (heads, T, T)
+                    yield i, x, a, (torch.zeros_like(a) if g is None else g[0].float())
+
+
 def sequence_pass(model: Any, processor: Any, photo: Any, tokens: Sequence[int], text: str, shown_side: int,
-                  meta: dict) -> HFSequencePass:
+                  meta: dict) -> Any:
     """The pass of ``tokens`` after the prompt ``text`` on ``photo`` (a PIL image), boxes on the image traces
-    show (long side ``shown_side``); ``meta``: what the traces record (the prompt)."""
+    show (long side ``shown_side``); ``meta``: what the traces record (the prompt). The family says which pass:
+    an encoder-decoder's (``grows=False``, :mod:`.sequence_ed`), hooks (``capture``: GIT), or the registry's; a
+    family with ``compose_rows`` (BLIP-2) gets ``finish`` (rows -> composed rows and layout)."""
+    family = family_of(model)
     device = next(model.parameters()).device
-    inputs = processor(text=[text], images=[photo], return_tensors="pt")
+    if family.inputs is not None:  # GIT: [CLS] and the words
+        inputs = family.inputs(processor, text, photo)
+    else:
+        inputs = processor(text=[text], images=[photo], return_tensors="pt")
     inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma's labels
-    engine = vlm_layout(model, processor, inputs, photo.size)
+    engine = family.layout(model.config, processor, inputs, photo.size)
+    meta = {**meta, "raw_prompt": text}
+    if not family.grows:
+        from .sequence_ed import EncoderDecoderPass
+
+        return EncoderDecoderPass(model, inputs, tokens, shown_layout(engine, photo.size, shown_side, engine.length), meta,
+                                  family.modules(model))
     layout = shown_layout(engine, photo.size, shown_side, engine.length + len(tokens) - 1)
-    return HFSequencePass(model, inputs, tokens, layout, {**meta, "raw_prompt": text})
+    given = None if family.modules is attention_modules else family.modules(model)
+    kind = HFSequencePass if family.capture is None else HookSequencePass
+    seq = kind(model, inputs, tokens, layout, meta, modules=given, prefix_lm=family.prefix_lm)
+    if family.compose_rows is not None:
+        compose, composed = family.compose_rows(model, inputs, layout)
+        seq.finish = lambda rows: (compose(rows), composed)  # type: ignore[attr-defined]
+    return seq

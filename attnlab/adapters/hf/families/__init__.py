@@ -7,7 +7,9 @@ generated token (decoder self-attention) or stay a fixed encoder sequence, how t
 prompt becomes the processor's text (``prompt_text``; default the chat template) and an
 optional post-processing of a run (``after``); a family whose inputs are not
 ``processor(text=..., images=...)`` makes them itself (``inputs``), and one whose attention
-bypasses transformers' attention registry records its rows itself (``capture``, GIT). The
+bypasses transformers' attention registry records its rows itself (``capture``, GIT). For the
+explanations (:mod:`..sequence`): ``prefix_lm`` marks the caption as a prefix-LM's suffix and
+``compose_rows`` maps a method's rows onto composed keys (BLIP-2). The
 family modules are imported at the bottom
 of this file, one line each; each calls :func:`register` for its family.
 """
@@ -40,6 +42,10 @@ class Family:
     # (None: processor(text=[text], images=[photo])); GIT builds [CLS] + the words itself
     capture: Callable[[Any], Any] | None = None  # model -> a context manager yielding a rows.RowCapture
     # (None: rows.capture_rows over `modules`); GIT's attention bypasses transformers' attention registry
+    prefix_lm: bool = False  # the caption's tokens are the causal suffix of a prefix-LM: token_type_ids 1 (PaliGemma)
+    compose_rows: Callable[[Any, Mapping, KeyLayout], tuple[Callable, KeyLayout]] | None = None
+    # (model, inputs, layout) -> (rows (n, T) -> rows over the composed keys, the composed layout): BLIP-2's
+    # explanations through the queries (the explanation pass; `after` is the caption run's)
 
 
 FAMILIES: dict[str, Family] = {}

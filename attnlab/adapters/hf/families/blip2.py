@@ -106,13 +106,33 @@ def composed_layout(layout: KeyLayout, grid: tuple[int, int]) -> tuple[KeyLayout
     return KeyLayout.of_views([view], [np.arange(1, first)], kinds, first + len(rest)), rest
 
 
+def through_queries(to_queries: np.ndarray, attn: np.ndarray) -> np.ndarray:
+    """Rows over the queries ``(..., queries)`` times the Q-Former's ``C`` ``(queries, 1 + h * w)``: ``(..., 1 + h * w)``
+    float64, key 0 the vision CLS (the composition of the module docstring, for the caption runs and the explanations)."""
+    return np.asarray(to_queries, dtype=np.float64) @ attn
+
+
+def compose_rows(model: Any, inputs: Mapping, layout: KeyLayout) -> tuple[Any, KeyLayout]:
+    """The explanations' composition (``Family.compose_rows``): a function taking a method's rows ``(n, T)`` over
+    ``layout`` (the language model's keys, the caption's earlier tokens included) to rows over the composed keys
+    ``[vision CLS, patches, the other keys]``, and that composed layout."""
+    attn, grid = qformer_attention(model, inputs["pixel_values"])
+    composed, rest = composed_layout(layout, grid)
+    queries = np.asarray(layout.view_keys[0])
+
+    def rows(r: np.ndarray) -> np.ndarray:
+        return np.concatenate([through_queries(r[:, queries], attn), r[:, rest]], axis=1)  # (n, 1 + h * w + T - queries)
+
+    return rows, composed
+
+
 def compose(model: Any, inputs: Mapping, run: Any) -> Any:
     """The run (a :class:`~..stepping.VLMRun`) with the word maps composed through the queries (see the module
     docstring); tokens, logits and scores unchanged; ``rows`` (when kept) over the composed keys for the captioner's replay."""
     attn, grid = qformer_attention(model, inputs["pixel_values"])
     layout, rest = composed_layout(run.layout, grid)
-    to_queries = run.maps[0][..., 0, :].astype(np.float64)  # (layers, heads, n, 1, queries) -> (layers, heads, n, queries)
-    composed = (to_queries @ attn).astype(np.float32)  # (layers, heads, n, 1 + h * w)
+    to_queries = run.maps[0][..., 0, :]  # (layers, heads, n, 1, queries) -> (layers, heads, n, queries)
+    composed = through_queries(to_queries, attn).astype(np.float32)  # (layers, heads, n, 1 + h * w)
     lead = composed.shape[:3]
     maps = [composed[..., 1:].reshape(*lead, *grid)]  # (layers, heads, n, h, w)
     shares = {kind: s for kind, s in run.shares.items()}
@@ -131,5 +151,5 @@ def plain_text(processor: Any, prompt: str) -> str:
 
 BLIP2 = register(Family(
     name="blip2", model_types=("blip-2",), classes=("Blip2ForConditionalGeneration",), layout=blip2_layout,
-    modules=decoder_attention, prompt_text=plain_text, default_prompt="", after=compose,
+    modules=decoder_attention, prompt_text=plain_text, default_prompt="", after=compose, compose_rows=compose_rows,
 ))

@@ -34,5 +34,5 @@ def plain_prompt(processor: Any, prompt: str) -> str:
 
 PALIGEMMA = register(Family(
     name="paligemma", model_types=("paligemma",), classes=("PaliGemmaForConditionalGeneration",),
-    layout=paligemma_layout, prompt_text=plain_prompt, default_prompt="caption en",
+    layout=paligemma_layout, prompt_text=plain_prompt, default_prompt="caption en", prefix_lm=True,
 ))  # fmt: skip
