@@ -57,27 +57,40 @@ def language_model(model: Any) -> Any:
     return lm
 
 
-def last_row(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-             scaling: float | None, kwargs: dict) -> torch.Tensor:
-    """``softmax(q k^T * scaling + mask)`` of the last query position: ``(B, heads, K)``, float32."""
+def probabilities(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                  scaling: float | None, kwargs: dict, rows: slice = slice(None)) -> torch.Tensor:
+    """``softmax(q k^T * scaling + mask)`` of the query positions ``rows``: ``(B, heads, R, K)``, float32.
+
+    The one place attnlab recomputes an attention layer's weights from the states it was handed (the
+    rows of a step, :func:`last_row`; every row of a teacher-forced pass, :mod:`.sequence`): GQA without
+    repeating keys (head = kv head * groups + g), the layer's ``scaling`` and ``softcap``, the mask it built
+    (or, without one, sdpa's upper-left aligned causal rule)."""
     if kwargs.get("s_aux") is not None:
-        raise AttnlabError("attention sinks (s_aux) are not supported by capture_rows; use a model without them")
-    b, heads, q_len, d = query.shape  # (B, heads, q, d)
+        raise AttnlabError("attention sinks (s_aux) are not supported by attnlab; use a model without them")
+    b, heads, q_len, d = query.shape  # (B, heads, T, d)
     kv_heads, k_len = key.shape[1], key.shape[2]
-    q = query[:, :, -1, :].float().reshape(b, kv_heads, heads // kv_heads, d)  # (B, kv heads, groups, d): head = kv * groups + g
+    pos = torch.arange(q_len, device=query.device)[rows]  # (R,) the query positions computed
+    q = query[:, :, rows].float().reshape(b, kv_heads, heads // kv_heads, len(pos), d)  # (B, kv heads, groups, R, d)
     scale = scaling if scaling is not None else d**-0.5
-    scores = torch.matmul(q, key.float().transpose(2, 3)) * scale  # (B, kv heads, groups, K), GQA without repeating keys
-    scores = scores.reshape(b, heads, 1, k_len)  # (B, heads, 1, K)
+    # in place after the product: one (heads, R, K) buffer for the scores, one for the softmax
+    scores = torch.matmul(q, key.float()[:, :, None].transpose(-1, -2)).mul_(scale)  # (B, kv heads, groups, R, K)
+    scores = scores.reshape(b, heads, len(pos), k_len)  # (B, heads, R, K)
     softcap = kwargs.get("softcap")
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
-        m = mask[:, :, -1:, :k_len]  # (B, 1 or heads, 1, K)
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+        m = mask[:, :, rows, :k_len]  # (B, 1 or heads, R, K)
+        scores = scores.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else scores.add_(m.float())
     elif q_len > 1 and (kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)):
-        # sdpa's is_causal is upper-left aligned: the last query sees keys 0 .. q_len - 1
-        scores[..., q_len:] = float("-inf")
-    return torch.softmax(scores, dim=-1)[:, :, 0, :]  # (B, heads, K)
+        above = torch.arange(k_len, device=query.device)[None, :] > pos[:, None]  # (R, K): keys after the query
+        scores = scores.masked_fill_(above, float("-inf"))
+    return torch.softmax(scores, dim=-1)  # (B, heads, R, K)
+
+
+def last_row(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+             scaling: float | None, kwargs: dict) -> torch.Tensor:
+    """:func:`probabilities` of the last query position: ``(B, heads, K)``, float32."""
+    return probabilities(module, query, key, mask, scaling, kwargs, slice(-1, None))[:, :, 0, :]  # (B, heads, K)
 
 
 class RowCapture:

@@ -37,31 +37,7 @@ from ...errors import AttnlabError
 from ...keys import KeyLayout, View
 from ...preprocess import resized_size
 from .families import family_of
-from .rows import attention_modules, switched_attention
-
-
-def full_probs(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-               scaling: float | None, kwargs: dict) -> torch.Tensor:
-    """``softmax(q k^T * scaling + mask)`` of every query: ``(B, heads, T, K)`` float32 (GQA: kv head = head // groups)."""
-    if kwargs.get("s_aux") is not None:
-        raise AttnlabError("attention sinks (s_aux) are not supported by the explanation methods; use a model without them")
-    b, heads, q_len, d = query.shape  # (B, heads, T, d)
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    q = query.float().reshape(b, kv_heads, heads // kv_heads, q_len, d)  # (B, kv heads, groups, T, d)
-    scale = scaling if scaling is not None else d**-0.5
-    # in place after the product: one (heads, T, K) buffer for the scores, one for the softmax
-    scores = torch.matmul(q, key.float()[:, :, None].transpose(-1, -2)).mul_(scale)  # (B, kv heads, groups, T, K)
-    scores = scores.reshape(b, heads, q_len, k_len)  # (B, heads, T, K)
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        scores = scores.div_(softcap).tanh_().mul_(softcap)
-    if mask is not None:
-        m = mask[:, :, :, :k_len]  # (B, 1 or heads, T, K)
-        scores = scores.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else scores.add_(m.float())
-    elif q_len > 1 and (kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)):
-        above = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).triu(1)  # (T, K): keys after the query
-        scores = scores.masked_fill_(above, float("-inf"))
-    return torch.softmax(scores, dim=-1)  # (B, heads, T, K)
+from .rows import attention_modules, probabilities, switched_attention
 
 
 def shown_layout(engine: KeyLayout, photo: tuple[int, int], shown_side: int, length: int) -> KeyLayout:
@@ -128,7 +104,7 @@ class HFSequencePass:
             def attnlab_sequence(module, query, key, value, attention_mask, *args, **kwargs):
                 out = call(module, query, key, value, attention_mask, *args, **kwargs)
                 if id(module) in self.index:
-                    a = full_probs(module, query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), kwargs)
+                    a = probabilities(module, query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), kwargs)
                     visit(self.index[id(module)], a[0])  # (heads, T, T)
                 return out
 
@@ -167,7 +143,7 @@ class HFSequencePass:
     def _rebuilt(kept: tuple, d_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's ``A`` and ``dA = dO V^T`` ``(heads, T, T)`` float32 from its kept states."""
         module, query, key, value, mask, scaling, kwargs = kept[:7]
-        a = full_probs(module, query, key, mask, scaling, kwargs)[0]  # (heads, T, T)
+        a = probabilities(module, query, key, mask, scaling, kwargs)[0]  # (heads, T, T)
         if d_out is None:
             return a, torch.zeros_like(a)
         heads, kv_heads = query.shape[1], value.shape[1]

@@ -49,16 +49,22 @@ def grid_box(kept: tuple[int, int, int, int], cell: float, best: tuple[int, int]
     return ((c0 * cell - px) * W / nw, (r0 * cell - py) * H / nh, (c1 * cell - px) * W / nw, (r1 * cell - py) * H / nh)
 
 
-def llava_next_views(config: Any, photo: tuple[int, int]) -> list[View]:
-    """The base view (the photo stretched to a square) and the unpadded high-resolution grid."""
+def base_and_high_res(config: Any, photo: tuple[int, int]) -> tuple[View, tuple[int, int, int, int], tuple[float, float, float, float]]:
+    """The base view (the photo stretched to a square), and the high-resolution grid's kept rows and columns
+    ``(r0, r1, c0, c1)`` after unpadding with their box on the photo (LLaVA-NeXT and LLaVA-OneVision)."""
     W, H = photo
     tile = config.vision_config.image_size
     cells = tile // config.vision_config.patch_size
     bh, bw = best_resolution((H, W), config.image_grid_pinpoints)
     kept = unpadded((bh // tile) * cells, (bw // tile) * cells, photo)
-    r0, r1, c0, c1 = kept
     base = View("base", (cells, cells), (0.0, 0.0, float(W), float(H)))
-    return [base, View("high-res", (r1 - r0, c1 - c0), grid_box(kept, tile / cells, (bh, bw), photo))]
+    return base, kept, grid_box(kept, tile / cells, (bh, bw), photo)
+
+
+def llava_next_views(config: Any, photo: tuple[int, int]) -> list[View]:
+    """The base view and the unpadded high-resolution grid."""
+    base, (r0, r1, c0, c1), box = base_and_high_res(config, photo)
+    return [base, View("high-res", (r1 - r0, c1 - c0), box)]
 
 
 def base_and_grid(config: Any, processor: Any, inputs: Mapping, views: list[View]) -> KeyLayout:

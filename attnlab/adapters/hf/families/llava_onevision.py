@@ -12,7 +12,7 @@ from typing import Any
 from ....errors import AttnlabError
 from ....keys import KeyLayout, View
 from . import Family, register
-from .llava_next import base_and_grid, best_resolution, grid_box, unpadded
+from .llava_next import base_and_grid, base_and_high_res
 
 
 def max_tiles(aspect: str) -> int:
@@ -31,15 +31,9 @@ def pooled(h: int, w: int, cells: int, tiles: int) -> tuple[int, int]:
 
 def onevision_views(config: Any, photo: tuple[int, int]) -> list[View]:
     """The base view and the unpadded, pooled high-resolution grid."""
-    W, H = photo
-    tile = config.vision_config.image_size
-    cells = tile // config.vision_config.patch_size
-    bh, bw = best_resolution((H, W), config.image_grid_pinpoints)
-    kept = unpadded((bh // tile) * cells, (bw // tile) * cells, photo)
-    r0, r1, c0, c1 = kept
-    grid = pooled(r1 - r0, c1 - c0, cells, max_tiles(getattr(config, "vision_aspect_ratio", "anyres_max_9")))
-    base = View("base", (cells, cells), (0.0, 0.0, float(W), float(H)))
-    return [base, View("high-res", grid, grid_box(kept, tile / cells, (bh, bw), photo))]
+    base, (r0, r1, c0, c1), box = base_and_high_res(config, photo)
+    grid = pooled(r1 - r0, c1 - c0, base.grid[0], max_tiles(getattr(config, "vision_aspect_ratio", "anyres_max_9")))
+    return [base, View("high-res", grid, box)]
 
 
 def onevision_layout(config: Any, processor: Any, inputs: Mapping, photo: tuple[int, int]) -> KeyLayout:
