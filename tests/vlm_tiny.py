@@ -34,16 +34,19 @@ LLAVA_TEMPLATE = (
 LLAVA_PINPOINTS = [[42, 84], [84, 42], [84, 84], [42, 126], [126, 42]]
 
 
-def _tokenizer(special: list[str], folder: Path, **tokens):
+def word_tokenizer(special: list[str], folder: Path, plain: list[str] = (), words: list[str] = WORDS, **tokens):
+    """A word-level tokenizer written to ``folder``: ``special`` tokens, ``plain`` added tokens (newlines), then
+    ``words`` and ``[UNK]``; returns ``(tokenizer, vocab)``."""
     import transformers as tf
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
 
-    vocab = {t: i for i, t in enumerate(special + WORDS + ["[UNK]"])}
+    vocab = {t: i for i, t in enumerate(special + list(plain) + list(words) + ["[UNK]"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r"\s+"), "removed"), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), "isolated")]
     )
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in plain])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     return tf.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **tokens), vocab
@@ -52,7 +55,7 @@ def _tokenizer(special: list[str], folder: Path, **tokens):
 def _qwen(family: str, folder: Path):
     import transformers as tf
 
-    tokenizer, vocab = _tokenizer(QWEN_SPECIAL, folder, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer, vocab = word_tokenizer(QWEN_SPECIAL, folder, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
                vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
@@ -85,7 +88,7 @@ def _qwen(family: str, folder: Path):
 def _llava(family: str, folder: Path, strategy: str = "default"):
     import transformers as tf
 
-    tokenizer, vocab = _tokenizer(LLAVA_SPECIAL, folder, eos_token="</s>", bos_token="<s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer, vocab = word_tokenizer(LLAVA_SPECIAL, folder, eos_token="</s>", bos_token="<s>", pad_token="<pad>", unk_token="<unk>")
     side = 84 if family == "llava" else 42
     vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                                  image_size=side, patch_size=14, projection_dim=32)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_tiny import WORDS, photo  # noqa: F401  (photo: the same seeded photos as part 1)
+from vlm_tiny import WORDS, photo, word_tokenizer  # noqa: F401  (photo: the same seeded photos as part 1)
 
 FAMILIES = ("idefics3", "smolvlm", "git")
 TILE, PATCH, SCALE, LONG = 42, 7, 2, 168  # tile side, patch side, pixel shuffle, the long side the photo is resized to
@@ -29,22 +29,6 @@ IDEFICS_TEMPLATE = (
 )
 GIT_SPECIAL = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
 
-
-def word_tokenizer(special: list[str], folder: Path, plain: list[str] = (), **tokens):
-    """A word-level tokenizer: ``special`` tokens, ``plain`` added tokens (a newline), then :data:`vlm_tiny.WORDS`."""
-    import transformers as tf
-    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(special + list(plain) + WORDS + ["[UNK]"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r"\s+"), "removed"), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), "isolated")]
-    )
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
-    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in plain])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return tf.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **tokens), vocab
 
 
 @contextlib.contextmanager

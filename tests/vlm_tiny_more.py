@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from vlm_tiny import word_tokenizer
 
 FAMILIES = ("paligemma", "gemma3", "llava_onevision")
 WORDS = ["user", "model", "USER", "ASSISTANT", ":", "describe", "this", "image", ".", "a", "cat", "dog", "red",
@@ -33,20 +34,8 @@ OV_PINPOINTS = [[42, 42], [42, 84], [84, 42], [84, 84], [42, 126], [126, 42], [1
 
 
 def _tokenizer(special: list[str], folder: Path, plain: list[str] = (), **tokens):
-    """A word-level tokenizer: ``special`` tokens, ``plain`` added tokens (newlines), :data:`WORDS`."""
-    import transformers as tf
-    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(special + list(plain) + WORDS + ["[UNK]"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r"\s+"), "removed"), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), "isolated")]
-    )
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
-    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in plain])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return tf.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **tokens), vocab
+    """:func:`vlm_tiny.word_tokenizer` over this file's :data:`WORDS`."""
+    return word_tokenizer(special, folder, plain, WORDS, **tokens)
 
 
 def _siglip(image_size: int, patch: int):
