@@ -16,7 +16,7 @@ from helpers import assert_error  # noqa: E402
 
 import attnlab  # noqa: E402
 from attnlab.explain import contrast as contrast_mod  # noqa: E402
-from attnlab.explain.sequence import relevance_rows, rollout_rows  # noqa: E402
+from attnlab.explain.sequence import mean_rows, relevance_rows, rollout_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "describe this image ."
@@ -209,6 +209,26 @@ def test_relevance_and_grad_attn_are_the_rules_on_one_eager_forward(built, famil
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_pass_hands_over_each_layer_once_in_order_with_eager_matrices_and_gradients(built):
+    model, processor, cap = captioner(built, "llava_next")
+    image, tokens = vlm_tiny.photo(100, 40, seed=7), caption_ids(processor)
+    atts, logits, P, _ = eager_forward(model, processor, image, tokens, grad=True)
+    pixels = attnlab.preprocess.prepare_for([image], cap.spec)[0][0]
+    seq = cap.sequence(pixels, tokens)
+    seen = []
+    seq.attention(lambda layer, a: seen.append((layer, a.clone())))
+    assert [layer for layer, _ in seen] == list(range(len(atts)))  # one layer at a time, first first
+    for (layer, a), want in zip(seen, atts):
+        np.testing.assert_allclose(a.numpy(), want[0].detach().numpy(), rtol=1e-4, atol=1e-6)  # (heads, T, T)
+    grads = torch.autograd.grad(logits[P + 1, tokens[2]], atts)  # word 2's logit
+    handed = [(i, layer) for i, layer, *_ in seq.gradients([1, 0])]
+    assert handed == [(i, layer) for i in range(len(tokens)) for layer in (1, 0)]  # per word, the layers asked, in that order
+    for i, layer, a, da in seq.gradients([1, 0]):
+        if i == 2:
+            np.testing.assert_allclose(da.numpy(), grads[layer][0].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(seq.logits.numpy(), logits[P - 1 + np.arange(len(tokens))].detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------ contrast
 def test_contrast_cancels_a_key_that_takes_the_same_share_under_both_prompts():
     keys = np.array([1, 2, 3, 4])  # key 0 a text token, keys 1-4 the image
@@ -293,3 +313,39 @@ def test_bad_input_is_refused_in_one_line(built):
     assert_error(lambda: attnlab.explain(cap, image, "raw", tokens=[placeholder, 9]), "image placeholder", str(placeholder))
     shapes = attnlab.load_model("shapes")
     assert_error(lambda: attnlab.explain(shapes, image, "contrast"), "reference prompt", "vision-language")
+
+
+# ------------------------------------------------------------------ the families of the registry (tests/vlm_tiny_more.py, branch fam-a)
+@pytest.mark.parametrize("family", ["paligemma", "gemma3", "llava_onevision"])
+def test_layer_mean_and_relevance_on_the_registry_families(tmp_path, family):
+    """PaliGemma (prefix-LM: generated tokens are token type 1), Gemma 3 (sliding-window layers) and
+    LLaVA-OneVision: the rows equal one eager forward's (mean) and Chefer's rules on it (relevance)."""
+    more = pytest.importorskip("vlm_tiny_more")  # present once the family registry is merged
+    model, processor = more.build(family, tmp_path)
+    cap = attnlab.from_huggingface(model, processor)
+    image, tokens = vlm_tiny.photo(64, 48, seed=1), [int(processor.tokenizer.convert_tokens_to_ids(w)) for w in ["a", "red", "car", "dog"]]
+    inputs = more.prompt(family, processor, image, cap.prompt)
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], torch.as_tensor([tokens[:-1]])], 1))
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    if "token_type_ids" in full:  # as each model's generate extends them
+        fill = 1 if family == "paligemma" else 0
+        full["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.full((1, len(tokens) - 1), fill, dtype=torch.long)], 1)
+    before = model.config.text_config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**full, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+    P = inputs["input_ids"].shape[1]
+    q = P - 1 + np.arange(len(tokens))
+    pixels = attnlab.preprocess.prepare_for([image], cap.spec)[0][0]
+    want = np.mean([a[0].detach().double().numpy().mean(0) for a in out.attentions], 0)[q]
+    np.testing.assert_allclose(mean_rows(cap.sequence(pixels, tokens), None), want, rtol=1e-4, atol=1e-6)
+    relevance = []
+    for i, t in enumerate(tokens):
+        grads = torch.autograd.grad(out.logits[0, q[i], t], out.attentions, retain_graph=True)
+        r = torch.eye(full["input_ids"].shape[1], dtype=torch.float64)
+        for a, g in zip(out.attentions, grads):
+            r = r + (g[0] * a[0]).clamp(min=0).double().mean(0) @ r
+        relevance.append(r[q[i]].detach().numpy())
+    np.testing.assert_allclose(relevance_rows(cap.sequence(pixels, tokens), None), np.array(relevance), rtol=1e-4, atol=1e-6)

@@ -28,6 +28,7 @@ import torch
 from ...errors import AttnlabError
 from ...keys import KeyLayout, View
 from ...preprocess import resized_size
+from .layout import vlm_layout
 from .rows import attention_modules, switched_attention
 
 
@@ -66,15 +67,17 @@ def shown_layout(engine: KeyLayout, photo: tuple[int, int], shown_side: int, len
     return KeyLayout.of_views(views, engine.view_keys, kinds, length)
 
 
-def forced_inputs(inputs: dict, tokens: Sequence[int]) -> dict:
-    """The processor's inputs for one prompt with ``tokens[:-1]`` appended (every mask 1, token types 0)."""
+def forced_inputs(inputs: dict, tokens: Sequence[int], suffix_type: int = 0) -> dict:
+    """The processor's inputs for one prompt with ``tokens[:-1]`` appended (every mask 1; ``mm_token_type_ids``
+    0 (text), ``token_type_ids`` ``suffix_type``: 1 for a prefix-LM's causal suffix (PaliGemma), as its
+    ``generate`` extends them)."""
     extra = torch.as_tensor([int(t) for t in tokens[:-1]], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)[None]
     full = dict(inputs)
     full["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)  # (1, T)
     full["attention_mask"] = torch.ones_like(full["input_ids"])
-    for name in ("mm_token_type_ids", "token_type_ids"):
+    for name, value in (("mm_token_type_ids", 0), ("token_type_ids", suffix_type)):
         if name in full:
-            full[name] = torch.cat([inputs[name], torch.zeros_like(extra)], 1)
+            full[name] = torch.cat([inputs[name], torch.full_like(extra, value, dtype=inputs[name].dtype)], 1)
     return full
 
 
@@ -90,7 +93,8 @@ class HFSequencePass:
         image = getattr(cfg, "image_token_index", None) if image is None else image
         if image is not None and int(image) in self.tokens:
             raise AttnlabError(f"tokens hold the image placeholder id {int(image)}: a caption cannot contain it (pass word ids)")
-        self.inputs = forced_inputs(inputs, tokens)
+        prefix_lm = getattr(cfg, "model_type", None) == "paligemma"  # its generate marks generated tokens 1 (causal suffix)
+        self.inputs = forced_inputs(inputs, tokens, 1 if prefix_lm else 0)
         prompt = int(inputs["input_ids"].shape[1])
         self.queries = prompt - 1 + np.arange(len(tokens))  # (n,)
         self.modules = attention_modules(model)
@@ -155,13 +159,13 @@ class HFSequencePass:
         return a, d_o @ v.transpose(-1, -2)  # (heads, T, T)
 
 
-def sequence_pass(captioner: Any, photo: Any, tokens: Sequence[int], text: str, shown_side: int,
-                  layout_of: Callable[[dict], KeyLayout]) -> HFSequencePass:
-    """The pass of ``tokens`` after the prompt ``text`` on ``photo`` (a PIL image) for a VLM captioner."""
-    model = captioner.model
+def sequence_pass(model: Any, processor: Any, photo: Any, tokens: Sequence[int], text: str, shown_side: int,
+                  meta: dict) -> HFSequencePass:
+    """The pass of ``tokens`` after the prompt ``text`` on ``photo`` (a PIL image), boxes on the image traces
+    show (long side ``shown_side``); ``meta``: what the traces record (the prompt)."""
     device = next(model.parameters()).device
-    inputs = captioner.processor(text=[text], images=[photo], return_tensors="pt")
-    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
-    engine = layout_of(inputs)
+    inputs = processor(text=[text], images=[photo], return_tensors="pt")
+    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma's labels
+    engine = vlm_layout(model, processor, inputs, photo.size)
     layout = shown_layout(engine, photo.size, shown_side, engine.length + len(tokens) - 1)
-    return HFSequencePass(model, inputs, tokens, layout, {"raw_prompt": text})
+    return HFSequencePass(model, inputs, tokens, layout, {**meta, "raw_prompt": text})

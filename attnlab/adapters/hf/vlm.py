@@ -35,7 +35,6 @@ from ...preprocess import resized_size
 from ..module import ModuleCaptioner
 from .generation import GENERATE_NEW_TOKENS, first_id, setting
 from .layout import vlm_layout
-from .sequence import HFSequencePass, sequence_pass
 from .stepping import VLMRun, generate_rows
 from .vocab import HFVocab
 
@@ -153,12 +152,12 @@ class VLMCaptioner(ModuleCaptioner):
         layout = vlm_layout(self.model, self.processor, inputs, photo.size)
         return generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True)
 
-    def sequence(self, pixels: torch.Tensor, tokens: Sequence[int], *, prompt: str | None = None) -> HFSequencePass:
+    def sequence(self, pixels: torch.Tensor, tokens: Sequence[int], *, prompt: str | None = None) -> Any:
         """The teacher-forced pass of ``tokens`` (after this prompt, or the user words ``prompt``) for the explanations."""
-        cap, photo = self if prompt is None else self.prompted(prompt), photo_of(pixels)
-        seq = sequence_pass(cap, photo, tokens, cap.text, SHOWN_SIDE, lambda inputs: vlm_layout(self.model, self.processor, inputs, photo.size))
-        seq.meta.update(cap.meta)
-        return seq
+        from .sequence import sequence_pass  # adapters/hf/sequence.py
+
+        cap = self if prompt is None else self.prompted(prompt)
+        return sequence_pass(cap.model, cap.processor, photo_of(pixels), tokens, cap.text, SHOWN_SIDE, cap.meta)
 
     def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
         check_record(record)
