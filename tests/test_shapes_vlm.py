@@ -192,3 +192,13 @@ def test_training_script_writes_a_loadable_model(tmp_path):
 
 def test_a_vocabulary_is_refused():
     assert_error(lambda: attnlab.load_model("shapes-vlm", vocab="vocab.txt"), "brings its own tokenizer", "leave vocab out")
+
+
+def test_loading_the_bundled_vlm_prints_nothing_and_restores_the_progress_bar(capfd):
+    import transformers.utils.logging as bars
+
+    assert bars.is_progress_bar_enabled()
+    attnlab.load_model("shapes-vlm")
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
+    assert bars.is_progress_bar_enabled()  # the user's setting is back

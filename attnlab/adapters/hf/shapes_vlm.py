@@ -108,8 +108,15 @@ def load(folder: str | Path = FOLDER) -> tuple[Any, Any]:
     if not (folder / "config.json").is_file():
         raise AttnlabError(f"{folder} holds no saved model (config.json): reinstall attnlab or train one with "
                            "python -m attnlab.shapes.train_vlm")
-    model = tf.LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
-    processor = tf.AutoProcessor.from_pretrained(str(folder))
+    bars = tf.utils.logging
+    shown = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # a 3 MB model: no "Loading weights" bar in a student's notebook
+    try:
+        model = tf.LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+        processor = tf.AutoProcessor.from_pretrained(str(folder))
+    finally:
+        if shown:
+            bars.enable_progress_bar()
     return model.eval(), processor
 
 

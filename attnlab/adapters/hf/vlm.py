@@ -11,7 +11,7 @@ it for each image and ``step`` replays it: step ``i`` returns the scores ``gener
 token ``i`` from (the logits after its processors, so ``caption()``'s argmax is
 ``generate``'s token exactly) and the rows of that step over every key of the prompt (the
 tokens generated earlier after them, zero beyond). A caller that feeds other tokens than
-the replayed ones (teacher forcing, beam search) gets one line: they come with issue 22.
+the replayed ones (teacher forcing, beam search) gets one line (:data:`REPLAY_ONLY`).
 The explanation methods read :meth:`VLMCaptioner.sequence` instead (:mod:`.sequence`: one
 teacher-forced pass over the prompt and the caption).
 
@@ -43,7 +43,8 @@ from .vocab import HFVocab
 VLM_CLASSES = classes()  # every registered family's classes (attnlab.adapters.hf.families)
 DEFAULT_PROMPT = "Describe this image."  # the chat families' plain captioning request (Family.default_prompt)
 SHOWN_SIDE = 1024  # the long side of the image figures draw on (the boxes are scaled onto it)
-ISSUE_22 = "teacher forcing and beam search in attnlab.caption on vision-language models come with issue 22 (attnlab.explain works)"
+REPLAY_ONLY = ("attnlab.caption on a vision-language model replays the model's own greedy generate, so it takes no given "
+               "tokens and no beams: trace given tokens with attnlab.explain(captioner, image, \"raw\", tokens=[...])")
 
 
 def is_vlm(model: Any, tf: Any) -> bool:
@@ -94,7 +95,7 @@ class VLMState:
     def select(self, indices: torch.Tensor) -> "VLMState":
         idx = [int(i) for i in indices.tolist()]
         if len(set(idx)) != len(idx):
-            raise AttnlabError(ISSUE_22)  # copies of a caption: beam search
+            raise AttnlabError(REPLAY_ONLY)  # copies of a caption: beam search
         self.runs = [self.runs[i] for i in idx]
         return self
 
@@ -168,7 +169,7 @@ class VLMCaptioner(ModuleCaptioner):
     def begin(self, pixels: Sequence[torch.Tensor], record: Record = "cross") -> Encoded:
         check_record(record)
         if not torch.is_inference_mode_enabled():
-            raise AttnlabError(f"{ISSUE_22}: attnlab.caption(...) traces their attention now")
+            raise AttnlabError(f"{REPLAY_ONLY}; attnlab.caption(...) traces the attention of its own tokens")
         photos = [photo_of(p) for p in pixels]
         runs = [self.run(photo) for photo in photos]
         layouts = [trace_layout(r, photo.size) for r, photo in zip(runs, photos)]
@@ -184,7 +185,7 @@ class VLMCaptioner(ModuleCaptioner):
                                    f"take for an end token: set model.generation_config.eos_token_id to the model's end tokens")
             expected = self._spec.bos if s == 0 else int(run.tokens[s - 1])
             if int(token) != expected:
-                raise AttnlabError(f"{ISSUE_22}: the captioner replays the model's own generate (fed {int(token)} at step {s})")
+                raise AttnlabError(f"{REPLAY_ONLY} (fed {int(token)} at step {s})")
         state.fed += 1
         logits = torch.stack([torch.from_numpy(r.scores[s]) for r in state.runs])  # (M, V)
         cross = None
