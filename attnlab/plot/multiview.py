@@ -308,11 +308,35 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
     return layout.fig
 
 
+WORDS_PER_ROW = 4  # a trace whose views share one panel: its words flow into rows of this many panels
+
+
+def _word_cells(words: int, groups: int) -> tuple[int, int, list[list[tuple[int, int]]]]:
+    """``(rows, cols, cells)``: ``cells[k][g]`` is the ``(row, col)`` of panel group ``g`` of entry ``k``
+    (entry 0 the photo, entry ``k`` word ``k - 1``). Several groups: one row per entry; one group: the
+    entries flow into rows of :data:`WORDS_PER_ROW`."""
+    if groups > 1:
+        return words + 1, groups, [[(k, g) for g in range(groups)] for k in range(words + 1)]
+    cols = min(WORDS_PER_ROW, words + 1)
+    return -(-(words + 1) // cols), cols, [[divmod(k, cols)] for k in range(words + 1)]
+
+
+def _wrapped(headings: Sequence[str], layout: Any, cells: list[list[tuple[int, int]]]) -> list[str]:
+    """Each word's heading wrapped to the width of its panels (one entry's panels side by side)."""
+    out = []
+    for k, text in enumerate(headings, start=1):
+        width = sum(layout.axes[r, c].get_position().width for r, c in cells[k]) * layout.fig.get_figwidth()
+        chars = max(24, int(width * 72 / (0.6 * layout.font)))
+        out.append(textwrap.fill(text, chars, break_long_words=False))
+    return out
+
+
 def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, words: Sequence[int] | None = None,
                     cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
                     figsize=None, font_scale: float = 1.0, pyplot: bool = True, ncols=None, **other: Any):
-    """``word_grid`` of a multi-view trace: a first row with the photo in colour and where each view lies,
-    then one row per word (its panels as :func:`views_overlay`'s, its word and where its whole row went above)."""
+    """``word_grid`` of a multi-view trace: first the photo in colour with where each view lies, then each
+    word's panels (as :func:`views_overlay`'s) under its word and where its whole row went. Views in several
+    panels: one row per word; all views in one panel: the words flow into rows of :data:`WORDS_PER_ROW`."""
     if ncols is not None or other:
         name = "ncols" if ncols is not None else sorted(other)[0]
         raise AttnlabError(f"{name}= is not drawn for a trace with several views: leave it out (the figure "
@@ -331,28 +355,40 @@ def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, wo
                              maps.quantity(trace))
     first = np.asarray(trace.view_attention(0))
     pw, ph, _ = panel_size(size, 3.0)
-    layout = panel_grid(len(steps) + 1, len(groups), (pw, ph), font_scale=check_font_scale(font_scale), title_lines=2,
-                        title=[caption_line(trace), f"model {trace.model_name} \u00b7 {maps.layer_label(li, first.shape[0])} "
-                               f"\u00b7 {maps.head_label(hi, first.shape[1])} \u00b7 {underlay_note(underlay)}",
-                               sinks_text(trace, li, head)],
-                        figsize=check_figsize(figsize), pyplot=pyplot)
+    n_rows, n_cols, cells = _word_cells(len(steps), len(groups))
     probs = trace.probabilities()
-    for col, group in enumerate(groups):
-        ax = layout.axes[0, col]
+    headings = [f"{maps.word_label(trace, t, probs)}: {shares_line(vms, key_share_values(trace, t, layer, head))}"
+                for t, vms in zip(steps, rows)]
+    title = [caption_line(trace), f"model {trace.model_name} \u00b7 {maps.layer_label(li, first.shape[0])} "
+             f"\u00b7 {maps.head_label(hi, first.shape[1])} \u00b7 {underlay_note(underlay)}", sinks_text(trace, li, head)]
+    lines = 2
+    for _ in range(3):  # room for the longest wrapped heading: wrapping depends on the panels' final width
+        layout = panel_grid(n_rows, n_cols, (pw, ph), font_scale=check_font_scale(font_scale), title_lines=lines,
+                            title=title, figsize=check_figsize(figsize), pyplot=pyplot)
+        wrapped = _wrapped(headings, layout, cells)
+        need = max(2, *(h.count("\n") + 1 for h in wrapped))
+        if need <= lines:
+            break
+        if pyplot:  # a figure pyplot manages is closed; one it does not is dropped with its last reference
+            import matplotlib.pyplot as plt
+
+            plt.close(layout.fig)
+        lines = need
+    for g, group in enumerate(groups):
+        ax = layout.axes[cells[0][g]]
         draw_image(ax, image)
         for i in group:
             _draw_box(ax, rows[0][i], rows[0][i].name, size, layout.font)
-        ax.set_title(("the photo (colour) and its views\n" if col == 0 else "\n") + _panel_title(
-            [rows[0][i] for i in group], size).rsplit(":", 1)[0], fontsize=layout.font)
-    row_width = sum(layout.axes[0, c].get_position().width for c in range(len(groups))) * layout.fig.get_figwidth()
-    chars = max(30, int(row_width * 72 / (0.6 * layout.font)))  # the heading stays above its own row of panels
-    for r, (t, vms) in enumerate(zip(steps, rows), start=1):
-        heading = f"{maps.word_label(trace, t, probs)}: {shares_line(vms, key_share_values(trace, t, layer, head))}"
-        heading = textwrap.fill(heading, chars, break_long_words=False)
-        for col, group in enumerate(groups):
-            ax = layout.axes[r, col]
+        chars = max(24, int(ax.get_position().width * layout.fig.get_figwidth() * 72 / (0.6 * layout.font)))
+        views = textwrap.shorten(_panel_title([rows[0][i] for i in group], size).rsplit(":", 1)[0], chars, placeholder="...")
+        ax.set_title(("the photo (colour) and its views\n" if g == 0 else "\n") + views, fontsize=layout.font)
+    for k, (vms, heading) in enumerate(zip(rows, wrapped), start=1):
+        for g, group in enumerate(groups):
+            ax = layout.axes[cells[k][g]]
             draw_views(ax, image, [vms[i] for i in group], scale, cmap, alpha, interp=interp, underlay=underlay,
                        font=layout.font)
-            ax.set_title(heading if col == 0 else " ", fontsize=layout.font, loc="left")
+            ax.set_title(heading if g == 0 else " ", fontsize=layout.font, loc="left")
+    for r, c in [(r, c) for r in range(n_rows) for c in range(n_cols)][len(cells) * len(groups):]:
+        layout.axes[r, c].set_axis_off()  # the last row's unused panels
     add_colorbar(layout.fig, layout.cax, scale, cmap, layout.font)
     return layout.fig
