@@ -226,6 +226,13 @@ def test_notebook_runs(name, offline_env):
         assert "LLaVA-NeXT: 576 base + 36 x (48 + 1 newline) = 2,340" in text
         assert "SmolVLM   : 3 x 4 tiles + 1 global = 13 views x 81 = 1,053" in text
         assert "(25% of the photo cut off)" in text and "[high-res: 36 rows of 48 + newline = 1,764]" in text
+        # part 2: the bundled shapes VLM on held-out scenes, its shares, sinks, methods, a question, the table
+        assert "model's caption:" in text and "8 x 8 = 64 image tokens" in text
+        assert "the other keys of every row: prompt" in text and "weight per grid row (top to bottom)" in text
+        assert text.count("mean share on the named object") == 3 and "the reference prompt as the model reads it:" in text
+        assert "the question as the model reads it:" in text and "mean map distance" in text
+        assert "attnlab grounding \u00b7 model shapes-vlm \u00b7 40 images" in text and "contrast" in text
+        assert "best for shape words by hit:" in text and "best for color words by hit:" in text
     elif name.startswith("07_"):
         from attnlab.hub import BUNDLED_CPTR
 
