@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..captioner import as_captioner
 from ..decode import caption
 from ..errors import AttnlabError
 from ..explain.geometry import patch_overlap, patch_region, peak_hits
@@ -45,6 +46,8 @@ def evaluate_vlm(model: Any, n: int = 500, seed: int = 0, *, criterion: str = "t
     """
     if criterion not in CRITERIA:
         raise AttnlabError(f"criterion={criterion!r} is not a pointing-game criterion: use 'touch' or 'hit'")
+    spec = as_captioner(model).spec
+    end = spec.vocab.token(spec.eos)  # the end token's word: counted in the per-word accuracy as evaluate does
     scenes = make_scenes(n, seed, split="eval")
     exact = word_hits = word_total = 0
     hits: dict[str, np.ndarray] = {}
@@ -54,10 +57,10 @@ def evaluate_vlm(model: Any, n: int = 500, seed: int = 0, *, criterion: str = "t
     for start in range(0, n, batch_size):
         chunk: list[Scene] = scenes[start : start + batch_size]
         for scene, trace in zip(chunk, caption(model, [s.image for s in chunk])):
-            words, truth = trace.words, scene.words
-            exact += words == truth
-            word_hits += sum(1 for i, w in enumerate(truth) if i < len(words) and words[i] == w)
-            word_total += len(truth)
+            words, truth = trace.words, scene.words  # the trace's words end with the end token when the model wrote it
+            exact += words == [*truth, end]
+            word_hits += sum(1 for i, w in enumerate([*truth, end]) if i < len(words) and words[i] == w)
+            word_total += len(truth) + 1
             maps = trace.view_attention(0).mean(axis=1)  # (layers, steps, gh, gw): heads averaged
             if not hits:
                 layers = maps.shape[0]
