@@ -233,6 +233,14 @@ def test_notebook_runs(name, offline_env):
         assert "the question as the model reads it:" in text and "mean map distance" in text
         assert "attnlab grounding \u00b7 model shapes-vlm \u00b7 40 images" in text and "contrast" in text
         assert "best for shape words by hit:" in text and "best for color words by hit:" in text
+        # what the prose says of them
+        assert "layer 0: no sink tokens" in text and "layer 1: no sink tokens" in text  # the chosen scene
+        flagged = re.search(r"flagged tokens: (\d+), on an object: (\d+), on background: (\d+)", text)
+        assert flagged and int(flagged[1]) > 0 and flagged[3] == "0", "flagged tokens lie on objects only"
+        agree = re.search(r"the same peak patch as raw: rollout for (\d+) of (\d+) words", text)
+        assert agree and 2 * int(agree[1]) > int(agree[2]), "raw and rollout mostly agree on the peak"
+        assert "the same caption under both prompts: True" in text and "\nnot: contrast\n" in text
+        assert "touch above hit for every method: True" in text
     elif name.startswith("07_"):
         from attnlab.hub import BUNDLED_CPTR
 
