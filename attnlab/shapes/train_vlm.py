@@ -99,15 +99,14 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 def exact_rate(model, processor, n: int, seed: int = 1, batch: int = 50) -> float:
     """Share of exactly right greedy captions on ``n`` eval-split scenes of ``seed`` (a quick check while training)."""
     right = 0
-    data = Batches.__new__(Batches)
+    every = make_scenes(n, seed, "eval")
     for start in range(0, n, batch):
-        scenes = make_scenes(n, seed, "eval")[start : start + batch]
+        scenes = every[start : start + batch]
         inputs = processor(text=[chat(processor)] * len(scenes), images=[s.image for s in scenes], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
         texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         right += sum(t.strip() == s.caption for t, s in zip(texts, scenes))
-    del data
     return right / n
 
 
@@ -125,6 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-n", type=int, default=100, help="eval-split scenes (seed 1) of the exact-caption check")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this much wall time")
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
@@ -192,7 +192,7 @@ def train(a) -> None:
                 os.replace(tmp, state_file)
             if step % a.eval_every == 0 or step == a.steps:
                 model.eval()
-                print(f"step {step} exact (100 eval scenes, seed 1) {exact_rate(model, processor, 100):.1%}", flush=True)
+                print(f"step {step} exact ({a.eval_n} eval scenes, seed 1) {exact_rate(model, processor, a.eval_n):.1%}", flush=True)
                 model.train()
             if a.minutes is not None and time.time() - t0 > 60 * a.minutes:
                 break
