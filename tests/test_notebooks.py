@@ -239,7 +239,9 @@ def test_notebook_runs(name, offline_env):
         assert flagged and int(flagged[1]) > 0 and flagged[3] == "0", "flagged tokens lie on objects only"
         agree = re.search(r"the same peak patch as raw: rollout for (\d+) of (\d+) words", text)
         assert agree and 2 * int(agree[1]) > int(agree[2]), "raw and rollout mostly agree on the peak"
-        assert "the same caption under both prompts: True" in text and "\nnot: contrast\n" in text
+        off = re.search(r"contrast : mean share on the named object \d+%, peak on it for (\d+) of (\d+) words", text)
+        assert off and 2 * int(off[1]) < int(off[2]), "contrast's peak mostly lands off the object"
+        assert "the same caption under both prompts: False" in text and "\nnot: contrast\n" in text
         assert "touch above hit for every method: True" in text
     elif name.startswith("07_"):
         from attnlab.hub import BUNDLED_CPTR
