@@ -243,6 +243,8 @@ def test_notebook_runs(name, offline_env):
         assert off and 2 * int(off[1]) < int(off[2]), "contrast's peak mostly lands off the object"
         assert "the same caption under both prompts: False" in text and "\nnot: contrast\n" in text
         assert "touch above hit for every method: True" in text
+        best = dict(re.findall(r"best for (shape|color) words by hit: (.+?), \d+%", text))
+        assert best["shape"] != best["color"], "which method wins depends on the word class"
     elif name.startswith("07_"):
         from attnlab.hub import BUNDLED_CPTR
 
