@@ -325,10 +325,10 @@ def load_shapes_vlm(folder: str | Path | None = None, device: str | torch.device
     return from_huggingface(model, processor, prompt=PROMPT, name="shapes-vlm")
 
 
-def _bundled_vlm(name: str, vocab: str | Path | None, device: str | torch.device = "cpu") -> Any:
+def _bundled_vlm(name: str, vocab: str | Path | None) -> Any:
     if vocab is not None:
         raise AttnlabError(f"the bundled {name} model brings its own tokenizer: leave vocab out")
-    return load_shapes_vlm(device=device)
+    return load_shapes_vlm()
 
 
 @dataclass(frozen=True)
@@ -391,6 +391,8 @@ def load_model(
         raise AttnlabError(f"unknown model {name!r}: choose one of {', '.join(model_names())}, or {own} with checkpoint=PATH")
     if entry.load is None:
         raise AttnlabError(f"model {name!r} needs checkpoint=PATH (or the CLI's --checkpoint PATH)")
-    if name == "shapes-vlm":  # a captioner around a transformers model (moved to the device itself), not a module
-        return _bundled_vlm(name, vocab, device)
-    return _to_device(entry.load(name, vocab), device)
+    loaded = entry.load(name, vocab)
+    if isinstance(loaded, torch.nn.Module):
+        return _to_device(loaded, device)
+    _to_device(loaded.model, device)  # a captioner around a module (shapes-vlm): the module moves in place
+    return loaded

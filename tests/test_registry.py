@@ -19,8 +19,8 @@ def _help(command: str) -> str:
 
 
 def test_the_registry_holds_every_name_load_model_knows():
-    assert set(hub.MODELS) == {"shapes", "shapes-cptr", "catr-v1", "catr-v2", "catr-v3", "catr", "cptr"}
-    assert hub.model_names() == ("shapes", "shapes-cptr", "catr-v1", "catr-v2", "catr-v3")
+    assert set(hub.MODELS) == {"shapes", "shapes-cptr", "shapes-vlm", "catr-v1", "catr-v2", "catr-v3", "catr", "cptr"}
+    assert hub.model_names() == ("shapes", "shapes-cptr", "shapes-vlm", "catr-v1", "catr-v2", "catr-v3")
     assert hub.model_names(with_checkpoint=True) == ("catr", "cptr")
     assert set(hub.CHECKPOINT_URLS) <= set(hub.MODELS)
 

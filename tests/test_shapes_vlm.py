@@ -188,3 +188,7 @@ def test_training_script_writes_a_loadable_model(tmp_path):
     processor = transformers.AutoProcessor.from_pretrained(str(tmp_path / "model"), local_files_only=True)
     assert model.config.text_config.hidden_size == 32 and (tmp_path / "train.pt").is_file()
     assert len(own_generate(model.eval(), processor, [make_scenes(1, 0, "eval")[0].image])) == 1
+
+
+def test_a_vocabulary_is_refused():
+    assert_error(lambda: attnlab.load_model("shapes-vlm", vocab="vocab.txt"), "brings its own tokenizer", "leave vocab out")
