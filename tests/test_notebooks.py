@@ -226,6 +226,25 @@ def test_notebook_runs(name, offline_env):
         assert "LLaVA-NeXT: 576 base + 36 x (48 + 1 newline) = 2,340" in text
         assert "SmolVLM   : 3 x 4 tiles + 1 global = 13 views x 81 = 1,053" in text
         assert "(25% of the photo cut off)" in text and "[high-res: 36 rows of 48 + newline = 1,764]" in text
+        # part 2: the bundled shapes VLM on held-out scenes, its shares, sinks, methods, a question, the table
+        assert "model's caption:" in text and "8 x 8 = 64 image tokens" in text
+        assert "the other keys of every row: prompt" in text and "weight per grid row (top to bottom)" in text
+        assert text.count("mean share on the named object") == 3 and "the reference prompt as the model reads it:" in text
+        assert "the question as the model reads it:" in text and "mean map distance" in text
+        assert "attnlab grounding \u00b7 model shapes-vlm \u00b7 40 images" in text and "contrast" in text
+        assert "best for shape words by hit:" in text and "best for color words by hit:" in text
+        # what the prose says of them
+        assert "layer 0: no sink tokens" in text and "layer 1: no sink tokens" in text  # the chosen scene
+        flagged = re.search(r"flagged tokens: (\d+), on an object: (\d+), on background: (\d+)", text)
+        assert flagged and int(flagged[1]) > 0 and flagged[3] == "0", "flagged tokens lie on objects only"
+        agree = re.search(r"the same peak patch as raw: rollout for (\d+) of (\d+) words", text)
+        assert agree and 2 * int(agree[1]) > int(agree[2]), "raw and rollout mostly agree on the peak"
+        off = re.search(r"contrast : mean share on the named object \d+%, peak on it for (\d+) of (\d+) words", text)
+        assert off and 2 * int(off[1]) < int(off[2]), "contrast's peak mostly lands off the object"
+        assert "the same caption under both prompts: False" in text and "\nnot: contrast\n" in text
+        assert "touch above hit for every method: True" in text
+        best = dict(re.findall(r"best for (shape|color) words by hit: (.+?), \d+%", text))
+        assert best["shape"] != best["color"], "which method wins depends on the word class"
     elif name.startswith("07_"):
         from attnlab.hub import BUNDLED_CPTR
 
