@@ -321,3 +321,28 @@ def test_html_page_of_many_views_prints_the_same_short_line(tmp_path):
             browser.close()
     assert label.endswith("image 60.0% (6 views, each one's share on its box) \u00b7 prompt 40.0% \u00b7 none on newline"
                           " \u00b7 " + tr.diagnostics().line())
+
+
+def test_word_grid_of_one_view_flows_words_into_rows_and_no_heading_runs_over_a_panel():
+    words = [f"word{i}" for i in range(9)]
+    views = [View("image", (4, 4), (0.0, 0.0, 64.0, 64.0))]
+    m = [np.full((1, 1, 9, 4, 4), 0.5 / 16, np.float32)]
+    shares = {k: np.full((1, 1, 9), 0.5 / 5, np.float32) for k in ("prompt", "special", "generated", "newline", "prefix")}
+    image = np.full((64, 64, 3), 128, np.uint8)
+    tr = CaptionTrace.from_views(words, np.arange(9), views, m, image, key_shares=shares, model_name="fake-vlm")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = multiview.views_word_grid(tr, pyplot=False)
+    FigureCanvasAgg(fig).draw()
+    panels = [ax for ax in fig.axes if ax.get_images() or ax.patches]
+    assert len(panels) == 10  # the photo and nine words
+    grid = {(round(ax.get_position().x0, 3), round(ax.get_position().y0, 3)) for ax in panels}
+    assert len({x for x, _ in grid}) == multiview.WORDS_PER_ROW and len({y for _, y in grid}) == 3  # 4 + 4 + 2
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.get_window_extent(renderer) for ax in panels]
+    for ax in panels:
+        title = ax.title if ax.title.get_text() else ax._left_title
+        text = title.get_window_extent(renderer)
+        assert title.get_text().count("\n") >= 1  # the long shares line is wrapped ...
+        assert not any(text.overlaps(b) for b in boxes)  # ... and never runs over a panel
+        assert text.x0 >= 0 and text.x1 <= fig.bbox.width
