@@ -202,3 +202,49 @@ def test_loading_the_bundled_vlm_prints_nothing_and_restores_the_progress_bar(ca
     out, err = capfd.readouterr()
     assert "Loading weights" not in out + err
     assert bars.is_progress_bar_enabled()  # the user's setting is back
+
+
+TINY = ["--batch-size", "2", "--eval-n", "2", "--width", "32", "--vision-layers", "1", "--text-layers", "1"]
+
+
+def _train_error(argv) -> str:
+    from attnlab.shapes.train_vlm import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    message = str(exit_.value.code)
+    assert message.startswith("attnlab: error: ") and "\n" not in message
+    return message
+
+
+def test_training_never_writes_into_a_folder_of_the_users(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("my notes")  # a name save_pretrained would write
+    assert "files attnlab's trainer did not write" in _train_error(["--out", str(mine), "--steps", "1", *TINY])
+    assert [p.name for p in mine.iterdir()] == ["config.json"] and (mine / "config.json").read_text() == "my notes"
+    afile = tmp_path / "run.txt"
+    afile.write_text("keep")
+    assert "is a file, not a folder" in _train_error(["--out", str(afile), "--steps", "1", *TINY])
+    assert afile.read_text() == "keep"
+
+
+def test_a_run_is_continued_only_with_resume_and_a_damaged_state_is_one_line(tmp_path):
+    from attnlab.shapes.train_vlm import main
+
+    out = tmp_path / "run"
+    assert "does not exist" in _train_error(["--out", str(out), "--steps", "1", "--resume", *TINY])
+    assert not out.exists()  # nothing written for a refused run
+    main(["--out", str(out), "--steps", "1", *TINY])
+    state = (out / "train.pt").read_bytes()
+    assert "pass --resume to continue it" in _train_error(["--out", str(out), "--steps", "2", *TINY])
+    assert (out / "train.pt").read_bytes() == state  # the earlier run's state is kept
+    main(["--out", str(out), "--steps", "2", "--resume", *TINY])
+    assert torch.load(out / "train.pt", weights_only=True)["step"] == 2
+    torch.save({"model": {}, "note": Path("x")}, out / "train.pt")  # an object weights_only refuses to build
+    assert "is damaged" in _train_error(["--out", str(out), "--steps", "3", "--resume", *TINY])
+    (out / "train.pt").write_bytes(b"not a checkpoint")
+    assert "is damaged" in _train_error(["--out", str(out), "--steps", "3", "--resume", *TINY])
+    main(["--out", str(tmp_path / "wide"), "--steps", "1", *TINY])
+    wider = [a if a != "32" else "64" for a in TINY]
+    assert "does not fit a model of these settings" in _train_error(["--out", str(tmp_path / "wide"), "--steps", "2", "--resume", *wider])

@@ -21,6 +21,7 @@ at the end ``save_pretrained`` (safetensors) with the processor's files into ``O
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -31,8 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.hf.shapes_vlm import build, chat
+from ..errors import AttnlabError
+from ..fileio import atomic_write
+from ..util import one_line
 from .scenes import COLORS, SEED_STRIDE, SHAPES, SIZES, VOCAB, make_scene, make_scenes, scene_seed
 
+MARK = "attnlab-train-vlm.json"  # written first into every folder this trainer writes: only such a folder is written again
 COVER = 16  # pixels of a 16 x 16 patch an object must cover to be its patch's target
 
 
@@ -110,6 +115,35 @@ def exact_rate(model, processor, n: int, seed: int = 1, batch: int = 50) -> floa
     return right / n
 
 
+def claim_folder(out: Path, resume: bool) -> Path:
+    """Check that ``out`` may be written and mark it as this trainer's; returns its ``train.pt`` (the state).
+
+    ``out`` must be new, empty, or a folder this trainer wrote before (it holds :data:`MARK`): the files of
+    a folder of yours are never replaced. A folder holding a state is continued only with ``--resume``,
+    and ``--resume`` needs that state. One-line :class:`AttnlabError` otherwise."""
+    if out.exists() and not out.is_dir():
+        raise AttnlabError(f"--out {out} is a file, not a folder: choose a folder for the training run")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
+        raise AttnlabError(f"--out {out} holds files attnlab's trainer did not write: choose a new or empty folder")
+    state = out / "train.pt"
+    if resume and not state.is_file():
+        raise AttnlabError(f"--resume: {state} does not exist (no run to continue there): check --out, or leave out --resume")
+    if not resume and state.exists():
+        raise AttnlabError(f"{out} holds a training run ({state.name}): pass --resume to continue it, or choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / MARK, lambda fh: fh.write(json.dumps({"attnlab_train_vlm": 1}).encode()))
+    return state
+
+
+def load_state(state: Path) -> dict:
+    """The training state saved by :func:`train` (tensors, numbers and dicts only: never code)."""
+    try:
+        st = torch.load(state, weights_only=True)
+        return {k: st[k] for k in ("model", "heads", "opt", "step", "elapsed")}
+    except Exception as exc:  # any unreadable or incomplete file: one line
+        raise AttnlabError(f"{state} is damaged ({one_line(exc)}): train into a new folder") from None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -128,12 +162,15 @@ def main(argv=None) -> None:
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this much wall time")
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
-    train(a)
+    try:
+        train(a)
+    except AttnlabError as exc:
+        raise SystemExit(f"attnlab: error: {exc}") from None  # one line, exit status 1
 
 
 def train(a) -> None:
     out: Path = a.out
-    out.mkdir(parents=True, exist_ok=True)
+    state_file = claim_folder(out, a.resume)
     model, processor = build(VOCAB, out / "files", a.seed, width=a.width, vision_layers=a.vision_layers, text_layers=a.text_layers)
     width = model.config.text_config.hidden_size
     heads = torch.nn.ModuleList([torch.nn.Linear(width, len(COLORS) + 1), torch.nn.Linear(width, len(SHAPES) + 1),
@@ -143,12 +180,15 @@ def train(a) -> None:
     rest = [q for q in params if q.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=a.lr)
     step, elapsed = 0, 0.0
-    state_file = out / "train.pt"
-    if a.resume and state_file.exists():
-        st = torch.load(state_file, weights_only=False)
-        model.load_state_dict(st["model"])
-        heads.load_state_dict(st["heads"])
-        opt.load_state_dict(st["opt"])
+    if a.resume:
+        st = load_state(state_file)
+        try:
+            model.load_state_dict(st["model"])
+            heads.load_state_dict(st["heads"])
+            opt.load_state_dict(st["opt"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise AttnlabError(f"{state_file} does not fit a model of these settings ({one_line(exc, 200)}): "
+                               "resume with the --width and --*-layers of that run") from None
         step, elapsed = st["step"], st["elapsed"]
         print(f"resumed at step {step} ({elapsed:.0f} s)", flush=True)
     data = Batches(processor, a.seed, a.batch_size)
