@@ -147,7 +147,7 @@ def is_vision_language(trace: Any) -> bool:
     """True for a trace whose diagnostics are :func:`diagnose_vision`'s: several views, one view whose box is
     not the whole photo (a processor's crop), or key shares of a kind other than ``"prefix"`` (a prompt)."""
     views = trace.views
-    if len(views) > 1 or any(kind != "prefix" for kind in (trace.key_shares or {})):
+    if len(views) > 1 or any(kind != "prefix" for kind in (getattr(trace, "key_shares", None) or {})):
         return True
     height, width = np.asarray(trace.image).shape[:2]
     return any(abs(float(a) - b) > 0.5 for a, b in zip(views[0].box, (0.0, 0.0, width, height)))

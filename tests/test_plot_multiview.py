@@ -93,6 +93,22 @@ def test_single_view_traces_are_not_multiview():
     whole = SimpleNamespace(name="image", grid=(2, 2), box=(0.0, 0.0, 200.0, 100.0))
     assert not multiview.is_multiview(SimpleNamespace(views=(whole,), image=np.zeros((100, 200, 3), np.uint8)))
     assert not multiview.is_multiview(SimpleNamespace())
+    prefix = SimpleNamespace(views=(whole,), image=np.zeros((100, 200, 3), np.uint8), key_shares={"prefix": None})
+    assert not multiview.is_multiview(prefix)  # a ViT captioner's CLS share: one grid, its share on the figure already
+
+
+def test_a_prompted_trace_of_one_whole_view_is_drawn_with_its_shares():
+    """A VLM trace of one grid over the whole photo (Qwen-VL, the bundled shapes-vlm) still puts part of each row
+    on the prompt and earlier words: its figures are the multi-view ones, which print every share."""
+    views = [View("image", (2, 2), (0.0, 0.0, 40.0, 40.0))]
+    m = [np.full((1, 1, 1, 2, 2), 0.15, np.float32)]
+    tr = CaptionTrace.from_views(["a"], np.arange(1), views, m, np.full((40, 40, 3), 128, np.uint8),
+                                 key_shares={"prompt": np.full((1, 1, 1), 0.4, np.float32)}, model_name="fake-vlm")
+    assert multiview.is_multiview(tr)
+    fig = plot.overlay(tr, 0)
+    texts = " ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+    assert "image 60.0% \u00b7 prompt 40.0%" in texts
+    matplotlib.pyplot.close(fig)
 
 
 def test_bad_layer_and_head_get_one_line():

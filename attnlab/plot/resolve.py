@@ -17,6 +17,7 @@ from typing import Any, Callable, TypedDict
 import numpy as np
 
 from ..errors import AttnlabError
+from ..sinks import is_vision_language
 from ..util import is_int, is_real
 from . import maps
 from .draw import DEFAULT_UNDERLAY, check_outlines, check_underlay
@@ -115,16 +116,15 @@ class Resolved:
 
 
 def is_multiview(trace: Any) -> bool:
-    """True when ``trace`` must be drawn view by view (:mod:`attnlab.plot.multiview`): it holds several views of
-    its image, one view whose box is not the whole image (a processor's crop), or a composed view (its name
-    and the shares must be printed: BLIP-2). Every earlier trace is none of these."""
+    """True when ``trace`` must be drawn view by view (:mod:`attnlab.plot.multiview`), with every view at its
+    box on the photo and every share of the row printed: a vision-language trace
+    (:func:`attnlab.sinks.is_vision_language`: several views, one view whose box is not the whole image, or
+    key shares of a prompt) or a composed view (BLIP-2: its name must be printed). A captioner's trace with
+    one grid over the whole image (and at most prefix keys) is none of these."""
     views = getattr(trace, "views", None)
     if views is None or len(views) == 0:
         return False
-    if len(views) > 1 or any(getattr(v, "composed", False) for v in views):
-        return True
-    height, width = np.asarray(trace.image).shape[:2]
-    return any(abs(float(a) - b) > 0.5 for a, b in zip(views[0].box, (0.0, 0.0, width, height)))
+    return any(getattr(v, "composed", False) for v in views) or is_vision_language(trace)
 
 
 def check_trace(trace: Any) -> Any:
