@@ -103,7 +103,7 @@ VIEWS_SCRIPT = r"""
   $("scale").title = $("gridlines").title = "several views: one shared scale, no patch grid";
   $("patches").checked = D.start.interp === "nearest"; $("underlay").value = D.start.underlay; $("alpha").value = String(D.start.alpha);
   const slider = $("word"); slider.max = String(T - 1); slider.value = String(D.start.step);
-  $("meta").textContent = "model " + D.model + " \u00b7 image " + iw + " x " + ih + " px \u00b7 " + V.length + " views (" +
+  $("meta").textContent = "model " + D.model + " \u00b7 image " + iw + " x " + ih + " px \u00b7 " + V.length + (V.length === 1 ? " view (" : " views (") +
     V.map((v) => v.name + " " + v.grid[0] + " x " + v.grid[1]).join(", ") + ") \u00b7 " + D.layers + " layers x " + NH + " heads";
   const words = $("words");
   D.words.forEach((w, t) => {
