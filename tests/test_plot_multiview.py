@@ -362,3 +362,20 @@ def test_word_grid_of_one_view_flows_words_into_rows_and_no_heading_runs_over_a_
         assert title.get_text().count("\n") >= 1  # the long shares line is wrapped ...
         assert not any(text.overlaps(b) for b in boxes)  # ... and never runs over a panel
         assert text.x0 >= 0 and text.x1 <= fig.bbox.width
+
+
+def test_outlines_are_drawn_on_every_views_panel_and_said_in_the_title():
+    tr = six_tiles_and_an_empty_kind()
+    mask = np.zeros((20, 120), bool)
+    mask[5:15, 30:50] = True  # one object across tiles 1 and 2
+    fig = plot.word_grid(tr, outlines=[mask])
+    contours = [c for ax in fig.axes for c in ax.collections if type(c).__name__ in ("QuadContourSet", "ContourSet")]
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert len(contours) == len(panels) == 2  # the photo and the one word
+    xs = np.concatenate([p.vertices[:, 0] for c in contours[:1] for p in c.get_paths()])
+    assert xs.min() == pytest.approx(30, abs=1) and xs.max() == pytest.approx(50, abs=1)  # where the object is, in photo pixels
+    assert "1 object outline in cyan" in fig._suptitle.get_text()
+    matplotlib.pyplot.close(fig)
+    fig = plot.overlay(tr, 0, outlines=[mask])
+    assert "1 object outline in cyan" in fig._suptitle.get_text()
+    matplotlib.pyplot.close(fig)

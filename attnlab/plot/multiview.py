@@ -30,13 +30,13 @@ from ..errors import AttnlabError
 from ..sinks import VisionDiagnostics, diagnose_vision
 from ..util import is_int
 from . import maps
-from .draw import add_colorbar, caption_line, check_underlay, draw_image, panel_grid, panel_size, underlay_image, underlay_note
+from .draw import add_colorbar, caption_line, check_outlines, check_underlay, draw_image, draw_outlines, panel_grid, panel_size, underlay_image, underlay_note
 from .resolve import DEFAULT_ALPHA, is_multiview, check_alpha, check_cmap, check_figsize, check_font_scale
 
 __all__ = ["MULTIVIEW_OPTIONS", "ViewMap", "check_view_args", "draw_views", "inside_fraction", "is_multiview", "key_share_values", "layer_peak", "place_views", "shares_line", "sink_lines", "sinks_text", "view_maps",
            "views_figure", "views_overlay", "views_word_grid"]
 
-MULTIVIEW_OPTIONS = frozenset({"cmap", "alpha", "interp", "underlay", "figsize", "font_scale"})  # what they draw
+MULTIVIEW_OPTIONS = frozenset({"cmap", "alpha", "interp", "underlay", "outlines", "figsize", "font_scale"})  # what they draw
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "black", "alpha": 0.6, "linewidth": 0}
 BOX_COLOR = "#00e5ff"  # cyan, as the object outlines: in none of the default colour maps
 
@@ -253,7 +253,7 @@ def _panel_title(views: Sequence[ViewMap], size: tuple[int, int]) -> str:
 
 def views_overlay(trace: Any, step: int, layer: int = -1, head: int | str = "mean", *, colorbar: bool = True,
                   cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
-                  figsize=None, font_scale: float = 1.0, ax=None, **other: Any):
+                  outlines=None, figsize=None, font_scale: float = 1.0, ax=None, **other: Any):
     """One word's attention over every view of a multi-view trace: the views on the photo where their boxes
     say, each overlapping (base/global) view in its own panel, one shared colour scale (attention weight of a
     patch), every view's share and every other kind of key's share printed."""
@@ -262,12 +262,12 @@ def views_overlay(trace: Any, step: int, layer: int = -1, head: int | str = "mea
         raise AttnlabError(f"{name}= is not drawn for a trace with several views: leave it out (the figure "
                            f"takes {', '.join(sorted(MULTIVIEW_OPTIONS))})")
     return views_figure(trace, step, layer, head, colorbar=colorbar, cmap=cmap, alpha=alpha, interp=interp,
-                        underlay=underlay, figsize=figsize, font_scale=font_scale)
+                        underlay=underlay, outlines=outlines, figsize=figsize, font_scale=font_scale)
 
 
 def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean", *, colorbar: bool = True,
                  cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
-                 figsize=None, font_scale: float = 1.0, pyplot: bool = True, dpi: float | None = None,
+                 outlines=None, figsize=None, font_scale: float = 1.0, pyplot: bool = True, dpi: float | None = None,
                  vmax: float | None = None, sinks: VisionDiagnostics | None = None):
     """:func:`views_overlay`'s figure; ``pyplot=False`` (with ``dpi``): one pyplot does not manage (the
     explorer's); ``vmax``: the top of the colour scale (default: the word's own largest patch weight);
@@ -279,7 +279,7 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
     sinks = diagnose_vision(trace, li, head) if sinks is None else sinks
     cmap = check_cmap(cmap, "shared")
     alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
-    interp, underlay = maps.check_interp(interp), check_underlay(underlay)
+    interp, underlay, masks = maps.check_interp(interp), check_underlay(underlay), check_outlines(outlines)
     image = np.asarray(trace.image)
     size = tuple(image.shape[:2])
     groups = place_views(trace.views, size)
@@ -291,7 +291,7 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
     drawing = "flat patches" if interp == "nearest" else f"{interp} upsampling"
     n = len(vms)
     details = f"model {trace.model_name} \u00b7 {n} view{'s' if n > 1 else ''}, box{'es' if n > 1 else ''} in cyan, " \
-              f"clipped to the photo \u00b7 {drawing} \u00b7 {underlay_note(underlay)}" + (" \u00b7 sink tokens dashed" if sinks.sinks else "")
+              f"clipped to the photo \u00b7 {drawing} \u00b7 {underlay_note(underlay, len(masks))}" + (" \u00b7 sink tokens dashed" if sinks.sinks else "")
     pw, ph, _ = panel_size(size, 4.0)
     layout = panel_grid(1, len(groups), (pw, ph), font_scale=check_font_scale(font_scale), title_lines=1,
                         title=[f"step {t}: {maps.word_label(trace, t, trace.probabilities())}", where,
@@ -302,6 +302,7 @@ def views_figure(trace: Any, step: int, layer: int = -1, head: int | str = "mean
         draw_views(ax, image, [vms[i] for i in group], scale, cmap, alpha, interp=interp, underlay=underlay,
                    font=layout.font)
         _mark_sinks(ax, sinks.sinks, group)
+        draw_outlines(ax, masks, size)
         ax.set_title(_panel_title([vms[i] for i in group], size), fontsize=layout.font)
     if colorbar:
         add_colorbar(layout.fig, layout.cax, scale, cmap, layout.font)
@@ -333,7 +334,7 @@ def _wrapped(headings: Sequence[str], layout: Any, cells: list[list[tuple[int, i
 
 def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, words: Sequence[int] | None = None,
                     cmap=None, alpha: float | None = None, interp: str = "bilinear", underlay: str = "grey",
-                    figsize=None, font_scale: float = 1.0, pyplot: bool = True, ncols=None, **other: Any):
+                    outlines=None, figsize=None, font_scale: float = 1.0, pyplot: bool = True, ncols=None, **other: Any):
     """``word_grid`` of a multi-view trace: first the photo in colour with where each view lies, then each
     word's panels (as :func:`views_overlay`'s) under its word and where its whole row went. Views in several
     panels: one row per word; all views in one panel: the words flow into rows of :data:`WORDS_PER_ROW`."""
@@ -347,7 +348,7 @@ def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, wo
     rows = [view_maps(trace, t, layer, head) for t in steps]
     _, li, hi = check_view_args(trace, steps[0], layer, head)
     cmap, alpha = check_cmap(cmap, "shared"), check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
-    interp, underlay = maps.check_interp(interp), check_underlay(underlay)
+    interp, underlay, masks = maps.check_interp(interp), check_underlay(underlay), check_outlines(outlines)
     image = np.asarray(trace.image)
     size = tuple(image.shape[:2])
     groups = place_views(trace.views, size)
@@ -360,7 +361,7 @@ def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, wo
     headings = [f"{maps.word_label(trace, t, probs)}: {shares_line(vms, key_share_values(trace, t, layer, head))}"
                 for t, vms in zip(steps, rows)]
     title = [caption_line(trace), f"model {trace.model_name} \u00b7 {maps.layer_label(li, first.shape[0])} "
-             f"\u00b7 {maps.head_label(hi, first.shape[1])} \u00b7 {underlay_note(underlay)}", sinks_text(trace, li, head)]
+             f"\u00b7 {maps.head_label(hi, first.shape[1])} \u00b7 {underlay_note(underlay, len(masks))}", sinks_text(trace, li, head)]
     lines = 2
     for _ in range(3):  # room for the longest wrapped heading: wrapping depends on the panels' final width
         layout = panel_grid(n_rows, n_cols, (pw, ph), font_scale=check_font_scale(font_scale), title_lines=lines,
@@ -379,6 +380,7 @@ def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, wo
         draw_image(ax, image)
         for i in group:
             _draw_box(ax, rows[0][i], rows[0][i].name, size, layout.font)
+        draw_outlines(ax, masks, size)
         chars = max(24, int(ax.get_position().width * layout.fig.get_figwidth() * 72 / (0.6 * layout.font)))
         views = textwrap.shorten(_panel_title([rows[0][i] for i in group], size).rsplit(":", 1)[0], chars, placeholder="...")
         ax.set_title(("the photo (colour) and its views\n" if g == 0 else "\n") + views, fontsize=layout.font)
@@ -387,6 +389,7 @@ def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, wo
             ax = layout.axes[cells[k][g]]
             draw_views(ax, image, [vms[i] for i in group], scale, cmap, alpha, interp=interp, underlay=underlay,
                        font=layout.font)
+            draw_outlines(ax, masks, size)
             ax.set_title(heading if g == 0 else " ", fontsize=layout.font, loc="left")
     for r, c in [(r, c) for r in range(n_rows) for c in range(n_cols)][len(cells) * len(groups):]:
         layout.axes[r, c].set_axis_off()  # the last row's unused panels
