@@ -131,7 +131,9 @@ def check_trace(trace: Any) -> Any:
     """A :class:`~attnlab.trace.CaptionTrace` with attention and an RGB image, or a one-line error."""
     if is_multiview(trace):
         n = len(trace.views)
+        whole = n == 1 and all(abs(float(a) - b) < 0.5 for a, b in zip(trace.views[0].box, (0, 0, *np.asarray(trace.image).shape[1::-1])))
         what = f"{n} views of its image" if n > 1 else "one view of a part of its image (a crop)"
+        what = "rows that also weigh a prompt (its share must be printed beside the map)" if whole else what
         what = f"a composed view ({trace.views[0].name})" if n == 1 and getattr(trace.views[0], "composed", False) else what
         raise AttnlabError(f"this figure draws one grid over the whole image and the trace has {what}: use "
                            "plot.overlay(trace, step), plot.word_grid, attnlab.explore(trace) or attnlab.export_html, which draw every view")
