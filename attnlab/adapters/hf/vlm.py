@@ -32,11 +32,11 @@ from PIL import Image
 
 from ...captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
 from ...errors import AttnlabError
-from ...keys import KeyLayout, View
-from ...preprocess import resized_size
+from ...keys import KeyLayout
 from ..module import ModuleCaptioner
 from .generation import GENERATE_NEW_TOKENS, first_id, setting
 from .families import classes, family_of
+from .sequence import shown_layout
 from .stepping import VLMRun, generate_rows
 from .vocab import HFVocab
 
@@ -75,13 +75,7 @@ def trace_layout(run: VLMRun, photo: tuple[int, int]) -> KeyLayout:
     """The run's key layout for its trace: the boxes on the image the figures draw on (the photo
     with its long side :data:`SHOWN_SIDE`), the keys of the tokens generated earlier the kind
     ``"generated"`` (the replayed rows run over the prompt and those keys)."""
-    (W, H), engine = photo, run.layout
-    sw, sh = resized_size(W, H, SHOWN_SIDE)
-    fx, fy = sw / W, sh / H
-    views = [View(v.name, v.grid, (v.box[0] * fx, v.box[1] * fy, v.box[2] * fx, v.box[3] * fy)) for v in engine.views]
-    width = run.rows.shape[-1]  # prompt + generated tokens
-    kinds = {**engine.kinds, "generated": np.arange(engine.length, width)}
-    return KeyLayout.of_views(views, engine.view_keys, kinds, width)
+    return shown_layout(run.layout, photo, SHOWN_SIDE, run.rows.shape[-1])  # rows: (layers, heads, n, prompt + n)
 
 
 @dataclass
