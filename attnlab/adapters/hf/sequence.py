@@ -36,7 +36,7 @@ import torch
 from ...errors import AttnlabError
 from ...keys import KeyLayout, View
 from ...preprocess import resized_size
-from .families import family_of
+from .families import family_of, model_inputs
 from .rows import attention_modules, probabilities, switched_attention
 
 
@@ -200,12 +200,7 @@ def sequence_pass(model: Any, processor: Any, photo: Any, tokens: Sequence[int],
     an encoder-decoder's (``grows=False``, :mod:`.sequence_ed`), hooks (``capture``: GIT), or the registry's; a
     family with ``compose_rows`` (BLIP-2) gets ``finish`` (rows -> composed rows and layout)."""
     family = family_of(model)
-    device = next(model.parameters()).device
-    if family.inputs is not None:  # GIT: [CLS] and the words
-        inputs = family.inputs(processor, text, photo)
-    else:
-        inputs = processor(text=[text], images=[photo], return_tensors="pt")
-    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma's labels
+    inputs = model_inputs(family, processor, text, photo, next(model.parameters()).device)
     engine = family.layout(model.config, processor, inputs, photo.size)
     meta = {**meta, "raw_prompt": text}
     if not family.grows:

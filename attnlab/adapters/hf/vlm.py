@@ -35,7 +35,7 @@ from ...errors import AttnlabError
 from ...keys import KeyLayout
 from ..module import ModuleCaptioner
 from .generation import GENERATE_NEW_TOKENS, first_id, setting
-from .families import classes, family_of
+from .families import classes, family_of, model_inputs
 from .sequence import shown_layout
 from .stepping import VLMRun, generate_rows
 from .vocab import HFVocab
@@ -144,11 +144,7 @@ class VLMCaptioner(ModuleCaptioner):
 
     def run(self, photo: Image.Image, max_new_tokens: int | None = None) -> VLMRun:
         """The engine's run on one photo: ``generate`` with every step's rows (kept for the replay)."""
-        if self.family.inputs is not None:  # a family that builds its inputs itself (GIT: [CLS] and the words)
-            inputs = self.family.inputs(self.processor, self.text, photo)
-        else:
-            inputs = self.processor(text=[self.text], images=[photo], return_tensors="pt")
-        inputs = {k: v.to(self._device()) if hasattr(v, "to") else v for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma's
+        inputs = model_inputs(self.family, self.processor, self.text, photo, self._device())
         layout = self.family.layout(self.model.config, self.processor, inputs, photo.size)
         run = generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True, family=self.family)
         return run if self.family.after is None else self.family.after(self.model, inputs, run)
