@@ -37,6 +37,7 @@ from ...errors import AttnlabError
 from ...keys import KeyLayout, View
 from ...preprocess import resized_size
 from .families import family_of, model_inputs
+from .families.common import image_token_id_or_none
 from .rows import attention_modules, probabilities, switched_attention
 
 
@@ -73,11 +74,9 @@ class HFSequencePass:
         if len(tokens) < 1:
             raise AttnlabError("an explanation needs at least one caption token")
         self.model, self.tokens, self.layout, self.meta = model, [int(t) for t in tokens], layout, dict(meta)
-        cfg = model.config
-        image = getattr(cfg, "image_token_id", None)
-        image = getattr(cfg, "image_token_index", None) if image is None else image
-        if image is not None and int(image) in self.tokens:
-            raise AttnlabError(f"tokens hold the image placeholder id {int(image)}: a caption cannot contain it (pass word ids)")
+        image = image_token_id_or_none(model.config)
+        if image is not None and image in self.tokens:
+            raise AttnlabError(f"tokens hold the image placeholder id {image}: a caption cannot contain it (pass word ids)")
         self.inputs = forced_inputs(inputs, tokens, 1 if prefix_lm else 0)  # a prefix-LM's generate marks its suffix 1
         prompt = layout.length - (len(tokens) - 1)  # the prompt's keys (GIT: its image keys are not in input_ids)
         self.queries = prompt - 1 + np.arange(len(tokens))  # (n,)
