@@ -246,7 +246,7 @@ def plain_photo(width: int, height: int) -> Any:
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
     rgb = np.stack([np.broadcast_to(x, (height, width)), np.broadcast_to(y, (height, width)),
-                    np.full((height, width), 128.0, np.float32)], -1)
+                    np.full((height, width), 128.0, np.float32)], -1)  # (H, W, 3)
     return Image.fromarray(rgb.astype(np.uint8))
 
 

@@ -62,7 +62,7 @@ def forced_inputs(inputs: dict, tokens: Sequence[int], suffix_type: int = 0) -> 
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     for name, value in (("mm_token_type_ids", 0), ("token_type_ids", suffix_type)):
         if name in full:
-            full[name] = torch.cat([inputs[name], torch.full_like(extra, value, dtype=inputs[name].dtype)], 1)
+            full[name] = torch.cat([inputs[name], torch.full_like(extra, value, dtype=inputs[name].dtype)], 1)  # (1, T)
     return full
 
 

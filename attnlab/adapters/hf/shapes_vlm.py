@@ -64,7 +64,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # (dim/4,)
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
     out = [f(c.reshape(-1, 1) * omega) for c in (ys, xs) for f in (torch.sin, torch.cos)]  # each (grid^2, dim/4)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1)  # (grid^2, dim): sin y, cos y, sin x, cos x
 
 
 def build(words: list[str], folder: Path, seed: int = 0, *, width: int = 128, vision_layers: int = 3,
