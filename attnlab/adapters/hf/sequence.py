@@ -67,7 +67,13 @@ def forced_inputs(inputs: dict, tokens: Sequence[int], suffix_type: int = 0) -> 
 
 
 class HFSequencePass:
-    """One teacher-forced pass of a Hugging Face vision-language model (see the module docstring)."""
+    """One teacher-forced pass of a Hugging Face vision-language model (see the module docstring).
+
+    In: the model, the processor's ``inputs`` for the prompt (``input_ids`` ``(1, P)``), the caption's
+    ``tokens`` (``n`` word ids), the ``layout`` of the ``T = P + n - 1`` keys, the trace's ``meta``;
+    ``modules`` (default: the language model's ``self_attn``) the layers read, ``prefix_lm`` (PaliGemma).
+    Out: ``queries`` ``(n,)`` the positions predicting each word, ``layers`` and ``heads``, and after a pass
+    ``logits`` ``(n, V)`` (raw, CPU); :meth:`attention` and :meth:`gradients` hand over the matrices."""
 
     def __init__(self, model: Any, inputs: dict, tokens: Sequence[int], layout: KeyLayout, meta: dict, *,
                  modules: list[Any] | None = None, prefix_lm: bool = False) -> None:
@@ -99,6 +105,9 @@ class HFSequencePass:
         return out
 
     def attention(self, visit: Callable[[int, torch.Tensor], None]) -> None:
+        """One forward without gradients: ``visit(layer, A)`` with each layer's ``A`` ``(heads, T, T)`` float32 as
+        the layer runs (first layer first); ``A`` is dropped after the call unless ``visit`` keeps it."""
+
         def make(call: Callable) -> Callable:
             def attnlab_sequence(module, query, key, value, attention_mask, *args, **kwargs):
                 out = call(module, query, key, value, attention_mask, *args, **kwargs)
@@ -113,6 +122,9 @@ class HFSequencePass:
             self._forward(make)
 
     def gradients(self, layers: Sequence[int]) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Yields ``(word i, layer, A, dA)`` for every word and each of ``layers``: ``A`` ``(heads, T, T)`` and
+        ``dA`` ``(heads, T, T)`` the gradient of word ``i``'s raw logit (its own token's) w.r.t. ``A``, float32
+        (zeros where the logit does not depend on the layer). Words in order; within a word, ``layers`` in order."""
         kept: dict[int, tuple] = {}
 
         def make(call: Callable) -> Callable:
