@@ -121,9 +121,10 @@ def load(folder: str | Path = FOLDER) -> tuple[Any, Any]:
 
 
 def chat(processor: Any, prompt: str = PROMPT) -> str:
-    """The exact text handed to the processor for ``prompt`` (through the chat template)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return str(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    """The exact text handed to the processor for ``prompt`` (through the chat template, as the captioner's)."""
+    from .vlm import chat_text
+
+    return chat_text(processor, prompt)
 
 
 def grid_of(model: Any) -> int:
