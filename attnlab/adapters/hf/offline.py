@@ -246,7 +246,7 @@ def plain_photo(width: int, height: int) -> Any:
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
     rgb = np.stack([np.broadcast_to(x, (height, width)), np.broadcast_to(y, (height, width)),
-                    np.full((height, width), 128.0, np.float32)], -1)
+                    np.full((height, width), 128.0, np.float32)], -1)  # (H, W, 3)
     return Image.fromarray(rgb.astype(np.uint8))
 
 
@@ -314,6 +314,7 @@ def photo_tokens(checkpoint: Checkpoint | str, photo: tuple[int, int] = (640, 48
     """Run ``checkpoint``'s processor (built offline, :func:`build_offline`) on a ``photo = (width, height)``
     with ``prompt``; its sequence, counts and key layout."""
     from .families import layout_of
+    from .families.common import image_token_id
 
     checkpoint = _checkpoint(checkpoint)
     try:
@@ -326,7 +327,7 @@ def photo_tokens(checkpoint: Checkpoint | str, photo: tuple[int, int] = (640, 48
     inputs = processor(text=[text], images=[plain_photo(width, height)], return_tensors="np")
     ids = np.asarray(inputs["input_ids"])[0]
     tokens = tuple(processor.tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
-    image_id = next(getattr(config, attr) for attr in checkpoint.ids if attr.startswith("image_token"))
+    image_id = image_token_id(config)
     layout = layout_of(config, processor, inputs, (width, height))  # the family registry's, as for a loaded model
     return PhotoTokens(checkpoint, (width, height), prompt, tokens, int((ids == image_id).sum()), layout,
                        _tiles(inputs, checkpoint))

@@ -101,9 +101,11 @@ class RowCapture:
 
     @property
     def calls(self) -> int:
+        """How many forward calls every layer has recorded (prefill + cached steps; the fewest over the layers)."""
         return min((len(r) for r in self.rows), default=0)
 
     def clear(self) -> None:
+        """Forget the recorded rows (the layers stay)."""
         for r in self.rows:
             r.clear()
 

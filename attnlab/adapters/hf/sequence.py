@@ -36,7 +36,8 @@ import torch
 from ...errors import AttnlabError
 from ...keys import KeyLayout, View
 from ...preprocess import resized_size
-from .families import family_of
+from .families import family_of, model_inputs
+from .families.common import image_token_id_or_none
 from .rows import attention_modules, probabilities, switched_attention
 
 
@@ -61,23 +62,27 @@ def forced_inputs(inputs: dict, tokens: Sequence[int], suffix_type: int = 0) -> 
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     for name, value in (("mm_token_type_ids", 0), ("token_type_ids", suffix_type)):
         if name in full:
-            full[name] = torch.cat([inputs[name], torch.full_like(extra, value, dtype=inputs[name].dtype)], 1)
+            full[name] = torch.cat([inputs[name], torch.full_like(extra, value, dtype=inputs[name].dtype)], 1)  # (1, T)
     return full
 
 
 class HFSequencePass:
-    """One teacher-forced pass of a Hugging Face vision-language model (see the module docstring)."""
+    """One teacher-forced pass of a Hugging Face vision-language model (see the module docstring).
+
+    In: the model, the processor's ``inputs`` for the prompt (``input_ids`` ``(1, P)``), the caption's
+    ``tokens`` (``n`` word ids), the ``layout`` of the ``T = P + n - 1`` keys, the trace's ``meta``;
+    ``modules`` (default: the language model's ``self_attn``) the layers read, ``prefix_lm`` (PaliGemma).
+    Out: ``queries`` ``(n,)`` the positions predicting each word, ``layers`` and ``heads``, and after a pass
+    ``logits`` ``(n, V)`` (raw, CPU); :meth:`attention` and :meth:`gradients` hand over the matrices."""
 
     def __init__(self, model: Any, inputs: dict, tokens: Sequence[int], layout: KeyLayout, meta: dict, *,
                  modules: list[Any] | None = None, prefix_lm: bool = False) -> None:
         if len(tokens) < 1:
             raise AttnlabError("an explanation needs at least one caption token")
         self.model, self.tokens, self.layout, self.meta = model, [int(t) for t in tokens], layout, dict(meta)
-        cfg = model.config
-        image = getattr(cfg, "image_token_id", None)
-        image = getattr(cfg, "image_token_index", None) if image is None else image
-        if image is not None and int(image) in self.tokens:
-            raise AttnlabError(f"tokens hold the image placeholder id {int(image)}: a caption cannot contain it (pass word ids)")
+        image = image_token_id_or_none(model.config)
+        if image is not None and image in self.tokens:
+            raise AttnlabError(f"tokens hold the image placeholder id {image}: a caption cannot contain it (pass word ids)")
         self.inputs = forced_inputs(inputs, tokens, 1 if prefix_lm else 0)  # a prefix-LM's generate marks its suffix 1
         prompt = layout.length - (len(tokens) - 1)  # the prompt's keys (GIT: its image keys are not in input_ids)
         self.queries = prompt - 1 + np.arange(len(tokens))  # (n,)
@@ -100,6 +105,9 @@ class HFSequencePass:
         return out
 
     def attention(self, visit: Callable[[int, torch.Tensor], None]) -> None:
+        """One forward without gradients: ``visit(layer, A)`` with each layer's ``A`` ``(heads, T, T)`` float32 as
+        the layer runs (first layer first); ``A`` is dropped after the call unless ``visit`` keeps it."""
+
         def make(call: Callable) -> Callable:
             def attnlab_sequence(module, query, key, value, attention_mask, *args, **kwargs):
                 out = call(module, query, key, value, attention_mask, *args, **kwargs)
@@ -114,6 +122,9 @@ class HFSequencePass:
             self._forward(make)
 
     def gradients(self, layers: Sequence[int]) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Yields ``(word i, layer, A, dA)`` for every word and each of ``layers``: ``A`` ``(heads, T, T)`` and
+        ``dA`` ``(heads, T, T)`` the gradient of word ``i``'s raw logit (its own token's) w.r.t. ``A``, float32
+        (zeros where the logit does not depend on the layer). Words in order; within a word, ``layers`` in order."""
         kept: dict[int, tuple] = {}
 
         def make(call: Callable) -> Callable:
@@ -200,12 +211,7 @@ def sequence_pass(model: Any, processor: Any, photo: Any, tokens: Sequence[int],
     an encoder-decoder's (``grows=False``, :mod:`.sequence_ed`), hooks (``capture``: GIT), or the registry's; a
     family with ``compose_rows`` (BLIP-2) gets ``finish`` (rows -> composed rows and layout)."""
     family = family_of(model)
-    device = next(model.parameters()).device
-    if family.inputs is not None:  # GIT: [CLS] and the words
-        inputs = family.inputs(processor, text, photo)
-    else:
-        inputs = processor(text=[text], images=[photo], return_tensors="pt")
-    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma's labels
+    inputs = model_inputs(family, processor, text, photo, next(model.parameters()).device)
     engine = family.layout(model.config, processor, inputs, photo.size)
     meta = {**meta, "raw_prompt": text}
     if not family.grows:

@@ -25,6 +25,7 @@ import torch
 
 from ...errors import AttnlabError
 from ...keys import KeyLayout
+from .families.common import image_token_id_or_none
 
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -51,9 +52,9 @@ class EncoderDecoderPass:
         if len(tokens) < 1:
             raise AttnlabError("an explanation needs at least one caption token")
         self.model, self.inputs, self.tokens, self.layout, self.meta = model, dict(inputs), [int(t) for t in tokens], layout, dict(meta)
-        image = getattr(model.config, "image_token_id", None)
-        if image is not None and int(image) in self.tokens:
-            raise AttnlabError(f"tokens hold the image placeholder id {int(image)}: a caption cannot contain it (pass word ids)")
+        image = image_token_id_or_none(model.config)
+        if image is not None and image in self.tokens:
+            raise AttnlabError(f"tokens hold the image placeholder id {image}: a caption cannot contain it (pass word ids)")
         start = getattr(model.generation_config, "decoder_start_token_id", None)
         start = getattr(model.config, "decoder_start_token_id", None) if start is None else start
         if start is None:

@@ -64,7 +64,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # (dim/4,)
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
     out = [f(c.reshape(-1, 1) * omega) for c in (ys, xs) for f in (torch.sin, torch.cos)]  # each (grid^2, dim/4)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1)  # (grid^2, dim): sin y, cos y, sin x, cos x
 
 
 def build(words: list[str], folder: Path, seed: int = 0, *, width: int = 128, vision_layers: int = 3,
@@ -121,9 +121,10 @@ def load(folder: str | Path = FOLDER) -> tuple[Any, Any]:
 
 
 def chat(processor: Any, prompt: str = PROMPT) -> str:
-    """The exact text handed to the processor for ``prompt`` (through the chat template)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return str(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    """The exact text handed to the processor for ``prompt`` (through the chat template, as the captioner's)."""
+    from .vlm import chat_text
+
+    return chat_text(processor, prompt)
 
 
 def grid_of(model: Any) -> int:

@@ -95,7 +95,7 @@ def generate_rows(model: Any, inputs: Any, layout: KeyLayout, max_new_tokens: in
             calls[step] = None  # the maps replace the rows: never both whole in memory
             expected = layout.length + step * grows
             if windows[layer] and row.shape[1] < expected:  # the keys that slid out of the window: weight 0, as under its mask
-                row = np.concatenate([np.zeros((row.shape[0], expected - row.shape[1]), row.dtype), row], axis=1)
+                row = np.concatenate([np.zeros((row.shape[0], expected - row.shape[1]), row.dtype), row], axis=1)  # (heads, expected)
             if row.shape[1] != expected:
                 raise AttnlabError(f"step {step} attended over {row.shape[1]} keys where {expected} were expected")
             if kept is not None:

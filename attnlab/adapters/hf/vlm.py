@@ -32,11 +32,11 @@ from PIL import Image
 
 from ...captioner import CaptionerSpec, Encoded, Record, StepOutput, check_record, pad_to
 from ...errors import AttnlabError
-from ...keys import KeyLayout, View
-from ...preprocess import resized_size
+from ...keys import KeyLayout
 from ..module import ModuleCaptioner
 from .generation import GENERATE_NEW_TOKENS, first_id, setting
-from .families import classes, family_of
+from .families import classes, family_of, model_inputs
+from .sequence import shown_layout
 from .stepping import VLMRun, generate_rows
 from .vocab import HFVocab
 
@@ -75,13 +75,7 @@ def trace_layout(run: VLMRun, photo: tuple[int, int]) -> KeyLayout:
     """The run's key layout for its trace: the boxes on the image the figures draw on (the photo
     with its long side :data:`SHOWN_SIDE`), the keys of the tokens generated earlier the kind
     ``"generated"`` (the replayed rows run over the prompt and those keys)."""
-    (W, H), engine = photo, run.layout
-    sw, sh = resized_size(W, H, SHOWN_SIDE)
-    fx, fy = sw / W, sh / H
-    views = [View(v.name, v.grid, (v.box[0] * fx, v.box[1] * fy, v.box[2] * fx, v.box[3] * fy)) for v in engine.views]
-    width = run.rows.shape[-1]  # prompt + generated tokens
-    kinds = {**engine.kinds, "generated": np.arange(engine.length, width)}
-    return KeyLayout.of_views(views, engine.view_keys, kinds, width)
+    return shown_layout(run.layout, photo, SHOWN_SIDE, run.rows.shape[-1])  # rows: (layers, heads, n, prompt + n)
 
 
 @dataclass
@@ -150,11 +144,7 @@ class VLMCaptioner(ModuleCaptioner):
 
     def run(self, photo: Image.Image, max_new_tokens: int | None = None) -> VLMRun:
         """The engine's run on one photo: ``generate`` with every step's rows (kept for the replay)."""
-        if self.family.inputs is not None:  # a family that builds its inputs itself (GIT: [CLS] and the words)
-            inputs = self.family.inputs(self.processor, self.text, photo)
-        else:
-            inputs = self.processor(text=[self.text], images=[photo], return_tensors="pt")
-        inputs = {k: v.to(self._device()) if hasattr(v, "to") else v for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma's
+        inputs = model_inputs(self.family, self.processor, self.text, photo, self._device())
         layout = self.family.layout(self.model.config, self.processor, inputs, photo.size)
         run = generate_rows(self.model, inputs, layout, max_new_tokens or self._spec.max_len, keep_rows=True, family=self.family)
         return run if self.family.after is None else self.family.after(self.model, inputs, run)

@@ -84,6 +84,19 @@ def layout_of(config: Any, processor: Any, inputs: Mapping, photo: tuple[int, in
     return family_of(config).layout(config, processor, inputs, photo)
 
 
+def model_inputs(family: Family, processor: Any, text: str, photo: Any, device: Any) -> dict:
+    """The model's inputs for one prompt ``text`` and one photo (a PIL image), every tensor on ``device``.
+
+    ``family.inputs`` builds them when the family has its own (GIT: [CLS] and the words), else
+    ``processor(text=[text], images=[photo])``; batch size 1, ``input_ids`` ``(1, T)``. A ``labels`` entry
+    (PaliGemma's processor adds one) is dropped: the model must not compute a loss."""
+    if family.inputs is not None:
+        made = family.inputs(processor, text, photo)
+    else:
+        made = processor(text=[text], images=[photo], return_tensors="pt")
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in dict(made).items() if k != "labels"}
+
+
 from . import qwen, llava, llava_next, paligemma, gemma3, llava_onevision  # noqa: E402,F401,I001  (each registers its family, in this order)
 from . import idefics3, git  # noqa: E402,F401,I001
 from . import florence2  # noqa: E402,F401  (Florence-2, fam-c)

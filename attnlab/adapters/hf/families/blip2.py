@@ -109,7 +109,7 @@ def composed_layout(layout: KeyLayout, grid: tuple[int, int]) -> tuple[KeyLayout
 def through_queries(to_queries: np.ndarray, attn: np.ndarray) -> np.ndarray:
     """Rows over the queries ``(..., queries)`` times the Q-Former's ``C`` ``(queries, 1 + h * w)``: ``(..., 1 + h * w)``
     float64, key 0 the vision CLS (the composition of the module docstring, for the caption runs and the explanations)."""
-    return np.asarray(to_queries, dtype=np.float64) @ attn
+    return np.asarray(to_queries, dtype=np.float64) @ attn  # (..., queries) @ (queries, 1 + h * w) -> (..., 1 + h * w)
 
 
 def compose_rows(model: Any, inputs: Mapping, layout: KeyLayout) -> tuple[Any, KeyLayout]:

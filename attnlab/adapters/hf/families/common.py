@@ -24,10 +24,16 @@ def ids_and_mask(inputs: Mapping) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def image_token_id(config: Any) -> int:
-    """The id of the image placeholder (``image_token_id``, else ``image_token_index``)."""
+def image_token_id_or_none(config: Any) -> int | None:
+    """The id of the image placeholder (``image_token_id``, else ``image_token_index``), ``None`` if the config names none."""
     found = getattr(config, "image_token_id", None)
     found = getattr(config, "image_token_index", None) if found is None else found
+    return None if found is None else int(found)
+
+
+def image_token_id(config: Any) -> int:
+    """The id of the image placeholder (``image_token_id``, else ``image_token_index``); one line if there is none."""
+    found = image_token_id_or_none(config)
     if found is None:
         raise AttnlabError(f"the {type(config).__name__} names no image token (image_token_id): cannot find the image in the prompt")
     return int(found)

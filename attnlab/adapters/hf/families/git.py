@@ -48,7 +48,7 @@ def git_layout(config: Any, processor: Any, inputs: Mapping, photo: tuple[int, i
         raise AttnlabError(f"the image processor's crop gives a {views[0].grid} grid where the model takes {n - 1} patches: "
                            "pass the model's own processor")
     full_ids = np.concatenate([np.full(n, -1, dtype=ids.dtype), ids])  # (n + T,) the keys as the attention sees them
-    full_mask = np.concatenate([np.ones(n, dtype=mask.dtype), mask])
+    full_mask = np.concatenate([np.ones(n, dtype=mask.dtype), mask])  # (n + T,) the image keys always attended
     special = special_ids(config, processor, "bos_token_id", "eos_token_id")
     return assemble(full_ids, full_mask, views, [np.arange(1, n)], {"prefix": np.arange(1)}, special)
 

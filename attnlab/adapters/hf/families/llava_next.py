@@ -75,7 +75,7 @@ def base_and_grid(config: Any, processor: Any, inputs: Mapping, views: list[View
     extra = extra_tokens(len(pos), bh * bw + h * (w + 1))
     hi = pos[extra + bh * bw:].reshape(h, w + 1)  # (h, w + 1): the last column is image_newline
     kinds = {"prefix": pos[:extra], "newline": hi[:, w]}
-    view_keys = [pos[extra: extra + bh * bw], hi[:, :w].reshape(-1)]
+    view_keys = [pos[extra: extra + bh * bw], hi[:, :w].reshape(-1)]  # (bh * bw,), (h * w,) row-major
     return assemble(ids, mask, views, view_keys, kinds, special_ids(config, processor))
 
 
