@@ -71,11 +71,16 @@ def attention_rows(seq: "SequencePass", pick: Callable[[int], Any]) -> np.ndarra
     return (total[0] / count[0]).numpy()  # (n, T)
 
 
+def image_keys(seq: "SequencePass") -> np.ndarray:
+    """``(N,)`` key positions of every view's cells in the sequence, view after view (row-major in each)."""
+    return np.concatenate([np.asarray(k) for k in seq.layout.view_keys])
+
+
 def image_head(seq: "SequencePass") -> tuple[int, int, float]:
     """``best_head`` on a captioner without a best-head record: the ``(layer, head)`` whose rows put the most
     weight on the image keys (every view's cells; BLIP-2: its queries), averaged over the words, and that mass."""
     q = torch.as_tensor(seq.queries)
-    keys = torch.as_tensor(np.concatenate([np.asarray(k) for k in seq.layout.view_keys]))
+    keys = torch.as_tensor(image_keys(seq))  # (N,)
     mass: dict[int, torch.Tensor] = {}
 
     def visit(layer: int, a: torch.Tensor) -> None:
