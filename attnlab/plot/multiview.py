@@ -176,7 +176,8 @@ def sink_lines(trace: Any) -> list[list[str]]:
     """:func:`sinks_text` for every layer and head: ``[layer][head]``, the last head index the mean over heads
     (the static page's ``sinkLines``, printed as the figures print it)."""
     layers, heads = np.asarray(trace.view_attention(0)).shape[:2]
-    return [[sinks_text(trace, li, h) for h in [*range(heads), "mean"]] for li in range(layers)]
+    words = trace.by_word()  # merged once here, not once per layer and head inside diagnose_vision
+    return [[sinks_text(words, li, h) for h in [*range(heads), "mean"]] for li in range(layers)]
 
 
 def _covers(a: Sequence[float], b: Sequence[float], size: tuple[int, int]) -> bool:
