@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from ..captioner import SequencePass
 
 SeqRows = Callable[["SequencePass", Any, Callable[[], "SequencePass"]], np.ndarray]
+"""A method on one sequence: ``(pass, method, again) -> (n, T)`` rows, word ``i``'s over the pass's ``T`` keys;
+``again()`` gives the same image and caption's pass after another prompt (only ``contrast`` calls it)."""
 
 
 def attention_rows(seq: "SequencePass", pick: Callable[[int], Any]) -> np.ndarray:
