@@ -123,8 +123,8 @@ def rollout_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
 
 def grad_attn_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
     """``grad_attn``: ``mean_h((dA ⊙ A)^+)`` of one layer at the word's query."""
-    out = np.zeros((len(seq.queries), seq.layout.length))
-    for i, _, a, da in seq.gradients([m.layer]):
+    out = np.zeros((len(seq.queries), seq.layout.length))  # (n, T)
+    for i, _, a, da in seq.gradients([m.layer]):  # a, da: (heads, T, T), the attention and word i's gradient of it
         q = int(seq.queries[i])
         out[i] = (da[:, q].double() * a[:, q].double()).clamp(min=0).mean(dim=0).numpy()  # (T,)
     return out
@@ -133,12 +133,12 @@ def grad_attn_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray
 def relevance_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
     """``relevance``: row ``q_i`` of ``R = prod_l (I + mean_h((dA_l ⊙ A_l)^+))``, last layer first from the left."""
     n, length = len(seq.queries), seq.layout.length
-    out = np.zeros((n, length))
+    out = np.zeros((n, length))  # (n, T)
     if getattr(seq, "encoder_decoder", False):  # attnlab's encoder-decoder rules (Chefer et al.'s, rules.relevance)
         for i, encoder, decoder, cross in seq.word_gradients():  # type: ignore[attr-defined]
             out[i] = rules.relevance(encoder, decoder, cross)[i].numpy()  # (S,)
         return out
-    r = torch.zeros(length, dtype=torch.float64)
+    r = torch.zeros(length, dtype=torch.float64)  # (T,) word i's row of R, built from the last layer down
     for i, layer, a, da in seq.gradients(list(range(seq.layers - 1, -1, -1))):
         if layer == seq.layers - 1:  # a new word: start from its own position
             r = torch.zeros(length, dtype=torch.float64)
