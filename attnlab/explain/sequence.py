@@ -57,20 +57,21 @@ def attention_rows(seq: "SequencePass", pick: Callable[[int], Any]) -> np.ndarra
     """``(n, T)``: per word, the mean over the layers ``pick(layer)`` accepts of the rows at its query
     (``pick`` returns ``None`` to skip a layer, ``"mean"`` for the head mean, or a head index)."""
     q = torch.as_tensor(seq.queries)
-    total: list[torch.Tensor] = []
-    count = [0]
+    total: torch.Tensor | None = None  # (n, T) the picked rows summed over the layers so far
+    count = 0
 
     def visit(layer: int, a: torch.Tensor) -> None:
+        nonlocal total, count
         choice = pick(layer)
         if choice is None:
             return
         rows = a[:, q].double()  # (heads, n, T)
         row = rows.mean(dim=0) if choice == "mean" else rows[choice]  # (n, T)
-        total.append(row if not total else total.pop() + row)
-        count[0] += 1
+        total = row if total is None else total + row
+        count += 1
 
     seq.attention(visit)
-    return (total[0] / count[0]).numpy()  # (n, T)
+    return (total / count).numpy()  # (n, T)
 
 
 def image_keys(seq: "SequencePass") -> np.ndarray:
