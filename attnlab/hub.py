@@ -312,7 +312,15 @@ def _published(name: str, vocab: str | Path | None) -> CATR:
 
 def load_shapes_vlm(folder: str | Path | None = None, device: str | torch.device = "cpu") -> Any:
     """The bundled shapes vision-language model (or a ``save_pretrained`` folder of the same
-    kind) as a captioner: ``from_huggingface(model, processor, prompt="describe the scene .")``."""
+    kind) as a captioner: ``from_huggingface(model, processor, prompt="describe the scene .")``.
+
+    Args:
+        folder: a ``save_pretrained`` folder of the model and its processor (default: the bundled one).
+        device: where the model runs (``"cpu"``, ``"cuda"``, ...); one line if it cannot be used.
+
+    Returns:
+        a vision-language captioner: pass it to :func:`attnlab.caption`, :func:`attnlab.explain.explain` and
+        the figures like any other model. Needs ``transformers`` (imported here, lazily)."""
     from .adapters.hf.shapes_vlm import FOLDER, PROMPT, load
     from .adapters.huggingface import from_huggingface
 

@@ -198,7 +198,7 @@ def diagnose_vision(trace: Any, layer: Any = -1, head: Any = "mean") -> VisionDi
     shares = {str(k): _pick(v, li, hi) for k, v in (trace.key_shares or {}).items()}  # kind -> (words,)
     tokens = sum(v.grid[0] * v.grid[1] for v in views)
     threshold = SINK_FACTOR * image / tokens  # (words,) k times the uniform weight over the image tokens
-    found, together = [], np.zeros(steps)
+    found, together = [], np.zeros(steps)  # together: (words,) the sink tokens' weight summed
     for i, (view, m) in enumerate(zip(views, maps)):
         above = m > threshold[:, None, None]  # (steps, h, w)
         frac = above.mean(axis=0) if steps else np.zeros(view.grid)  # (h, w) fraction of words

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import AttnlabError
-from .sequence import mean_rows
+from .sequence import image_keys, mean_rows
 
 if TYPE_CHECKING:
     from ..captioner import SequencePass
@@ -40,26 +40,37 @@ EPS_SHARE = 1e-3
 """``eps = EPS_SHARE / N`` (``N`` image keys) in the division."""
 
 
-def image_keys(seq: "SequencePass") -> np.ndarray:
-    """The keys of every view's cells, view after view (row-major in each)."""
-    return np.concatenate([np.asarray(k) for k in seq.layout.view_keys])
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """``(n, N)`` rows divided by their sums (a row of zeros stays zero)."""
+    return x / np.maximum(x.sum(axis=1, keepdims=True), np.finfo(float).tiny)
 
 
 def contrast(rows: np.ndarray, keys: np.ndarray, ref_rows: np.ndarray, ref_keys: np.ndarray) -> np.ndarray:
-    """``(n, T)`` rows and ``(n, T')`` reference rows with their image keys -> ``(n, T)`` contrast rows
-    (steps 2-4 of the module docstring)."""
-    p = rows[:, keys]  # (n, N)
-    r = ref_rows[:, ref_keys]  # (n, N)
-    p = p / np.maximum(p.sum(axis=1, keepdims=True), np.finfo(float).tiny)
-    r = r / np.maximum(r.sum(axis=1, keepdims=True), np.finfo(float).tiny)
+    """Steps 2-4 of the module docstring on plain arrays.
+
+    Args:
+        rows: ``(n, T)``, word ``i``'s attention over the ``T`` keys of the prompted pass.
+        keys: ``(N,)``, the image keys' positions in ``rows`` (:func:`image_keys`).
+        ref_rows: ``(n, T')``, the same words' rows under the reference prompt (``T'`` may differ from ``T``).
+        ref_keys: ``(N,)``, the same image keys' positions in ``ref_rows``, in the same order.
+
+    Returns:
+        ``(n, T)`` float64: each word's contrast over the image keys, summing to 1 (0 for a row with no image
+        weight), 0 on every other key.
+    """
+    p = _normalise(rows[:, keys])  # (n, N)
+    r = _normalise(ref_rows[:, ref_keys])  # (n, N)
     ratio = p / (r + EPS_SHARE / len(keys))  # (n, N)
-    out = np.zeros_like(rows, dtype=np.float64)
-    out[:, keys] = ratio / np.maximum(ratio.sum(axis=1, keepdims=True), np.finfo(float).tiny)
+    out = np.zeros_like(rows, dtype=np.float64)  # (n, T)
+    out[:, keys] = _normalise(ratio)
     return out
 
 
 def contrast_rows(seq: "SequencePass", m: Any, again: Callable[[], "SequencePass"]) -> np.ndarray:
-    """``contrast``: the pass's head-and-layer mean divided by the reference pass's (``again()``)."""
+    """``contrast``'s rows ``(n, T)``: the pass's head-and-layer mean divided by the reference pass's.
+
+    ``again()`` runs the same image and caption after the reference prompt (one more forward pass); ``m``
+    is the method (unused: ``contrast`` takes no layer or head). One line if the two passes' image keys differ."""
     ref = again()
     keys, ref_keys = image_keys(seq), image_keys(ref)
     if len(keys) != len(ref_keys):

@@ -315,7 +315,19 @@ def _reference(m: Method, reference: Any, one_sequence: bool) -> str | None:
 
 def explain_sequence(cap: Any, chosen: Method, pixels: Sequence[torch.Tensor], shown: Sequence[np.ndarray],
                      tokens: Sequence[Sequence[int]], reference: str | None, forced: bool) -> list[CaptionTrace]:
-    """One trace per image on a :class:`~attnlab.captioner.SequenceCaptioner` (its teacher-forced pass)."""
+    """One trace per image on a :class:`~attnlab.captioner.SequenceCaptioner` (its teacher-forced pass).
+
+    Args:
+        cap: the vision-language captioner.
+        chosen: the method (``best_head`` with ``layer=None``: the head with the most image weight, :func:`image_head`).
+        pixels: per image, the processor's input tensors; ``shown``: per image, the photo as drawn ``(H, W, 3)``.
+        tokens: per image, the caption's token ids (step ``i``'s map explains ``tokens[k][i]``).
+        reference: ``contrast``'s neutral prompt (``None`` for every other method).
+        forced: recorded as ``meta["teacher_forced"]`` (the caption was given, not generated).
+
+    Returns:
+        per image, a trace with one map per token (the rows ``(n, T)`` split into views and key shares).
+    """
     traces = []
     with model_lock(cap), evaluating(cap), torch.inference_mode(False):
         for px, image, ids in zip(pixels, shown, tokens):

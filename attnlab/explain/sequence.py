@@ -49,33 +49,41 @@ if TYPE_CHECKING:
     from ..captioner import SequencePass
 
 SeqRows = Callable[["SequencePass", Any, Callable[[], "SequencePass"]], np.ndarray]
+"""A method on one sequence: ``(pass, method, again) -> (n, T)`` rows, word ``i``'s over the pass's ``T`` keys;
+``again()`` gives the same image and caption's pass after another prompt (only ``contrast`` calls it)."""
 
 
 def attention_rows(seq: "SequencePass", pick: Callable[[int], Any]) -> np.ndarray:
     """``(n, T)``: per word, the mean over the layers ``pick(layer)`` accepts of the rows at its query
     (``pick`` returns ``None`` to skip a layer, ``"mean"`` for the head mean, or a head index)."""
     q = torch.as_tensor(seq.queries)
-    total: list[torch.Tensor] = []
-    count = [0]
+    total: torch.Tensor | None = None  # (n, T) the picked rows summed over the layers so far
+    count = 0
 
     def visit(layer: int, a: torch.Tensor) -> None:
+        nonlocal total, count
         choice = pick(layer)
         if choice is None:
             return
         rows = a[:, q].double()  # (heads, n, T)
         row = rows.mean(dim=0) if choice == "mean" else rows[choice]  # (n, T)
-        total.append(row if not total else total.pop() + row)
-        count[0] += 1
+        total = row if total is None else total + row
+        count += 1
 
     seq.attention(visit)
-    return (total[0] / count[0]).numpy()  # (n, T)
+    return (total / count).numpy()  # (n, T)
+
+
+def image_keys(seq: "SequencePass") -> np.ndarray:
+    """``(N,)`` key positions of every view's cells in the sequence, view after view (row-major in each)."""
+    return np.concatenate([np.asarray(k) for k in seq.layout.view_keys])
 
 
 def image_head(seq: "SequencePass") -> tuple[int, int, float]:
     """``best_head`` on a captioner without a best-head record: the ``(layer, head)`` whose rows put the most
     weight on the image keys (every view's cells; BLIP-2: its queries), averaged over the words, and that mass."""
     q = torch.as_tensor(seq.queries)
-    keys = torch.as_tensor(np.concatenate([np.asarray(k) for k in seq.layout.view_keys]))
+    keys = torch.as_tensor(image_keys(seq))  # (N,)
     mass: dict[int, torch.Tensor] = {}
 
     def visit(layer: int, a: torch.Tensor) -> None:
@@ -116,8 +124,8 @@ def rollout_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
 
 def grad_attn_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
     """``grad_attn``: ``mean_h((dA ⊙ A)^+)`` of one layer at the word's query."""
-    out = np.zeros((len(seq.queries), seq.layout.length))
-    for i, _, a, da in seq.gradients([m.layer]):
+    out = np.zeros((len(seq.queries), seq.layout.length))  # (n, T)
+    for i, _, a, da in seq.gradients([m.layer]):  # a, da: (heads, T, T), the attention and word i's gradient of it
         q = int(seq.queries[i])
         out[i] = (da[:, q].double() * a[:, q].double()).clamp(min=0).mean(dim=0).numpy()  # (T,)
     return out
@@ -126,12 +134,12 @@ def grad_attn_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray
 def relevance_rows(seq: "SequencePass", m: Any, again: Any = None) -> np.ndarray:
     """``relevance``: row ``q_i`` of ``R = prod_l (I + mean_h((dA_l ⊙ A_l)^+))``, last layer first from the left."""
     n, length = len(seq.queries), seq.layout.length
-    out = np.zeros((n, length))
+    out = np.zeros((n, length))  # (n, T)
     if getattr(seq, "encoder_decoder", False):  # attnlab's encoder-decoder rules (Chefer et al.'s, rules.relevance)
         for i, encoder, decoder, cross in seq.word_gradients():  # type: ignore[attr-defined]
             out[i] = rules.relevance(encoder, decoder, cross)[i].numpy()  # (S,)
         return out
-    r = torch.zeros(length, dtype=torch.float64)
+    r = torch.zeros(length, dtype=torch.float64)  # (T,) word i's row of R, built from the last layer down
     for i, layer, a, da in seq.gradients(list(range(seq.layers - 1, -1, -1))):
         if layer == seq.layers - 1:  # a new word: start from its own position
             r = torch.zeros(length, dtype=torch.float64)

@@ -176,7 +176,8 @@ def sink_lines(trace: Any) -> list[list[str]]:
     """:func:`sinks_text` for every layer and head: ``[layer][head]``, the last head index the mean over heads
     (the static page's ``sinkLines``, printed as the figures print it)."""
     layers, heads = np.asarray(trace.view_attention(0)).shape[:2]
-    return [[sinks_text(trace, li, h) for h in [*range(heads), "mean"]] for li in range(layers)]
+    words = trace.by_word()  # merged once here, not once per layer and head inside diagnose_vision
+    return [[sinks_text(words, li, h) for h in [*range(heads), "mean"]] for li in range(layers)]
 
 
 def _covers(a: Sequence[float], b: Sequence[float], size: tuple[int, int]) -> bool:
@@ -322,14 +323,16 @@ def _word_cells(words: int, groups: int) -> tuple[int, int, list[list[tuple[int,
     return -(-(words + 1) // cols), cols, [[divmod(k, cols)] for k in range(words + 1)]
 
 
+def _chars(layout: Any, panels: Sequence[tuple[int, int]]) -> int:
+    """How many characters of the layout's font fit across ``panels`` (``(row, col)`` cells side by side), at least 24."""
+    width = sum(layout.axes[r, c].get_position().width for r, c in panels) * layout.fig.get_figwidth()  # inches
+    return max(24, int(width * 72 / (0.6 * layout.font)))  # a character is about 0.6 em wide
+
+
 def _wrapped(headings: Sequence[str], layout: Any, cells: list[list[tuple[int, int]]]) -> list[str]:
     """Each word's heading wrapped to the width of its panels (one entry's panels side by side)."""
-    out = []
-    for k, text in enumerate(headings, start=1):
-        width = sum(layout.axes[r, c].get_position().width for r, c in cells[k]) * layout.fig.get_figwidth()
-        chars = max(24, int(width * 72 / (0.6 * layout.font)))
-        out.append(textwrap.fill(text, chars, break_long_words=False))
-    return out
+    return [textwrap.fill(text, _chars(layout, cells[k]), break_long_words=False)
+            for k, text in enumerate(headings, start=1)]
 
 
 def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, words: Sequence[int] | None = None,
@@ -381,8 +384,8 @@ def views_word_grid(trace: Any, layer: int = -1, head: int | str = "mean", *, wo
         for i in group:
             _draw_box(ax, rows[0][i], rows[0][i].name, size, layout.font)
         draw_outlines(ax, masks, size)
-        chars = max(24, int(ax.get_position().width * layout.fig.get_figwidth() * 72 / (0.6 * layout.font)))
-        views = textwrap.shorten(_panel_title([rows[0][i] for i in group], size).rsplit(":", 1)[0], chars, placeholder="...")
+        views = textwrap.shorten(_panel_title([rows[0][i] for i in group], size).rsplit(":", 1)[0], _chars(layout, [cells[0][g]]),
+                                 placeholder="...")
         ax.set_title(("the photo (colour) and its views\n" if g == 0 else "\n") + views, fontsize=layout.font)
     for k, (vms, heading) in enumerate(zip(rows, wrapped), start=1):
         for g, group in enumerate(groups):
